@@ -1,0 +1,35 @@
+# Two entry points (see README): `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test test-all install lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+# torch is installed first and pinned: an unpinned torch from the index pulls CUDA wheels.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python examples/demo.py --out demo-output
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# Everything CI runs: the fast suite plus the slow end-to-end tests.
+test-all: install
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: install
+	$(BIN)/python -m ruff check dora_analysis tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache build *.egg-info

@@ -1,0 +1,117 @@
+"""``dora-analyze``: the command line, a thin shell over :func:`dora_analysis.analyze` (SPEC §5).
+
+Exit codes: 0 success, 2 bad input (one ``error: …`` line on stderr), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .analysis import analyze
+from .config import AXIS_CHOICES, METHOD_CHOICES, AnalysisConfig
+from .errors import DoraAnalysisError, NonFiniteWeightWarning, UnmatchedTensorsWarning
+from .report import check_output_path, format_summary, write_table
+from .stats import correlate
+
+DEFAULTS = AnalysisConfig()
+
+EPILOG = """\
+examples:
+  dora-analyze pre.safetensors tuned.safetensors -o deltas.csv
+  dora-analyze base/ runs/ft runs/lora --label FT LoRA --modules q,v --summary corr.csv
+  dora-analyze base/ runs/dora/checkpoint-100 runs/dora/checkpoint-200 --method dora
+
+A folder holding checkpoint-N/ subfolders is read as a training series (step = N).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dora-analyze",
+        description="Magnitude and direction changes (ΔM, ΔD; DoRA paper Eqs. 2-4) of fine-tuned "
+        "weights against their base, per layer and step, and their correlation.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("base", metavar="BASE", help="pre-trained checkpoint (file or folder)")
+    p.add_argument("tuned", metavar="TUNED", nargs="+",
+                   help="tuned checkpoint(s): files, folders, or folders of checkpoint-N/")
+    p.add_argument("--label", action="extend", nargs="+", metavar="NAME",
+                   help="label per TUNED (default: derived from the path)")
+    p.add_argument("--method", action="extend", nargs="+", choices=METHOD_CHOICES,
+                   help="fine-tuning method, once for all or once per TUNED (default: auto)")
+    p.add_argument("--modules", metavar="KINDS",
+                   help="comma-separated module kinds to keep, e.g. q,v (also k,o,gate,up,down,"
+                   "qkv or a module's own name)")
+    p.add_argument("--include", metavar="REGEX", help="keep parameter names matching REGEX")
+    p.add_argument("--axis", choices=tuple(AXIS_CHOICES), default=DEFAULTS.axis,
+                   help="vectors per output channel (out, default, as PEFT), per input feature "
+                   "(in), or both")
+    p.add_argument("--skip-mismatched", action="store_true",
+                   help="skip tensors whose shapes differ (e.g. resized embeddings) with a "
+                   "warning instead of failing")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write the table: .csv, .json or .parquet")
+    p.add_argument("--summary", metavar="FILE",
+                   help="write the correlation table: .csv, .json or .parquet")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file messages")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out one parsed command; raises :class:`DoraAnalysisError` on bad input."""
+    inputs = [Path(a) for a in (args.base, *args.tuned) if Path(a).exists()]
+    outputs = [o for o in (args.output, args.summary) if o]
+    for out in outputs:
+        check_output_path(out, inputs=inputs)
+    if len(set(map(str, map(Path, outputs)))) < len(outputs):
+        raise DoraAnalysisError("-o and --summary name the same file; give two different files")
+    config = AnalysisConfig(
+        axis=args.axis,
+        modules=tuple(args.modules.split(",")) if args.modules is not None else None,
+        include=args.include,
+        skip_mismatched=args.skip_mismatched,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    table = analyze(args.base, args.tuned, labels=args.label, methods=args.method, config=config)
+    correlations = correlate(table)
+    for path, frame in ((args.output, table), (args.summary, correlations)):
+        if path:
+            write_table(frame, path)
+            if not args.quiet:
+                print(f"wrote {path} ({len(frame)} rows)", file=sys.stderr)
+    sys.stdout.write(format_summary(table, correlations))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``dora-analyze``."""
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # library deprecation noise is not the user's business
+            for category in (NonFiniteWeightWarning, UnmatchedTensorsWarning):
+                warnings.simplefilter("always", category)
+            warnings.showwarning = _print_warning
+            return run(args)
+    except DoraAnalysisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Column names of the two output tables (SPEC §4): part of the public contract."""
+
+from __future__ import annotations
+
+# Analysis table: one row per (checkpoint, weight matrix, axis).
+CHECKPOINT = "checkpoint"
+METHOD = "method"
+STEP = "step"
+NAME = "name"
+LAYER = "layer"
+MODULE = "module"
+ROWS = "rows"
+COLS = "cols"
+AXIS = "axis"
+DELTA_M = "delta_m"
+DELTA_D = "delta_d"
+ZERO_VECTORS = "zero_vectors"
+# Extra columns (welcome by the contract).
+N_VECTORS = "n_vectors"
+NONFINITE_VECTORS = "nonfinite_vectors"
+MEAN_M0 = "mean_m0"
+DTYPE = "dtype"
+TUNED_NAME = "tuned_name"
+REF = "ref"
+
+TABLE_COLUMNS: tuple[str, ...] = (
+    CHECKPOINT, METHOD, STEP, NAME, LAYER, MODULE, ROWS, COLS, AXIS,
+    DELTA_M, DELTA_D, ZERO_VECTORS, N_VECTORS, NONFINITE_VECTORS, MEAN_M0, DTYPE, TUNED_NAME, REF,
+)
+
+# Correlation table: one row per group (checkpoint series x module kind x axis).
+N = "n"
+PEARSON_R = "pearson_r"
+P_VALUE = "p_value"
+SPEARMAN_RHO = "spearman_rho"
+SLOPE = "slope"
+INTERCEPT = "intercept"
+MEAN_DELTA_M = "mean_delta_m"
+MEAN_DELTA_D = "mean_delta_d"
+
+GROUP_COLUMNS: tuple[str, ...] = (CHECKPOINT, METHOD, MODULE, AXIS)
+STAT_COLUMNS: tuple[str, ...] = (
+    N, PEARSON_R, P_VALUE, SPEARMAN_RHO, SLOPE, INTERCEPT, MEAN_DELTA_M, MEAN_DELTA_D,
+)
+CORRELATION_COLUMNS: tuple[str, ...] = (*GROUP_COLUMNS, *STAT_COLUMNS)
+
+METHODS: tuple[str, ...] = ("ft", "lora", "dora", "unknown")
+AXES: tuple[str, ...] = ("out", "in")

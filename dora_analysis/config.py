@@ -1,0 +1,66 @@
+"""Analysis settings: one dataclass, defaults defined once, shared by the library, CLI and app."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .columns import AXES, METHODS
+from .decompose import DEFAULT_BLOCK_ELEMENTS
+from .errors import ConfigError
+
+#: ``--axis both`` analyses each matrix along both axes (two rows per matrix).
+AXIS_CHOICES: dict[str, tuple[str, ...]] = {"out": ("out",), "in": ("in",), "both": AXES}
+METHOD_CHOICES: tuple[str, ...] = ("auto", *METHODS)
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """What to compare and how."""
+
+    axis: str = "out"
+    """``out`` (per output channel, as PEFT and the official DoRA code), ``in``, or ``both``."""
+    modules: tuple[str, ...] | None = None
+    """Keep only these module kinds (``q``, ``v``, ``down``, ``lm_head`` …); None keeps all."""
+    include: str | None = None
+    """Keep only parameter names matching this regular expression (``re.search``)."""
+    skip_mismatched: bool = False
+    """Skip (with a warning) tensors whose shapes differ instead of failing."""
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS
+    """Elements per float64 working block; bounds memory for any tensor size."""
+    progress: bool = False
+    """Show a progress bar on stderr."""
+    _include_re: re.Pattern | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.axis not in AXIS_CHOICES:
+            raise ConfigError(f"--axis must be one of {', '.join(AXIS_CHOICES)}, got {self.axis!r}")
+        if self.modules is not None:
+            kinds = tuple(m.strip() for m in self.modules if m.strip())
+            if not kinds:
+                raise ConfigError("--modules needs at least one module kind, e.g. --modules q,v")
+            object.__setattr__(self, "modules", kinds)
+        if self.include is not None:
+            try:
+                object.__setattr__(self, "_include_re", re.compile(self.include))
+            except re.error as exc:
+                raise ConfigError(f"--include is not a valid regular expression: {exc}") from None
+        if self.block_elements < 1:
+            raise ConfigError(f"block_elements must be positive, got {self.block_elements}")
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return AXIS_CHOICES[self.axis]
+
+    def selects(self, name: str, kind: str) -> bool:
+        """Whether a matrix with this parameter name and module kind is analysed."""
+        if self.modules is not None and kind not in self.modules:
+            return False
+        return self._include_re is None or bool(self._include_re.search(name))
+
+
+def check_method(method: str) -> str:
+    """Validate a ``--method`` value."""
+    if method not in METHOD_CHOICES:
+        raise ConfigError(f"--method must be one of {', '.join(METHOD_CHOICES)}, got {method!r}")
+    return method

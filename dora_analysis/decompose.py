@@ -1,0 +1,250 @@
+"""Weight decomposition into magnitude and direction, and the change of each (paper §3.2).
+
+The axis convention lives here and only here. Weights are stored PyTorch-style,
+``(out_features, in_features)`` (conv ``(out, in, *k)`` viewed as ``(out, in * prod(k))``):
+
+* ``axis="out"`` (default): one vector per output channel = one *row* of the stored matrix. This is
+  what the official DoRA code and PEFT compute; the paper writes W transposed, so its "column" is
+  our row.
+* ``axis="in"``: one vector per input feature = one *column* of the stored matrix.
+
+A wrong axis is invisible on square matrices (both give N vectors of length N), so every test
+here uses non-square ones.
+
+Numerics: everything is accumulated in float64 from three per-vector sums,
+``|w0|²``, ``|wt|²`` and ``|wt − w0|²``, which works block by block (bounded memory, either axis)
+and gives a stable ``1 − cos``:
+
+    1 − cos(a, b) = (|a − b|² − (|a| − |b|)²) / (2 |a| |b|)
+
+Both numerator terms are non-negative and computed without the cancellation of ``1 − a·b/(|a||b|)``
+(which in float32 keeps only ~4 digits of a ΔD near 1e-6). Identical inputs give exactly 0.0.
+
+Reference: Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024, Eqs. 2-4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .errors import ConfigError
+
+Axis = Literal["out", "in"]
+
+#: Elements of one float64 working block; ~32 MiB per buffer, a few buffers live at once.
+DEFAULT_BLOCK_ELEMENTS = 1 << 22
+
+
+def check_axis(axis: str) -> Axis:
+    """Return ``axis`` if it is ``"out"`` or ``"in"``, else raise :class:`ConfigError`."""
+    if axis not in ("out", "in"):
+        raise ConfigError(f"axis must be 'out' or 'in', got {axis!r}")
+    return axis  # type: ignore[return-value]
+
+
+def as_matrix(w: torch.Tensor) -> torch.Tensor:
+    """View a weight of shape ``(out, in, *k)`` as the 2-D ``(out, in * prod(k))`` matrix."""
+    if w.dim() < 2:
+        raise ConfigError(f"a weight matrix needs at least 2 dimensions, got shape {tuple(w.shape)}")
+    return w.reshape(w.shape[0], -1)
+
+
+def _vector_dim(axis: Axis) -> int:
+    # Reducing over dim 1 gives one value per row (output channel); over dim 0, per column.
+    return 1 if check_axis(axis) == "out" else 0
+
+
+def magnitude(w: torch.Tensor, axis: Axis = "out") -> torch.Tensor:
+    """Eq. 2: the magnitude vector ``m[n] = ||W[n]||`` in float64.
+
+    Example:
+        >>> magnitude(torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0]])).tolist()
+        [5.0, 2.0]
+    """
+    return torch.linalg.vector_norm(as_matrix(w).double(), dim=_vector_dim(axis))
+
+
+def direction(w: torch.Tensor, axis: Axis = "out") -> torch.Tensor:
+    """Eq. 2: the direction ``V = W / ||W||`` (unit vectors along ``axis``), float64.
+
+    A zero-norm vector has no direction; it is returned as zeros.
+
+    Example:
+        >>> direction(torch.tensor([[3.0, 4.0]])).tolist()
+        [[0.6, 0.8]]
+    """
+    m = as_matrix(w).double()
+    norms = torch.linalg.vector_norm(m, dim=_vector_dim(axis), keepdim=True)
+    return torch.where(norms > 0, m / torch.where(norms > 0, norms, 1.0), 0.0)
+
+
+@dataclass
+class VectorSums:
+    """Per-vector sums ``|w0|²``, ``|wt|²``, ``|wt − w0|²`` (float64), the state of one pass."""
+
+    sq0: torch.Tensor
+    sqt: torch.Tensor
+    sqd: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n_vectors: int) -> VectorSums:
+        return cls(*(torch.zeros(n_vectors, dtype=torch.float64) for _ in range(3)))
+
+
+def vector_sums(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out") -> VectorSums:
+    """Per-vector squared norms of ``w0``, ``wt`` and ``wt − w0`` along ``axis``, in float64."""
+    dim = _vector_dim(axis)
+    # Private float64 copies: the in-place squares below must never touch the caller's tensors.
+    a = as_matrix(w0).to(torch.float64, copy=True)  # (rows, cols)
+    b = as_matrix(wt).to(torch.float64, copy=True)
+    if a.shape != b.shape:
+        raise ConfigError(f"shapes differ: {tuple(w0.shape)} vs {tuple(wt.shape)}")
+    sqd = torch.sub(b, a).square_().sum(dim)  # (n_vectors,)
+    return VectorSums(a.square_().sum(dim), b.square_().sum(dim), sqd)
+
+
+def magnitude_change(sums: VectorSums) -> torch.Tensor:
+    """Eq. 3 summand: ``|m_t[n] − m_0[n]|`` per vector."""
+    return (sums.sqt.sqrt() - sums.sq0.sqrt()).abs()
+
+
+def direction_change(sums: VectorSums) -> torch.Tensor:
+    """Eq. 4 summand: ``1 − cos(Wt[n], W0[n])`` per vector, numerically stable, in ``[0, 2]``.
+
+    Uses ``(|a−b|² − (|a|−|b|)²) / (2|a||b|)``; NaN where either vector has zero norm.
+    """
+    m0, mt = sums.sq0.sqrt(), sums.sqt.sqrt()
+    numerator = sums.sqd - (mt - m0).square()
+    return (numerator / (2.0 * m0 * mt)).clamp(0.0, 2.0)
+
+
+@dataclass(frozen=True)
+class PairStats:
+    """The comparison of one weight pair along one axis (Eqs. 3-4 plus bookkeeping)."""
+
+    delta_m: float
+    """Eq. 3: mean |m_t − m_0| over valid vectors (NaN if none is valid)."""
+    delta_d: float
+    """Eq. 4: mean (1 − cos) over valid vectors (NaN if none is valid)."""
+    n_vectors: int
+    """All vectors along the axis."""
+    zero_vectors: int
+    """Vectors excluded because the base or the tuned one has zero norm (no direction)."""
+    nonfinite_vectors: int
+    """Vectors excluded because they contain NaN or Inf."""
+    mean_m0: float
+    """Mean base magnitude over valid vectors, to put ``delta_m`` in scale."""
+
+
+def summarize(sums: VectorSums) -> PairStats:
+    """Reduce per-vector sums to :class:`PairStats` (Eqs. 3 and 4), excluding degenerate vectors."""
+    finite = torch.isfinite(sums.sq0) & torch.isfinite(sums.sqt) & torch.isfinite(sums.sqd)
+    nonzero = (sums.sq0 > 0) & (sums.sqt > 0)
+    valid = finite & nonzero
+    n_valid = int(valid.sum())
+    if n_valid:
+        dm = float(magnitude_change(sums)[valid].mean())
+        dd = float(direction_change(sums)[valid].mean())
+        m0 = float(sums.sq0[valid].sqrt().mean())
+    else:
+        dm = dd = m0 = float("nan")
+    return PairStats(
+        delta_m=dm,
+        delta_d=dd,
+        n_vectors=int(sums.sq0.numel()),
+        zero_vectors=int((finite & ~nonzero).sum()),
+        nonfinite_vectors=int((~finite).sum()),
+        mean_m0=m0,
+    )
+
+
+class PairAccumulator:
+    """Accumulates :class:`VectorSums` over row blocks of a stored weight pair.
+
+    Feed consecutive blocks of rows (the stored first dimension) with :meth:`add`; either axis
+    works because the per-vector sums are additive over rows (axis ``in``) or local to the
+    block (axis ``out``). ``transposed=True`` marks a weight stored ``(in, out)`` (``Conv1D``),
+    whose output channels are the stored columns.
+    """
+
+    def __init__(self, rows: int, cols: int, axis: Axis = "out", *, transposed: bool = False):
+        self.rows, self.cols = rows, cols
+        flip = {"out": "in", "in": "out"}
+        self.stored_axis: Axis = flip[check_axis(axis)] if transposed else axis  # type: ignore
+        self.sums = VectorSums.zeros(rows if self.stored_axis == "out" else cols)
+        self._next_row = 0
+
+    def add(self, w0_rows: torch.Tensor, wt_rows: torch.Tensor) -> None:
+        """Add the next block of rows of both weights (any float dtype, any trailing shape)."""
+        block = vector_sums(w0_rows, wt_rows, self.stored_axis)
+        start, stop = self._next_row, self._next_row + w0_rows.shape[0]
+        if self.stored_axis == "out":
+            for total, part in zip(_fields(self.sums), _fields(block)):
+                total[start:stop] = part
+        else:
+            for total, part in zip(_fields(self.sums), _fields(block)):
+                total += part
+        self._next_row = stop
+
+    def result(self) -> PairStats:
+        if self._next_row != self.rows:
+            raise RuntimeError(f"accumulated {self._next_row} of {self.rows} rows")
+        return summarize(self.sums)
+
+
+def _fields(s: VectorSums) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return s.sq0, s.sqt, s.sqd
+
+
+def rows_per_block(cols: int, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
+    """How many stored rows of ``cols`` elements fit one working block (at least one)."""
+    return max(1, block_elements // max(1, cols))
+
+
+def compare(
+    w0: torch.Tensor,
+    wt: torch.Tensor,
+    axis: Axis = "out",
+    *,
+    transposed: bool = False,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> PairStats:
+    """Eqs. 3 and 4 for one in-memory weight pair, in float64, in bounded-size row blocks.
+
+    Example:
+        >>> w0 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+        >>> s = compare(w0, torch.tensor([[0.0, 1.0, 0.0], [0.0, 4.0, 0.0]]))
+        >>> s.delta_d, s.delta_m   # row 0 rotated 90° (1 − cos = 1); row 1 scaled by 2
+        (0.5, 1.0)
+    """
+    if w0.shape != wt.shape:
+        raise ConfigError(f"shapes differ: {tuple(w0.shape)} vs {tuple(wt.shape)}")
+    a, b = as_matrix(w0), as_matrix(wt)
+    acc = PairAccumulator(a.shape[0], a.shape[1], axis, transposed=transposed)
+    step = rows_per_block(a.shape[1], block_elements)
+    for start in range(0, a.shape[0], step):
+        acc.add(a[start : start + step], b[start : start + step])
+    return acc.result()
+
+
+def delta_magnitude(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out") -> float:
+    """Eq. 3: ``ΔM = mean_n |m_t[n] − m_0[n]|`` (zero-norm and non-finite vectors excluded).
+
+    Example:
+        >>> delta_magnitude(torch.tensor([[3.0, 4.0]]), torch.tensor([[6.0, 8.0]]))
+        5.0
+    """
+    return compare(w0, wt, axis).delta_m
+
+
+def delta_direction(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out") -> float:
+    """Eq. 4: ``ΔD = mean_n (1 − cos(Wt[n], W0[n]))`` (zero-norm and non-finite vectors excluded).
+
+    Example:
+        >>> delta_direction(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 5.0]]))
+        1.0
+    """
+    return compare(w0, wt, axis).delta_d

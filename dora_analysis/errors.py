@@ -1,0 +1,51 @@
+"""Every error the library raises, in one place.
+
+Each class is also a built-in type (``CheckpointNotFoundError`` is a ``FileNotFoundError``), so
+callers that do not know this package can still catch them. The library raises; only the CLI (and
+the app) turn errors into one-line messages and exit codes.
+"""
+
+from __future__ import annotations
+
+
+class DoraAnalysisError(Exception):
+    """Base class: a problem with the user's input that the user can fix."""
+
+
+class CheckpointNotFoundError(DoraAnalysisError, FileNotFoundError):
+    """A checkpoint reference names no file, folder or repository that exists."""
+
+
+class CheckpointFormatError(DoraAnalysisError, ValueError):
+    """A checkpoint exists but cannot be read: corrupt, truncated, or of an unknown layout."""
+
+
+class UnsafeCheckpointError(CheckpointFormatError):
+    """A pickle that would execute code; refused, never unpickled."""
+
+
+class TensorMismatchError(DoraAnalysisError, ValueError):
+    """Base and tuned checkpoints disagree (shapes, or no common weight matrices).
+
+    ``problems`` lists every offending tensor, not just the first.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+class ConfigError(DoraAnalysisError, ValueError):
+    """An invalid setting (axis, module filter, regex, labels ...)."""
+
+
+class OutputError(DoraAnalysisError, OSError):
+    """An output file cannot be written where it was asked for."""
+
+
+class NonFiniteWeightWarning(UserWarning):
+    """A weight matrix holds NaN or Inf; the affected vectors are excluded and counted."""
+
+
+class UnmatchedTensorsWarning(UserWarning):
+    """Some weight matrices exist in only one of the two checkpoints and were skipped."""

@@ -1,0 +1,1 @@
+"""Reading checkpoints: reference strings, lazy tensor sources, and parameter-name alignment."""

@@ -1,0 +1,95 @@
+"""Checkpoint reference strings (SPEC §3): parsed once, printed back the same.
+
+| form                               | kind     |
+|------------------------------------|----------|
+| ``path/model.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``*.index.json`` | ``file`` |
+| ``path/dir/`` (a model folder)       | ``folder`` |
+| ``path/run/`` holding ``checkpoint-N/`` subfolders | ``series`` (one checkpoint per step) |
+| ``org/name``, ``org/name@rev``       | ``hub`` (only when no such local path exists) |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointNotFoundError
+
+_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
+_HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_GENERIC_STEMS = {"model", "pytorch_model", "adapter_model", "consolidated", "diffusion_pytorch_model"}
+
+
+def step_of(path: Path) -> int | None:
+    """The training step of a ``checkpoint-N`` folder (or of a file inside one), else None."""
+    for part in (path.name, path.parent.name) if path.is_file() else (path.name,):
+        match = _STEP_DIR.match(part)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def series_steps(folder: Path) -> list[tuple[int, Path]]:
+    """The ``checkpoint-N`` subfolders of ``folder`` as ``(N, path)``, sorted by step."""
+    steps = []
+    for child in folder.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir():
+            steps.append((int(match.group(1)), child))
+    return sorted(steps)
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One parsed reference to a checkpoint, a training series, or a Hub repository."""
+
+    text: str
+    kind: str  # "file" | "folder" | "series" | "hub"
+    path: Path | None = None
+    repo: str | None = None
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> CheckpointRef:
+        """Parse a reference; a local path that exists always wins over a Hub id.
+
+        Example:
+            >>> CheckpointRef.parse("meta-llama/Llama-3.1-8B@main").revision
+            'main'
+        """
+        path = Path(text).expanduser()
+        if path.is_file():
+            return cls(text, "file", path=path)
+        if path.is_dir():
+            return cls(text, "series" if series_steps(path) else "folder", path=path)
+        if _HUB_REPO.match(text) and not text.startswith((".", "/", "~")):
+            repo, _, revision = text.partition("@")
+            return cls(text, "hub", repo=repo, revision=revision or None)
+        raise CheckpointNotFoundError(f"{text}: no such file or folder")
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    def default_label(self) -> str:
+        """A short label: the file stem, or its folder for generic names, or the repo name.
+
+        A ``checkpoint-N`` folder is labelled by its run folder, so steps of one run share a label.
+        """
+        if self.kind == "hub":
+            return self.repo.rsplit("/", 1)[-1]
+        path = self.path.resolve()
+        if self.kind == "file":
+            stem = path.name.split(".")[0]
+            if stem not in _GENERIC_STEMS and not stem.startswith("model-"):
+                return stem
+            path = path.parent
+        if _STEP_DIR.match(path.name):
+            path = path.parent
+        return path.name or str(path)
+
+    @property
+    def step(self) -> int | None:
+        """The step of a single ``checkpoint-N`` folder or file inside one; None otherwise."""
+        return step_of(self.path) if self.path is not None and self.kind != "series" else None

@@ -1,0 +1,286 @@
+"""Lazy tensor sources: one tensor (or one block of rows) at a time, never a whole state dict.
+
+Every source answers two questions, ``keys()`` and ``get_tensor(name)``; ``info`` and ``get_rows``
+have cheap overrides where the format allows (safetensors reads only the bytes asked for).
+:func:`open_source` picks the class from a path (a registry of folder layouts, first match wins).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import CheckpointFormatError, CheckpointNotFoundError, UnsafeCheckpointError
+
+#: safetensors dtype strings → torch dtypes of the weights we analyse.
+SAFETENSORS_FLOAT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                     "F64": torch.float64}
+ANALYSABLE_DTYPES = frozenset(SAFETENSORS_FLOAT.values())
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of a stored tensor, known without reading its data."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | str  # a str for stored dtypes torch does not analyse (``"F8_E4M3"``)
+
+    @property
+    def is_matrix(self) -> bool:
+        """A floating weight with at least 2 dimensions: what Eqs. 2-4 apply to."""
+        return self.dtype in ANALYSABLE_DTYPES and len(self.shape) >= 2 and 0 not in self.shape
+
+
+class TensorSource(ABC):
+    """A read-only, lazy view of one checkpoint's tensors."""
+
+    path: Path
+
+    @abstractmethod
+    def keys(self) -> list[str]:
+        """All tensor names, in stored order."""
+
+    @abstractmethod
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """One tensor, as stored (no dtype conversion)."""
+
+    def info(self, name: str) -> TensorInfo:
+        t = self.get_tensor(name)
+        return TensorInfo(tuple(t.shape), t.dtype)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the stored tensor (first dimension)."""
+        return self.get_tensor(name)[start:stop]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SafetensorsFile(TensorSource):
+    """One ``.safetensors`` file, memory-mapped; reads only the rows asked for."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._file = safe_open(str(self.path), framework="pt", device="cpu")
+            self._keys = list(self._file.keys())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointFormatError(
+                f"{self.path}: not a readable safetensors file ({_reason(exc)}); "
+                "re-download or re-save it"
+            ) from None
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def _guard(self, name: str, read: Callable[[], torch.Tensor]) -> torch.Tensor:
+        try:
+            return read()
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointFormatError(
+                f"{self.path}: cannot read tensor '{name}' ({_reason(exc)}); the file may be "
+                "truncated or corrupt, re-download or re-save it"
+            ) from None
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._guard(name, lambda: self._file.get_tensor(name))
+
+    def info(self, name: str) -> TensorInfo:
+        sl = self._file.get_slice(name)
+        stored = sl.get_dtype()
+        return TensorInfo(tuple(sl.get_shape()), SAFETENSORS_FLOAT.get(stored, stored))
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._guard(name, lambda: self._file.get_slice(name)[start:stop])
+
+    def close(self) -> None:
+        self._file = None  # safe_open releases its mmap when collected
+
+
+class TorchFile(TensorSource):
+    """A PyTorch ``.bin``/``.pt``/``.pth`` state dict, loaded with ``weights_only=True`` only.
+
+    Memory-mapped where the file format allows it (zip format, torch ≥ 2.1). A dict holding the
+    state dict under ``state_dict``/``model``/``module`` (training checkpoints) is unwrapped.
+    """
+
+    WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._tensors = _tensor_dict(_torch_load(self.path), self.path, self.WRAPPER_KEYS)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._tensors[name]
+        return TensorInfo(tuple(t.shape), t.dtype)
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def _torch_load(path: Path) -> object:
+    def load(mmap: bool) -> object:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            return load(mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc).lower() and "zip" not in str(exc).lower():
+                raise
+            return load(mmap=False)  # legacy (non-zip) format cannot be memory-mapped
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to unpickle: the file holds Python objects other than tensors "
+            f"({_reason(exc).splitlines()[0]}); convert it to safetensors with code you trust"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointFormatError(
+            f"{path}: not a readable PyTorch checkpoint ({_reason(exc).splitlines()[0]}); "
+            "re-download or re-save it"
+        ) from None
+
+
+def _tensor_dict(obj: object, path: Path, wrapper_keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)}
+        if tensors:
+            return tensors
+        for key in wrapper_keys:
+            if isinstance(obj.get(key), dict):
+                return _tensor_dict(obj[key], path, ())
+    raise CheckpointFormatError(f"{path}: holds no state dict of tensors")
+
+
+class ShardedCheckpoint(TensorSource):
+    """Shards listed by a Hugging Face index (``*.index.json`` with a ``weight_map``)."""
+
+    def __init__(self, index_path: str | Path, open_shard: Callable[[Path], TensorSource]) -> None:
+        self.path = Path(index_path)
+        try:
+            weight_map = json.loads(self.path.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointFormatError(
+                f"{self.path}: not a valid shard index ({_reason(exc)}); it needs a "
+                "'weight_map' object from tensor name to shard file"
+            ) from None
+        self._weight_map: dict[str, str] = weight_map
+        self._open_shard = open_shard
+        self._shards: dict[str, TensorSource] = {}
+        missing = sorted({f for f in weight_map.values() if not (self.path.parent / f).is_file()})
+        if missing:
+            raise CheckpointNotFoundError(
+                f"{self.path}: shard file(s) missing: {', '.join(missing)}; download all shards"
+            )
+
+    def _shard(self, name: str) -> TensorSource:
+        file = self._weight_map[name]
+        if file not in self._shards:
+            self._shards[file] = self._open_shard(self.path.parent / file)
+        return self._shards[file]
+
+    def keys(self) -> list[str]:
+        return list(self._weight_map)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._shard(name).get_tensor(name)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._shard(name).info(name)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._shard(name).get_rows(name, start, stop)
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+        self._shards.clear()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) < 200 else text[:200] + "…"
+
+
+FILE_SUFFIXES: dict[str, Callable[[Path], TensorSource]] = {
+    ".safetensors": SafetensorsFile,
+    ".bin": TorchFile,
+    ".pt": TorchFile,
+    ".pth": TorchFile,
+}
+
+#: Folder layouts, in order of preference: (file in the folder, how to open it).
+FOLDER_LAYOUTS: tuple[tuple[str, Callable[[Path], TensorSource]], ...] = (
+    ("model.safetensors", SafetensorsFile),
+    ("model.safetensors.index.json", lambda p: ShardedCheckpoint(p, SafetensorsFile)),
+    ("pytorch_model.bin", TorchFile),
+    ("pytorch_model.bin.index.json", lambda p: ShardedCheckpoint(p, TorchFile)),
+)
+
+
+def open_file(path: Path) -> TensorSource:
+    """Open one checkpoint file, chosen by suffix."""
+    if path.name.endswith(".index.json"):
+        inner = FILE_SUFFIXES.get(Path(path.name[: -len(".index.json")]).suffix)
+        if inner is not None:
+            return ShardedCheckpoint(path, inner)
+    opener = FILE_SUFFIXES.get(path.suffix)
+    if opener is None:
+        known = ", ".join(FILE_SUFFIXES)
+        raise CheckpointFormatError(f"{path}: unknown checkpoint file type (expected {known})")
+    return opener(path)
+
+
+def open_folder(path: Path) -> TensorSource:
+    """Open a model folder by its layout (see :data:`FOLDER_LAYOUTS`)."""
+    if (path / "adapter_config.json").is_file():
+        raise CheckpointFormatError(
+            f"{path}: PEFT adapter folders are not supported yet; merge the adapter "
+            "(PeftModel.merge_and_unload) and save the full weights to analyse them"
+        )
+    for file, opener in FOLDER_LAYOUTS:
+        if (path / file).is_file():
+            return opener(path / file)
+    singles = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if len(singles) == 1:
+        return SafetensorsFile(singles[0])
+    expected = ", ".join(f for f, _ in FOLDER_LAYOUTS)
+    found = f"{len(singles)} .safetensors files and no index" if singles else "none of them"
+    raise CheckpointFormatError(f"{path}: no checkpoint found (looked for {expected}; {found})")
+
+
+def open_source(path: str | Path) -> TensorSource:
+    """Open a local checkpoint file or model folder lazily.
+
+    Example:
+        >>> with open_source("model.safetensors") as src:  # doctest: +SKIP
+        ...     w = src.get_tensor(src.keys()[0])
+    """
+    path = Path(path)
+    if path.is_dir():
+        return open_folder(path)
+    if path.is_file():
+        return open_file(path)
+    raise CheckpointNotFoundError(f"{path}: no such file or folder")

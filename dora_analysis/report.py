@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -16,9 +17,15 @@ from .errors import OutputError
 #: Table formats by file suffix: adding one means adding a line here.
 TABLE_WRITERS: dict[str, Callable[[pd.DataFrame, Path], None]] = {
     ".csv": lambda df, p: df.to_csv(p, index=False),
-    ".json": lambda df, p: df.to_json(p, orient="records", indent=1),
+    ".json": lambda df, p: _write_json_records(df, p),
     ".parquet": lambda df, p: df.to_parquet(p, index=False),
 }
+
+
+def _write_json_records(frame: pd.DataFrame, path: Path) -> None:
+    # pandas' to_json rounds floats to 10 digits; json.dumps keeps the shortest exact repr.
+    records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    path.write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")
 
 
 def check_output_path(path: str | Path, *, inputs: Iterable[str | Path] = ()) -> Path:

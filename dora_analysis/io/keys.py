@@ -60,7 +60,7 @@ _MODULE_KINDS = tuple((re.compile(pattern), kind) for pattern, kind in MODULE_KI
 #: transformers ``Conv1D`` modules (GPT-2 family) store their weight as (in, out).
 CONV1D_MODULES = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)$")
 
-_PARAM_SUFFIXES = (".weight", ".base_layer.weight")
+_PARAM_SUFFIXES = (".base_layer.weight", ".weight")  # longest first
 
 
 def module_path(name: str) -> str:

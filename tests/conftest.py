@@ -1,0 +1,36 @@
+"""Session-scoped fixtures: tiny real checkpoints written into temp folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.common import llama_state, perturb, write_sharded
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    """Paths of tiny checkpoints: base, tuned, sharded tuned, .bin tuned, a 3-step series."""
+    root = tmp_path_factory.mktemp("ckpts")
+    base = llama_state(0)
+    tuned = perturb(base, 0.02, seed=1)
+    paths = {"root": root}
+    save_file(base, str(root / "base.safetensors"))
+    paths["base"] = root / "base.safetensors"
+    save_file(tuned, str(root / "tuned.safetensors"))
+    paths["tuned"] = root / "tuned.safetensors"
+    write_sharded(tuned, root / "tuned_sharded")
+    paths["sharded"] = root / "tuned_sharded"
+    (root / "tuned_bin").mkdir()
+    torch.save(tuned, root / "tuned_bin" / "pytorch_model.bin")
+    paths["bin"] = root / "tuned_bin"
+    series = root / "run"
+    for i, step in enumerate((10, 20, 30)):
+        (series / f"checkpoint-{step}").mkdir(parents=True)
+        save_file(perturb(base, 0.01 * (i + 1), seed=10 + i),
+                  str(series / f"checkpoint-{step}" / "model.safetensors"))
+    paths["series"] = series
+    return paths

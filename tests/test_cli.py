@@ -1,0 +1,163 @@
+"""dora-analyze: success output, and every bad-input path (exit 2, one line, nothing written)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dora_analysis.cli import main
+
+
+def digest(paths) -> dict[Path, str]:
+    out = {}
+    for p in paths:
+        files = sorted(Path(p).rglob("*")) if Path(p).is_dir() else [Path(p)]
+        for f in files:
+            if f.is_file():
+                out[f] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def test_success_writes_table_and_summary(ckpts, tmp_path, capsys):
+    out, summary = tmp_path / "deltas.csv", tmp_path / "corr.parquet"
+    rc = main([str(ckpts["base"]), str(ckpts["series"]), str(ckpts["tuned"]), "--label", "run",
+               "FT", "--method", "ft", "--modules", "q,v", "-o", str(out), "--summary",
+               str(summary)])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "run  (method: ft, steps: 10, 20, 30)" in captured.out
+    assert "FT  (method: ft)" in captured.out and "Pearson r" in captured.out
+    table = pd.read_csv(out)
+    assert set(table["checkpoint"]) == {"run", "FT"} and set(table["module"]) == {"q", "v"}
+    corr = pd.read_parquet(summary)
+    assert len(corr) == 4 and set(corr["module"]) == {"q", "v"}
+    assert f"wrote {out}" in captured.err
+
+
+def test_json_output_and_axis(ckpts, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert main([str(ckpts["base"]), str(ckpts["tuned"]), "--axis", "both", "-o", str(out),
+                 "--quiet"]) == 0
+    table = pd.read_json(out)
+    assert set(table["axis"]) == {"out", "in"}
+    captured = capsys.readouterr()
+    assert captured.err == "" and "axis" in captured.out
+
+
+def test_console_script_runs_without_a_terminal(ckpts, tmp_path):
+    exe = Path(sys.executable).with_name("dora-analyze")
+    proc = subprocess.run([str(exe), str(ckpts["base"]), str(ckpts["tuned"])],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "tuned  (method: unknown)" in proc.stdout
+    assert "analysing" not in proc.stderr  # no progress bar when stderr is not a terminal
+
+
+def _bad_inputs(ckpts, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name → (argv, text the error line must contain)."""
+    base, tuned = str(ckpts["base"]), str(ckpts["tuned"])
+    cut = tmp / "cut.safetensors"
+    data = ckpts["tuned"].read_bytes()
+    cut.write_bytes(data[: len(data) // 3])
+    noise = tmp / "noise.safetensors"
+    noise.write_bytes(os.urandom(4096))
+    empty = tmp / "empty"
+    empty.mkdir()
+    evil = tmp / "evil.bin"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp / "pwned"),))
+
+    evil.write_bytes(pickle.dumps({"w.weight": Evil()}))
+    state = load_file(tuned)
+    name = "model.layers.0.mlp.up_proj.weight"
+    state[name] = state[name].T.contiguous()
+    transposed = tmp / "transposed.safetensors"
+    save_file(state, str(transposed))
+    return {
+        "missing base": ([str(tmp / "nope.safetensors"), tuned], "nope.safetensors: no such"),
+        "missing tuned": ([base, str(tmp / "gone")], "gone: no such file"),
+        "truncated": ([base, str(cut)], "cut.safetensors"),
+        "random bytes": ([base, str(noise)], "noise.safetensors: not a readable safetensors"),
+        "empty folder": ([base, str(empty)], "no checkpoint found"),
+        "pickle with code": ([base, str(evil)], "refused to unpickle"),
+        "transposed": ([base, str(transposed)], "up_proj.weight: [40, 16] vs [16, 40] (transposed?)"),
+        "unknown suffix": ([base, tuned, "-o", str(tmp / "t.xlsx")], "unknown output format"),
+        "no output folder": ([base, tuned, "-o", str(tmp / "no" / "t.csv")], "does not exist"),
+        "same outputs": ([base, tuned, "-o", str(tmp / "a.csv"), "--summary", str(tmp / "a.csv")],
+                         "same file"),
+        "bad regex": ([base, tuned, "--include", "(["], "--include is not a valid"),
+        "no module": ([base, tuned, "--modules", "nothing"], "module kinds present"),
+        "label count": ([base, tuned, tuned, "--label", "a", "b", "c"], "--label was given 3"),
+        "duplicate label": ([base, tuned, tuned], "distinct --label"),
+        "hub not yet": ([base, "org/model"], "Hub"),
+    }
+
+
+CASES = ["missing base", "missing tuned", "truncated", "random bytes", "empty folder",
+         "pickle with code", "transposed", "unknown suffix", "no output folder", "same outputs",
+         "bad regex", "no module", "label count", "duplicate label", "hub not yet"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_exits_2_with_one_line(case, ckpts, tmp_path, capsys):
+    argv, expected = _bad_inputs(ckpts, tmp_path)[case]
+    watched = [ckpts["root"], *(Path(a) for a in argv if Path(a).exists())]
+    before = digest(watched)
+    files_before = set(tmp_path.rglob("*"))
+    rc = main(argv + ["-o", str(tmp_path / "never.csv")] if "-o" not in argv else argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0]
+    assert "Traceback" not in err
+    assert set(tmp_path.rglob("*")) == files_before  # no output, no temp file left behind
+    assert digest(watched) == before  # inputs untouched
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_error_line_from_the_real_process(ckpts, tmp_path):
+    exe = Path(sys.executable).with_name("dora-analyze")
+    proc = subprocess.run([str(exe), str(ckpts["base"]), str(tmp_path / "missing")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: no such file or "
+                                                "folder"]
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["only-one-arg"])
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_non_finite_weights_warn_on_one_line(ckpts, tmp_path, capsys):
+    state = load_file(str(ckpts["tuned"]))
+    state["model.layers.0.self_attn.k_proj.weight"][0, 0] = float("inf")
+    bad = tmp_path / "inf.safetensors"
+    save_file(state, str(bad))
+    assert main([str(ckpts["base"]), str(bad), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and "k_proj" in err[0]
+
+
+def test_skip_mismatched_flag(ckpts, tmp_path, capsys):
+    state = load_file(str(ckpts["tuned"]))
+    state["model.embed_tokens.weight"] = torch.zeros(52, 16)
+    resized = tmp_path / "resized.safetensors"
+    save_file(state, str(resized))
+    assert main([str(ckpts["base"]), str(resized)]) == 2
+    assert main([str(ckpts["base"]), str(resized), "--skip-mismatched"]) == 0
+    assert "warning: skipped 1 tensor" in capsys.readouterr().err

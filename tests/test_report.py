@@ -1,0 +1,61 @@
+"""Writers: formats by suffix, atomic replacement, output-path validation, the text summary."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+import dora_analysis as da
+from dora_analysis.errors import OutputError
+from dora_analysis.report import atomic_write, check_output_path, format_summary
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.csv"
+    target.write_text("old")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+@pytest.mark.parametrize("name, match", [
+    ("out.xlsx", "unknown output format"),
+    ("missing_dir/out.csv", "does not exist"),
+])
+def test_bad_output_paths(tmp_path, name, match):
+    with pytest.raises(OutputError, match=match):
+        check_output_path(tmp_path / name)
+
+
+def test_output_may_not_overwrite_an_input(tmp_path):
+    src = tmp_path / "weights.bin.csv"
+    src.write_bytes(b"x")
+    with pytest.raises(OutputError, match="overwrite"):
+        check_output_path(src, inputs=[src])
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with pytest.raises(OutputError, match="inside the input"):
+        check_output_path(folder / "t.csv", inputs=[folder])
+
+
+def test_output_path_that_is_a_folder(tmp_path):
+    (tmp_path / "x.csv").mkdir()
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output_path(tmp_path / "x.csv")
+
+
+def test_summary_text(ckpts):
+    table = da.analyze(ckpts["base"], ckpts["series"], modules=("q", "v"))
+    text = format_summary(table, da.correlate(table))
+    assert "run  (method: unknown, steps: 10, 20, 30)" in text
+    assert "Pearson r" in text and "  q " in text and "  v " in text
+
+
+def test_summary_of_nothing():
+    assert "no weight matrices" in format_summary(pd.DataFrame(), pd.DataFrame())

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-all install lint clean
+.PHONY: demo test test-slow install lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Everything CI runs: the fast suite plus the slow end-to-end tests.
-test-all: install
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+# The slow end-to-end tests (real model, demo); CI runs them after `make test`.
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
 
 lint: install
 	$(BIN)/python -m ruff check dora_analysis tests examples benchmarks

@@ -1,4 +1,4 @@
-"""``analyze(base, tuned…)``: the tidy ΔM/ΔD table, streamed one tensor pair (one row block) at a time.
+"""``analyze(base, tuned…)``: the tidy ΔM/ΔD table, streamed one row block at a time.
 
 Work happens in two passes. The *plan* opens every checkpoint lazily (headers only), aligns
 names, applies the filters and collects every problem (shape mismatches, unreadable dtypes)
@@ -94,7 +94,7 @@ def expand_tuned(
     labels = _per_ref(labels, len(refs), "--label", None)
     methods = [check_method(m) for m in _per_ref(methods, len(refs), "--method", "auto")]
     out: list[TunedCheckpoint] = []
-    for ref, label, method in zip(refs, labels, methods):
+    for ref, label, method in zip(refs, labels, methods, strict=True):
         path = _local_path(ref)
         label = label or ref.default_label
         method = "unknown" if method == "auto" else method
@@ -260,7 +260,7 @@ def analyze(
         A DataFrame with the columns of :data:`dora_analysis.columns.TABLE_COLUMNS`.
 
     Example:
-        >>> table = analyze("base.safetensors", "tuned.safetensors", modules=("q", "v"))  # doctest: +SKIP
+        >>> table = analyze("pre.safetensors", "run/", modules=("q", "v"))  # doctest: +SKIP
         >>> table[["layer", "module", "delta_m", "delta_d"]]  # doctest: +SKIP
     """
     if config is None:

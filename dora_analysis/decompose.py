@@ -48,7 +48,7 @@ def check_axis(axis: str) -> Axis:
 def as_matrix(w: torch.Tensor) -> torch.Tensor:
     """View a weight of shape ``(out, in, *k)`` as the 2-D ``(out, in * prod(k))`` matrix."""
     if w.dim() < 2:
-        raise ConfigError(f"a weight matrix needs at least 2 dimensions, got shape {tuple(w.shape)}")
+        raise ConfigError(f"a weight matrix needs 2 or more dimensions, got {tuple(w.shape)}")
     return w.reshape(w.shape[0], -1)
 
 
@@ -182,10 +182,10 @@ class PairAccumulator:
         block = vector_sums(w0_rows, wt_rows, self.stored_axis)
         start, stop = self._next_row, self._next_row + w0_rows.shape[0]
         if self.stored_axis == "out":
-            for total, part in zip(_fields(self.sums), _fields(block)):
+            for total, part in zip(_fields(self.sums), _fields(block), strict=True):
                 total[start:stop] = part
         else:
-            for total, part in zip(_fields(self.sums), _fields(block)):
+            for total, part in zip(_fields(self.sums), _fields(block), strict=True):
                 total += part
         self._next_row = stop
 

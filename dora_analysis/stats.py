@@ -79,7 +79,7 @@ def correlate(table: pd.DataFrame, by: Sequence[str] = C.GROUP_COLUMNS) -> pd.Da
     points = usable_points(table)
     for key, group in points.groupby(by, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        record = dict(zip(by, key))
+        record = dict(zip(by, key, strict=True))
         record.update(correlation(group[C.DELTA_D].to_numpy(), group[C.DELTA_M].to_numpy()))
         record[C.MEAN_DELTA_M] = float(group[C.DELTA_M].mean())
         record[C.MEAN_DELTA_D] = float(group[C.DELTA_D].mean())

@@ -14,7 +14,8 @@ from dora_analysis import compare, delta_direction, delta_magnitude, direction, 
 from dora_analysis.decompose import as_matrix
 
 # 2x3 pair whose answers differ by axis (a wrong norm axis cannot pass):
-#   rows:    (3,4,0)->(4,3,0): |m| 5->5, 1-cos = 1-24/25 = 0.04;  (0,0,1)->(0,0,2): scaled, 1-cos = 0
+#   rows:    (3,4,0)->(4,3,0): |m| 5->5, 1-cos = 1-24/25 = 0.04
+#            (0,0,1)->(0,0,2): scaled, |m| 1->2, 1-cos = 0
 #   columns: (3,0)->(4,0), (4,0)->(3,0), (0,1)->(0,2): all scaled, |m| changes 1, 1, 1
 W0 = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]])
 WT = torch.tensor([[4.0, 3.0, 0.0], [0.0, 0.0, 2.0]])

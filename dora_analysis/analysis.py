@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import columns as C
 from .config import AnalysisConfig, check_method
-from .decompose import PairAccumulator, PairStats, as_matrix, rows_per_block
+from .decompose import PairAccumulator, PairStats, Workspace, rows_per_block
 from .errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -192,19 +192,18 @@ def _blocks(
 
 
 def compare_pair(
-    base: TensorSource, tuned: TensorSource, pair: MatrixPair, config: AnalysisConfig, bar=None
+    base: TensorSource, tuned: TensorSource, pair: MatrixPair, config: AnalysisConfig,
+    workspace: Workspace | None = None, bar=None,
 ) -> dict[str, PairStats]:
     """Stream one matrix pair once and return its statistics per requested axis."""
     rows, cols = pair.stored_2d
     transposed = is_conv1d(pair.name) and len(pair.info.shape) == 2
-    accs = {a: PairAccumulator(rows, cols, a, transposed=transposed) for a in config.axes}
+    acc = PairAccumulator(rows, cols, config.axes, transposed=transposed, workspace=workspace)
     for block0, block_t in _blocks(base, tuned, pair, config.block_elements):
-        block0, block_t = as_matrix(block0), as_matrix(block_t)
-        for acc in accs.values():
-            acc.add(block0, block_t)
+        acc.add(block0, block_t)
         if bar is not None:
             bar.update(block0.numel())
-    return {a: acc.result() for a, acc in accs.items()}
+    return acc.result()
 
 
 def _row(ck: TunedCheckpoint, pair: MatrixPair, axis: str, s: PairStats) -> dict:
@@ -295,12 +294,12 @@ def analyze(
                           f"{_listing(problems)}", UnmatchedTensorsWarning, stacklevel=2)
 
         total = sum(_numel(p.info.shape) for _, _, pairs in plans for p in pairs)
-        records = []
+        records, workspace = [], Workspace()
         with tqdm(total=total, unit="el", unit_scale=True, disable=not config.progress,
                   file=sys.stderr, desc="analysing", leave=False) as bar:
             for ck, src, pairs in plans:
                 for pair in pairs:
-                    stats = compare_pair(base_src, src, pair, config, bar)
+                    stats = compare_pair(base_src, src, pair, config, workspace, bar)
                     for axis, s in stats.items():
                         _warn_nonfinite(ck, pair, axis, s)
                         records.append(_row(ck, pair, axis, s))

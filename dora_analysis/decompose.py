@@ -94,16 +94,53 @@ class VectorSums:
         return cls(*(torch.zeros(n_vectors, dtype=torch.float64) for _ in range(3)))
 
 
-def vector_sums(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out") -> VectorSums:
-    """Per-vector squared norms of ``w0``, ``wt`` and ``wt − w0`` along ``axis``, in float64."""
-    dim = _vector_dim(axis)
-    # Private float64 copies: the in-place squares below must never touch the caller's tensors.
-    a = as_matrix(w0).to(torch.float64, copy=True)  # (rows, cols)
-    b = as_matrix(wt).to(torch.float64, copy=True)
+class Workspace:
+    """Three reusable float64 buffers for row blocks.
+
+    Reusing them matters: a fresh 32 MiB tensor per block costs more in page faults than the
+    arithmetic on it.
+    """
+
+    def __init__(self) -> None:
+        self._flat = [torch.empty(0, dtype=torch.float64) for _ in range(3)]
+
+    def views(self, rows: int, cols: int) -> list[torch.Tensor]:
+        n = rows * cols
+        if self._flat[0].numel() < n:
+            self._flat = [torch.empty(n, dtype=torch.float64) for _ in range(3)]
+        return [f[:n].view(rows, cols) for f in self._flat]
+
+
+def block_sums(
+    w0: torch.Tensor, wt: torch.Tensor, axes: tuple[Axis, ...] = ("out",),
+    workspace: Workspace | None = None,
+) -> dict[Axis, VectorSums]:
+    """Per-vector squared norms of ``w0``, ``wt`` and ``wt − w0`` along each axis, in float64.
+
+    The inputs are upcast into private buffers; they are never modified.
+    """
+    a, b = as_matrix(w0), as_matrix(wt)
     if a.shape != b.shape:
         raise ConfigError(f"shapes differ: {tuple(w0.shape)} vs {tuple(wt.shape)}")
-    sqd = torch.sub(b, a).square_().sum(dim)  # (n_vectors,)
-    return VectorSums(a.square_().sum(dim), b.square_().sum(dim), sqd)
+    x0, xt, tmp = (workspace or Workspace()).views(*a.shape)  # (rows, cols) float64 each
+    x0.copy_(a)
+    xt.copy_(b)
+    sums: dict[Axis, list[torch.Tensor]] = {}
+    if "out" in axes:  # per row: one fused norm kernel, no temporary
+        sums["out"] = [torch.linalg.vector_norm(x, dim=1).square_() for x in (x0, xt)]
+    if "in" in axes:  # per column: square into the scratch buffer, then reduce over rows
+        sums["in"] = [torch.mul(x, x, out=tmp).sum(0) for x in (x0, xt)]
+    torch.sub(xt, x0, out=tmp)  # the difference, exact for nearby values (Sterbenz)
+    if "out" in axes:
+        sums["out"].append(torch.linalg.vector_norm(tmp, dim=1).square_())
+    if "in" in axes:
+        sums["in"].append(tmp.square_().sum(0))
+    return {axis: VectorSums(*parts) for axis, parts in sums.items()}
+
+
+def vector_sums(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out") -> VectorSums:
+    """Per-vector squared norms of ``w0``, ``wt`` and ``wt − w0`` along ``axis``, in float64."""
+    return block_sums(w0, wt, (check_axis(axis),))[axis]
 
 
 def magnitude_change(sums: VectorSums) -> torch.Tensor:
@@ -161,38 +198,48 @@ def summarize(sums: VectorSums) -> PairStats:
     )
 
 
-class PairAccumulator:
-    """Accumulates :class:`VectorSums` over row blocks of a stored weight pair.
+_FLIP: dict[str, Axis] = {"out": "in", "in": "out"}
 
-    Feed consecutive blocks of rows (the stored first dimension) with :meth:`add`; either axis
-    works because the per-vector sums are additive over rows (axis ``in``) or local to the
-    block (axis ``out``). ``transposed=True`` marks a weight stored ``(in, out)`` (``Conv1D``),
+
+class PairAccumulator:
+    """Accumulates :class:`VectorSums` over row blocks of a stored weight pair, for some axes.
+
+    Feed consecutive blocks of rows (the stored first dimension) with :meth:`add`; both axes
+    work because the per-vector sums are local to the block (axis ``out``) or additive over
+    rows (axis ``in``). ``transposed=True`` marks a weight stored ``(in, out)`` (``Conv1D``),
     whose output channels are the stored columns.
     """
 
-    def __init__(self, rows: int, cols: int, axis: Axis = "out", *, transposed: bool = False):
-        self.rows, self.cols = rows, cols
-        flip = {"out": "in", "in": "out"}
-        self.stored_axis: Axis = flip[check_axis(axis)] if transposed else axis  # type: ignore
-        self.sums = VectorSums.zeros(rows if self.stored_axis == "out" else cols)
+    def __init__(
+        self, rows: int, cols: int, axes: tuple[Axis, ...] = ("out",), *,
+        transposed: bool = False, workspace: Workspace | None = None,
+    ) -> None:
+        self.rows = rows
+        # requested axis -> axis of the stored matrix
+        self._stored = {a: (_FLIP[a] if transposed else check_axis(a)) for a in axes}
+        self._sums = {a: VectorSums.zeros(rows if s == "out" else cols)
+                      for a, s in self._stored.items()}
+        self._workspace = workspace or Workspace()
         self._next_row = 0
 
     def add(self, w0_rows: torch.Tensor, wt_rows: torch.Tensor) -> None:
         """Add the next block of rows of both weights (any float dtype, any trailing shape)."""
-        block = vector_sums(w0_rows, wt_rows, self.stored_axis)
+        block = block_sums(w0_rows, wt_rows, tuple(set(self._stored.values())), self._workspace)
         start, stop = self._next_row, self._next_row + w0_rows.shape[0]
-        if self.stored_axis == "out":
-            for total, part in zip(_fields(self.sums), _fields(block), strict=True):
-                total[start:stop] = part
-        else:
-            for total, part in zip(_fields(self.sums), _fields(block), strict=True):
-                total += part
+        for axis, stored in self._stored.items():
+            total, part = self._sums[axis], block[stored]
+            for t, p in zip(_fields(total), _fields(part), strict=True):
+                if stored == "out":
+                    t[start:stop] = p
+                else:
+                    t += p
         self._next_row = stop
 
-    def result(self) -> PairStats:
+    def result(self) -> dict[Axis, PairStats]:
+        """Eqs. 3-4 per requested axis, once every row has been added."""
         if self._next_row != self.rows:
             raise RuntimeError(f"accumulated {self._next_row} of {self.rows} rows")
-        return summarize(self.sums)
+        return {axis: summarize(sums) for axis, sums in self._sums.items()}
 
 
 def _fields(s: VectorSums) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -223,11 +270,11 @@ def compare(
     if w0.shape != wt.shape:
         raise ConfigError(f"shapes differ: {tuple(w0.shape)} vs {tuple(wt.shape)}")
     a, b = as_matrix(w0), as_matrix(wt)
-    acc = PairAccumulator(a.shape[0], a.shape[1], axis, transposed=transposed)
+    acc = PairAccumulator(a.shape[0], a.shape[1], (axis,), transposed=transposed)
     step = rows_per_block(a.shape[1], block_elements)
     for start in range(0, a.shape[0], step):
         acc.add(a[start : start + step], b[start : start + step])
-    return acc.result()
+    return acc.result()[axis]
 
 
 def delta_magnitude(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out") -> float:

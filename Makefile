@@ -31,5 +31,10 @@ test-slow: install
 lint: install
 	$(BIN)/python -m ruff check dora_analysis tests examples benchmarks
 
+# Scale/speed benchmark on a generated ~1B LLaMA-shaped pair (4 GiB of disk); see docs/performance.md.
+bench: install
+	$(BIN)/python benchmarks/make_llama_pair.py --size 1b --out bench-output/pair-1b
+	$(BIN)/python benchmarks/bench_analyze.py bench-output/pair-1b/base bench-output/pair-1b/tuned
+
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache build *.egg-info
+	rm -rf $(VENV) demo-output bench-output .pytest_cache build *.egg-info

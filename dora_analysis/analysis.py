@@ -30,7 +30,7 @@ from .errors import (
     TensorMismatchError,
     UnmatchedTensorsWarning,
 )
-from .io.keys import align_names, is_conv1d, layer_index, module_kind
+from .io.keys import align_names, layer_index, module_kind, stored_in_out
 from .io.refs import CheckpointRef, series_steps
 from .io.sources import TensorInfo, TensorSource, open_source
 
@@ -197,7 +197,7 @@ def compare_pair(
 ) -> dict[str, PairStats]:
     """Stream one matrix pair once and return its statistics per requested axis."""
     rows, cols = pair.stored_2d
-    transposed = is_conv1d(pair.name) and len(pair.info.shape) == 2
+    transposed = stored_in_out(pair.name) and len(pair.info.shape) == 2
     acc = PairAccumulator(rows, cols, config.axes, transposed=transposed, workspace=workspace)
     for block0, block_t in _blocks(base, tuned, pair, config.block_elements):
         acc.add(block0, block_t)

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from . import columns as C
 from .errors import ConfigError
@@ -43,6 +42,8 @@ def correlation(delta_d: np.ndarray, delta_m: np.ndarray) -> dict[str, float]:
         >>> round(r["slope"], 2), round(r["pearson_r"], 3)
         (2.25, 0.999)
     """
+    from scipy import stats  # imported here: scipy.stats costs ~1 s at start-up
+
     x, y = np.asarray(delta_d, float), np.asarray(delta_m, float)
     out = {C.N: len(x), C.PEARSON_R: math.nan, C.P_VALUE: math.nan, C.SPEARMAN_RHO: math.nan,
            C.SLOPE: math.nan, C.INTERCEPT: math.nan}

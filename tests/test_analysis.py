@@ -16,6 +16,7 @@ from dora_analysis.errors import (
     TensorMismatchError,
     UnmatchedTensorsWarning,
 )
+from dora_analysis.io.keys import stored_in_out
 from tests.common import LAYERS, llama_state, perturb
 
 SPEC_COLUMNS = ["checkpoint", "method", "step", "name", "layer", "module", "rows", "cols", "axis",
@@ -41,7 +42,8 @@ def test_values_match_the_maths_on_loaded_tensors(ckpts):
     base, tuned = load_file(str(ckpts["base"])), load_file(str(ckpts["tuned"]))
     table = da.analyze(ckpts["base"], ckpts["tuned"], axis="both", block_elements=100)
     for _, row in table.iterrows():
-        expect = da.compare(base[row[C.NAME]], tuned[row[C.NAME]], axis=row[C.AXIS])
+        expect = da.compare(base[row[C.NAME]], tuned[row[C.NAME]], axis=row[C.AXIS],
+                            transposed=stored_in_out(row[C.NAME]))
         assert row[C.DELTA_M] == pytest.approx(expect.delta_m, rel=1e-12)
         assert row[C.DELTA_D] == pytest.approx(expect.delta_d, rel=1e-12)
 
@@ -159,6 +161,8 @@ def test_stored_dtypes_agree_with_float64_reference(tmp_path, dtype):
     assert set(table[C.DTYPE]) == {str(dtype).removeprefix("torch.")}
     for _, row in table.iterrows():
         a, b = base[row[C.NAME]].double(), tuned[row[C.NAME]].double()
+        if stored_in_out(row[C.NAME]):  # embedding: output channels are columns
+            a, b = a.T, b.T
         cos = torch.nn.functional.cosine_similarity(a, b, dim=1)  # float64 reference
         assert row[C.DELTA_D] == pytest.approx(float((1 - cos).mean()), rel=1e-5, abs=1e-12)
         dm = float((b.norm(dim=1) - a.norm(dim=1)).abs().mean())
@@ -174,6 +178,15 @@ def test_gpt2_conv1d_weights_use_output_channels(tmp_path):
     row = da.analyze(tmp_path / "b.safetensors", tmp_path / "t.safetensors").iloc[0]
     assert (row[C.MODULE], row[C.ROWS], row[C.COLS], row[C.N_VECTORS]) == ("qkv", 12, 36, 36)
     assert row[C.DELTA_D] == pytest.approx(da.compare(w0.T, wt.T).delta_d, rel=1e-12)
+
+
+def test_embeddings_have_one_vector_per_dimension_as_in_peft(ckpts):
+    table = da.analyze(ckpts["base"], ckpts["tuned"], axis="both")
+    emb = table[table[C.NAME] == "model.embed_tokens.weight"].set_index(C.AXIS)
+    assert (emb.loc["out", C.ROWS], emb.loc["out", C.COLS]) == (50, 16)
+    assert emb.loc["out", C.N_VECTORS] == 16 and emb.loc["in", C.N_VECTORS] == 50
+    head = table[table[C.NAME] == "lm_head.weight"].set_index(C.AXIS)
+    assert head.loc["out", C.N_VECTORS] == 50  # a Linear (vocab, dim): rows are outputs
 
 
 def test_quantized_weights_are_refused_by_name(tmp_path, ckpts):

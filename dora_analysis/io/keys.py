@@ -59,6 +59,12 @@ _MODULE_KINDS = tuple((re.compile(pattern), kind) for pattern, kind in MODULE_KI
 
 #: transformers ``Conv1D`` modules (GPT-2 family) store their weight as (in, out).
 CONV1D_MODULES = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)$")
+#: Embedding tables, stored (num_embeddings, dim): a lookup from one-hot inputs, so PEFT's DoRA
+#: gives them one magnitude per embedding dimension, i.e. per stored column.
+EMBEDDING_MODULES = re.compile(
+    r"(^|\.)(embed_tokens|tok_embeddings|word_embeddings|position_embeddings|"
+    r"token_type_embeddings|embed_positions|wte|wpe|shared)$"
+)
 
 _PARAM_SUFFIXES = (".base_layer.weight", ".weight")  # longest first
 
@@ -108,6 +114,24 @@ def layer_index(name: str) -> int | None:
 def is_conv1d(name: str) -> bool:
     """True for a transformers ``Conv1D`` weight (GPT-2 ``c_attn`` …), stored ``(in, out)``."""
     return bool(CONV1D_MODULES.search(module_path(name)))
+
+
+def is_embedding(name: str) -> bool:
+    """True for an embedding table (``embed_tokens``, ``word_embeddings``, ``wte`` …)."""
+    return bool(EMBEDDING_MODULES.search(module_path(name)))
+
+
+def stored_in_out(name: str) -> bool:
+    """Whether a 2-D weight's output channels are its stored *columns* (PEFT's convention).
+
+    True for ``Conv1D`` (stored ``(in, out)``) and for embeddings (``(num_embeddings, dim)``,
+    whose DoRA magnitude has one entry per embedding dimension).
+
+    Example:
+        >>> stored_in_out("transformer.wte.weight"), stored_in_out("lm_head.weight")
+        (True, False)
+    """
+    return is_conv1d(name) or is_embedding(name)
 
 
 def strip_wrappers(name: str) -> str:

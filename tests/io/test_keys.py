@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from dora_analysis.io.keys import align_names, is_conv1d, layer_index, module_kind, strip_wrappers
+from dora_analysis.io.keys import (
+    align_names,
+    is_conv1d,
+    layer_index,
+    module_kind,
+    stored_in_out,
+    strip_wrappers,
+)
 
 
 @pytest.mark.parametrize(
@@ -62,6 +69,18 @@ def test_conv1d_detection():
     assert is_conv1d("transformer.h.0.attn.c_attn.weight")
     assert is_conv1d("h.0.mlp.c_proj.weight")
     assert not is_conv1d("model.layers.0.self_attn.q_proj.weight")
+
+
+@pytest.mark.parametrize(("name", "in_out"), [
+    ("transformer.h.0.attn.c_attn.weight", True),
+    ("model.embed_tokens.weight", True),
+    ("embeddings.word_embeddings.weight", True),
+    ("transformer.wte.weight", True),
+    ("lm_head.weight", False),
+    ("model.layers.0.self_attn.q_proj.weight", False),
+])
+def test_stored_in_out(name, in_out):
+    assert stored_in_out(name) is in_out
 
 
 def test_strip_wrappers():

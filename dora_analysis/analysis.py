@@ -8,9 +8,10 @@ matrix pair in row blocks of bounded size and accumulates Eqs. 3-4 in float64.
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,9 @@ from tqdm.auto import tqdm
 
 from . import columns as C
 from .config import AnalysisConfig, check_method
-from .decompose import PairAccumulator, PairStats, Workspace, rows_per_block
+from .decompose import PairAccumulator, PairStats, Workspace, rows_per_block, summarize
 from .errors import (
     CheckpointFormatError,
-    CheckpointNotFoundError,
     ConfigError,
     NonFiniteWeightWarning,
     TensorMismatchError,
@@ -32,9 +32,11 @@ from .errors import (
 )
 from .io.keys import align_names, layer_index, module_kind, stored_in_out
 from .io.refs import CheckpointRef, series_steps
-from .io.sources import TensorInfo, TensorSource, open_source
+from .io.sources import TensorInfo, TensorSource
+from .merge import AdapterSource, open_base, open_tuned
 
 Ref = str | Path | CheckpointRef
+log = logging.getLogger("dora_analysis")
 _LISTED = 8  # names shown per problem list before "… and N more"
 
 
@@ -57,35 +59,28 @@ class MatrixPair:
     tuned_name: str
     info: TensorInfo
     tuned_dtype: torch.dtype
-
-    @property
-    def stored_2d(self) -> tuple[int, int]:
-        rows = self.info.shape[0]
-        return rows, _numel(self.info.shape) // rows
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    transposed: bool
+    """Output channels are the stored columns (``Conv1D``, embeddings, ``fan_in_fan_out``)."""
 
 
 def _as_ref(ref: Ref) -> CheckpointRef:
     return ref if isinstance(ref, CheckpointRef) else CheckpointRef.parse(str(ref))
 
 
-def _local_path(ref: CheckpointRef) -> Path:
-    if ref.kind == "hub":
-        raise CheckpointNotFoundError(
-            f"{ref}: no such file or folder (Hugging Face Hub repositories are not supported yet; "
-            "download it and pass the local folder)"
-        )
-    return ref.path
+def _resolve(ref: CheckpointRef, token: str | None) -> tuple[Path, str]:
+    """Local path of a reference (Hub repos fetched or found in the cache) and its printed form."""
+    if ref.kind != "hub":
+        return ref.path, str(ref)
+    from .io import hub  # only here: huggingface_hub is imported on demand
+
+    snap = hub.snapshot(ref.repo, ref.revision, token=token)
+    log.info("%s resolved to commit %s", ref, snap.commit)
+    return snap.folder, str(snap)
 
 
 def expand_tuned(
-    tuned: Sequence[Ref], labels: Sequence[str] | None = None, methods: Sequence[str] | None = None
+    tuned: Sequence[Ref], labels: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None, token: str | None = None,
 ) -> list[TunedCheckpoint]:
     """Turn tuned references into checkpoints: a series folder becomes one per ``checkpoint-N``."""
     refs = [_as_ref(t) for t in tuned]
@@ -95,13 +90,12 @@ def expand_tuned(
     methods = [check_method(m) for m in _per_ref(methods, len(refs), "--method", "auto")]
     out: list[TunedCheckpoint] = []
     for ref, label, method in zip(refs, labels, methods, strict=True):
-        path = _local_path(ref)
+        path, shown = _resolve(ref, token)
         label = label or ref.default_label
-        method = "unknown" if method == "auto" else method
         if ref.kind == "series":
             out += [TunedCheckpoint(label, method, s, p, str(p)) for s, p in series_steps(path)]
         else:
-            out.append(TunedCheckpoint(label, method, ref.step, path, str(ref)))
+            out.append(TunedCheckpoint(label, method, ref.step, path, shown))
     seen: dict[tuple[str, int | None], str] = {}
     for ck in out:
         key = (ck.label, ck.step)
@@ -155,6 +149,8 @@ def plan_pairs(
     tuned: dict[str, TensorInfo],
     config: AnalysisConfig,
     tuned_path: Path,
+    transposed_hint: Callable[[str], bool | None] | None = None,
+    partial: bool = False,
 ) -> tuple[list[MatrixPair], list[str]]:
     """Aligned, filtered matrix pairs, and the shape mismatches (``name: base vs tuned``)."""
     alignment = align_names(list(base), list(tuned))
@@ -166,8 +162,12 @@ def plan_pairs(
             hint = " (transposed?)" if base[b].shape == tuned[t].shape[::-1] else ""
             mismatches.append(f"{b}: {list(base[b].shape)} vs {list(tuned[t].shape)}{hint}")
             continue
-        pairs.append(MatrixPair(b, t, base[b], tuned[t].dtype))
-    only_b = [n for n in alignment.base_only if config.selects(n, module_kind(n))]
+        hint = transposed_hint(t) if transposed_hint else None
+        transposed = (stored_in_out(b) if hint is None else hint) and len(base[b].shape) == 2
+        pairs.append(MatrixPair(b, t, base[b], tuned[t].dtype, transposed))
+    # An adapter holds only what it changes: the rest of the base is unchanged, not missing.
+    only_b = [] if partial else [n for n in alignment.base_only
+                                 if config.selects(n, module_kind(n))]
     only_t = [n for n in alignment.tuned_only if config.selects(n, module_kind(n))]
     if (only_b or only_t) and pairs:
         parts = []
@@ -184,7 +184,7 @@ def plan_pairs(
 def _blocks(
     base: TensorSource, tuned: TensorSource, pair: MatrixPair, block_elements: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    rows, cols = pair.stored_2d
+    rows, cols = pair.info.matrix_shape
     step = rows_per_block(cols, block_elements)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
@@ -195,21 +195,34 @@ def compare_pair(
     base: TensorSource, tuned: TensorSource, pair: MatrixPair, config: AnalysisConfig,
     workspace: Workspace | None = None, bar=None,
 ) -> dict[str, PairStats]:
-    """Stream one matrix pair once and return its statistics per requested axis."""
-    rows, cols = pair.stored_2d
-    transposed = stored_in_out(pair.name) and len(pair.info.shape) == 2
-    acc = PairAccumulator(rows, cols, config.axes, transposed=transposed, workspace=workspace)
-    for block0, block_t in _blocks(base, tuned, pair, config.block_elements):
-        acc.add(block0, block_t)
-        if bar is not None:
-            bar.update(block0.numel())
-    return acc.result()
+    """One matrix pair's statistics per requested axis.
+
+    Adapters give axis ``out`` in closed form (no ``B @ A``, see :mod:`dora_analysis.merge`);
+    everything else streams the pair once, in row blocks, for all remaining axes.
+    """
+    stats: dict[str, PairStats] = {}
+    axes = config.axes
+    closed_form = getattr(tuned, "closed_form", None)
+    if config.closed_form and closed_form is not None and "out" in axes:
+        sums = closed_form(pair.tuned_name, config.block_elements)
+        if sums is not None:
+            stats["out"] = summarize(sums)
+            axes = tuple(a for a in axes if a != "out")
+    if axes:
+        rows, cols = pair.info.matrix_shape
+        acc = PairAccumulator(rows, cols, axes, transposed=pair.transposed, workspace=workspace)
+        for block0, block_t in _blocks(base, tuned, pair, config.block_elements):
+            acc.add(block0, block_t)
+        stats |= acc.result()
+    if bar is not None:
+        bar.update(pair.info.numel)
+    return {a: stats[a] for a in config.axes}
 
 
-def _row(ck: TunedCheckpoint, pair: MatrixPair, axis: str, s: PairStats) -> dict:
-    rows, cols = pair.stored_2d
+def _row(ck: TunedCheckpoint, method: str, pair: MatrixPair, axis: str, s: PairStats) -> dict:
+    rows, cols = pair.info.matrix_shape
     return {
-        C.CHECKPOINT: ck.label, C.METHOD: ck.method, C.STEP: ck.step, C.NAME: pair.name,
+        C.CHECKPOINT: ck.label, C.METHOD: method, C.STEP: ck.step, C.NAME: pair.name,
         C.LAYER: layer_index(pair.name), C.MODULE: module_kind(pair.name), C.ROWS: rows,
         C.COLS: cols, C.AXIS: axis, C.DELTA_M: s.delta_m, C.DELTA_D: s.delta_d,
         C.ZERO_VECTORS: s.zero_vectors, C.N_VECTORS: s.n_vectors,
@@ -267,18 +280,21 @@ def analyze(
     elif settings:
         raise ConfigError("pass either config= or keyword settings, not both")
     tuned_refs = [tuned] if isinstance(tuned, (str, Path, CheckpointRef)) else list(tuned)
-    checkpoints = expand_tuned(tuned_refs, labels, methods)
-    base_path = _local_path(_as_ref(base))
+    base_path, _ = _resolve(_as_ref(base), config.token)
+    checkpoints = expand_tuned(tuned_refs, labels, methods, config.token)
 
     with ExitStack() as stack:
-        base_src = stack.enter_context(open_source(base_path))
+        base_src = stack.enter_context(open_base(base_path))
         base_infos = _matrix_infos(base_src)
         if not base_infos:
             raise CheckpointFormatError(f"{base_path}: holds no floating-point weight matrices")
         plans, problems = [], []
         for ck in checkpoints:
-            src = stack.enter_context(open_source(ck.path))
-            pairs, mismatches = plan_pairs(base_infos, _matrix_infos(src), config, ck.path)
+            src = stack.enter_context(
+                open_tuned(ck.path, base_src, base_infos, lora_alpha=config.lora_alpha))
+            pairs, mismatches = plan_pairs(base_infos, _matrix_infos(src), config, ck.path,
+                                           getattr(src, "transposed", None),
+                                           partial=isinstance(src, AdapterSource))
             problems += [f"{ck.ref}: {m}" for m in mismatches]
             if not pairs and not mismatches:
                 raise TensorMismatchError(_nothing_selected(config, ck, base_infos))
@@ -293,16 +309,17 @@ def analyze(
             warnings.warn(f"skipped {len(problems)} tensor(s) of different shape: "
                           f"{_listing(problems)}", UnmatchedTensorsWarning, stacklevel=2)
 
-        total = sum(_numel(p.info.shape) for _, _, pairs in plans for p in pairs)
+        total = sum(p.info.numel for _, _, pairs in plans for p in pairs)
         records, workspace = [], Workspace()
         with tqdm(total=total, unit="el", unit_scale=True, disable=not config.progress,
                   file=sys.stderr, desc="analysing", leave=False) as bar:
             for ck, src, pairs in plans:
+                method = ck.method if ck.method != "auto" else getattr(src, "method", "unknown")
                 for pair in pairs:
                     stats = compare_pair(base_src, src, pair, config, workspace, bar)
                     for axis, s in stats.items():
                         _warn_nonfinite(ck, pair, axis, s)
-                        records.append(_row(ck, pair, axis, s))
+                        records.append(_row(ck, method, pair, axis, s))
                 src.close()
     return to_frame(records)
 

@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (one ``error: …`` line on stderr), 130 inte
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -24,8 +25,11 @@ examples:
   dora-analyze pre.safetensors tuned.safetensors -o deltas.csv
   dora-analyze base/ runs/ft runs/lora --label FT LoRA --modules q,v --summary corr.csv
   dora-analyze base/ runs/dora/checkpoint-100 runs/dora/checkpoint-200 --method dora
+  dora-analyze meta-llama/Llama-2-7b-hf some-org/llama2-dora-adapter@main
 
 A folder holding checkpoint-N/ subfolders is read as a training series (step = N).
+PEFT adapter folders (and torchtune, LyCORIS/kohya, official DoRA adapters) are merged with
+BASE as they are read. org/name[@revision] is a Hugging Face Hub repo (a local path wins).
 """
 
 
@@ -54,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-mismatched", action="store_true",
                    help="skip tensors whose shapes differ (e.g. resized embeddings) with a "
                    "warning instead of failing")
+    p.add_argument("--lora-alpha", type=float, metavar="ALPHA",
+                   help="alpha of adapters that do not store it (torchtune)")
+    p.add_argument("--materialize", action="store_true",
+                   help="merge adapters by forming B·A block by block instead of the closed form "
+                   "(same numbers, slower; for checking)")
+    p.add_argument("--token", metavar="TOKEN",
+                   help="Hugging Face token for private or gated repos (default: HF_TOKEN)")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write the table: .csv, .json or .parquet")
     p.add_argument("--summary", metavar="FILE",
@@ -81,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         include=args.include,
         skip_mismatched=args.skip_mismatched,
         progress=not args.quiet and sys.stderr.isatty(),
+        closed_form=not args.materialize,
+        lora_alpha=args.lora_alpha,
+        token=args.token,
     )
     table = analyze(args.base, args.tuned, labels=args.label, methods=args.method, config=config)
     correlations = correlate(table)
@@ -93,9 +107,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _NoteHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"note: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dora-analyze``."""
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("dora_analysis")
+    handler = _NoteHandler()
+    if not args.quiet:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # library deprecation noise is not the user's business
@@ -111,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        logger.removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ class AnalysisConfig:
     """Elements per float64 working block; bounds memory for any tensor size."""
     progress: bool = False
     """Show a progress bar on stderr."""
+    closed_form: bool = True
+    """Adapters: compute axis ``out`` from ``W0 Aᵀ`` and ``A Aᵀ`` instead of materialising B·A."""
+    lora_alpha: float | None = None
+    """Adapters that do not store alpha (torchtune): the alpha they were trained with."""
+    token: str | None = field(default=None, repr=False)
+    """Hugging Face token for private repos (default: ``HF_TOKEN``); never printed."""
     _include_re: re.Pattern | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -45,6 +51,8 @@ class AnalysisConfig:
                 object.__setattr__(self, "_include_re", re.compile(self.include))
             except re.error as exc:
                 raise ConfigError(f"--include is not a valid regular expression: {exc}") from None
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError(f"--lora-alpha must be positive, got {self.lora_alpha}")
         if self.block_elements < 1:
             raise ConfigError(f"block_elements must be positive, got {self.block_elements}")
 

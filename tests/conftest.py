@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,14 @@ import torch
 from safetensors.torch import save_file
 
 from tests.common import llama_state, perturb, write_sharded
+
+# Tests never reach the Hugging Face Hub: offline, with an empty cache of their own.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _private_hub_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "hub-cache"))
 
 
 @pytest.fixture(scope="session")

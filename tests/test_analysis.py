@@ -196,8 +196,8 @@ def test_quantized_weights_are_refused_by_name(tmp_path, ckpts):
         da.analyze(ckpts["base"], tmp_path / "q.safetensors")
 
 
-def test_hub_reference_is_not_supported_yet(ckpts):
-    with pytest.raises(da.DoraAnalysisError, match="Hub"):
+def test_uncached_hub_reference_offline(ckpts):
+    with pytest.raises(da.DoraAnalysisError, match="not in the local cache.*HF_HUB_OFFLINE"):
         da.analyze(ckpts["base"], "some-org/some-model")
 
 

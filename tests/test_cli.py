@@ -101,13 +101,13 @@ def _bad_inputs(ckpts, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "no module": ([base, tuned, "--modules", "nothing"], "module kinds present"),
         "label count": ([base, tuned, tuned, "--label", "a", "b", "c"], "--label was given 3"),
         "duplicate label": ([base, tuned, tuned], "distinct --label"),
-        "hub not yet": ([base, "org/model"], "Hub"),
+        "hub offline": ([base, "org/model"], "org/model: not in the local cache"),
     }
 
 
 CASES = ["missing base", "missing tuned", "truncated", "random bytes", "empty folder",
          "pickle with code", "transposed", "unknown suffix", "no output folder", "same outputs",
-         "bad regex", "no module", "label count", "duplicate label", "hub not yet"]
+         "bad regex", "no module", "label count", "duplicate label", "hub offline"]
 
 
 @pytest.mark.parametrize("case", CASES)

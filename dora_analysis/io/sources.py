@@ -34,6 +34,21 @@ class TensorInfo:
     dtype: torch.dtype | str  # a str for stored dtypes torch does not analyse (``"F8_E4M3"``)
 
     @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the 2-D view ``(out, in * prod(k))``."""
+        cols = 1
+        for d in self.shape[1:]:
+            cols *= d
+        return self.shape[0], cols
+
+    @property
     def is_matrix(self) -> bool:
         """A floating weight with at least 2 dimensions: what Eqs. 2-4 apply to."""
         return self.dtype in ANALYSABLE_DTYPES and len(self.shape) >= 2 and 0 not in self.shape
@@ -257,8 +272,7 @@ def open_folder(path: Path) -> TensorSource:
     """Open a model folder by its layout (see :data:`FOLDER_LAYOUTS`)."""
     if (path / "adapter_config.json").is_file():
         raise CheckpointFormatError(
-            f"{path}: PEFT adapter folders are not supported yet; merge the adapter "
-            "(PeftModel.merge_and_unload) and save the full weights to analyse them"
+            f"{path}: is an adapter folder; it is read merged with a base (give it as TUNED)"
         )
     for file, opener in FOLDER_LAYOUTS:
         if (path / file).is_file():

@@ -1,0 +1,371 @@
+"""Low-rank adapters (LoRA, DoRA) read from the tools that wrote them and merged as they are read.
+
+Every format is turned into one :class:`LowRankUpdate` per adapted weight, written in PEFT's
+orientation — the weight as ``(out, in_flat)`` — whatever the stored layout::
+
+    LoRA (Eq. 1):  W' = W0 + s · B @ A                     A: (r, in_flat), B: (out, r)
+    DoRA (Eq. 5):  W' = m · (W0 + s · B @ A) / ||W0 + s · B @ A||   (norm per output channel)
+
+with ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). LyCORIS may normalise per *input*
+feature instead (``magnitude_axis="in"``).
+
+Formats (detected from the tensor names; see :data:`ADAPTER_FORMATS`):
+
+* ``peft`` — ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``):
+  ``<module>.lora_A.weight`` (r, in), ``lora_B.weight`` (out, r), ``lora_magnitude_vector`` (DoRA),
+  embeddings ``lora_embedding_A`` (r, num_embeddings) / ``lora_embedding_B`` (dim, r); honours
+  ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern`` (PEFT's matching rule),
+  ``fan_in_fan_out``, ``use_dora``; ``modules_to_save`` weights are full fine-tuned weights.
+* ``nvlabs`` — the official DoRA code: ``lora_A``/``lora_B`` plus ``weight_m_wdecomp.weight``
+  (out, 1), scaling ``lora_alpha / r`` from its ``adapter_config.json``; a module with only
+  ``weight_m_wdecomp`` is magnitude-only (paper Table 6): ``W' = m · W0 / ||W0||``.
+* ``torchtune`` — ``<module>.lora_a.weight``, ``lora_b.weight``, ``magnitude`` with torchtune's
+  module names (``layers.0.attn.q_proj``, ``mlp.w1`` …, mapped to Hugging Face names when the
+  base uses them); torchtune does not store alpha, so ``lora_alpha`` must be given.
+* ``lycoris`` — LyCORIS / kohya: ``<module>.lora_down.weight`` (r, in), ``lora_up.weight``
+  (out, r), ``alpha`` (scalar; absent → ``alpha = r``), ``dora_scale`` of shape ``(out, 1)``
+  (per output channel) or ``(1, in)`` (LyCORIS' default, per input feature); module names either
+  dotted or kohya-flattened (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..decompose import Axis
+from ..errors import CheckpointFormatError, ConfigError
+
+F64 = torch.float64
+
+
+@dataclass
+class LowRankUpdate:
+    """``ΔW = scale · B @ A`` for one weight (PEFT orientation), plus DoRA's magnitude if any."""
+
+    lora_a: torch.Tensor | None
+    """(r, in_flat) float64; None for a magnitude-only module."""
+    lora_b: torch.Tensor | None
+    """(out, r) float64."""
+    scale: float
+    magnitude: torch.Tensor | None = None
+    """DoRA magnitude, float64, one entry per vector along ``magnitude_axis``."""
+    magnitude_axis: Axis = "out"
+    stored_in_out: bool = False
+    """The base weight is stored ``(in, out)`` (``Conv1D`` with fan_in_fan_out, embeddings)."""
+    dtype: torch.dtype = torch.float32
+    """Stored dtype of the adapter tensors."""
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lora_a is None else self.lora_a.shape[0]
+
+    def shape(self) -> tuple[int, int] | None:
+        """``(out, in_flat)`` implied by the adapter, or None when only a magnitude is stored."""
+        if self.lora_a is None or self.lora_b is None:
+            return None
+        return self.lora_b.shape[0], self.lora_a.shape[1]
+
+    def delta(self) -> torch.Tensor:
+        """The materialised ``s · B @ A`` in PEFT orientation (float64)."""
+        return self.scale * (self.lora_b @ self.lora_a)
+
+
+@dataclass
+class Adapter:
+    """Everything one adapter checkpoint says about the weights it changes."""
+
+    format: str
+    method: str  # "lora" | "dora"
+    path: Path
+    updates: dict[str, LowRankUpdate]
+    """Adapted module path (adapter's own naming, wrappers removed) → its update."""
+    full_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Weights saved whole (PEFT ``modules_to_save``): fully fine-tuned, compared as such."""
+    base_model: str | None = None
+    module_aliases: Callable[[str], list[str]] = lambda path: []
+    """Other names the base may give an adapted module (torchtune → Hugging Face names)."""
+
+
+# --- reading adapter files -----------------------------------------------------------------
+
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
+_PEFT_PREFIX = "base_model.model."
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (small) adapter file: safetensors, or a pickle via weights_only."""
+    from .sources import open_file  # late import: sources imports this module
+
+    with open_file(path) as src:
+        return {name: src.get_tensor(name) for name in src.keys()}
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in ADAPTER_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointFormatError(
+        f"{folder}: adapter folder without weights (expected one of "
+        f"{', '.join(ADAPTER_WEIGHT_FILES)}); copy the adapter's weight file next to its config"
+    )
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise CheckpointFormatError(f"{path}: broken adapter config ({exc}); re-save the "
+                                    "adapter with save_pretrained") from None
+    return config
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(F64)
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` rule: the first key matching the module path's end.
+
+    Example:
+        >>> pattern_value({"q_proj": 16}, "model.layers.0.self_attn.q_proj", 8)
+        16
+    """
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _config_number(config: dict, key: str, folder: Path) -> float:
+    value = config.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise CheckpointFormatError(f"{folder / 'adapter_config.json'}: '{key}' must be a "
+                                    f"positive number, got {value!r}")
+    return value
+
+
+def _peft_scale(config: dict, module: str, rank: int, folder: Path) -> float:
+    r = pattern_value(config.get("rank_pattern") or {}, module, _config_number(config, "r", folder))
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module,
+                          _config_number(config, "lora_alpha", folder))
+    if r != rank:
+        raise CheckpointFormatError(
+            f"{folder}: module '{module}' has rank {rank} in its weights but r = {r} in "
+            "adapter_config.json (rank_pattern); the config does not belong to these weights"
+        )
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+_PEFT_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
+    r"lora_magnitude_vector(?:\.weight)?|weight_m_wdecomp\.weight)$"
+)
+
+
+def _group(tensors: dict[str, torch.Tensor], pattern: re.Pattern) -> tuple[dict, dict]:
+    """Split adapter tensors into ``{module: {part: tensor}}`` and everything else."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    rest = {}
+    for key, value in tensors.items():
+        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        match = pattern.match(name)
+        if match:
+            part = match.group("part").removesuffix(".weight")
+            modules.setdefault(match.group("module"), {})[part] = value
+        else:
+            rest[name] = value
+    return modules, rest
+
+
+def _pair_or_error(parts: dict, a: str, b: str, module: str, path: Path):
+    if (a in parts) != (b in parts):
+        missing = b if a in parts else a
+        raise CheckpointFormatError(f"{path}: module '{module}' has no '{missing}' tensor; "
+                                    "the adapter file is incomplete")
+    return parts.get(a), parts.get(b)
+
+
+def _as_2d_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Conv adapters: A (r, in, *k), B (out, r, 1...) — the update is B.view(out, r) @ A.view(r, -1).
+    return _f64(a).reshape(a.shape[0], -1), _f64(b).reshape(b.shape[0], -1)
+
+
+def read_peft(folder: Path, **_) -> Adapter:
+    """A PEFT LoRA/DoRA adapter folder (or the official DoRA code's, which PEFT grew from)."""
+    config = _read_config(folder)
+    weights = _weights_file(folder)
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    tensors = load_tensors(weights)
+    if peft_type == "DORA" or any(k.endswith("weight_m_wdecomp.weight") for k in tensors):
+        return _read_nvlabs(folder, config, tensors)
+    if peft_type != "LORA":
+        raise CheckpointFormatError(f"{folder}: PEFT adapter type {peft_type} is not supported "
+                                    "(only LoRA and DoRA adapters can be analysed)")
+    modules, rest = _group(tensors, _PEFT_KEY)
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    updates = {}
+    for module, parts in modules.items():
+        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        a, b = _pair_or_error(parts, *(("lora_embedding_A", "lora_embedding_B") if embedding
+                                       else ("lora_A", "lora_B")), module, weights)
+        if a is None:
+            raise CheckpointFormatError(f"{weights}: module '{module}' has a magnitude but no "
+                                        "lora_A/lora_B")
+        a2, b2 = _as_2d_factors(a, b)
+        magnitude = parts.get("lora_magnitude_vector")
+        updates[module] = LowRankUpdate(
+            lora_a=a2, lora_b=b2, scale=_peft_scale(config, module, a2.shape[0], folder),
+            magnitude=None if magnitude is None else _f64(magnitude).flatten(),
+            stored_in_out=embedding or fan_in_fan_out, dtype=a.dtype,
+        )
+    if not updates:
+        raise CheckpointFormatError(f"{weights}: no lora_A/lora_B tensors found")
+    # Saved base copies (embedding layers saved alongside) are not changes; the rest are
+    # modules_to_save, trained in full.
+    full = {k: v for k, v in rest.items() if ".base_layer." not in k}
+    method = "dora" if config.get("use_dora") or any(u.magnitude is not None
+                                                      for u in updates.values()) else "lora"
+    return Adapter("peft", method, folder, updates, full,
+                   base_model=config.get("base_model_name_or_path"))
+
+
+def _read_nvlabs(folder: Path, config: dict, tensors: dict) -> Adapter:
+    modules, rest = _group(tensors, _PEFT_KEY)
+    r = _config_number(config, "r", folder)
+    scale = _config_number(config, "lora_alpha", folder) / r
+    updates = {}
+    for module, parts in modules.items():
+        a, b = _pair_or_error(parts, "lora_A", "lora_B", module, folder)
+        m = parts.get("weight_m_wdecomp")
+        a2, b2 = _as_2d_factors(a, b) if a is not None else (None, None)
+        dtype = (a if a is not None else m).dtype
+        updates[module] = LowRankUpdate(a2, b2, scale, None if m is None else _f64(m).flatten(),
+                                        dtype=dtype)
+    method = "dora" if any(u.magnitude is not None for u in updates.values()) else "lora"
+    return Adapter("nvlabs", method, folder, updates, {},
+                   base_model=config.get("base_model_name_or_path"))
+
+
+_TORCHTUNE_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_a\.weight|lora_b\.weight|magnitude)$")
+
+#: torchtune's LLaMA-family module names → Hugging Face's (regex, replacement).
+TORCHTUNE_TO_HF: tuple[tuple[str, str], ...] = (
+    (r"^tok_embeddings$", "model.embed_tokens"),
+    (r"^output$", "lm_head"),
+    (r"^layers\.(\d+)\.attn\.(q|k|v)_proj$", r"model.layers.\1.self_attn.\2_proj"),
+    (r"^layers\.(\d+)\.attn\.output_proj$", r"model.layers.\1.self_attn.o_proj"),
+    (r"^layers\.(\d+)\.mlp\.w1$", r"model.layers.\1.mlp.gate_proj"),
+    (r"^layers\.(\d+)\.mlp\.w2$", r"model.layers.\1.mlp.down_proj"),
+    (r"^layers\.(\d+)\.mlp\.w3$", r"model.layers.\1.mlp.up_proj"),
+)
+
+
+def torchtune_aliases(module: str) -> list[str]:
+    """Hugging Face names of a torchtune module path (``layers.0.mlp.w1`` → ``…gate_proj``)."""
+    return [re.sub(p, r, module) for p, r in TORCHTUNE_TO_HF if re.match(p, module)]
+
+
+def read_torchtune(path: Path, tensors: dict, lora_alpha: float | None = None, **_) -> Adapter:
+    if lora_alpha is None:
+        raise ConfigError(f"{path}: torchtune adapters do not store lora_alpha; give it with "
+                          "--lora-alpha (torchtune's recipes default to 16)")
+    modules, _rest = _group(tensors, _TORCHTUNE_KEY)
+    updates = {}
+    for module, parts in modules.items():
+        a, b = _pair_or_error(parts, "lora_a", "lora_b", module, path)
+        a2, b2 = _as_2d_factors(a, b)
+        m = parts.get("magnitude")
+        updates[module] = LowRankUpdate(a2, b2, lora_alpha / a2.shape[0],
+                                        None if m is None else _f64(m).flatten(), dtype=a.dtype)
+    method = "dora" if any(u.magnitude is not None for u in updates.values()) else "lora"
+    return Adapter("torchtune", method, path, updates, module_aliases=torchtune_aliases)
+
+
+_LYCORIS_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|"
+                          r"dora_scale)$")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lora_transformer_",
+                  "lycoris_", "lora_")
+
+
+def read_lycoris(path: Path, tensors: dict, **_) -> Adapter:
+    modules, _rest = _group(tensors, _LYCORIS_KEY)
+    updates = {}
+    for module, parts in modules.items():
+        a, b = _pair_or_error(parts, "lora_down", "lora_up", module, path)
+        if a is None:
+            raise CheckpointFormatError(f"{path}: module '{module}' has no lora_down/lora_up")
+        a2, b2 = _as_2d_factors(a, b)
+        rank = a2.shape[0]
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+        update = LowRankUpdate(a2, b2, alpha / rank, dtype=a.dtype)
+        if "dora_scale" in parts:
+            update.magnitude, update.magnitude_axis = _lycoris_magnitude(
+                parts["dora_scale"], b2.shape[0], a2.shape[1], a.dim(), module, path)
+        updates[module] = update
+    method = "dora" if any(u.magnitude is not None for u in updates.values()) else "lora"
+    return Adapter("lycoris", method, path, updates)
+
+
+def _lycoris_magnitude(scale: torch.Tensor, out: int, in_flat: int, a_dim: int, module: str,
+                       path: Path) -> tuple[torch.Tensor, Axis]:
+    shape = tuple(scale.shape)
+    if shape[0] == out and all(d == 1 for d in shape[1:]):
+        return _f64(scale).flatten(), "out"
+    if shape[0] == 1 and len(shape) > 1 and shape[1] * math.prod(shape[2:]) in (in_flat,):
+        if a_dim > 2:
+            raise CheckpointFormatError(
+                f"{path}: '{module}': LyCORIS DoRA on a conv weight per input channel is not "
+                "supported; analyse the merged weights instead")
+        return _f64(scale).flatten(), "in"
+    raise CheckpointFormatError(f"{path}: '{module}': dora_scale of shape {list(shape)} fits "
+                                f"neither (out={out}, 1) nor (1, in={in_flat})")
+
+
+#: Key-based detection of adapter files without a PEFT config: (format, key suffix, reader).
+ADAPTER_FORMATS: tuple[tuple[str, tuple[str, ...], Callable[..., Adapter]], ...] = (
+    ("torchtune", (".lora_a.weight", ".magnitude"), read_torchtune),
+    ("lycoris", (".lora_down.weight", ".dora_scale"), read_lycoris),
+)
+
+
+def adapter_format(keys: list[str]) -> str | None:
+    """The adapter format a file's tensor names reveal (None for a full checkpoint)."""
+    for name, suffixes, _reader in ADAPTER_FORMATS:
+        if any(k.endswith(suffixes[0]) for k in keys):
+            return name
+    return None
+
+
+def read_adapter_file(path: Path, tensors: dict, **options) -> Adapter:
+    """A single adapter file (torchtune, LyCORIS/kohya), its format detected from its keys."""
+    fmt = adapter_format(list(tensors))
+    for name, _suffixes, reader in ADAPTER_FORMATS:
+        if name == fmt:
+            return reader(path, tensors, **options)
+    raise CheckpointFormatError(f"{path}: not an adapter file")
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file()
+
+
+def kohya_flat(path: str) -> str:
+    """kohya's flattened module name: dots become underscores."""
+    return path.replace(".", "_")
+
+
+def strip_kohya_prefix(module: str) -> str:
+    for prefix in KOHYA_PREFIXES:
+        if module.startswith(prefix):
+            return module[len(prefix):]
+    return module

@@ -1,0 +1,267 @@
+"""An adapter seen as the tuned checkpoint it stands for: the base merged with it, row block by row
+block (Eqs. 1 and 5), plus the closed form of the per-channel sums that needs no ``B @ A`` at all.
+
+Closed form (axis ``out``; ``u_n = W0[n]``, ``d_n = s · B[n] @ A`` in PEFT orientation)::
+
+    |d_n|²    = s² · rowsum((B @ (A Aᵀ)) ⊙ B)[n]
+    u_n · d_n = s  · rowsum((W0 Aᵀ) ⊙ B)[n]
+    LoRA:  |wt|² = |u|² + 2 u·d + |d|²,   |wt − u|² = |d|²
+    DoRA:  |wt|² = m²,  |wt − u|² = m² − 2 m (|u|² + u·d) / |u + d| + |u|²
+
+so one read of each base tensor (``W0 Aᵀ``, accumulated block by block) gives Eqs. 3-4 exactly,
+in float64, at the cost of an (out × r) product instead of an (out × in) one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .decompose import VectorSums, as_matrix, rows_per_block
+from .errors import CheckpointFormatError, TensorMismatchError
+from .io.adapters import (
+    Adapter,
+    LowRankUpdate,
+    adapter_format,
+    is_adapter_folder,
+    kohya_flat,
+    load_tensors,
+    read_adapter_file,
+    read_peft,
+    strip_kohya_prefix,
+)
+from .io.keys import align_names, module_path, stored_in_out, strip_wrappers
+from .io.sources import TensorInfo, TensorSource, open_file, open_source
+
+F64 = torch.float64
+
+
+def _stored_rows(base: TensorSource, name: str, start: int, stop: int) -> torch.Tensor:
+    return as_matrix(base.get_rows(name, start, stop)).to(F64)
+
+
+def merged_rows(
+    update: LowRankUpdate, rows: torch.Tensor, start: int, stop: int, transposed: bool,
+    column_factor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Stored rows ``start:stop`` of the merged weight (Eq. 1, then Eq. 5's normalisation).
+
+    ``rows`` are the base's stored rows in float64 (2-D). ``column_factor`` is ``m / ||column||``
+    when DoRA normalises along the stored columns (see :meth:`AdapterSource.column_factor`).
+    """
+    if update.lora_a is not None:
+        if transposed:  # stored (in, out): rows are input features
+            rows = rows + update.scale * (update.lora_a[:, start:stop].T @ update.lora_b.T)
+        else:
+            rows = rows + update.scale * (update.lora_b[start:stop] @ update.lora_a)
+    if update.magnitude is not None:
+        if _magnitude_on_stored_rows(update, transposed):
+            norms = torch.linalg.vector_norm(rows, dim=1)
+            rows = rows * _safe_ratio(update.magnitude[start:stop], norms)[:, None]
+        else:
+            rows = rows * column_factor[None, :]
+    return rows
+
+
+def _magnitude_on_stored_rows(update: LowRankUpdate, transposed: bool) -> bool:
+    return (update.magnitude_axis == "out") != transposed
+
+
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    # A zero-norm vector has no direction to rescale; PEFT would produce NaN, we keep it at zero.
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+
+
+def closed_form_sums(
+    update: LowRankUpdate, base: TensorSource, name: str, info: TensorInfo, transposed: bool,
+    block_elements: int,
+) -> VectorSums:
+    """Per-output-channel ``|w0|², |wt|², |wt − w0|²`` of the merged weight, without B @ A."""
+    rows, cols = info.matrix_shape
+    out = cols if transposed else rows
+    a, b, s = update.lora_a, update.lora_b, update.scale
+    r = update.rank
+    sq0 = torch.zeros(out, dtype=F64)
+    w0_at = torch.zeros(out, r, dtype=F64)  # W0 @ Aᵀ in PEFT orientation, (out, r)
+    step = rows_per_block(cols, block_elements)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        x = _stored_rows(base, name, start, stop)  # (stop - start, cols)
+        if transposed:
+            sq0 += x.square().sum(0)
+            if r:
+                w0_at += (a[:, start:stop] @ x).T
+        else:
+            sq0[start:stop] = torch.linalg.vector_norm(x, dim=1).square()
+            if r:
+                w0_at[start:stop] = x @ a.T
+    if r:
+        ud = s * (w0_at * b).sum(1)
+        dd = s * s * ((b @ (a @ a.T)) * b).sum(1)
+    else:
+        ud = dd = torch.zeros(out, dtype=F64)
+    if update.magnitude is None:
+        return VectorSums(sq0, sq0 + 2 * ud + dd, dd)
+    m = update.magnitude
+    norm_merged = (sq0 + 2 * ud + dd).clamp(min=0).sqrt()  # |u + d|
+    sqd = m.square() - 2 * m * _safe_ratio(sq0 + ud, norm_merged) + sq0
+    return VectorSums(sq0, m.square(), sqd.clamp(min=0))
+
+
+class AdapterSource(TensorSource):
+    """The tuned checkpoint an adapter stands for, merged with its base as it is read."""
+
+    def __init__(self, adapter: Adapter, base: TensorSource, base_infos: dict[str, TensorInfo]):
+        self.path = adapter.path
+        self.adapter = adapter
+        self.method = adapter.method
+        self.base = base
+        self._infos = base_infos
+        self.targets = resolve_targets(adapter, base_infos)  # base name -> (update, transposed)
+        self._full = dict(adapter.full_weights)
+        self._factor_cache: tuple[str, torch.Tensor] | None = None
+
+    def keys(self) -> list[str]:
+        return [*self.targets, *self._full]
+
+    def info(self, name: str) -> TensorInfo:
+        if name in self.targets:
+            return TensorInfo(self._infos[name].shape, self.targets[name][0].dtype)
+        t = self._full[name]
+        return TensorInfo(tuple(t.shape), t.dtype)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        if name in self.targets:
+            shape = self._infos[name].shape
+            return self.get_rows(name, 0, shape[0]).reshape(shape)
+        return self._full[name]
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if name not in self.targets:
+            return self._full[name][start:stop]
+        update, transposed = self.targets[name]
+        rows = _stored_rows(self.base, name, start, stop)
+        factor = None
+        if update.magnitude is not None and not _magnitude_on_stored_rows(update, transposed):
+            factor = self.column_factor(name)
+        return merged_rows(update, rows, start, stop, transposed, factor)
+
+    def transposed(self, name: str) -> bool | None:
+        """Orientation of an adapted weight as the adapter knows it; None for other weights."""
+        return self.targets[name][1] if name in self.targets else None
+
+    def column_factor(self, name: str) -> torch.Tensor:
+        """``m / ||merged column||`` for DoRA normalised along stored columns (one extra pass)."""
+        if self._factor_cache is None or self._factor_cache[0] != name:
+            update, transposed = self.targets[name]
+            rows, cols = self._infos[name].matrix_shape
+            sums = None
+            step = rows_per_block(cols)
+            plain = LowRankUpdate(update.lora_a, update.lora_b, update.scale)
+            for start in range(0, rows, step):
+                stop = min(rows, start + step)
+                block = merged_rows(plain, _stored_rows(self.base, name, start, stop), start,
+                                    stop, transposed)
+                part = block.square().sum(0)
+                sums = part if sums is None else sums + part
+            self._factor_cache = (name, _safe_ratio(update.magnitude, sums.sqrt()))
+        return self._factor_cache[1]
+
+    def closed_form(self, name: str, block_elements: int) -> VectorSums | None:
+        """Axis-``out`` sums in closed form, or None where it does not apply (full weights,
+        magnitude per input feature)."""
+        if name not in self.targets:
+            return None
+        update, transposed = self.targets[name]
+        if update.magnitude is not None and update.magnitude_axis != "out":
+            return None
+        return closed_form_sums(update, self.base, name, self._infos[name], transposed,
+                                block_elements)
+
+
+def _peft_shape(info: TensorInfo, transposed: bool) -> tuple[int, int]:
+    rows, cols = info.matrix_shape
+    return (cols, rows) if transposed else (rows, cols)
+
+
+def resolve_targets(
+    adapter: Adapter, base_infos: dict[str, TensorInfo]
+) -> dict[str, tuple[LowRankUpdate, bool]]:
+    """Base weight name → (update, stored transposed?) for every adapted module.
+
+    Raises :class:`TensorMismatchError` listing every module the base lacks or whose shape differs.
+    """
+    flat: dict[str, str] = {}  # kohya-flattened module paths, with and without wrappers
+    for name in base_infos:
+        for path in (module_path(name), strip_wrappers(module_path(name))):
+            flat.setdefault(kohya_flat(path), name)
+    candidates: dict[str, str] = {}  # candidate weight name -> adapter module
+    for module in adapter.updates:
+        names = [module, *adapter.module_aliases(module)]
+        kohya = flat.get(kohya_flat(strip_kohya_prefix(module)))
+        for n in names:
+            if n + ".weight" in base_infos:
+                candidates[n + ".weight"] = module
+                break
+        else:
+            candidates[kohya if kohya else names[-1] + ".weight"] = module
+    alignment = align_names(list(base_infos), list(candidates))
+    resolved = {b: candidates[t] for b, t in alignment.pairs}
+    problems = [f"'{candidates[t]}' has no weight in the base" for t in alignment.tuned_only]
+    targets = {}
+    for base_name, module in resolved.items():
+        update = adapter.updates[module]
+        transposed = update.stored_in_out or stored_in_out(base_name)
+        info = base_infos[base_name]
+        expected = _peft_shape(info, transposed)
+        got = update.shape()
+        n_mag = expected[0] if update.magnitude_axis == "out" else expected[1]
+        if got is not None and got != expected:
+            problems.append(f"'{module}': adapter {list(got)} vs base {base_name} "
+                            f"{list(expected)}")
+        elif update.magnitude is not None and update.magnitude.numel() != n_mag:
+            problems.append(f"'{module}': magnitude of {update.magnitude.numel()} vs base "
+                            f"{base_name} with {n_mag} vectors")
+        else:
+            targets[base_name] = (update, transposed)
+    if problems:
+        shown = "; ".join(problems[:8]) + (f" … and {len(problems) - 8} more"
+                                           if len(problems) > 8 else "")
+        raise TensorMismatchError(
+            f"{adapter.path}: adapter does not fit the base ({len(problems)} module(s)): {shown}; "
+            f"is it an adapter for another model"
+            + (f" (it names {adapter.base_model})" if adapter.base_model else "") + "?",
+            problems,
+        )
+    return targets
+
+
+def open_tuned(
+    path: Path, base: TensorSource, base_infos: dict[str, TensorInfo], *,
+    lora_alpha: float | None = None,
+) -> TensorSource:
+    """Open a tuned checkpoint: full weights as they are, adapters merged with ``base``."""
+    if path.is_dir() and is_adapter_folder(path):
+        return AdapterSource(read_peft(path), base, base_infos)
+    src = open_source(path)
+    if path.is_file() and adapter_format(src.keys()):
+        src.close()
+        adapter = read_adapter_file(path, load_tensors(path), lora_alpha=lora_alpha)
+        return AdapterSource(adapter, base, base_infos)
+    return src
+
+
+def open_base(path: Path) -> TensorSource:
+    """Open the base checkpoint, refusing adapters (they need a base themselves)."""
+    if (path.is_dir() and is_adapter_folder(path)) or (
+        path.is_file() and path.suffix == ".safetensors" and _file_is_adapter(path)
+    ):
+        raise CheckpointFormatError(f"{path}: is an adapter, not a base model; give the "
+                                    "pre-trained weights as BASE and the adapter as TUNED")
+    return open_source(path)
+
+
+def _file_is_adapter(path: Path) -> bool:
+    with open_file(path) as src:
+        return adapter_format(src.keys()) is not None

@@ -1,0 +1,182 @@
+"""Adapter formats other than PEFT's (hand merges, documented), and adapter errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dora_analysis as da
+from dora_analysis import columns as C
+from dora_analysis.errors import CheckpointFormatError, ConfigError, TensorMismatchError
+from dora_analysis.io.adapters import pattern_value
+
+Q, DOWN = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"  # (24, 16), (16, 40)
+
+
+def rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def rows_normalised(w, m):  # Eq. 5, norm per output channel (row)
+    return m[:, None] * w / w.norm(dim=1, keepdim=True)
+
+
+def compare_with_hand_merge(base_path, adapter, merged_state, tmp_path, **kwargs):
+    """The adapter's table must equal the table of the hand-merged full weights."""
+    base = load_file(str(base_path))
+    full = dict(base) | {k: v.float() for k, v in merged_state.items()}
+    save_file(full, str(tmp_path / "hand_merged.safetensors"))
+    ours = da.analyze(base_path, adapter, axis="both", **kwargs)
+    ref = da.analyze(base_path, tmp_path / "hand_merged.safetensors", axis="both")
+    ref = ref.set_index([C.NAME, C.AXIS]).loc[ours.set_index([C.NAME, C.AXIS]).index]
+    assert len(ours) == 2 * len(merged_state)
+    for col in (C.DELTA_M, C.DELTA_D):
+        assert ours[col].tolist() == pytest.approx(ref[col].tolist(), rel=1e-5, abs=1e-12)
+    return ours
+
+
+def test_nvlabs_official_dora(ckpts, tmp_path):
+    """Official DoRA code: W' = m (W0 + (alpha/r) B A) / ||.||_row; weight_m_wdecomp is (out, 1);
+    a module with only weight_m_wdecomp is magnitude-only: W' = m W0 / ||W0||_row."""
+    base = load_file(str(ckpts["base"]))
+    a, b, m = rand(4, 16, seed=1), rand(24, 4, seed=2) * 0.3, rand(24, seed=3).abs() + 0.5
+    m_down = base[DOWN + ".weight"].norm(dim=1) * 1.1
+    folder = tmp_path / "nvlabs"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "DORA", "r": 4, "lora_alpha": 8, "dora_simple": True,
+         "Wdecompose_target_modules": ["down_proj"], "base_model_name_or_path": "tiny"}))
+    prefix = "base_model.model."
+    torch.save({prefix + Q + ".lora_A.weight": a, prefix + Q + ".lora_B.weight": b,
+                prefix + Q + ".weight_m_wdecomp.weight": m[:, None],
+                prefix + DOWN + ".weight_m_wdecomp.weight": m_down[:, None]},
+               folder / "adapter_model.bin")
+    w0 = base[Q + ".weight"].double()
+    merged = {Q + ".weight": rows_normalised(w0 + 2.0 * b.double() @ a.double(), m.double()),
+              DOWN + ".weight": rows_normalised(base[DOWN + ".weight"].double(), m_down.double())}
+    table = compare_with_hand_merge(ckpts["base"], folder, merged, tmp_path)
+    assert set(table[C.METHOD]) == {"dora"}
+    down = table[(table[C.NAME] == DOWN + ".weight") & (table[C.AXIS] == "out")]
+    assert down[C.DELTA_D].item() == pytest.approx(0.0, abs=1e-15)  # magnitude only
+
+
+def test_torchtune_names_and_alpha(ckpts, tmp_path):
+    """torchtune: lora_a/lora_b/magnitude under torchtune names; scale = alpha / rank."""
+    base = load_file(str(ckpts["base"]))
+    a_q, b_q, m_q = rand(8, 16, seed=4), rand(24, 8, seed=5) * 0.2, rand(24, seed=6).abs() + 0.5
+    a_d, b_d = rand(8, 40, seed=7), rand(16, 8, seed=8) * 0.2
+    path = tmp_path / "adapter_0.pt"
+    torch.save({"layers.0.attn.q_proj.lora_a.weight": a_q, "layers.0.attn.q_proj.lora_b.weight":
+                b_q, "layers.0.attn.q_proj.magnitude": m_q,
+                "layers.1.mlp.w2.lora_a.weight": a_d, "layers.1.mlp.w2.lora_b.weight": b_d}, path)
+    s = 16 / 8
+    merged = {
+        Q + ".weight": rows_normalised(base[Q + ".weight"].double() + s * b_q.double()
+                                       @ a_q.double(), m_q.double()),
+        DOWN + ".weight": base[DOWN + ".weight"].double() + s * b_d.double() @ a_d.double(),
+    }
+    compare_with_hand_merge(ckpts["base"], path, merged, tmp_path, lora_alpha=16)
+    with pytest.raises(ConfigError, match="--lora-alpha"):
+        da.analyze(ckpts["base"], path)
+
+
+@pytest.mark.parametrize("axis", ["in", "out"])
+def test_lycoris_dora_scale_on_either_axis(ckpts, tmp_path, axis):
+    """LyCORIS: W = W0 + (alpha/r) up @ down, then W * dora_scale / ||W|| along the axis its
+    shape names: (1, in) per input column (LyCORIS' default) or (out, 1) per output row."""
+    base = load_file(str(ckpts["base"]))
+    down, up = rand(4, 16, seed=9), rand(24, 4, seed=10) * 0.3
+    alpha = torch.tensor(2.0)
+    w = base[Q + ".weight"].double() + (2.0 / 4) * up.double() @ down.double()
+    if axis == "in":
+        scale = (w.norm(dim=0) * 1.05).float()[None, :]
+        merged = w * (scale.double() / w.norm(dim=0, keepdim=True))
+    else:
+        scale = (w.norm(dim=1) * 0.95).float()[:, None]
+        merged = w * (scale.double() / w.norm(dim=1, keepdim=True))
+    d2, u2 = rand(2, 40, seed=11), rand(16, 2, seed=12) * 0.3  # plain LoRA, dotted name, no alpha
+    state = {"lora_te_model_layers_0_self_attn_q_proj.lora_down.weight": down,
+             "lora_te_model_layers_0_self_attn_q_proj.lora_up.weight": up,
+             "lora_te_model_layers_0_self_attn_q_proj.alpha": alpha,
+             "lora_te_model_layers_0_self_attn_q_proj.dora_scale": scale,
+             DOWN + ".lora_down.weight": d2, DOWN + ".lora_up.weight": u2}
+    save_file(state, str(tmp_path / "lycoris.safetensors"))
+    hand = {Q + ".weight": merged,
+            DOWN + ".weight": base[DOWN + ".weight"].double() + u2.double() @ d2.double()}
+    table = compare_with_hand_merge(ckpts["base"], tmp_path / "lycoris.safetensors", hand,
+                                    tmp_path)
+    assert set(table[C.METHOD]) == {"dora"}
+
+
+def write_peft_like(folder, config, tensors):
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    if tensors is not None:
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+PEFT_CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+               "base_model_name_or_path": "other/model"}
+GOOD = {f"base_model.model.{Q}.lora_A.weight": rand(4, 16, seed=1),
+        f"base_model.model.{Q}.lora_B.weight": rand(24, 4, seed=2)}
+
+
+def test_adapter_without_weights(ckpts, tmp_path):
+    folder = write_peft_like(tmp_path / "a", PEFT_CONFIG, None)
+    with pytest.raises(CheckpointFormatError, match="adapter folder without weights"):
+        da.analyze(ckpts["base"], folder)
+
+
+def test_broken_adapter_config(ckpts, tmp_path):
+    folder = write_peft_like(tmp_path / "a", PEFT_CONFIG, GOOD)
+    (folder / "adapter_config.json").write_text("{\"r\": 4,")
+    with pytest.raises(CheckpointFormatError, match="broken adapter config"):
+        da.analyze(ckpts["base"], folder)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    with pytest.raises(CheckpointFormatError, match="'lora_alpha' must be a positive number"):
+        da.analyze(ckpts["base"], folder)
+
+
+def test_adapter_for_another_base_names_every_shape(ckpts, tmp_path):
+    bad = {f"base_model.model.{Q}.lora_A.weight": rand(4, 20, seed=1),
+           f"base_model.model.{Q}.lora_B.weight": rand(24, 4, seed=2),
+           f"base_model.model.{DOWN}.lora_A.weight": rand(4, 40, seed=1),
+           f"base_model.model.{DOWN}.lora_B.weight": rand(12, 4, seed=2),
+           "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": rand(4, 16, seed=3),
+           "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": rand(24, 4, seed=3)}
+    folder = write_peft_like(tmp_path / "a", PEFT_CONFIG, bad)
+    with pytest.raises(TensorMismatchError) as err:
+        da.analyze(ckpts["base"], folder)
+    msg = str(err.value)
+    assert len(err.value.problems) == 3 and "other/model" in msg
+    assert "adapter [24, 20] vs base" in msg and "adapter [12, 40]" in msg
+    assert "layers.9.self_attn.q_proj' has no weight in the base" in msg
+
+
+def test_rank_in_config_must_match_weights(ckpts, tmp_path):
+    folder = write_peft_like(tmp_path / "a", PEFT_CONFIG | {"r": 8}, GOOD)
+    with pytest.raises(CheckpointFormatError, match="rank 4 in its weights but r = 8"):
+        da.analyze(ckpts["base"], folder)
+
+
+def test_adapter_as_base_is_refused(ckpts, tmp_path):
+    folder = write_peft_like(tmp_path / "a", PEFT_CONFIG, GOOD)
+    with pytest.raises(CheckpointFormatError, match="is an adapter, not a base model"):
+        da.analyze(folder, ckpts["tuned"])
+
+
+def test_unsupported_peft_type(ckpts, tmp_path):
+    folder = write_peft_like(tmp_path / "a", PEFT_CONFIG | {"peft_type": "IA3"}, GOOD)
+    with pytest.raises(CheckpointFormatError, match="IA3 is not supported"):
+        da.analyze(ckpts["base"], folder)
+
+
+def test_pattern_matching_rule():
+    assert pattern_value({"q_proj": 2}, "model.layers.0.self_attn.q_proj", 8) == 2
+    assert pattern_value({"layers.0.self_attn.q_proj": 2}, "model.layers.0.self_attn.q_proj",
+                         8) == 2
+    assert pattern_value({"q_proj": 2}, "model.layers.0.self_attn.xq_proj", 8) == 8

@@ -89,14 +89,23 @@ def run_naive(base: Path, tuned: Path) -> dict:
     return {"deltas": out}
 
 
-def run_ours(base: Path, tuned: Path) -> dict:
+def run_ours(base: Path, tuned: Path, **settings) -> dict:
     import dora_analysis as da
 
-    table = da.analyze(base, tuned)
+    table = da.analyze(base, tuned, **settings)
     return {"deltas": {r.name: (r.delta_m, r.delta_d) for r in table.itertuples()}}
 
 
-MODES = {"io": run_io, "naive": run_naive, "ours": run_ours}
+def run_closed(base: Path, adapter: Path) -> dict:
+    return run_ours(base, adapter, closed_form=True)
+
+
+def run_materialised(base: Path, adapter: Path) -> dict:
+    return run_ours(base, adapter, closed_form=False)
+
+
+MODES = {"io": run_io, "naive": run_naive, "ours": run_ours, "closed": run_closed,
+         "materialised": run_materialised}
 
 
 def child(mode: str, base: Path, tuned: Path) -> None:
@@ -122,6 +131,8 @@ def main() -> None:
     parser.add_argument("base", type=Path)
     parser.add_argument("tuned", type=Path)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--adapter", type=Path,
+                        help="also time a DoRA adapter for BASE: closed form vs materialised B·A")
     parser.add_argument("--modes", default="io,naive,ours")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,6 +161,21 @@ def main() -> None:
         ratio_m = f"{r['peak_anon_mib'] / naive['peak_anon_mib']:.3f}" if naive else "-"
         print(f"{mode:<8}{r['wall_s']:>9.2f}{r['peak_rss_mib']:>15.0f}{r['peak_anon_mib']:>19.0f}"
               f"{ratio_t:>15}{ratio_m:>18}")
+    if args.adapter:
+        adapter: dict[str, dict] = {}
+        for _ in range(args.repeat):
+            for mode in ("closed", "materialised"):
+                r = measure(mode, args.base, args.adapter)
+                if mode not in adapter or r["wall_s"] < adapter[mode]["wall_s"]:
+                    adapter[mode] = r
+        closed, mat = adapter["closed"], adapter["materialised"]
+        print(f"adapter {args.adapter}: closed form {closed['wall_s']:.2f} s "
+              f"({closed['peak_anon_mib']:.0f} MiB private), materialised B·A "
+              f"{mat['wall_s']:.2f} s ({mat['peak_anon_mib']:.0f} MiB private); "
+              f"closed / materialised = {closed['wall_s'] / mat['wall_s']:.2f}")
+        rel = [abs(closed["deltas"][k][1] - mat["deltas"][k][1]) / mat["deltas"][k][1]
+               for k in mat["deltas"] if mat["deltas"][k][1] > 0]
+        print(f"  closed form vs materialised ΔD: max relative difference {max(rel):.1e}")
     if "ours" in best and naive:
         ours, nv = best["ours"]["deltas"], naive["deltas"]
         rel = [abs(nv[k][1] - ours[k][1]) / ours[k][1] for k in ours if ours[k][1] > 0]

@@ -2,9 +2,10 @@
 
     python benchmarks/make_llama_pair.py --size 1b --out bench-output/pair-1b
 
-writes ``OUT/base/`` and ``OUT/tuned/`` (``model-0000k-of-0000n.safetensors`` + index). The tuned
-weights are the base plus a small dense update (~1e-3 relative, like full fine-tuning), so ΔD is
-around 1e-6 — the regime where precision matters. Memory stays near one shard.
+writes ``OUT/base/`` and ``OUT/tuned/`` (``model-0000k-of-0000n.safetensors`` + index) and
+``OUT/adapter/`` (a PEFT-format rank-16 DoRA adapter on every linear layer). The tuned weights are
+the base plus a small dense update (~1e-3 relative, like full fine-tuning), so ΔD is around 1e-6 —
+the regime where precision matters. Memory stays near one shard.
 """
 
 from __future__ import annotations
@@ -85,13 +86,44 @@ def write_pair(size: str, out: Path, shard_bytes: int = 1 << 30, seed: int = 0) 
     print(f"{size}: {params / 1e9:.2f}B parameters, {total / 2**30:.2f} GiB each -> {out}")
 
 
+ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_adapter(size: str, out: Path, rank: int = 16, seed: int = 1) -> None:
+    """A PEFT-format DoRA adapter (all linear layers, rank ``rank``) for the generated base."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in tensor_shapes(size).items():
+        module = name.removesuffix(".weight")
+        if not module.endswith(ADAPTER_TARGETS):
+            continue
+        out_f, in_f = shape
+        key = f"base_model.model.{module}"
+        tensors[key + ".lora_A.weight"] = torch.randn(rank, in_f, generator=g) / in_f**0.5
+        tensors[key + ".lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 1e-3
+        # magnitudes near the base norms (0.02 * sqrt(in)), moved a little
+        tensors[key + ".lora_magnitude_vector"] = 0.02 * in_f**0.5 * (
+            1 + 1e-3 * torch.randn(out_f, generator=g))
+    folder = out / "adapter"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "use_dora": True,
+              "target_modules": list(ADAPTER_TARGETS)}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    print(f"wrote a rank-{rank} DoRA adapter -> {folder}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=SIZES, default="1b")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="only (re)write OUT/adapter for an existing pair")
     args = parser.parse_args()
-    write_pair(args.size, args.out, seed=args.seed)
+    if not args.adapter_only:
+        write_pair(args.size, args.out, seed=args.seed)
+    write_adapter(args.size, args.out)
 
 
 if __name__ == "__main__":

@@ -77,3 +77,35 @@ def test_demo_end_to_end(tmp_path):
     assert set(table["method"]) == {"ft", "lora", "dora"}
     assert len(pd.read_csv(tmp_path / "correlations.csv")) == 6
     assert "SYNTHETIC" in (tmp_path / "report.txt").read_text()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_peft_adapters_on_real_minilm_match_peft_merge(tmp_path, use_dora):
+    """PEFT LoRA/DoRA on query, value and the non-square intermediate.dense of the real model."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModel.from_pretrained(str(MINILM.parent))
+    config = peft.LoraConfig(r=8, lora_alpha=16, use_dora=use_dora,
+                             target_modules=["query", "value", "intermediate.dense"])
+    peft_model = peft.get_peft_model(model, config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.01 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    merged = peft_model.merge_and_unload()
+    save_file({k: v.detach().clone().contiguous() for k, v in merged.state_dict().items()},
+              str(tmp_path / "merged.safetensors"))
+
+    ours = da.analyze(MINILM, tmp_path / "adapter", axis="both")
+    ref = da.analyze(MINILM, tmp_path / "merged.safetensors", axis="both",
+                     modules=("q", "v", "up"))
+    assert len(ours) == 6 * 3 * 2 and set(ours["method"]) == {"dora" if use_dora else "lora"}
+    ref = ref.set_index(["name", "axis"]).loc[ours.set_index(["name", "axis"]).index]
+    for col in ("delta_m", "delta_d"):
+        np.testing.assert_allclose(ours[col].to_numpy(), ref[col].to_numpy(), rtol=1e-5)
+    up = ours[(ours["module"] == "up") & (ours["axis"] == "out")]
+    assert set(up["n_vectors"]) == {1536}

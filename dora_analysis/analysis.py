@@ -284,14 +284,15 @@ def analyze(
     checkpoints = expand_tuned(tuned_refs, labels, methods, config.token)
 
     with ExitStack() as stack:
-        base_src = stack.enter_context(open_base(base_path))
+        base_src = stack.enter_context(open_base(base_path, config.io))
         base_infos = _matrix_infos(base_src)
         if not base_infos:
             raise CheckpointFormatError(f"{base_path}: holds no floating-point weight matrices")
         plans, problems = [], []
         for ck in checkpoints:
             src = stack.enter_context(
-                open_tuned(ck.path, base_src, base_infos, lora_alpha=config.lora_alpha))
+                open_tuned(ck.path, base_src, base_infos, lora_alpha=config.lora_alpha,
+                           backend=config.io))
             pairs, mismatches = plan_pairs(base_infos, _matrix_infos(src), config, ck.path,
                                            getattr(src, "transposed", None),
                                            partial=isinstance(src, AdapterSource))

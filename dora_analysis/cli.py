@@ -15,6 +15,7 @@ from . import __version__
 from .analysis import analyze
 from .config import AXIS_CHOICES, METHOD_CHOICES, AnalysisConfig
 from .errors import DoraAnalysisError, NonFiniteWeightWarning, UnmatchedTensorsWarning
+from .io.sources import IO_BACKENDS
 from .report import check_output_path, format_summary, write_table
 from .stats import correlate
 
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-mismatched", action="store_true",
                    help="skip tensors whose shapes differ (e.g. resized embeddings) with a "
                    "warning instead of failing")
+    p.add_argument("--io", choices=IO_BACKENDS, default=DEFAULTS.io,
+                   help="read safetensors memory-mapped (default) or with pread into private "
+                   "buffers (RSS then shows only the working set)")
     p.add_argument("--lora-alpha", type=float, metavar="ALPHA",
                    help="alpha of adapters that do not store it (torchtune)")
     p.add_argument("--materialize", action="store_true",
@@ -93,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         skip_mismatched=args.skip_mismatched,
         progress=not args.quiet and sys.stderr.isatty(),
         closed_form=not args.materialize,
+        io=args.io,
         lora_alpha=args.lora_alpha,
         token=args.token,
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .columns import AXES, METHODS
 from .decompose import DEFAULT_BLOCK_ELEMENTS
 from .errors import ConfigError
+from .io.sources import IO_BACKENDS
 
 #: ``--axis both`` analyses each matrix along both axes (two rows per matrix).
 AXIS_CHOICES: dict[str, tuple[str, ...]] = {"out": ("out",), "in": ("in",), "both": AXES}
@@ -30,6 +31,9 @@ class AnalysisConfig:
     """Elements per float64 working block; bounds memory for any tensor size."""
     progress: bool = False
     """Show a progress bar on stderr."""
+    io: str = "mmap"
+    """How safetensors are read: ``mmap`` (touched file pages show in RSS as shared page cache)
+    or ``pread`` (into private buffers; RSS stays at the working set)."""
     closed_form: bool = True
     """Adapters: compute axis ``out`` from ``W0 Aᵀ`` and ``A Aᵀ`` instead of materialising B·A."""
     lora_alpha: float | None = None
@@ -51,6 +55,8 @@ class AnalysisConfig:
                 object.__setattr__(self, "_include_re", re.compile(self.include))
             except re.error as exc:
                 raise ConfigError(f"--include is not a valid regular expression: {exc}") from None
+        if self.io not in IO_BACKENDS:
+            raise ConfigError(f"--io must be one of {', '.join(IO_BACKENDS)}, got {self.io!r}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ConfigError(f"--lora-alpha must be positive, got {self.lora_alpha}")
         if self.block_elements < 1:

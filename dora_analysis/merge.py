@@ -239,12 +239,12 @@ def resolve_targets(
 
 def open_tuned(
     path: Path, base: TensorSource, base_infos: dict[str, TensorInfo], *,
-    lora_alpha: float | None = None,
+    lora_alpha: float | None = None, backend: str = "mmap",
 ) -> TensorSource:
     """Open a tuned checkpoint: full weights as they are, adapters merged with ``base``."""
     if path.is_dir() and is_adapter_folder(path):
         return AdapterSource(read_peft(path), base, base_infos)
-    src = open_source(path)
+    src = open_source(path, backend)
     if path.is_file() and adapter_format(src.keys()):
         src.close()
         adapter = read_adapter_file(path, load_tensors(path), lora_alpha=lora_alpha)
@@ -252,14 +252,14 @@ def open_tuned(
     return src
 
 
-def open_base(path: Path) -> TensorSource:
+def open_base(path: Path, backend: str = "mmap") -> TensorSource:
     """Open the base checkpoint, refusing adapters (they need a base themselves)."""
     if (path.is_dir() and is_adapter_folder(path)) or (
         path.is_file() and path.suffix == ".safetensors" and _file_is_adapter(path)
     ):
         raise CheckpointFormatError(f"{path}: is an adapter, not a base model; give the "
                                     "pre-trained weights as BASE and the adapter as TUNED")
-    return open_source(path)
+    return open_source(path, backend)
 
 
 def _file_is_adapter(path: Path) -> bool:

@@ -16,14 +16,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
-from ..errors import CheckpointFormatError, CheckpointNotFoundError, UnsafeCheckpointError
+from ..errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    ConfigError,
+    UnsafeCheckpointError,
+)
 
 #: safetensors dtype strings → torch dtypes of the weights we analyse.
 SAFETENSORS_FLOAT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
                      "F64": torch.float64}
 ANALYSABLE_DTYPES = frozenset(SAFETENSORS_FLOAT.values())
+#: Every safetensors dtype string torch can hold (quantized weights are recognised by these).
+SAFETENSORS_DTYPES = SAFETENSORS_FLOAT | {
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 @dataclass(frozen=True)
@@ -85,15 +96,24 @@ class TensorSource(ABC):
         self.close()
 
 
-class SafetensorsFile(TensorSource):
-    """One ``.safetensors`` file, memory-mapped; reads only the rows asked for."""
+#: How safetensors files are read: memory-mapped (the default; touched pages count in RSS as
+#: shared page cache) or ``pread`` into private buffers (RSS = private memory; safetensors ≥ 0.8).
+IO_BACKENDS: tuple[str, ...] = ("mmap", "pread")
 
-    def __init__(self, path: str | Path) -> None:
+
+class SafetensorsFile(TensorSource):
+    """One ``.safetensors`` file; reads only the rows asked for (memory-mapped or ``pread``)."""
+
+    def __init__(self, path: str | Path, backend: str = "mmap") -> None:
         self.path = Path(path)
+        options = {} if backend == "mmap" else {"backend": backend}
         try:
-            self._file = safe_open(str(self.path), framework="pt", device="cpu")
+            self._file = safe_open(str(self.path), framework="pt", device="cpu", **options)
             self._keys = list(self._file.keys())
-        except (SafetensorError, OSError, ValueError) as exc:
+        except TypeError:
+            raise ConfigError(f"--io {backend} needs safetensors >= 0.8; upgrade it or use "
+                              "--io mmap") from None
+        except Exception as exc:  # the Rust reader raises several types on corrupt input
             raise CheckpointFormatError(
                 f"{self.path}: not a readable safetensors file ({_reason(exc)}); "
                 "re-download or re-save it"
@@ -102,10 +122,10 @@ class SafetensorsFile(TensorSource):
     def keys(self) -> list[str]:
         return list(self._keys)
 
-    def _guard(self, name: str, read: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _guard(self, name: str, read: Callable[[], object]):
         try:
             return read()
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # the Rust reader raises several types on corrupt input
             raise CheckpointFormatError(
                 f"{self.path}: cannot read tensor '{name}' ({_reason(exc)}); the file may be "
                 "truncated or corrupt, re-download or re-save it"
@@ -115,9 +135,9 @@ class SafetensorsFile(TensorSource):
         return self._guard(name, lambda: self._file.get_tensor(name))
 
     def info(self, name: str) -> TensorInfo:
-        sl = self._file.get_slice(name)
+        sl = self._guard(name, lambda: self._file.get_slice(name))
         stored = sl.get_dtype()
-        return TensorInfo(tuple(sl.get_shape()), SAFETENSORS_FLOAT.get(stored, stored))
+        return TensorInfo(tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(stored, stored))
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._guard(name, lambda: self._file.get_slice(name)[start:stop])
@@ -239,62 +259,68 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) < 200 else text[:200] + "…"
 
 
-FILE_SUFFIXES: dict[str, Callable[[Path], TensorSource]] = {
-    ".safetensors": SafetensorsFile,
-    ".bin": TorchFile,
-    ".pt": TorchFile,
-    ".pth": TorchFile,
+Opener = Callable[[Path, str], TensorSource]  # (path, io backend) -> source
+
+FILE_SUFFIXES: dict[str, Opener] = {
+    ".safetensors": lambda p, backend: SafetensorsFile(p, backend),
+    ".bin": lambda p, backend: TorchFile(p),
+    ".pt": lambda p, backend: TorchFile(p),
+    ".pth": lambda p, backend: TorchFile(p),
 }
 
-#: Folder layouts, in order of preference: (file in the folder, how to open it).
-FOLDER_LAYOUTS: tuple[tuple[str, Callable[[Path], TensorSource]], ...] = (
-    ("model.safetensors", SafetensorsFile),
-    ("model.safetensors.index.json", lambda p: ShardedCheckpoint(p, SafetensorsFile)),
-    ("pytorch_model.bin", TorchFile),
-    ("pytorch_model.bin.index.json", lambda p: ShardedCheckpoint(p, TorchFile)),
+#: Folder layouts, in order of preference (each opened by :func:`open_file`).
+FOLDER_LAYOUTS: tuple[str, ...] = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
 )
 
 
-def open_file(path: Path) -> TensorSource:
-    """Open one checkpoint file, chosen by suffix."""
+def open_file(path: Path, backend: str = "mmap") -> TensorSource:
+    """Open one checkpoint file (or a shard index), chosen by suffix."""
     if path.name.endswith(".index.json"):
         inner = FILE_SUFFIXES.get(Path(path.name[: -len(".index.json")]).suffix)
         if inner is not None:
-            return ShardedCheckpoint(path, inner)
+            return ShardedCheckpoint(path, lambda shard: inner(shard, backend))
     opener = FILE_SUFFIXES.get(path.suffix)
     if opener is None:
         known = ", ".join(FILE_SUFFIXES)
         raise CheckpointFormatError(f"{path}: unknown checkpoint file type (expected {known})")
-    return opener(path)
+    return opener(path, backend)
 
 
-def open_folder(path: Path) -> TensorSource:
+def open_folder(path: Path, backend: str = "mmap") -> TensorSource:
     """Open a model folder by its layout (see :data:`FOLDER_LAYOUTS`)."""
     if (path / "adapter_config.json").is_file():
         raise CheckpointFormatError(
             f"{path}: is an adapter folder; it is read merged with a base (give it as TUNED)"
         )
-    for file, opener in FOLDER_LAYOUTS:
+    for file in FOLDER_LAYOUTS:
         if (path / file).is_file():
-            return opener(path / file)
+            return open_file(path / file, backend)
     singles = sorted(p for p in path.glob("*.safetensors") if p.is_file())
     if len(singles) == 1:
-        return SafetensorsFile(singles[0])
-    expected = ", ".join(f for f, _ in FOLDER_LAYOUTS)
+        return SafetensorsFile(singles[0], backend)
+    expected = ", ".join(FOLDER_LAYOUTS)
     found = f"{len(singles)} .safetensors files and no index" if singles else "none of them"
     raise CheckpointFormatError(f"{path}: no checkpoint found (looked for {expected}; {found})")
 
 
-def open_source(path: str | Path) -> TensorSource:
-    """Open a local checkpoint file or model folder lazily.
+def open_source(path: str | Path, backend: str = "mmap") -> TensorSource:
+    """Open a local checkpoint file or model folder lazily; quantized weights are dequantized.
 
     Example:
         >>> with open_source("model.safetensors") as src:  # doctest: +SKIP
         ...     w = src.get_tensor(src.keys()[0])
     """
+    from .quant import dequantized  # late import: quant builds on this module
+
+    if backend not in IO_BACKENDS:
+        raise ConfigError(f"--io must be one of {', '.join(IO_BACKENDS)}, got {backend!r}")
     path = Path(path)
     if path.is_dir():
-        return open_folder(path)
+        return dequantized(open_folder(path, backend))
     if path.is_file():
-        return open_file(path)
+        return dequantized(open_file(path, backend))
     raise CheckpointNotFoundError(f"{path}: no such file or folder")

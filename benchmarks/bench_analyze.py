@@ -6,7 +6,8 @@
 Each measurement runs in a fresh child process (so peak memory is its own), best of ``--repeat``
 runs, interleaved, with the files in the page cache (every method is measured warm):
 
-* ``ours``  — ``dora_analysis.analyze(base, tuned)`` (float64, row blocks, lazy reads);
+* ``ours``  — ``dora_analysis.analyze(base, tuned)`` (float64, row blocks, memory-mapped reads);
+* ``pread`` — the same with ``io="pread"`` (reads into private buffers instead of mapping);
 * ``naive`` — load both state dicts fully, then per matrix float32 norms and
   ``1 − cosine_similarity`` (what a one-off notebook does);
 * ``io``    — read every byte of both checkpoints once (the floor for any method).
@@ -96,6 +97,10 @@ def run_ours(base: Path, tuned: Path, **settings) -> dict:
     return {"deltas": {r.name: (r.delta_m, r.delta_d) for r in table.itertuples()}}
 
 
+def run_pread(base: Path, tuned: Path) -> dict:
+    return run_ours(base, tuned, io="pread")
+
+
 def run_closed(base: Path, adapter: Path) -> dict:
     return run_ours(base, adapter, closed_form=True)
 
@@ -104,8 +109,8 @@ def run_materialised(base: Path, adapter: Path) -> dict:
     return run_ours(base, adapter, closed_form=False)
 
 
-MODES = {"io": run_io, "naive": run_naive, "ours": run_ours, "closed": run_closed,
-         "materialised": run_materialised}
+MODES = {"io": run_io, "naive": run_naive, "ours": run_ours, "pread": run_pread,
+         "closed": run_closed, "materialised": run_materialised}
 
 
 def child(mode: str, base: Path, tuned: Path) -> None:
@@ -133,7 +138,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--adapter", type=Path,
                         help="also time a DoRA adapter for BASE: closed form vs materialised B·A")
-    parser.add_argument("--modes", default="io,naive,ours")
+    parser.add_argument("--modes", default="io,naive,ours,pread",
+                        help="which to run; drop naive where both state dicts exceed memory")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -12,7 +12,6 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .errors import (
     NonFiniteWeightWarning,
     TensorMismatchError,
     UnmatchedTensorsWarning,
+    listing,
 )
 from .io.keys import align_names, layer_index, module_kind, stored_in_out
 from .io.refs import CheckpointRef, series_steps
@@ -37,7 +37,6 @@ from .merge import AdapterSource, open_base, open_tuned
 
 Ref = str | Path | CheckpointRef
 log = logging.getLogger("dora_analysis")
-_LISTED = 8  # names shown per problem list before "… and N more"
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ def _per_ref(values: Sequence[str] | None, n: int, flag: str, default: str | Non
     return list(values)
 
 
-def _matrix_infos(source: TensorSource) -> dict[str, TensorInfo]:
+def matrix_infos(source: TensorSource) -> dict[str, TensorInfo]:
     """Infos of every weight that Eqs. 2-4 apply to; refuses quantized weights by name."""
     infos = {}
     for name in source.keys():
@@ -137,11 +136,6 @@ def _matrix_infos(source: TensorSource) -> dict[str, TensorInfo]:
                 "dequantize the checkpoint to float weights first"
             )
     return infos
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_LISTED])
-    return shown + (f" … and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
 
 
 def plan_pairs(
@@ -172,9 +166,9 @@ def plan_pairs(
     if (only_b or only_t) and pairs:
         parts = []
         if only_b:
-            parts.append(f"{len(only_b)} only in the base ({_listing(only_b)})")
+            parts.append(f"{len(only_b)} only in the base ({listing(only_b)})")
         if only_t:
-            parts.append(f"{len(only_t)} only in {tuned_path} ({_listing(only_t)})")
+            parts.append(f"{len(only_t)} only in {tuned_path} ({listing(only_t)})")
         warnings.warn(
             "weight matrices skipped, " + "; ".join(parts), UnmatchedTensorsWarning, stacklevel=3
         )
@@ -232,11 +226,6 @@ def _row(ck: TunedCheckpoint, method: str, pair: MatrixPair, axis: str, s: PairS
     }
 
 
-def empty_table() -> pd.DataFrame:
-    """A table with the contract's columns and no rows."""
-    return to_frame([])
-
-
 def to_frame(records: list[dict]) -> pd.DataFrame:
     """Records → the analysis table with stable column order and nullable integer columns."""
     frame = pd.DataFrame.from_records(records, columns=list(C.TABLE_COLUMNS))
@@ -283,45 +272,49 @@ def analyze(
     base_path, _ = _resolve(_as_ref(base), config.token)
     checkpoints = expand_tuned(tuned_refs, labels, methods, config.token)
 
-    with ExitStack() as stack:
-        base_src = stack.enter_context(open_base(base_path, config.io))
-        base_infos = _matrix_infos(base_src)
+    with open_base(base_path, config.io) as base_src:
+        base_infos = matrix_infos(base_src)
         if not base_infos:
             raise CheckpointFormatError(f"{base_path}: holds no floating-point weight matrices")
+
+        def open_checkpoint(ck: TunedCheckpoint) -> TensorSource:
+            return open_tuned(ck.path, base_src, base_infos, lora_alpha=config.lora_alpha,
+                              backend=config.io)
+
+        # Plan every checkpoint first (headers only, one open at a time) so that all problems
+        # are reported together before any number is computed.
         plans, problems = [], []
         for ck in checkpoints:
-            src = stack.enter_context(
-                open_tuned(ck.path, base_src, base_infos, lora_alpha=config.lora_alpha,
-                           backend=config.io))
-            pairs, mismatches = plan_pairs(base_infos, _matrix_infos(src), config, ck.path,
-                                           getattr(src, "transposed", None),
-                                           partial=isinstance(src, AdapterSource))
+            with open_checkpoint(ck) as src:
+                pairs, mismatches = plan_pairs(base_infos, matrix_infos(src), config, ck.path,
+                                               getattr(src, "transposed", None),
+                                               partial=isinstance(src, AdapterSource))
+                method = ck.method if ck.method != "auto" else getattr(src, "method", "unknown")
             problems += [f"{ck.ref}: {m}" for m in mismatches]
             if not pairs and not mismatches:
                 raise TensorMismatchError(_nothing_selected(config, ck, base_infos))
-            plans.append((ck, src, pairs))
+            plans.append((ck, method, pairs))
         if problems and not config.skip_mismatched:
             raise TensorMismatchError(
-                f"{len(problems)} tensor(s) differ in shape: {_listing(problems)}; is this the "
+                f"{len(problems)} tensor(s) differ in shape: {listing(problems)}; is this the "
                 "right base? (--skip-mismatched analyses the rest)",
                 problems,
             )
         if problems:
             warnings.warn(f"skipped {len(problems)} tensor(s) of different shape: "
-                          f"{_listing(problems)}", UnmatchedTensorsWarning, stacklevel=2)
+                          f"{listing(problems)}", UnmatchedTensorsWarning, stacklevel=2)
 
         total = sum(p.info.numel for _, _, pairs in plans for p in pairs)
         records, workspace = [], Workspace()
         with tqdm(total=total, unit="el", unit_scale=True, disable=not config.progress,
                   file=sys.stderr, desc="analysing", leave=False) as bar:
-            for ck, src, pairs in plans:
-                method = ck.method if ck.method != "auto" else getattr(src, "method", "unknown")
-                for pair in pairs:
-                    stats = compare_pair(base_src, src, pair, config, workspace, bar)
-                    for axis, s in stats.items():
-                        _warn_nonfinite(ck, pair, axis, s)
-                        records.append(_row(ck, method, pair, axis, s))
-                src.close()
+            for ck, method, pairs in plans:
+                with open_checkpoint(ck) as src:
+                    for pair in pairs:
+                        stats = compare_pair(base_src, src, pair, config, workspace, bar)
+                        for axis, s in stats.items():
+                            _warn_nonfinite(ck, pair, axis, s)
+                            records.append(_row(ck, method, pair, axis, s))
     return to_frame(records)
 
 

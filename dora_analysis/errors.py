@@ -43,6 +43,12 @@ class OutputError(DoraAnalysisError, OSError):
     """An output file cannot be written where it was asked for."""
 
 
+def listing(items: list[str], limit: int = 8, sep: str = ", ") -> str:
+    """Join problem items for one message, all of them up to ``limit``, then "… and N more"."""
+    shown = sep.join(items[:limit])
+    return shown + (f" … and {len(items) - limit} more" if len(items) > limit else "")
+
+
 class NonFiniteWeightWarning(UserWarning):
     """A weight matrix holds NaN or Inf; the affected vectors are excluded and counted."""
 

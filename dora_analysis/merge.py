@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .decompose import VectorSums, as_matrix, rows_per_block
-from .errors import CheckpointFormatError, TensorMismatchError
+from .errors import CheckpointFormatError, TensorMismatchError, listing
 from .io.adapters import (
     Adapter,
     LowRankUpdate,
@@ -147,6 +147,9 @@ class AdapterSource(TensorSource):
             factor = self.column_factor(name)
         return merged_rows(update, rows, start, stop, transposed, factor)
 
+    def close(self) -> None:
+        self.targets, self._full, self._factor_cache = {}, {}, None  # the adapter's tensors
+
     def transposed(self, name: str) -> bool | None:
         """Orientation of an adapted weight as the adapter knows it; None for other weights."""
         return self.targets[name][1] if name in self.targets else None
@@ -226,10 +229,9 @@ def resolve_targets(
         else:
             targets[base_name] = (update, transposed)
     if problems:
-        shown = "; ".join(problems[:8]) + (f" … and {len(problems) - 8} more"
-                                           if len(problems) > 8 else "")
         raise TensorMismatchError(
-            f"{adapter.path}: adapter does not fit the base ({len(problems)} module(s)): {shown}; "
+            f"{adapter.path}: adapter does not fit the base ({len(problems)} module(s)): "
+            f"{listing(problems, sep='; ')}; "
             f"is it an adapter for another model"
             + (f" (it names {adapter.base_model})" if adapter.base_model else "") + "?",
             problems,

@@ -84,7 +84,27 @@ def _bad_inputs(ckpts, tmp: Path) -> dict[str, tuple[list[str], str]]:
     state[name] = state[name].T.contiguous()
     transposed = tmp / "transposed.safetensors"
     save_file(state, str(transposed))
+    no_weights = tmp / "adapter_no_weights"
+    no_weights.mkdir()
+    (no_weights / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 4}')
+    broken = tmp / "adapter_broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"r": 2, "lora_alpha": ')
+    (broken / "adapter_model.safetensors").write_bytes(b"")
+    other = tmp / "adapter_other_base"
+    other.mkdir()
+    (other / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 4}')
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{q}.lora_A.weight": torch.ones(2, 99), f"{q}.lora_B.weight": torch.ones(24, 2)},
+              str(other / "adapter_model.safetensors"))
+    nf4 = tmp / "nf4.safetensors"
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(8, 1, dtype=torch.uint8),
+               "model.layers.0.mlp.up_proj.weight.absmax": torch.ones(1)}, str(nf4))
     return {
+        "adapter without weights": ([base, str(no_weights)], "adapter folder without weights"),
+        "broken adapter config": ([base, str(broken)], "broken adapter config"),
+        "adapter for another base": ([base, str(other)], "adapter [24, 99] vs base"),
+        "4-bit quantized": ([base, str(nf4)], "bitsandbytes 4-bit"),
         "missing base": ([str(tmp / "nope.safetensors"), tuned], "nope.safetensors: no such"),
         "missing tuned": ([base, str(tmp / "gone")], "gone: no such file"),
         "truncated": ([base, str(cut)], "cut.safetensors"),
@@ -105,8 +125,10 @@ def _bad_inputs(ckpts, tmp: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-CASES = ["missing base", "missing tuned", "truncated", "random bytes", "empty folder",
-         "pickle with code", "transposed", "unknown suffix", "no output folder", "same outputs",
+CASES = ["adapter without weights", "broken adapter config", "adapter for another base",
+         "4-bit quantized", "missing base", "missing tuned", "truncated", "random bytes",
+         "empty folder", "pickle with code", "transposed", "unknown suffix", "no output folder",
+         "same outputs",
          "bad regex", "no module", "label count", "duplicate label", "hub offline"]
 
 

@@ -52,9 +52,11 @@ def merged_rows(
     """
     if update.lora_a is not None:
         if transposed:  # stored (in, out): rows are input features
-            rows = rows + update.scale * (update.lora_a[:, start:stop].T @ update.lora_b.T)
+            a_rows = update.lora_a[:, start:stop].to(F64)
+            rows = rows + update.scale * (a_rows.T @ update.lora_b.to(F64).T)
         else:
-            rows = rows + update.scale * (update.lora_b[start:stop] @ update.lora_a)
+            b_rows = update.lora_b[start:stop].to(F64)
+            rows = rows + update.scale * (b_rows @ update.lora_a.to(F64))
     if update.magnitude is not None:
         if _magnitude_on_stored_rows(update, transposed):
             norms = torch.linalg.vector_norm(rows, dim=1)
@@ -80,8 +82,8 @@ def closed_form_sums(
     """Per-output-channel ``|w0|², |wt|², |wt − w0|²`` of the merged weight, without B @ A."""
     rows, cols = info.matrix_shape
     out = cols if transposed else rows
-    a, b, s = update.lora_a, update.lora_b, update.scale
-    r = update.rank
+    r, s = update.rank, update.scale
+    a, b = update.factors() if r else (None, None)
     sq0 = torch.zeros(out, dtype=F64)
     w0_at = torch.zeros(out, r, dtype=F64)  # W0 @ Aᵀ in PEFT orientation, (out, r)
     step = rows_per_block(cols, block_elements)

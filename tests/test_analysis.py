@@ -56,6 +56,13 @@ def test_every_local_layout_gives_the_same_table(ckpts):
         assert other[C.DELTA_M].tolist() == ref[C.DELTA_M].tolist()
 
 
+def test_io_backends_agree(ckpts):
+    mmap = da.analyze(ckpts["base"], ckpts["sharded"], axis="both", block_elements=64)
+    pread = da.analyze(ckpts["base"], ckpts["sharded"], axis="both", block_elements=64, io="pread")
+    assert pread[C.DELTA_D].tolist() == mmap[C.DELTA_D].tolist()
+    assert pread[C.DELTA_M].tolist() == mmap[C.DELTA_M].tolist()
+
+
 def test_series_folder_gives_steps(ckpts):
     table = da.analyze(ckpts["base"], ckpts["series"])
     assert sorted(table[C.STEP].unique().tolist()) == [10, 20, 30]

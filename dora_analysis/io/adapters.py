@@ -50,9 +50,10 @@ class LowRankUpdate:
     """``ΔW = scale · B @ A`` for one weight (PEFT orientation), plus DoRA's magnitude if any."""
 
     lora_a: torch.Tensor | None
-    """(r, in_flat) float64; None for a magnitude-only module."""
+    """(r, in_flat), as stored (kept small: float64 only while one weight is merged); None for a
+    magnitude-only module."""
     lora_b: torch.Tensor | None
-    """(out, r) float64."""
+    """(out, r), as stored."""
     scale: float
     magnitude: torch.Tensor | None = None
     """DoRA magnitude, float64, one entry per vector along ``magnitude_axis``."""
@@ -72,9 +73,14 @@ class LowRankUpdate:
             return None
         return self.lora_b.shape[0], self.lora_a.shape[1]
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` in float64."""
+        return self.lora_a.to(F64), self.lora_b.to(F64)
+
     def delta(self) -> torch.Tensor:
         """The materialised ``s · B @ A`` in PEFT orientation (float64)."""
-        return self.scale * (self.lora_b @ self.lora_a)
+        a, b = self.factors()
+        return self.scale * (b @ a)
 
 
 @dataclass
@@ -197,7 +203,7 @@ def _pair_or_error(parts: dict, a: str, b: str, module: str, path: Path):
 
 def _as_2d_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Conv adapters: A (r, in, *k), B (out, r, 1...) — the update is B.view(out, r) @ A.view(r, -1).
-    return _f64(a).reshape(a.shape[0], -1), _f64(b).reshape(b.shape[0], -1)
+    return a.detach().reshape(a.shape[0], -1), b.detach().reshape(b.shape[0], -1)
 
 
 def read_peft(folder: Path, **_) -> Adapter:

@@ -8,6 +8,8 @@ have cheap overrides where the format allows (safetensors reads only the bytes a
 from __future__ import annotations
 
 import json
+import math
+import os
 import pickle
 import zipfile
 from abc import ABC, abstractmethod
@@ -96,23 +98,31 @@ class TensorSource(ABC):
         self.close()
 
 
-#: How safetensors files are read: memory-mapped (the default; touched pages count in RSS as
-#: shared page cache) or ``pread`` into private buffers (RSS = private memory; safetensors ≥ 0.8).
+#: How safetensors rows are read: memory-mapped (the default; the touched file pages count in RSS
+#: as shared page cache) or ``pread`` of exactly the rows' bytes into a private buffer (RSS stays
+#: at the working set).
 IO_BACKENDS: tuple[str, ...] = ("mmap", "pread")
 
 
 class SafetensorsFile(TensorSource):
-    """One ``.safetensors`` file; reads only the rows asked for (memory-mapped or ``pread``)."""
+    """One ``.safetensors`` file; reads only the rows asked for (memory-mapped or ``pread``).
+
+    The header is validated by ``safetensors`` itself. For ``pread`` the rows' byte range is read
+    with ``os.pread`` (safetensors' own ``backend="pread"`` reads the whole tensor for a slice).
+    """
 
     def __init__(self, path: str | Path, backend: str = "mmap") -> None:
         self.path = Path(path)
-        options = {} if backend == "mmap" else {"backend": backend}
+        self._backend = backend
+        self._fd: int | None = None
         try:
-            self._file = safe_open(str(self.path), framework="pt", device="cpu", **options)
+            self._file = safe_open(str(self.path), framework="pt", device="cpu")
             self._keys = list(self._file.keys())
-        except TypeError:
-            raise ConfigError(f"--io {backend} needs safetensors >= 0.8; upgrade it or use "
-                              "--io mmap") from None
+            if backend == "pread":
+                self._fd = os.open(self.path, os.O_RDONLY)
+                with open(self.path, "rb") as f:
+                    self._data_start = 8 + int.from_bytes(f.read(8), "little")
+                    self._header = json.loads(f.read(self._data_start - 8))
         except Exception as exc:  # the Rust reader raises several types on corrupt input
             raise CheckpointFormatError(
                 f"{self.path}: not a readable safetensors file ({_reason(exc)}); "
@@ -140,10 +150,34 @@ class SafetensorsFile(TensorSource):
         return TensorInfo(tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(stored, stored))
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._guard(name, lambda: self._file.get_slice(name)[start:stop])
+        if self._fd is None:
+            return self._guard(name, lambda: self._file.get_slice(name)[start:stop])
+        return self._guard(name, lambda: self._pread_rows(name, start, stop))
+
+    def _pread_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        entry = self._header[name]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        shape = entry["shape"]
+        stop = min(stop, shape[0])
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        offset = self._data_start + entry["data_offsets"][0] + start * row_bytes
+        size = max(0, stop - start) * row_bytes
+        buffer = bytearray(size)
+        view, done = memoryview(buffer), 0
+        while done < size:  # pread may return fewer bytes than asked
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n == 0:
+                raise OSError("unexpected end of file")
+            done += n
+        if not size:
+            return torch.empty((0, *shape[1:]), dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(-1, *shape[1:])
 
     def close(self) -> None:
         self._file = None  # safe_open releases its mmap when collected
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class TorchFile(TensorSource):

@@ -28,10 +28,13 @@ def exercise(path, base):
     """Everything a user's run does with a file; returns normally or raises."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with open_source(path) as src:
-            for name in src.keys():
-                src.info(name)
-                src.get_tensor(name)
+        for backend in ("mmap", "pread"):
+            with open_source(path, backend) as src:
+                for name in src.keys():
+                    info = src.info(name)
+                    src.get_tensor(name)
+                    if info.shape:
+                        src.get_rows(name, 0, info.shape[0])
         da.analyze(base, path, axis="both")
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from dora_analysis.errors import (
     CheckpointFormatError,
+    ConfigError,
     CheckpointNotFoundError,
     UnsafeCheckpointError,
 )
@@ -27,6 +28,21 @@ def test_safetensors_reads_rows_lazily(ckpts):
         info = src.info(NAME)
         assert info.shape == (16, 40) and info.dtype == torch.float32 and info.is_matrix
         assert not src.info("model.rotary.position_ids").is_matrix  # int buffer
+
+
+@pytest.mark.parametrize("layout", ["base", "sharded"])
+def test_pread_reads_the_same_rows_as_mmap(ckpts, layout):
+    with open_source(ckpts[layout], "pread") as pread, open_source(ckpts[layout]) as mmap:
+        for name in mmap.keys():
+            rows = mmap.info(name).shape[0]
+            for start, stop in ((0, rows), (1, max(1, rows - 1)), (rows - 1, rows + 5)):
+                assert torch.equal(pread.get_rows(name, start, stop),
+                                   mmap.get_rows(name, start, stop))
+
+
+def test_unknown_io_backend(ckpts):
+    with pytest.raises(ConfigError, match="--io"):
+        open_source(ckpts["base"], "uring")
 
 
 def test_sharded_matches_single(ckpts):

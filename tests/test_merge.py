@@ -98,3 +98,15 @@ def test_modules_to_save_are_full_weights(cases):
     table = da.analyze(cases["modules_to_save"].base, cases["modules_to_save"].adapter)
     head = table[table[C.NAME] == "lm_head.weight"]
     assert len(head) == 1 and head[C.DELTA_D].item() > 0
+
+
+def test_series_of_adapter_checkpoints(cases, tmp_path):
+    """HF Trainer + PEFT writes run/checkpoint-N/ adapter folders: one series, method detected."""
+    import shutil
+
+    for step, name in ((100, "dora"), (200, "rslora")):  # same targets, different adapters
+        shutil.copytree(cases[name].adapter, tmp_path / "run" / f"checkpoint-{step}")
+    table = da.analyze(cases["dora"].base, tmp_path / "run")
+    assert sorted(set(table[C.STEP])) == [100, 200]
+    assert set(table[C.CHECKPOINT]) == {"run"} and set(table[C.METHOD]) == {"dora"}
+    assert len(da.correlate(table)) == 3  # q, v, down

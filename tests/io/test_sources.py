@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from dora_analysis.errors import (
     CheckpointFormatError,
-    ConfigError,
     CheckpointNotFoundError,
+    ConfigError,
     UnsafeCheckpointError,
 )
 from dora_analysis.io.sources import open_source

@@ -138,11 +138,6 @@ def block_sums(
     return {axis: VectorSums(*parts) for axis, parts in sums.items()}
 
 
-def vector_sums(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out") -> VectorSums:
-    """Per-vector squared norms of ``w0``, ``wt`` and ``wt − w0`` along ``axis``, in float64."""
-    return block_sums(w0, wt, (check_axis(axis),))[axis]
-
-
 def magnitude_change(sums: VectorSums) -> torch.Tensor:
     """Eq. 3 summand: ``|m_t[n] − m_0[n]|`` per vector."""
     return (sums.sqt.sqrt() - sums.sq0.sqrt()).abs()

@@ -77,11 +77,6 @@ class LowRankUpdate:
         """``(A, B)`` in float64."""
         return self.lora_a.to(F64), self.lora_b.to(F64)
 
-    def delta(self) -> torch.Tensor:
-        """The materialised ``s · B @ A`` in PEFT orientation (float64)."""
-        a, b = self.factors()
-        return self.scale * (b @ a)
-
 
 @dataclass
 class Adapter:

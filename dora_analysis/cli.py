@@ -16,7 +16,7 @@ from .analysis import analyze
 from .config import AXIS_CHOICES, METHOD_CHOICES, AnalysisConfig
 from .errors import DoraAnalysisError, NonFiniteWeightWarning, UnmatchedTensorsWarning
 from .io.sources import IO_BACKENDS
-from .report import check_output_path, format_summary, write_table
+from .report import HTML_SUFFIXES, check_output_path, format_summary, write_html, write_table
 from .stats import correlate
 
 DEFAULTS = AnalysisConfig()
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the table: .csv, .json or .parquet")
     p.add_argument("--summary", metavar="FILE",
                    help="write the correlation table: .csv, .json or .parquet")
+    p.add_argument("--html", metavar="FILE",
+                   help="write a self-contained HTML report (Figures 2 and 3, tables)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file messages")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -85,11 +87,15 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 def run(args: argparse.Namespace) -> int:
     """Carry out one parsed command; raises :class:`DoraAnalysisError` on bad input."""
     inputs = [Path(a) for a in (args.base, *args.tuned) if Path(a).exists()]
-    outputs = [o for o in (args.output, args.summary) if o]
-    for out in outputs:
-        check_output_path(out, inputs=inputs)
-    if len(set(map(str, map(Path, outputs)))) < len(outputs):
-        raise DoraAnalysisError("-o and --summary name the same file; give two different files")
+    outputs = [o for o in (args.output, args.summary, args.html) if o]
+    for out in (args.output, args.summary):
+        if out:
+            check_output_path(out, inputs=inputs)
+    if args.html:
+        check_output_path(args.html, inputs=inputs, suffixes=HTML_SUFFIXES)
+    if len({Path(o).resolve() for o in outputs}) < len(outputs):
+        raise DoraAnalysisError("-o, --summary and --html name the same file; give different "
+                                "files")
     config = AnalysisConfig(
         axis=args.axis,
         modules=tuple(args.modules.split(",")) if args.modules is not None else None,
@@ -108,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
             write_table(frame, path)
             if not args.quiet:
                 print(f"wrote {path} ({len(frame)} rows)", file=sys.stderr)
+    if args.html:
+        write_html(table, correlations, args.html)
+        if not args.quiet:
+            print(f"wrote {args.html} (report)", file=sys.stderr)
     sys.stdout.write(format_summary(table, correlations))
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
@@ -28,12 +29,18 @@ def _write_json_records(frame: pd.DataFrame, path: Path) -> None:
     path.write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")
 
 
-def check_output_path(path: str | Path, *, inputs: Iterable[str | Path] = ()) -> Path:
+HTML_SUFFIXES = (".html", ".htm")
+
+
+def check_output_path(
+    path: str | Path, *, inputs: Iterable[str | Path] = (), suffixes: Iterable[str] = TABLE_WRITERS,
+) -> Path:
     """Validate an output path before any work: known suffix, existing folder, not an input."""
     path = Path(path)
-    if path.suffix.lower() not in TABLE_WRITERS:
+    suffixes = tuple(suffixes)
+    if path.suffix.lower() not in suffixes:
         raise OutputError(f"{path}: unknown output format '{path.suffix}'; use "
-                          + ", ".join(TABLE_WRITERS))
+                          + ", ".join(suffixes))
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"{path}: folder '{folder}' does not exist; create it first")
@@ -94,6 +101,62 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if col in frame:
             frame[col] = frame[col].astype("Int64")
     return frame
+
+
+REPORT_MODULE_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "down")
+
+
+def report_modules(table: pd.DataFrame) -> list[str]:
+    """Module kinds in the table, the paper's usual ones first."""
+    present = list(dict.fromkeys(table[C.MODULE])) if C.MODULE in table else []
+    known = [m for m in REPORT_MODULE_ORDER if m in present]
+    return known + [m for m in present if m not in known]
+
+
+def html_report(table: pd.DataFrame, correlations: pd.DataFrame, *, title: str = "") -> str:
+    """A self-contained HTML page: correlations, Figure 2 per module kind, Figure 3, the table."""
+    from . import plots  # plotly is only needed for the report
+
+    axes = list(dict.fromkeys(table[C.AXIS])) or ["out"]
+    modules = report_modules(table)
+    figures = [plots.correlation_figure(correlations)]
+    for axis in axes:
+        figures += [plots.figure2(table, module=m, axis=axis) for m in modules]
+        figures.append(plots.figure3(table, modules=tuple(modules[:3]) or ("q",), axis=axis))
+    parts = [fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
+             for i, fig in enumerate(figures)]
+    checkpoints = ", ".join(dict.fromkeys(table[C.CHECKPOINT])) if len(table) else "none"
+    heading = title or f"dora-analysis report: {checkpoints}"
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(heading)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px} "
+        "table.dataframe{border-collapse:collapse;font-size:12px} "
+        "table.dataframe td,table.dataframe th{border:1px solid #ccc;padding:2px 6px}</style>"
+        f"</head><body><h1>{html.escape(heading)}</h1>"
+        "<p>ΔM and ΔD per the DoRA paper (Liu et al., ICML 2024), Eqs. 3–4; one point per weight "
+        "matrix and training step. The dotted line marks the ΔD that storage rounding alone "
+        "produces.</p>"
+        + "\n".join(parts)
+        + "<h2>Per-matrix table</h2>"
+        + table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
+        + "</body></html>\n"
+    )
+
+
+def write_html(table: pd.DataFrame, correlations: pd.DataFrame, path: str | Path,
+               *, title: str = "") -> Path:
+    """Write :func:`html_report` atomically.
+
+    Example:
+        >>> write_html(table, da.correlate(table), "report.html")  # doctest: +SKIP
+    """
+    path = check_output_path(path, suffixes=HTML_SUFFIXES)
+    text = html_report(table, correlations, title=title)
+    try:
+        return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def _fmt(value: float, spec: str) -> str:

@@ -53,6 +53,15 @@ def test_json_output_and_axis(ckpts, tmp_path, capsys):
     assert captured.err == "" and "axis" in captured.out
 
 
+def test_html_report(ckpts, tmp_path, capsys):
+    report = tmp_path / "report.html"
+    assert main([str(ckpts["base"]), str(ckpts["series"]), "--html", str(report)]) == 0
+    text = report.read_text()
+    assert "Plotly.newPlot" in text and "run (unknown)" in text
+    assert main([str(ckpts["base"]), str(ckpts["series"]), "--html", str(tmp_path / "r.pdf")]) == 2
+    assert "unknown output format '.pdf'" in capsys.readouterr().err
+
+
 def test_console_script_runs_without_a_terminal(ckpts, tmp_path):
     exe = Path(sys.executable).with_name("dora-analyze")
     proc = subprocess.run([str(exe), str(ckpts["base"]), str(ckpts["tuned"])],

@@ -1,0 +1,173 @@
+"""Plotly figure builders for the paper's pictures. They take the analysis table and return
+figures; no file I/O (see :mod:`dora_analysis.report` for the HTML report).
+
+* :func:`figure2` — ΔD (x) vs ΔM (y), colour = layer, marker = training step, one panel per
+  checkpoint series, least-squares line and Pearson r per panel (paper Figures 2 and 7).
+* :func:`figure3` — ΔM and ΔD per layer as lines, checkpoints overlaid, one column per module kind
+  (paper Figures 3 and 8).
+* :func:`correlation_figure` — the correlation table.
+
+The storage-precision floor of ΔD (:func:`precision_floor`) is drawn so that noise is not read
+as signal: rounding a weight to bf16 alone moves its direction by 1 − cos ≈ 1.4e-6.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from . import columns as C
+from .stats import correlation, usable_points
+
+#: Marker symbols per training step, in step order (Figure 2 "different markers").
+STEP_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star", "cross",
+                "triangle-down", "pentagon", "hexagon")
+LAYER_COLORSCALE = "Viridis"
+
+#: Unit roundoff of storage dtypes (half the gap between 1 and the next number).
+UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24,
+                 "float64": 2.0**-53}
+
+
+def precision_floor(dtype: str) -> float:
+    """ΔD that storage rounding alone produces: ``u² / (16 ln 2)`` for unit roundoff ``u``.
+
+    Rounding leaves an absolute error uniform in ``±ulp/2`` with ``ulp = 2u · 2^e``; over
+    log-uniformly spread mantissas the mean squared relative error is ``u²/(8 ln 2)``, nearly all
+    of it perpendicular to the vector, and ``1 − cos ≈ ½ |δ|²``. (A test checks it by simulation.)
+
+    Example:
+        >>> f"{precision_floor('bfloat16'):.1e}"
+        '1.4e-06'
+    """
+    u = UNIT_ROUNDOFF.get(str(dtype).removeprefix("torch."))
+    return math.nan if u is None else u * u / (16 * math.log(2))
+
+
+def _select(table: pd.DataFrame, module: str | None, axis: str) -> pd.DataFrame:
+    rows = usable_points(table)
+    rows = rows[rows[C.AXIS] == axis]
+    return rows if module is None else rows[rows[C.MODULE] == module]
+
+
+def _series_title(rows: pd.DataFrame, label: str, r: float) -> str:
+    method = rows[C.METHOD].iloc[0]
+    r_text = "r = n/a" if math.isnan(r) else f"r = {r:+.2f}"
+    return f"{label} ({method}) · {r_text}"
+
+
+def figure2(table: pd.DataFrame, *, module: str = "q", axis: str = "out") -> go.Figure:
+    """Figure 2: ΔD vs ΔM for one module kind, one panel per checkpoint series.
+
+    Example:
+        >>> fig = figure2(da.analyze("base/", ["ft/", "lora/"]), module="q")  # doctest: +SKIP
+    """
+    rows = _select(table, module, axis)
+    labels = list(dict.fromkeys(rows[C.CHECKPOINT]))
+    if not labels:
+        return _empty(f"no {module!r} matrices (axis {axis}) to plot")
+    fits = {label: correlation(g[C.DELTA_D].to_numpy(), g[C.DELTA_M].to_numpy())
+            for label, g in rows.groupby(C.CHECKPOINT, sort=False)}
+    fig = make_subplots(rows=1, cols=len(labels), horizontal_spacing=0.08,
+                        subplot_titles=[_series_title(rows[rows[C.CHECKPOINT] == lab], lab,
+                                                      fits[lab][C.PEARSON_R]) for lab in labels])
+    layers = rows[C.LAYER].astype("float64")
+    cmin, cmax = (float(layers.min()), float(layers.max())) if layers.notna().any() else (0, 1)
+    steps = sorted(s for s in rows[C.STEP].dropna().unique())
+    for col, label in enumerate(labels, start=1):
+        series = rows[rows[C.CHECKPOINT] == label]
+        for step_value, group in series.groupby(series[C.STEP].astype("float64").fillna(-1)):
+            step = None if step_value == -1 else int(step_value)
+            symbol = STEP_SYMBOLS[steps.index(step) % len(STEP_SYMBOLS)] if step is not None \
+                else "circle"
+            fig.add_trace(go.Scatter(
+                x=group[C.DELTA_D], y=group[C.DELTA_M], mode="markers",
+                name=f"step {step}" if step is not None else "final", legendgroup=f"step {step}",
+                showlegend=col == 1,
+                marker={"symbol": symbol, "size": 10, "color": group[C.LAYER].astype("float64"),
+                        "coloraxis": "coloraxis", "line": {"width": 0.5, "color": "#333"}},
+                customdata=np.stack([group[C.NAME], group[C.LAYER].astype("float64")], axis=-1),
+                hovertemplate="%{customdata[0]}<br>layer %{customdata[1]}<br>ΔD %{x:.3e}"
+                              "<br>ΔM %{y:.3e}<extra></extra>",
+            ), row=1, col=col)
+        fit = fits[label]
+        if not math.isnan(fit[C.SLOPE]):
+            x = np.linspace(series[C.DELTA_D].min(), series[C.DELTA_D].max(), 2)
+            fig.add_trace(go.Scatter(
+                x=x, y=fit[C.SLOPE] * x + fit[C.INTERCEPT], mode="lines",
+                line={"color": "crimson", "dash": "dash"}, showlegend=False,
+                name=f"fit {label}", hoverinfo="skip",
+            ), row=1, col=col)
+        floor = precision_floor(series[C.DTYPE].iloc[0]) if C.DTYPE in series else math.nan
+        if not math.isnan(floor):
+            fig.add_vline(x=floor, line={"color": "gray", "dash": "dot"}, row=1, col=col,
+                          annotation_text=f"{series[C.DTYPE].iloc[0]} floor",
+                          annotation_position="top right", annotation_font_size=10)
+        fig.update_xaxes(title_text="ΔD", exponentformat="e", row=1, col=col)
+    fig.update_yaxes(exponentformat="e")
+    fig.update_yaxes(title_text="ΔM", row=1, col=1)
+    fig.update_layout(
+        title=f"Magnitude vs direction updates of {module!r} matrices (axis {axis})",
+        coloraxis={"colorscale": LAYER_COLORSCALE, "cmin": cmin, "cmax": cmax,
+                   "colorbar": {"title": "layer"}},
+        legend={"title": "training step", "orientation": "h", "y": -0.2},
+        template="plotly_white", height=420, margin={"t": 80},
+    )
+    return fig
+
+
+def figure3(table: pd.DataFrame, *, modules: tuple[str, ...] = ("q",),
+            axis: str = "out") -> go.Figure:
+    """Figure 3: ΔM (top) and ΔD (bottom) per layer, one line per checkpoint (its last step)."""
+    rows = _select(table, None, axis)
+    rows = rows[rows[C.MODULE].isin(modules) & rows[C.LAYER].notna()]
+    if rows.empty:
+        return _empty(f"no layered {', '.join(modules)} matrices (axis {axis}) to plot")
+    last = rows[C.STEP].astype("float64").fillna(-1)
+    rows = rows[last == last.groupby(rows[C.CHECKPOINT]).transform("max")]
+    fig = make_subplots(rows=2, cols=len(modules), shared_xaxes=True, vertical_spacing=0.08,
+                        horizontal_spacing=0.06, subplot_titles=[f"{m}: ΔM" for m in modules]
+                        + [f"{m}: ΔD" for m in modules])
+    palette = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+    for i, label in enumerate(dict.fromkeys(rows[C.CHECKPOINT])):
+        color = palette[i % len(palette)]
+        for col, module in enumerate(modules, start=1):
+            part = rows[(rows[C.CHECKPOINT] == label) & (rows[C.MODULE] == module)]
+            part = part.groupby(C.LAYER, as_index=False)[[C.DELTA_M, C.DELTA_D]].mean()
+            for row, metric in ((1, C.DELTA_M), (2, C.DELTA_D)):
+                fig.add_trace(go.Scatter(
+                    x=part[C.LAYER], y=part[metric], mode="lines+markers", name=label,
+                    legendgroup=label, showlegend=row == 1 and col == 1,
+                    line={"color": color},
+                ), row=row, col=col)
+    fig.update_xaxes(title_text="layer", row=2)
+    fig.update_yaxes(exponentformat="e")
+    fig.update_layout(title=f"Per-layer ΔM and ΔD (axis {axis})", template="plotly_white",
+                      height=560, legend={"title": "checkpoint"})
+    return fig
+
+
+def correlation_figure(correlations: pd.DataFrame) -> go.Figure:
+    """The correlation table as a figure (for the report and the dashboard)."""
+    shown = [C.CHECKPOINT, C.METHOD, C.MODULE, C.AXIS, C.N, C.PEARSON_R, C.P_VALUE,
+             C.SPEARMAN_RHO, C.SLOPE]
+    cells = []
+    for col in shown:
+        values = correlations[col] if col in correlations else pd.Series([], dtype=object)
+        cells.append([f"{v:.3g}" if isinstance(v, float) else v for v in values])
+    fig = go.Figure(go.Table(header={"values": shown, "fill_color": "#e8e8f0"},
+                             cells={"values": cells}))
+    fig.update_layout(height=90 + 24 * len(correlations), margin={"t": 20, "b": 10})
+    return fig
+
+
+def _empty(message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_layout(template="plotly_white", height=300, xaxis_visible=False,
+                      yaxis_visible=False)
+    return fig

@@ -1,0 +1,94 @@
+"""Figure builders: panels, colours by layer, markers by step, fitted line, precision floor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+import dora_analysis as da
+from dora_analysis import columns as C
+from dora_analysis.plots import (
+    STEP_SYMBOLS,
+    correlation_figure,
+    figure2,
+    figure3,
+    precision_floor,
+)
+from dora_analysis.report import html_report
+
+
+@pytest.fixture(scope="module")
+def table(ckpts):
+    return pd.concat([
+        da.analyze(ckpts["base"], ckpts["series"], labels=["FT"], methods=["ft"]),
+        da.analyze(ckpts["base"], ckpts["tuned"], labels=["other"], methods=["lora"]),
+    ], ignore_index=True)
+
+
+def point_traces(fig):
+    return [t for t in fig.data if t.mode == "markers"]
+
+
+def test_figure2_panels_markers_colours_and_fit(table):
+    fig = figure2(table, module="q")
+    titles = [a.text for a in fig.layout.annotations if "r =" in a.text]
+    assert len(titles) == 2  # one panel per checkpoint series
+    ft = table[(table[C.CHECKPOINT] == "FT") & (table[C.MODULE] == "q")]
+    r = stats.pearsonr(ft[C.DELTA_D], ft[C.DELTA_M]).statistic
+    assert f"FT (ft) · r = {r:+.2f}" in titles
+    ft_points = [t for t in point_traces(fig) if t.xaxis == "x"]
+    assert [t.marker.symbol for t in ft_points] == list(STEP_SYMBOLS[:3])  # steps 10, 20, 30
+    assert [t.name for t in ft_points] == ["step 10", "step 20", "step 30"]
+    for trace in ft_points:
+        assert sorted(trace.marker.color) == [0.0, 1.0, 2.0]  # colour = layer
+        assert trace.marker.coloraxis == "coloraxis"
+    line = next(t for t in fig.data if t.mode == "lines" and t.name == "fit FT")
+    slope = (line.y[1] - line.y[0]) / (line.x[1] - line.x[0])
+    assert slope == pytest.approx(stats.linregress(ft[C.DELTA_D], ft[C.DELTA_M]).slope, rel=1e-9)
+    assert sum(len(t.x) for t in point_traces(fig)) == len(table[table[C.MODULE] == "q"])
+
+
+def test_figure2_draws_the_precision_floor(table):
+    fig = figure2(table, module="v")
+    floors = [s for s in fig.layout.shapes if s.line.dash == "dot"]
+    assert floors and floors[0].x0 == pytest.approx(precision_floor("float32"))
+
+
+def test_figure2_without_points_says_so(table):
+    fig = figure2(table, module="nonexistent")
+    assert not fig.data and "no 'nonexistent' matrices" in fig.layout.annotations[0].text
+
+
+def test_figure3_lines_per_checkpoint_and_layer(table):
+    fig = figure3(table, modules=("q", "v"))
+    assert len(fig.data) == 2 * 2 * 2  # checkpoints x modules x (ΔM, ΔD)
+    ft_q_dm = fig.data[0]
+    assert list(ft_q_dm.x) == [0, 1, 2]
+    last = table[(table[C.CHECKPOINT] == "FT") & (table[C.STEP] == 30) & (table[C.MODULE] == "q")]
+    assert list(ft_q_dm.y) == pytest.approx(last.sort_values(C.LAYER)[C.DELTA_M].tolist())
+
+
+def test_correlation_figure(table):
+    fig = correlation_figure(da.correlate(table))
+    assert fig.data[0].header.values[0] == "checkpoint"
+    assert len(fig.data[0].cells.values[0]) == len(da.correlate(table))
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("bfloat16", torch.bfloat16),
+                                                ("float16", torch.float16)])
+def test_precision_floor_matches_a_simulation(dtype, torch_dtype):
+    w = torch.randn(512, 2048, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rounded = w.to(torch_dtype).double()
+    simulated = float((1 - torch.nn.functional.cosine_similarity(w, rounded, dim=1)).mean())
+    assert precision_floor(dtype) == pytest.approx(simulated, rel=0.1)
+    assert np.isnan(precision_floor("int8"))
+
+
+def test_html_report_is_self_contained(table):
+    text = html_report(table, da.correlate(table))
+    assert text.startswith("<!DOCTYPE html>") and "Plotly.newPlot" in text
+    assert "<script src=" not in text  # plotly.js inline, no network needed
+    assert "Per-matrix table" in text and "FT (ft)" in text

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-slow install lint bench clean
+.PHONY: demo dashboard test test-slow install lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python examples/demo.py --out demo-output
 
+# The Streamlit dashboard, opened on the demo's results (run `make demo` first, or load data in it).
+dashboard: install
+	DORA_DASHBOARD_TABLE=$(if $(wildcard demo-output/table.csv),demo-output/table.csv,) \
+		$(BIN)/streamlit run app/streamlit_app.py --browser.gatherUsageStats false
+
 test: install
 	$(BIN)/python -m pytest -q
 
@@ -29,7 +34,7 @@ test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 lint: install
-	$(BIN)/python -m ruff check dora_analysis tests examples benchmarks
+	$(BIN)/python -m ruff check dora_analysis tests examples benchmarks app
 
 # Scale/speed benchmark on a generated ~1B LLaMA-shaped pair (4 GiB of disk); see docs/performance.md.
 bench: install

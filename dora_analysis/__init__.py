@@ -15,7 +15,7 @@ from .analysis import analyze
 from .config import AnalysisConfig
 from .decompose import compare, delta_direction, delta_magnitude, direction, magnitude
 from .errors import DoraAnalysisError
-from .report import read_table, write_table
+from .report import read_table, write_html, write_table
 from .stats import correlate
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ __all__ = [
     "direction",
     "magnitude",
     "read_table",
+    "write_html",
     "write_table",
     "__version__",
 ]

@@ -3,7 +3,7 @@
 It writes three *synthetic* fine-tuning runs of the query and value matrices — full fine-tuning
 (independent dense updates), LoRA (W0 + s·B·A with a growing B) and DoRA (Eq. 5: a LoRA direction
 with its own magnitude) — each as a ``checkpoint-N/`` series, then analyses them exactly as a
-user would, and writes the table, the correlations and a text report.
+user would, and writes the table, the correlations, a text report and an HTML report.
 
 The updates are drawn at random, not learned: this shows the tool and its outputs in seconds.
 Real fine-tuning runs come from ``dora_analysis.training`` (see README).
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     correlations = da.correlate(table)
     da.write_table(table, args.out / "table.csv")
     da.write_table(correlations, args.out / "correlations.csv")
+    da.write_html(table, correlations, args.out / "report.html",
+                  title="dora-analysis demo: all-MiniLM-L6-v2 (synthetic updates)")
 
     shown = correlations[["checkpoint", "module", "n", "pearson_r", "spearman_rho", "slope",
                           "mean_delta_m", "mean_delta_d"]]
@@ -112,10 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "report.txt").write_text(report)
     print(report)
     print(f"wrote {args.out / 'table.csv'}, {args.out / 'correlations.csv'}, "
-          f"{args.out / 'report.txt'} in {time.perf_counter() - start:.1f} s")
+          f"{args.out / 'report.txt'}, {args.out / 'report.html'} "
+          f"in {time.perf_counter() - start:.1f} s")
     print(f"the same from the command line:\n  dora-analyze {base} "
           + " ".join(str(p) for p in runs.values())
           + " --label " + " ".join(runs) + " --method " + " ".join(runs) + " --modules q,v")
+    print(f"open the dashboard on these results:\n  DORA_DASHBOARD_TABLE={args.out / 'table.csv'}"
+          " streamlit run app/streamlit_app.py      (or: make dashboard)")
     return 0
 
 

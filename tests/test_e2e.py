@@ -77,6 +77,8 @@ def test_demo_end_to_end(tmp_path):
     assert set(table["method"]) == {"ft", "lora", "dora"}
     assert len(pd.read_csv(tmp_path / "correlations.csv")) == 6
     assert "SYNTHETIC" in (tmp_path / "report.txt").read_text()
+    assert "Plotly.newPlot" in (tmp_path / "report.html").read_text()
+    assert "make dashboard" in proc.stdout
 
 
 @pytest.mark.parametrize("use_dora", [False, True])

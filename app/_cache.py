@@ -1,0 +1,114 @@
+"""Caching and session state for the dashboard (the library itself never imports streamlit).
+
+Analyses are cached by the *identity* of the files they read — path, size and modification time of
+every checkpoint file — so editing or re-saving a checkpoint invalidates the cache, and the same
+analysis asked twice is instant.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+import dora_analysis as da
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DIR = ROOT / "demo-output"
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+TABLE_KEY = "table"
+SOURCE_KEY = "source"
+
+
+def file_identity(ref: str) -> tuple:
+    """(path, size, mtime) of each checkpoint file a reference reads; a Hub id is its own key."""
+    path = Path(ref).expanduser()
+    if not path.exists():
+        return (ref,)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _analyze(base: str, tuned: str, label: str, method: str, axis: str,
+             modules: tuple[str, ...] | None, identity: tuple) -> pd.DataFrame:
+    del identity  # part of the cache key only
+    return da.analyze(base, tuned, labels=[label] if label else None, methods=[method],
+                      axis=axis, modules=modules)
+
+
+def analyze(base: str, tuned: str, label: str, method: str, axis: str,
+            modules: tuple[str, ...] | None) -> pd.DataFrame:
+    """One tuned reference against its base, cached by file identity."""
+    identity = (file_identity(base), file_identity(tuned))
+    return _analyze(base, tuned, label, method, axis, modules, identity)
+
+
+def read_uploaded_table(name: str, data: bytes) -> pd.DataFrame:
+    """A table uploaded as CSV, JSON or Parquet."""
+    suffix = Path(name).suffix.lower()
+    readers = {".csv": pd.read_csv, ".json": lambda b: pd.read_json(b, orient="records"),
+               ".parquet": pd.read_parquet}
+    if suffix not in readers:
+        raise da.DoraAnalysisError(f"{name}: not a table (upload .csv, .json or .parquet)")
+    frame = readers[suffix](io.BytesIO(data))
+    missing = {"checkpoint", "module", "delta_m", "delta_d"} - set(frame.columns)
+    if missing:
+        raise da.DoraAnalysisError(f"{name}: not a dora-analysis table (no column "
+                                   f"{', '.join(sorted(missing))})")
+    for col in ("step", "layer"):
+        if col in frame:
+            frame[col] = frame[col].astype("Int64")
+    return frame
+
+
+def save_uploaded_adapter(files) -> Path:
+    """Uploaded adapter files (adapter_config.json + weights) in a private temporary folder."""
+    names = {f.name for f in files}
+    if "adapter_config.json" not in names:
+        raise da.DoraAnalysisError("upload adapter_config.json together with the adapter weights")
+    folder = Path(tempfile.mkdtemp(prefix="dora-adapter-"))
+    for f in files:
+        (folder / Path(f.name).name).write_bytes(f.getvalue())
+    return folder
+
+
+def demo_table() -> pd.DataFrame:
+    """The table of `make demo`, made on first use if it is not on disk yet."""
+    table = DEMO_DIR / "table.csv"
+    if not table.is_file():
+        subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--out",
+                        str(DEMO_DIR)], check=True, capture_output=True, text=True)
+    return da.read_table(table)
+
+
+def set_table(table: pd.DataFrame, source: str) -> None:
+    st.session_state[TABLE_KEY] = table
+    st.session_state[SOURCE_KEY] = source
+
+
+def current_table() -> pd.DataFrame | None:
+    """The table loaded in this session; at start-up, the one named by DORA_DASHBOARD_TABLE."""
+    if TABLE_KEY not in st.session_state and os.environ.get("DORA_DASHBOARD_TABLE"):
+        path = os.environ["DORA_DASHBOARD_TABLE"]
+        try:
+            set_table(da.read_table(path), path)
+        except (OSError, ValueError, da.DoraAnalysisError) as exc:
+            st.error(f"could not open {path}: {exc}")
+            return None
+    return st.session_state.get(TABLE_KEY)
+
+
+def show_error(exc: BaseException) -> None:
+    """A readable message in the page, never a stack trace."""
+    if isinstance(exc, da.DoraAnalysisError):
+        st.error(str(exc))
+    else:
+        st.error(f"unexpected error ({type(exc).__name__}): {exc}")

@@ -1,0 +1,54 @@
+"""Figures: the paper's Figure 2 (ΔD vs ΔM) and Figure 3 (per layer), with filters."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app folder, for _cache
+
+import streamlit as st
+
+import _cache
+import dora_analysis as da
+from dora_analysis import plots
+from dora_analysis.report import report_modules
+
+table = _cache.current_table()
+if table is None:
+    st.info("No data yet: open the **Data** page to load the demo, analyse checkpoints or open "
+            "a table.")
+    st.stop()
+
+with st.sidebar:
+    st.header("Filters")
+    modules = report_modules(table)
+    module = st.selectbox("Module kind (Figure 2)", modules)
+    axis = st.radio("Axis", sorted(set(table["axis"])), horizontal=True)
+    checkpoints = st.multiselect("Checkpoints", list(dict.fromkeys(table["checkpoint"])),
+                                 default=list(dict.fromkeys(table["checkpoint"])))
+    layers = sorted(int(x) for x in table["layer"].dropna().unique())
+    if len(layers) > 1:
+        low, high = st.select_slider("Layers", options=layers, value=(layers[0], layers[-1]))
+    else:
+        low, high = (layers[0], layers[0]) if layers else (None, None)
+    steps = sorted(int(x) for x in table["step"].dropna().unique())
+    chosen_steps = st.multiselect("Steps", steps, default=steps) if steps else []
+
+view = table[table["checkpoint"].isin(checkpoints)]
+if low is not None:
+    view = view[view["layer"].isna() | view["layer"].between(low, high)]
+if steps:
+    view = view[view["step"].isna() | view["step"].isin(chosen_steps)]
+
+st.header(f"Figure 2 — magnitude vs direction, {module!r} matrices")
+st.plotly_chart(plots.figure2(view, module=module, axis=axis), use_container_width=True)
+st.caption("One point per weight matrix and step; colour = layer, marker = step; dashed line = "
+           "least squares, r = Pearson. The dotted line is the ΔD that storage rounding alone "
+           "produces.")
+
+st.header("Figure 3 — per layer")
+fig3_modules = st.multiselect("Module kinds (Figure 3)", modules, default=modules[:3])
+st.plotly_chart(plots.figure3(view, modules=tuple(fig3_modules) or (module,), axis=axis),
+                use_container_width=True)
+
+st.header("Correlations")
+st.dataframe(da.correlate(view), hide_index=True, use_container_width=True)

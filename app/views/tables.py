@@ -1,0 +1,31 @@
+"""Tables: correlations and the per-matrix table, with downloads (CSV, HTML report)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app folder, for _cache
+
+import streamlit as st
+
+import _cache
+import dora_analysis as da
+from dora_analysis.report import html_report
+
+table = _cache.current_table()
+if table is None:
+    st.info("No data yet: open the **Data** page first.")
+    st.stop()
+
+correlations = da.correlate(table)
+st.header("Correlation of ΔD and ΔM per checkpoint series and module kind")
+st.dataframe(correlations, hide_index=True, use_container_width=True)
+st.header("Per-matrix table")
+st.dataframe(table, hide_index=True, use_container_width=True)
+
+cols = st.columns(3)
+cols[0].download_button("Download the table (CSV)", table.to_csv(index=False),
+                        file_name="dora-analysis-table.csv", mime="text/csv")
+cols[1].download_button("Download the correlations (CSV)", correlations.to_csv(index=False),
+                        file_name="dora-analysis-correlations.csv", mime="text/csv")
+cols[2].download_button("Download the HTML report", html_report(table, correlations),
+                        file_name="dora-analysis-report.html", mime="text/html")

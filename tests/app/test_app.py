@@ -1,0 +1,114 @@
+"""Each dashboard page under streamlit's AppTest, on real fixture checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import dora_analysis as da
+
+testing = pytest.importorskip("streamlit.testing.v1")
+APP = Path(__file__).resolve().parents[2] / "app"
+
+
+def run(page: str, table=None, **state):
+    at = testing.AppTest.from_file(str(APP / page), default_timeout=60)
+    if table is not None:
+        at.session_state["table"] = table
+        at.session_state["source"] = "test"
+    for key, value in state.items():
+        at.session_state[key] = value
+    return at.run()
+
+
+@pytest.fixture(scope="module")
+def table(ckpts):
+    return da.analyze(ckpts["base"], [ckpts["series"], ckpts["tuned"]], labels=["FT", "other"],
+                      methods=["ft", "lora"])
+
+
+def test_entry_wires_the_data_page(monkeypatch):
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    at = run("streamlit_app.py")
+    assert not at.exception
+    assert any("Load the demo data" in b.label for b in at.button)
+
+
+def test_data_page_runs_an_analysis(ckpts, monkeypatch):
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    at = run("views/data.py")
+    at.text_input[0].input(str(ckpts["base"]))
+    at.text_area[0].input(f"FT = {ckpts['series']}\n{ckpts['tuned']}")
+    at.text_input[1].input("q,v")
+    next(b for b in at.button if b.label == "Run analysis").click()
+    at.run()
+    assert not at.exception and not at.error
+    result = at.session_state["table"]
+    assert set(result["checkpoint"]) == {"FT", "tuned"} and set(result["module"]) == {"q", "v"}
+
+
+def test_data_page_shows_errors_in_the_page(ckpts, tmp_path, monkeypatch):
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    at = run("views/data.py")
+    at.text_input[0].input(str(tmp_path / "missing.safetensors"))
+    at.text_area[0].input(str(ckpts["tuned"]))
+    next(b for b in at.button if b.label == "Run analysis").click()
+    at.run()
+    assert not at.exception
+    assert "missing.safetensors: no such file or folder" in at.error[0].value
+    assert "Traceback" not in at.error[0].value
+
+
+def test_figures_page_renders_figures_and_filters(table):
+    at = run("views/figures.py", table)
+    assert not at.exception
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2
+    assert len(at.dataframe) == 1
+    at.selectbox[0].select("v").run()
+    assert not at.exception and "'v' matrices" in at.header[0].value
+
+
+def test_pages_without_data_say_what_to_do(monkeypatch):
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    for page in ("views/figures.py", "views/tables.py"):
+        at = run(page)
+        assert not at.exception and "Data" in at.info[0].value
+
+
+def test_tables_page_offers_downloads(table):
+    at = run("views/tables.py", table)
+    assert not at.exception
+    assert len(at.dataframe) == 2
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert labels == ["Download the table (CSV)", "Download the correlations (CSV)",
+                      "Download the HTML report"]
+
+
+@pytest.fixture(scope="module")
+def cache_module():
+    spec = importlib.util.spec_from_file_location("_cache", APP / "_cache.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_uploaded_tables(cache_module, table):
+    csv = table.to_csv(index=False).encode()
+    back = cache_module.read_uploaded_table("t.csv", csv)
+    assert len(back) == len(table) and str(back["step"].dtype) == "Int64"
+    with pytest.raises(da.DoraAnalysisError, match="not a dora-analysis table"):
+        cache_module.read_uploaded_table("x.csv", b"a,b\n1,2\n")
+    with pytest.raises(da.DoraAnalysisError, match="not a table"):
+        cache_module.read_uploaded_table("x.xlsx", b"")
+
+
+def test_cache_key_follows_file_identity(cache_module, tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"1234")
+    before = cache_module.file_identity(str(tmp_path))
+    f.write_bytes(b"12345")
+    assert cache_module.file_identity(str(tmp_path)) != before
+    assert cache_module.file_identity("org/model") == ("org/model",)

@@ -106,6 +106,13 @@ def current_table() -> pd.DataFrame | None:
     return st.session_state.get(TABLE_KEY)
 
 
+def number_formats() -> dict:
+    """Scientific notation for the small numbers (ΔM, ΔD, p-values) in st.dataframe."""
+    columns = ("delta_m", "delta_d", "mean_m0", "p_value", "slope", "intercept", "mean_delta_m",
+               "mean_delta_d")
+    return {c: st.column_config.NumberColumn(format="%.3e") for c in columns}
+
+
 def show_error(exc: BaseException) -> None:
     """A readable message in the page, never a stack trace."""
     if isinstance(exc, da.DoraAnalysisError):

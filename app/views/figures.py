@@ -51,4 +51,5 @@ st.plotly_chart(plots.figure3(view, modules=tuple(fig3_modules) or (module,), ax
                 use_container_width=True)
 
 st.header("Correlations")
-st.dataframe(da.correlate(view), hide_index=True, use_container_width=True)
+st.dataframe(da.correlate(view), hide_index=True, use_container_width=True,
+             column_config=_cache.number_formats())

@@ -18,9 +18,11 @@ if table is None:
 
 correlations = da.correlate(table)
 st.header("Correlation of ΔD and ΔM per checkpoint series and module kind")
-st.dataframe(correlations, hide_index=True, use_container_width=True)
+st.dataframe(correlations, hide_index=True, use_container_width=True,
+             column_config=_cache.number_formats())
 st.header("Per-matrix table")
-st.dataframe(table, hide_index=True, use_container_width=True)
+st.dataframe(table, hide_index=True, use_container_width=True,
+             column_config=_cache.number_formats())
 
 cols = st.columns(3)
 cols[0].download_button("Download the table (CSV)", table.to_csv(index=False),

@@ -104,24 +104,30 @@ class DoRALinear(LoRALinear):
         self._merged_norm: torch.Tensor | None = None
 
     def weight_norm(self) -> torch.Tensor:
-        """``||W0 + s B A||_c`` per output channel; detached by default (§4.3)."""
-        weight = self.base_layer.weight + self.delta_weight()
-        norm = torch.linalg.vector_norm(weight, dim=1)
-        return norm.detach() if self.detach_norm else norm
+        """``||W0 + s B A||_c`` per output channel; detached by default (§4.3), in which case
+        no graph is built for it at all (the (out × in) sum is never saved for backward)."""
+        if self.detach_norm:
+            with torch.no_grad():
+                return torch.linalg.vector_norm(self.base_layer.weight + self.delta_weight(), dim=1)
+        return torch.linalg.vector_norm(self.base_layer.weight + self.delta_weight(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
             return result
-        dropped = self.lora_dropout(x)
         scale = (self.lora_magnitude_vector / self.weight_norm()).view(1, -1)
-        # Base output without its bias, on the input the LoRA branch sees.
-        base = result if isinstance(self.lora_dropout, nn.Identity) or not self.training else \
-            F.linear(dropped, self.base_layer.weight)
-        if base is result and self.base_layer.bias is not None:
-            base = result - self.base_layer.bias
+        bias = self.base_layer.bias
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            # y = m/||W0 + sBA|| ⊙ (W0 x + s B A x) + b: one activation-sized tensor is kept for
+            # backward (the bracket) instead of two.
+            core = result if bias is None else result - bias
+            out = (core + self.lora_B(self.lora_A(x)) * self.scaling) * scale
+            return out if bias is None else out + bias
+        # With dropout (as PEFT): the dropped-out input drives the LoRA branch and the rescaling
+        # of the base output; the undropped base output is kept as is.
+        dropped = self.lora_dropout(x)
         lora = self.lora_B(self.lora_A(dropped)) * self.scaling
-        return result + (scale - 1) * base + scale * lora
+        return result + (scale - 1) * F.linear(dropped, self.base_layer.weight) + scale * lora
 
     @torch.no_grad()
     def merge(self) -> None:

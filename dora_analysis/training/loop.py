@@ -77,9 +77,21 @@ def peft_adapter_config(config: TrainConfig) -> dict:
     }
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` (or similar ``.module``) wrapper."""
+    return getattr(model, "module", model)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under ``torch.distributed`` (torchrun), or the only process."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def save_checkpoint(model: nn.Module, config: TrainConfig, step: int, optimizer, scheduler,
                     losses: list[float]) -> Path:
     """Write ``OUTPUT/checkpoint-<step>/`` atomically (temporary folder, then rename)."""
+    model = unwrap(model)
     final = config.output / f"checkpoint-{step}"
     tmp = config.output / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -109,6 +121,7 @@ def save_checkpoint(model: nn.Module, config: TrainConfig, step: int, optimizer,
 
 def load_trainable(model: nn.Module, folder: Path, method: str) -> None:
     """Put a checkpoint's trained weights back into a prepared model."""
+    model = unwrap(model)
     if method == "ft":
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
         return
@@ -128,7 +141,8 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfi
     """Fine-tune a prepared model (see :func:`prepare`) and save checkpoints at ``save_steps``.
 
     ``batch_at(i)`` returns micro-batch ``i``; step ``s`` uses micro-batches
-    ``s·grad_accum … s·grad_accum + grad_accum − 1``.
+    ``s·grad_accum … s·grad_accum + grad_accum − 1``. Under ``torchrun``, wrap the prepared model
+    in ``DistributedDataParallel`` and give each rank its own ``batch_at``; rank 0 saves.
 
     Example:
         >>> model = prepare(model, TrainConfig(method="dora", targets=("query",)))  # doctest: +SKIP
@@ -159,7 +173,7 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfi
             with autocast:
                 loss = loss_fn(model, batch_at(step * config.grad_accum + micro))
             (loss / config.grad_accum).backward()
-            total += float(loss) / config.grad_accum
+            total += float(loss.detach()) / config.grad_accum
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()
@@ -167,7 +181,7 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfi
         optimizer.zero_grad(set_to_none=True)
         result.losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
-        if step + 1 in config.save_steps and config.output is not None:
+        if step + 1 in config.save_steps and config.output is not None and is_main_process():
             result.checkpoints.append(save_checkpoint(model, config, step + 1, optimizer,
                                                       scheduler, result.losses))
     return result

@@ -53,20 +53,7 @@ def analyze(base: str, tuned: str, label: str, method: str, axis: str,
 
 def read_uploaded_table(name: str, data: bytes) -> pd.DataFrame:
     """A table uploaded as CSV, JSON or Parquet."""
-    suffix = Path(name).suffix.lower()
-    readers = {".csv": pd.read_csv, ".json": lambda b: pd.read_json(b, orient="records"),
-               ".parquet": pd.read_parquet}
-    if suffix not in readers:
-        raise da.DoraAnalysisError(f"{name}: not a table (upload .csv, .json or .parquet)")
-    frame = readers[suffix](io.BytesIO(data))
-    missing = {"checkpoint", "module", "delta_m", "delta_d"} - set(frame.columns)
-    if missing:
-        raise da.DoraAnalysisError(f"{name}: not a dora-analysis table (no column "
-                                   f"{', '.join(sorted(missing))})")
-    for col in ("step", "layer"):
-        if col in frame:
-            frame[col] = frame[col].astype("Int64")
-    return frame
+    return da.read_table(io.BytesIO(data), name=name)
 
 
 def save_uploaded_adapter(files) -> Path:

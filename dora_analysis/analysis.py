@@ -32,7 +32,7 @@ from .errors import (
 )
 from .io.keys import align_names, layer_index, module_kind, stored_in_out
 from .io.refs import CheckpointRef, series_steps
-from .io.sources import TensorInfo, TensorSource
+from .io.sources import ANALYSABLE_DTYPES, TensorInfo, TensorSource
 from .merge import AdapterSource, open_base, open_tuned
 
 Ref = str | Path | CheckpointRef
@@ -128,9 +128,8 @@ def matrix_infos(source: TensorSource) -> dict[str, TensorInfo]:
         info = source.info(name)
         if info.is_matrix:
             infos[name] = info
-        elif name.endswith(".weight") and len(info.shape) >= 2 and info.dtype not in (
-            torch.float16, torch.bfloat16, torch.float32, torch.float64
-        ):
+        elif (name.endswith(".weight") and len(info.shape) >= 2
+              and info.dtype not in ANALYSABLE_DTYPES):
             raise CheckpointFormatError(
                 f"{source.path}: tensor '{name}' is stored as {info.dtype} (quantized?); "
                 "dequantize the checkpoint to float weights first"

@@ -116,7 +116,6 @@ class AdapterSource(TensorSource):
 
     def __init__(self, adapter: Adapter, base: TensorSource, base_infos: dict[str, TensorInfo]):
         self.path = adapter.path
-        self.adapter = adapter
         self.method = adapter.method
         self.base = base
         self._infos = base_infos

@@ -9,6 +9,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import IO
 
 import pandas as pd
 
@@ -89,14 +90,29 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a table written by :func:`write_table` (CSV, JSON or Parquet) back."""
-    path = Path(path)
-    readers = {".csv": pd.read_csv, ".json": lambda p: pd.read_json(p, orient="records"),
-               ".parquet": pd.read_parquet}
-    if path.suffix.lower() not in readers:
-        raise OutputError(f"{path}: unknown table format '{path.suffix}'")
-    frame = readers[path.suffix.lower()](path)
+TABLE_READERS: dict[str, Callable] = {
+    ".csv": pd.read_csv,
+    ".json": lambda src: pd.read_json(src, orient="records"),
+    ".parquet": pd.read_parquet,
+}
+#: Columns without which a file is not an analysis table.
+REQUIRED_COLUMNS = (C.CHECKPOINT, C.MODULE, C.DELTA_M, C.DELTA_D)
+
+
+def read_table(source: str | Path | IO[bytes], *, name: str | None = None) -> pd.DataFrame:
+    """Read a table written by :func:`write_table` (CSV, JSON or Parquet) back.
+
+    ``source`` is a path or an open binary file; ``name`` gives the file name (and so the
+    format) of the latter.
+    """
+    name = name or str(source)
+    suffix = Path(name).suffix.lower()
+    if suffix not in TABLE_READERS:
+        raise OutputError(f"{name}: not a table (use {', '.join(TABLE_READERS)})")
+    frame = TABLE_READERS[suffix](source)
+    missing = sorted(set(REQUIRED_COLUMNS) - set(frame.columns))
+    if missing:
+        raise OutputError(f"{name}: not a dora-analysis table (no column {', '.join(missing)})")
     for col in (C.STEP, C.LAYER):
         if col in frame:
             frame[col] = frame[col].astype("Int64")

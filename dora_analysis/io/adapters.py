@@ -83,7 +83,6 @@ class Adapter:
     """Everything one adapter checkpoint says about the weights it changes."""
 
     format: str
-    method: str  # "lora" | "dora"
     path: Path
     updates: dict[str, LowRankUpdate]
     """Adapted module path (adapter's own naming, wrappers removed) → its update."""
@@ -92,6 +91,11 @@ class Adapter:
     base_model: str | None = None
     module_aliases: Callable[[str], list[str]] = lambda path: []
     """Other names the base may give an adapted module (torchtune → Hugging Face names)."""
+
+    @property
+    def method(self) -> str:
+        """``dora`` when any module carries a magnitude, else ``lora``."""
+        return "dora" if any(u.magnitude is not None for u in self.updates.values()) else "lora"
 
 
 # --- reading adapter files -----------------------------------------------------------------
@@ -234,9 +238,7 @@ def read_peft(folder: Path, **_) -> Adapter:
     # Saved base copies (embedding layers saved alongside) are not changes; the rest are
     # modules_to_save, trained in full.
     full = {k: v for k, v in rest.items() if ".base_layer." not in k}
-    method = "dora" if config.get("use_dora") or any(u.magnitude is not None
-                                                      for u in updates.values()) else "lora"
-    return Adapter("peft", method, folder, updates, full,
+    return Adapter("peft", folder, updates, full,
                    base_model=config.get("base_model_name_or_path"))
 
 
@@ -252,8 +254,7 @@ def _read_nvlabs(folder: Path, config: dict, tensors: dict) -> Adapter:
         dtype = (a if a is not None else m).dtype
         updates[module] = LowRankUpdate(a2, b2, scale, None if m is None else _f64(m).flatten(),
                                         dtype=dtype)
-    method = "dora" if any(u.magnitude is not None for u in updates.values()) else "lora"
-    return Adapter("nvlabs", method, folder, updates, {},
+    return Adapter("nvlabs", folder, updates, {},
                    base_model=config.get("base_model_name_or_path"))
 
 
@@ -288,8 +289,7 @@ def read_torchtune(path: Path, tensors: dict, lora_alpha: float | None = None, *
         m = parts.get("magnitude")
         updates[module] = LowRankUpdate(a2, b2, lora_alpha / a2.shape[0],
                                         None if m is None else _f64(m).flatten(), dtype=a.dtype)
-    method = "dora" if any(u.magnitude is not None for u in updates.values()) else "lora"
-    return Adapter("torchtune", method, path, updates, module_aliases=torchtune_aliases)
+    return Adapter("torchtune", path, updates, module_aliases=torchtune_aliases)
 
 
 _LYCORIS_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|"
@@ -313,8 +313,7 @@ def read_lycoris(path: Path, tensors: dict, **_) -> Adapter:
             update.magnitude, update.magnitude_axis = _lycoris_magnitude(
                 parts["dora_scale"], b2.shape[0], a2.shape[1], a.dim(), module, path)
         updates[module] = update
-    method = "dora" if any(u.magnitude is not None for u in updates.values()) else "lora"
-    return Adapter("lycoris", method, path, updates)
+    return Adapter("lycoris", path, updates)
 
 
 def _lycoris_magnitude(scale: torch.Tensor, out: int, in_flat: int, a_dim: int, module: str,

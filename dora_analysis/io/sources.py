@@ -48,18 +48,12 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
         """``(rows, cols)`` of the 2-D view ``(out, in * prod(k))``."""
-        cols = 1
-        for d in self.shape[1:]:
-            cols *= d
-        return self.shape[0], cols
+        return self.shape[0], math.prod(self.shape[1:])
 
     @property
     def is_matrix(self) -> bool:

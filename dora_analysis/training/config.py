@@ -60,7 +60,6 @@ class TrainConfig:
             (0 <= self.warmup_steps < self.steps, "--warmup must be below --steps"),
             (all(0 < s <= self.steps for s in self.save_steps),
              f"--save-steps must lie in 1..{self.steps}"),
-            (self.method != "ft" or not self.magnitude_only, "--magnitude-only needs DoRA"),
             (self.method == "dora" or not self.magnitude_only, "--magnitude-only needs DoRA"),
         ]
         for ok, message in checks:

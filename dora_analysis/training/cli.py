@@ -2,7 +2,11 @@
 DoRA and save a checkpoint series that ``dora-analyze`` reads.
 
     dora-train --model path/or/hub-id --data train.jsonl --method dora --targets query,value \\
-               --steps 200 --save-steps 50,100,150 --output runs/dora
+               --steps 200 --save-steps 50,100,150 --output runs/dora --eval-data heldout.jsonl
+
+With ``--eval-data``, every saved checkpoint is scored on the held-out examples (accuracy and
+mean cross-entropy, in ``checkpoint-N/eval_results.json``); ``OUTPUT/eval_results.json`` lists
+all saved steps.
 
 Exit codes: 0 success, 2 bad input (one ``error: …`` line on stderr).
 """
@@ -27,7 +31,8 @@ class TrainInputError(ValueError):
     """Bad data or settings given to dora-train."""
 
 
-def read_examples(path: Path, text_field: str, label_field: str) -> tuple[list[str], list[str]]:
+def read_examples(path: Path, text_field: str, label_field: str,
+                  min_labels: int = 2) -> tuple[list[str], list[str]]:
     """Texts and labels from a JSONL (one object per line) or CSV file."""
     import pandas as pd
 
@@ -49,8 +54,9 @@ def read_examples(path: Path, text_field: str, label_field: str) -> tuple[list[s
                               "--label-field")
     frame = frame.dropna(subset=[text_field, label_field])
     labels = frame[label_field].astype(str).tolist()
-    if len(set(labels)) < 2:
-        raise TrainInputError(f"{path}: needs at least two distinct labels in '{label_field}'")
+    if len(set(labels)) < min_labels:
+        raise TrainInputError(f"{path}: needs at least {min_labels} distinct label(s) in "
+                              f"'{label_field}'")
     return frame[text_field].astype(str).tolist(), labels
 
 
@@ -72,12 +78,35 @@ def make_batches(encodings: dict, label_ids: torch.Tensor, batch_size: int, seed
     return batch_at
 
 
+def accuracy_eval(encodings: dict, label_ids: torch.Tensor, batch_size: int = 64):
+    """``evaluate(model)`` → held-out accuracy and mean cross-entropy of a classifier."""
+    def evaluate(model) -> dict:
+        correct, loss = 0, 0.0
+        for start in range(0, len(label_ids), batch_size):
+            batch = {k: v[start : start + batch_size] for k, v in encodings.items()}
+            labels = label_ids[start : start + batch_size]
+            logits = model(**batch).logits.float()
+            loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+        n = len(label_ids)
+        return {"accuracy": correct / n, "loss": loss / n, "n": n}
+    return evaluate
+
+
+def collect_evals(output: Path) -> list[dict]:
+    """The ``eval_results.json`` of every ``checkpoint-N`` in a run, by step."""
+    found = [json.loads(p.read_text()) for p in output.glob("checkpoint-*/eval_results.json")]
+    return sorted(found, key=lambda e: e["step"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dora-train", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     p.add_argument("--model", required=True, help="transformers model: local folder or Hub id")
     p.add_argument("--data", required=True, type=Path, help="training data, .jsonl or .csv")
+    p.add_argument("--eval-data", type=Path,
+                   help="held-out examples (.jsonl or .csv, same fields) scored at each save")
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
     p.add_argument("--method", choices=METHODS, default=defaults.method)
@@ -125,6 +154,13 @@ def run(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     texts, labels = read_examples(args.data, args.text_field, args.label_field)
     names = sorted(set(labels))
+    heldout = None
+    if args.eval_data is not None:
+        heldout = read_examples(args.eval_data, args.text_field, args.label_field, min_labels=1)
+        unknown = sorted(set(heldout[1]) - set(names))
+        if unknown:
+            raise TrainInputError(f"{args.eval_data}: label(s) not in the training data: "
+                                  f"{', '.join(unknown[:5])}")
     config = TrainConfig(
         method=args.method, targets=tuple(t for t in args.targets.split(",") if t),
         magnitude_only=tuple(t for t in args.magnitude_only.split(",") if t),
@@ -145,16 +181,26 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise TrainInputError(f"{args.model}: cannot load the model ({str(exc).splitlines()[0]})"
                               ) from None
-    encodings = dict(tokenizer(texts, truncation=True, max_length=args.max_length,
-                               padding="max_length", return_tensors="pt"))
-    label_ids = torch.tensor([names.index(label) for label in labels])
+    def encode(texts: list[str], labels: list[str]) -> tuple[dict, torch.Tensor]:
+        encodings = dict(tokenizer(texts, truncation=True, max_length=args.max_length,
+                                   padding="max_length", return_tensors="pt"))
+        return encodings, torch.tensor([names.index(label) for label in labels])
+
+    encodings, label_ids = encode(texts, labels)
+    evaluate = accuracy_eval(*encode(*heldout)) if heldout is not None else None
     prepare(model, config)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "labels.json").write_text(json.dumps(names))
     result = train(model, make_batches(encodings, label_ids, config.batch_size, config.seed),
-                   config, resume=args.resume, progress=not args.quiet)
+                   config, resume=args.resume, evaluate=evaluate, progress=not args.quiet)
     for ck in result.checkpoints:
         print(ck)
+    for metrics in result.evals:
+        print(f"step {metrics['step']}: held-out accuracy {metrics['accuracy']:.4f} "
+              f"(loss {metrics['loss']:.4f}, n={metrics['n']})", file=sys.stderr)
+    if evaluate is not None:
+        (args.output / "eval_results.json").write_text(
+            json.dumps(collect_evals(args.output), indent=1))
     print(f"final loss {result.losses[-1]:.4f} after {config.steps} steps; analyse with:\n"
           f"  dora-analyze {args.model} {args.output}", file=sys.stderr)
     return 0

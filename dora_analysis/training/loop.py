@@ -3,9 +3,10 @@
 ``OUTPUT/checkpoint-N/`` holds, for FT, ``model.safetensors`` (all weights); for LoRA/DoRA a
 PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's names),
 plus what resuming needs (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt``,
-``trainer_state.json``). Each checkpoint is written into a temporary folder and renamed into place,
-so an interrupted run never leaves a half-written checkpoint. Data order is a function of the
-step (``batch_at(i)``), so a resumed run sees the same batches and ends with the same weights.
+``trainer_state.json``) and, when an evaluation is given, ``eval_results.json``. Each checkpoint
+is written into a temporary folder and renamed into place, so an interrupted run never leaves a
+half-written checkpoint. Data order is a function of the step (``batch_at(i)``), so a resumed run
+sees the same batches and ends with the same weights.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .inject import PEFT_PREFIX, adapter_state_dict, inject_adapters
 
 Batch = dict
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+EvalFn = Callable[[nn.Module], dict]
 
 
 def hf_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -62,6 +64,8 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
 class TrainResult:
     losses: list[float] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    """One ``{"step": N, **metrics}`` per saved checkpoint, when an evaluation was given."""
 
 
 def peft_adapter_config(config: TrainConfig) -> dict:
@@ -89,7 +93,7 @@ def is_main_process() -> bool:
 
 
 def save_checkpoint(model: nn.Module, config: TrainConfig, step: int, optimizer, scheduler,
-                    losses: list[float]) -> Path:
+                    losses: list[float], metrics: dict | None = None) -> Path:
     """Write ``OUTPUT/checkpoint-<step>/`` atomically (temporary folder, then rename)."""
     model = unwrap(model)
     final = config.output / f"checkpoint-{step}"
@@ -110,6 +114,8 @@ def save_checkpoint(model: nn.Module, config: TrainConfig, step: int, optimizer,
         torch.save(torch.get_rng_state(), tmp / "rng_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"global_step": step, "log_history": losses, "config": config.to_json()}, indent=1))
+        if metrics is not None:
+            (tmp / "eval_results.json").write_text(json.dumps(metrics, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -136,13 +142,15 @@ def load_trainable(model: nn.Module, folder: Path, method: str) -> None:
 
 
 def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfig, *,
-          loss_fn: LossFn = hf_loss, resume: Path | None = None,
+          loss_fn: LossFn = hf_loss, resume: Path | None = None, evaluate: EvalFn | None = None,
           progress: bool = False) -> TrainResult:
     """Fine-tune a prepared model (see :func:`prepare`) and save checkpoints at ``save_steps``.
 
     ``batch_at(i)`` returns micro-batch ``i``; step ``s`` uses micro-batches
     ``s·grad_accum … s·grad_accum + grad_accum − 1``. Under ``torchrun``, wrap the prepared model
     in ``DistributedDataParallel`` and give each rank its own ``batch_at``; rank 0 saves.
+    ``evaluate(model)``, if given, runs in eval mode without gradients before each save; its
+    metrics go into the checkpoint (``eval_results.json``) and ``TrainResult.evals``.
 
     Example:
         >>> model = prepare(model, TrainConfig(method="dora", targets=("query",)))  # doctest: +SKIP
@@ -182,6 +190,20 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfi
         result.losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
         if step + 1 in config.save_steps and config.output is not None and is_main_process():
+            metrics = None
+            if evaluate is not None:
+                metrics = {"step": step + 1, **evaluated(model, evaluate)}
+                result.evals.append(metrics)
             result.checkpoints.append(save_checkpoint(model, config, step + 1, optimizer,
-                                                      scheduler, result.losses))
+                                                      scheduler, result.losses, metrics))
     return result
+
+
+def evaluated(model: nn.Module, evaluate: EvalFn) -> dict:
+    """``evaluate(model)`` in eval mode without gradients; the model is left in train mode."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return evaluate(unwrap(model))
+    finally:
+        model.train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -91,6 +92,34 @@ def test_resume_continues_the_same_run(tmp_path, method):
                                  strict=True):
         if a.requires_grad:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_evaluation_is_saved_per_checkpoint_and_does_not_change_training(tmp_path):
+    """Scored in eval mode without gradients before each save; the run's weights and losses are
+    those of a run without evaluation (dropout on, so a changed RNG stream would show)."""
+    cfg = config(tmp_path / "plain", "dora", dropout=0.1)
+    plain_model = loop.prepare(tiny_bert(), cfg)
+    plain = loop.train(plain_model, batch_at, cfg)
+    seen = []
+
+    def evaluate(model):
+        seen.append((model.training, torch.is_grad_enabled()))
+        ids = batch_at(99)
+        logits = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+        return {"accuracy": float((logits.argmax(-1) == ids["labels"]).float().mean())}
+
+    cfg_eval = config(tmp_path / "eval", "dora", dropout=0.1)
+    model = loop.prepare(tiny_bert(), cfg_eval)
+    scored = loop.train(model, batch_at, cfg_eval, evaluate=evaluate)
+    assert seen == [(False, False)] * 3 and model.training
+    assert [e["step"] for e in scored.evals] == [2, 4, 6]
+    for ck, metrics in zip(scored.checkpoints, scored.evals, strict=True):
+        assert json.loads((ck / "eval_results.json").read_text()) == metrics
+    assert not (plain.checkpoints[0] / "eval_results.json").exists()
+    assert scored.losses == plain.losses
+    for (name, a), (_, b) in zip(plain_model.named_parameters(), model.named_parameters(),
+                                 strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 def test_interrupted_save_leaves_no_checkpoint(tmp_path, monkeypatch):

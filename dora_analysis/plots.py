@@ -60,8 +60,10 @@ def _series_title(rows: pd.DataFrame, label: str, r: float) -> str:
     return f"{label} ({method}) · {r_text}"
 
 
-def figure2(table: pd.DataFrame, *, module: str = "q", axis: str = "out") -> go.Figure:
-    """Figure 2: ΔD vs ΔM for one module kind, one panel per checkpoint series.
+def figure2(table: pd.DataFrame, *, module: str = "q", axis: str = "out",
+            columns: int = 3) -> go.Figure:
+    """Figure 2: ΔD vs ΔM for one module kind, one panel per checkpoint series, ``columns``
+    panels per row.
 
     Example:
         >>> fig = figure2(da.analyze("base/", ["ft/", "lora/"]), module="q")  # doctest: +SKIP
@@ -72,13 +74,18 @@ def figure2(table: pd.DataFrame, *, module: str = "q", axis: str = "out") -> go.
         return _empty(f"no {module!r} matrices (axis {axis}) to plot")
     fits = {label: correlation(g[C.DELTA_D].to_numpy(), g[C.DELTA_M].to_numpy())
             for label, g in rows.groupby(C.CHECKPOINT, sort=False)}
-    fig = make_subplots(rows=1, cols=len(labels), horizontal_spacing=0.08,
+    n_cols = min(columns, len(labels))
+    n_rows = math.ceil(len(labels) / n_cols)
+    fig = make_subplots(rows=n_rows, cols=n_cols, horizontal_spacing=0.08,
+                        vertical_spacing=min(0.12, 0.3 / n_rows),
                         subplot_titles=[_series_title(rows[rows[C.CHECKPOINT] == lab], lab,
                                                       fits[lab][C.PEARSON_R]) for lab in labels])
     layers = rows[C.LAYER].astype("float64")
     cmin, cmax = (float(layers.min()), float(layers.max())) if layers.notna().any() else (0, 1)
     steps = sorted(s for s in rows[C.STEP].dropna().unique())
-    for col, label in enumerate(labels, start=1):
+    for index, label in enumerate(labels):
+        row, col = divmod(index, n_cols)
+        row, col = row + 1, col + 1
         series = rows[rows[C.CHECKPOINT] == label]
         for step_value, group in series.groupby(series[C.STEP].astype("float64").fillna(-1)):
             step = None if step_value == -1 else int(step_value)
@@ -87,13 +94,13 @@ def figure2(table: pd.DataFrame, *, module: str = "q", axis: str = "out") -> go.
             fig.add_trace(go.Scatter(
                 x=group[C.DELTA_D], y=group[C.DELTA_M], mode="markers",
                 name=f"step {step}" if step is not None else "final", legendgroup=f"step {step}",
-                showlegend=col == 1,
+                showlegend=index == 0,
                 marker={"symbol": symbol, "size": 10, "color": group[C.LAYER].astype("float64"),
                         "coloraxis": "coloraxis", "line": {"width": 0.5, "color": "#333"}},
                 customdata=np.stack([group[C.NAME], group[C.LAYER].astype("float64")], axis=-1),
                 hovertemplate="%{customdata[0]}<br>layer %{customdata[1]}<br>ΔD %{x:.3e}"
                               "<br>ΔM %{y:.3e}<extra></extra>",
-            ), row=1, col=col)
+            ), row=row, col=col)
         fit = fits[label]
         if not math.isnan(fit[C.SLOPE]):
             x = np.linspace(series[C.DELTA_D].min(), series[C.DELTA_D].max(), 2)
@@ -101,21 +108,21 @@ def figure2(table: pd.DataFrame, *, module: str = "q", axis: str = "out") -> go.
                 x=x, y=fit[C.SLOPE] * x + fit[C.INTERCEPT], mode="lines",
                 line={"color": "crimson", "dash": "dash"}, showlegend=False,
                 name=f"fit {label}", hoverinfo="skip",
-            ), row=1, col=col)
+            ), row=row, col=col)
         floor = precision_floor(series[C.DTYPE].iloc[0]) if C.DTYPE in series else math.nan
         if not math.isnan(floor):
-            fig.add_vline(x=floor, line={"color": "gray", "dash": "dot"}, row=1, col=col,
+            fig.add_vline(x=floor, line={"color": "gray", "dash": "dot"}, row=row, col=col,
                           annotation_text=f"{series[C.DTYPE].iloc[0]} floor",
                           annotation_position="top right", annotation_font_size=10)
-        fig.update_xaxes(title_text="ΔD", exponentformat="e", row=1, col=col)
+        fig.update_xaxes(title_text="ΔD", exponentformat="e", row=row, col=col)
     fig.update_yaxes(exponentformat="e")
-    fig.update_yaxes(title_text="ΔM", row=1, col=1)
+    fig.update_yaxes(title_text="ΔM", col=1)
     fig.update_layout(
         title=f"Magnitude vs direction updates of {module!r} matrices (axis {axis})",
         coloraxis={"colorscale": LAYER_COLORSCALE, "cmin": cmin, "cmax": cmax,
                    "colorbar": {"title": "layer"}},
-        legend={"title": "training step", "orientation": "h", "y": -0.2},
-        template="plotly_white", height=420, margin={"t": 80},
+        legend={"title": "training step", "orientation": "h", "y": -0.2 / n_rows},
+        template="plotly_white", height=120 + 320 * n_rows, margin={"t": 80},
     )
     return fig
 

@@ -51,6 +51,19 @@ def test_figure2_panels_markers_colours_and_fit(table):
     assert sum(len(t.x) for t in point_traces(fig)) == len(table[table[C.MODULE] == "q"])
 
 
+def test_figure2_wraps_many_series_into_rows(table):
+    q = table[table[C.MODULE] == "q"]
+    many = pd.concat([q.assign(**{C.CHECKPOINT: f"run{i}"}) for i in range(7)], ignore_index=True)
+    fig = figure2(many, module="q", columns=3)
+    titles = [a.text for a in fig.layout.annotations if "r =" in a.text]
+    assert len(titles) == 7
+    axes = {(t.xaxis, t.yaxis) for t in point_traces(fig)}
+    assert len(axes) == 7  # a panel each
+    domains = {round(fig.layout[f"yaxis{'' if i == 1 else i}"].domain[0], 3) for i in range(1, 8)}
+    assert len(domains) == 3  # 3 + 3 + 1 panels in three rows
+    assert fig.layout.height > figure2(table, module="q").layout.height
+
+
 def test_figure2_draws_the_precision_floor(table):
     fig = figure2(table, module="v")
     floors = [s for s in fig.layout.shapes if s.line.dash == "dot"]

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo dashboard test test-slow install lint bench clean
+.PHONY: demo reproduce dashboard test test-slow install lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,19 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# A short real run of the paper's experiment (FT/LoRA/DoRA on MiniLM, one seed, ~3 minutes).
 demo: install
-	$(BIN)/python examples/demo.py --out demo-output
+	$(BIN)/python examples/reproduce_figure2.py --quick --out demo-output
 
-# The Streamlit dashboard, opened on the demo's results (run `make demo` first, or load data in it).
+# The full experiment of docs/reproduction.md (5 seeds, ~45 minutes on 2 cores) and its figures.
+reproduce: install
+	$(BIN)/pip install -e ".[test,docs]"
+	$(BIN)/python examples/reproduce_figure2.py --out reproduction --docs docs/reproduction
+
+# The Streamlit dashboard, on the demo's results by default (or TABLE=path/to/table.csv).
+TABLE ?= demo-output/table.csv
 dashboard: install
-	DORA_DASHBOARD_TABLE=$(if $(wildcard demo-output/table.csv),demo-output/table.csv,) \
+	DORA_DASHBOARD_TABLE=$(if $(wildcard $(TABLE)),$(TABLE),) \
 		$(BIN)/streamlit run app/streamlit_app.py --browser.gatherUsageStats false
 
 test: install
@@ -42,4 +49,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_analyze.py bench-output/pair-1b/base bench-output/pair-1b/tuned
 
 clean:
-	rm -rf $(VENV) demo-output bench-output .pytest_cache build *.egg-info
+	rm -rf $(VENV) demo-output reproduction bench-output .pytest_cache build *.egg-info

@@ -22,10 +22,11 @@ if table is not None:
                "Open **Figures** or **Tables**.")
 
 st.subheader("Demo data")
-if st.button("Load the demo data", help="the output of `make demo` (all-MiniLM-L6-v2)"):
+if st.button("Load the demo data", help="all-MiniLM-L6-v2 fine-tuned with FT, LoRA and DoRA: "
+             "the output of `make demo` if you ran it, else the full experiment of "
+             "docs/reproduction.md"):
     try:
-        with st.spinner("Loading the demo (made on first use, a few seconds)…"):
-            _cache.set_table(_cache.demo_table(), "demo data")
+        _cache.set_table(*_cache.demo_table())
         st.rerun()
     except Exception as exc:  # shown in the page, never as a traceback
         _cache.show_error(exc)

@@ -112,3 +112,26 @@ def test_cache_key_follows_file_identity(cache_module, tmp_path):
     f.write_bytes(b"12345")
     assert cache_module.file_identity(str(tmp_path)) != before
     assert cache_module.file_identity("org/model") == ("org/model",)
+
+
+def test_demo_data_is_make_demo_output_else_the_committed_experiment(cache_module, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setattr(cache_module, "DEMO_DIR", tmp_path / "nothing")
+    table, source = cache_module.demo_table()
+    assert source.startswith("docs/reproduction.md")
+    assert set(table["method"]) == {"ft", "lora", "dora"} and table["seed"].nunique() >= 3
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    da.write_table(table[table["seed"] == 0], demo / "table.csv")
+    monkeypatch.setattr(cache_module, "DEMO_DIR", demo)
+    table, source = cache_module.demo_table()
+    assert source == "demo data (make demo)" and set(table["seed"]) == {0}
+
+
+def test_demo_button_loads_a_table(monkeypatch):
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    at = run("views/data.py")
+    next(b for b in at.button if b.label == "Load the demo data").click()
+    at.run()
+    assert not at.exception and not at.error
+    assert set(at.session_state["table"]["method"]) == {"ft", "lora", "dora"}

@@ -18,11 +18,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# A short real run of the paper's experiment (FT/LoRA/DoRA on MiniLM, one seed, ~3 minutes).
+# A short real run of the paper's experiment (FT/LoRA/DoRA on MiniLM, one seed, ~2-3 minutes).
 demo: install
 	$(BIN)/python examples/reproduce_figure2.py --quick --out demo-output
 
-# The full experiment of docs/reproduction.md (5 seeds, ~45 minutes on 2 cores) and its figures.
+# The full experiment of docs/reproduction.md (5 seeds, ~35 minutes on 2 cores) and its figures.
 reproduce: install
 	$(BIN)/pip install -e ".[test,docs]"
 	$(BIN)/python examples/reproduce_figure2.py --out reproduction --docs docs/reproduction

@@ -24,7 +24,6 @@ import hashlib
 import importlib
 import inspect
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -80,6 +79,8 @@ class Setup:
 
 
 QUICK = Setup(steps=80)
+#: Setup fields that have a command-line override.
+OVERRIDABLE = ("steps", "lr_ft", "lr_adapter", "rank", "alpha")
 
 
 def minilm_dir() -> Path:
@@ -365,6 +366,11 @@ def run_label(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
 
+def seed_of(labels: pd.Series) -> pd.Series:
+    """The seed in labels made by :func:`run_label`."""
+    return labels.str.extract(r"seed(\d+)$", expand=False).astype(int)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("reproduction"))
@@ -372,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help=f"the demo: one seed, {QUICK.steps} steps of {QUICK.batch_size}")
     parser.add_argument("--methods", default=",".join(METHODS), help="a subset of ft,lora,dora")
-    for field in ("steps", "lr_ft", "lr_adapter", "rank", "alpha"):
+    for field in OVERRIDABLE:
         default = getattr(Setup(), field)
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(default),
                             help=f"override the setup's {field} (default {default})")
@@ -380,8 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also copy the results and write PNG figures here (needs kaleido)")
     args = parser.parse_args(argv)
     setup = QUICK if args.quick else Setup()
-    overrides = {k: v for k in ("steps", "lr_ft", "lr_adapter", "rank", "alpha")
-                 if (v := getattr(args, k)) is not None}
+    overrides = {k: v for k in OVERRIDABLE if (v := getattr(args, k)) is not None}
     setup = Setup(**(asdict(setup) | overrides))
     methods = [m for m in args.methods.split(",") if m]
     if not methods or set(methods) - set(METHODS):
@@ -412,10 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     table = da.analyze(minilm_dir() / "model.safetensors", list(runs.values()),
                        labels=list(runs), methods=[label.split("-")[0] for label in runs],
                        modules=("q", "v"))
-    table["seed"] = table["checkpoint"].str.extract(r"seed(\d+)$", expand=False).astype(int)
+    table["seed"] = seed_of(table["checkpoint"])
     correlations = da.correlate(table)
-    correlations["seed"] = correlations["checkpoint"].map(
-        lambda c: int(re.search(r"seed(\d+)$", c).group(1)))
+    correlations["seed"] = seed_of(correlations["checkpoint"])
     within_step = within_step_correlations(table)
     corr_summary = correlation_summary(correlations, within_step)
     acc_summary = accuracy_summary(evals, majority)

@@ -216,6 +216,7 @@ def evals_of(out: Path) -> pd.DataFrame:
 # -- summaries ----------------------------------------------------------------------------------
 
 def spread(values: pd.Series) -> dict:
+    """Mean, sample std (NaN for one value), min and max over seeds."""
     return {"mean": values.mean(), "std": values.std(ddof=1) if len(values) > 1 else float("nan"),
             "min": values.min(), "max": values.max()}
 
@@ -240,20 +241,19 @@ def correlation_summary(correlations: pd.DataFrame,
     and the within-step r (mean, std) when given."""
     rows = []
     for (method, module), g in correlations.groupby(["method", "module"], sort=False):
-        r = spread(g["pearson_r"])
+        r, rho = spread(g["pearson_r"]), spread(g["spearman_rho"])
         rows.append({
             "method": method, "module": module, "seeds": len(g),
             "pearson_r_mean": r["mean"], "pearson_r_std": r["std"],
             "pearson_r_min": r["min"], "pearson_r_max": r["max"],
-            "spearman_rho_mean": g["spearman_rho"].mean(),
-            "spearman_rho_std": g["spearman_rho"].std(ddof=1) if len(g) > 1 else float("nan"),
+            "spearman_rho_mean": rho["mean"], "spearman_rho_std": rho["std"],
             "negative_seeds": int((g["pearson_r"] < 0).sum()),
             "paper_r": PAPER_R.get((method, module), float("nan")),
         })
         if within_step is not None:
             w = within_step[(within_step["method"] == method) & (within_step["module"] == module)]
-            rows[-1] |= {"within_step_r_mean": w["pearson_r"].mean(),
-                         "within_step_r_std": w["pearson_r"].std(ddof=1)}
+            within = spread(w["pearson_r"])
+            rows[-1] |= {"within_step_r_mean": within["mean"], "within_step_r_std": within["std"]}
     return pd.DataFrame(rows)
 
 

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
     p.add_argument("--warmup", type=int, default=defaults.warmup_steps, help="warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                   help="AdamW weight decay (biases and norm weights are never decayed)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per text")
     p.add_argument("--save-steps", default="", help="e.g. 10,20,40 (the last step is always saved)")
     p.add_argument("--output", required=True, type=Path)

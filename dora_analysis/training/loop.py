@@ -60,6 +60,33 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Parameters exempt from weight decay: biases and normalisation weights.
+
+    The DoRA authors' code (and the Hugging Face Trainer) decay every other weight, DoRA's
+    magnitude included. Norm layers are found by type name (``LayerNorm``, ``LlamaRMSNorm`` …), so
+    models that name them differently are covered too.
+    """
+    names = set()
+    for module_name, module in model.named_modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for param_name, _ in module.named_parameters(recurse=False):
+            if is_norm or param_name == "bias":
+                names.add(f"{module_name}.{param_name}" if module_name else param_name)
+    return names
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: trainable weights with ``weight_decay``, biases and norms without."""
+    exempt = no_decay_names(model)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name in exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)
@@ -158,7 +185,7 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfi
     """
     torch.manual_seed(config.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_schedule(config.warmup_steps, config.steps))
     result, start = TrainResult(), 0

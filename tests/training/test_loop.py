@@ -147,3 +147,19 @@ def test_only_adapters_and_saved_modules_train():
 def test_schedule_warms_up_then_decays():
     f = loop.linear_schedule(2, 10)
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.333, 0.667, 1.0, 0.5, 0.0]
+
+
+def test_weight_decay_spares_biases_and_norms_but_not_dora_magnitudes(tmp_path):
+    model = loop.prepare(tiny_bert(), config(tmp_path, "dora"))
+    decay, no_decay = loop.parameter_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert any(n.endswith("lora_magnitude_vector") or "magnitude" in n for n in decayed)
+    assert any("lora_A" in n or "lora_a" in n.lower() for n in decayed)
+    assert "classifier.weight" in decayed and "classifier.bias" in spared
+    assert not any("LayerNorm" in n for n in decayed)
+    assert all(n.endswith("bias") or "LayerNorm" in n for n in spared)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | spared == trainable

@@ -5,20 +5,37 @@ weight matrix is split into a magnitude (one norm per output channel) and a dire
 (Eqs. 3-4) are measured per layer and training step, and their correlation separates full
 fine-tuning and DoRA (negative) from LoRA (positive).
 
+The public names are imported on first use, so ``import dora_analysis`` (and ``dora-analyze
+--help``) stays fast and does not load torch or pandas until they are needed.
+
 Example:
     >>> import dora_analysis as da
     >>> table = da.analyze("pre.safetensors", "tuned.safetensors")  # doctest: +SKIP
     >>> da.correlate(table)  # doctest: +SKIP
 """
 
-from .analysis import analyze
-from .config import AnalysisConfig
-from .decompose import compare, delta_direction, delta_magnitude, direction, magnitude
-from .errors import DoraAnalysisError
-from .report import read_table, write_html, write_table
-from .stats import correlate
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+#: Public name → the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "AnalysisConfig": "config",
+    "DoraAnalysisError": "errors",
+    "analyze": "analysis",
+    "compare": "decompose",
+    "correlate": "stats",
+    "delta_direction": "decompose",
+    "delta_magnitude": "decompose",
+    "direction": "decompose",
+    "magnitude": "decompose",
+    "read_table": "report",
+    "write_html": "report",
+    "write_table": "report",
+}
 
 __all__ = [
     "AnalysisConfig",
@@ -35,3 +52,25 @@ __all__ = [
     "write_table",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dora_analysis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first use
+    from .analysis import analyze
+    from .config import AnalysisConfig
+    from .decompose import compare, delta_direction, delta_magnitude, direction, magnitude
+    from .errors import DoraAnalysisError
+    from .report import read_table, write_html, write_table
+    from .stats import correlate

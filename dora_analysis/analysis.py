@@ -30,10 +30,10 @@ from .errors import (
     UnmatchedTensorsWarning,
     listing,
 )
+from .io.base import ANALYSABLE_DTYPES, TensorInfo, TensorSource
 from .io.keys import align_names, layer_index, module_kind, stored_in_out
+from .io.open import open_checkpoint, resolve
 from .io.refs import CheckpointRef, series_steps
-from .io.sources import ANALYSABLE_DTYPES, TensorInfo, TensorSource
-from .merge import AdapterSource, open_base, open_tuned
 
 Ref = str | Path | CheckpointRef
 log = logging.getLogger("dora_analysis")
@@ -66,17 +66,6 @@ def _as_ref(ref: Ref) -> CheckpointRef:
     return ref if isinstance(ref, CheckpointRef) else CheckpointRef.parse(str(ref))
 
 
-def _resolve(ref: CheckpointRef, token: str | None) -> tuple[Path, str]:
-    """Local path of a reference (Hub repos fetched or found in the cache) and its printed form."""
-    if ref.kind != "hub":
-        return ref.path, str(ref)
-    from .io import hub  # only here: huggingface_hub is imported on demand
-
-    snap = hub.snapshot(ref.repo, ref.revision, token=token)
-    log.info("%s resolved to commit %s", ref, snap.commit)
-    return snap.folder, str(snap)
-
-
 def expand_tuned(
     tuned: Sequence[Ref], labels: Sequence[str] | None = None,
     methods: Sequence[str] | None = None, token: str | None = None,
@@ -89,7 +78,7 @@ def expand_tuned(
     methods = [check_method(m) for m in _per_ref(methods, len(refs), "--method", "auto")]
     out: list[TunedCheckpoint] = []
     for ref, label, method in zip(refs, labels, methods, strict=True):
-        path, shown = _resolve(ref, token)
+        path, shown = resolve(ref, token)
         label = label or ref.default_label
         if ref.kind == "series":
             out += [TunedCheckpoint(label, method, s, p, str(p)) for s, p in series_steps(path)]
@@ -124,8 +113,7 @@ def _per_ref(values: Sequence[str] | None, n: int, flag: str, default: str | Non
 def matrix_infos(source: TensorSource) -> dict[str, TensorInfo]:
     """Infos of every weight that Eqs. 2-4 apply to; refuses quantized weights by name."""
     infos = {}
-    for name in source.keys():
-        info = source.info(name)
+    for name, info in source.infos().items():
         if info.is_matrix:
             infos[name] = info
         elif (name.endswith(".weight") and len(info.shape) >= 2
@@ -142,7 +130,7 @@ def plan_pairs(
     tuned: dict[str, TensorInfo],
     config: AnalysisConfig,
     tuned_path: Path,
-    transposed_hint: Callable[[str], bool | None] | None = None,
+    transposed_hint: Callable[[str], bool | None] = lambda name: None,
     partial: bool = False,
 ) -> tuple[list[MatrixPair], list[str]]:
     """Aligned, filtered matrix pairs, and the shape mismatches (``name: base vs tuned``)."""
@@ -155,7 +143,7 @@ def plan_pairs(
             hint = " (transposed?)" if base[b].shape == tuned[t].shape[::-1] else ""
             mismatches.append(f"{b}: {list(base[b].shape)} vs {list(tuned[t].shape)}{hint}")
             continue
-        hint = transposed_hint(t) if transposed_hint else None
+        hint = transposed_hint(t)
         transposed = (stored_in_out(b) if hint is None else hint) and len(base[b].shape) == 2
         pairs.append(MatrixPair(b, t, base[b], tuned[t].dtype, transposed))
     # An adapter holds only what it changes: the rest of the base is unchanged, not missing.
@@ -195,9 +183,8 @@ def compare_pair(
     """
     stats: dict[str, PairStats] = {}
     axes = config.axes
-    closed_form = getattr(tuned, "closed_form", None)
-    if config.closed_form and closed_form is not None and "out" in axes:
-        sums = closed_form(pair.tuned_name, config.block_elements)
+    if config.closed_form and "out" in axes:
+        sums = tuned.closed_form(pair.tuned_name, config.block_elements)
         if sums is not None:
             stats["out"] = summarize(sums)
             axes = tuple(a for a in axes if a != "out")
@@ -268,27 +255,26 @@ def analyze(
     elif settings:
         raise ConfigError("pass either config= or keyword settings, not both")
     tuned_refs = [tuned] if isinstance(tuned, (str, Path, CheckpointRef)) else list(tuned)
-    base_path, _ = _resolve(_as_ref(base), config.token)
+    base_path, _ = resolve(_as_ref(base), config.token)
     checkpoints = expand_tuned(tuned_refs, labels, methods, config.token)
 
-    with open_base(base_path, config.io) as base_src:
+    options = config.read_options
+    with open_checkpoint(base_path, options) as base_src:
         base_infos = matrix_infos(base_src)
         if not base_infos:
             raise CheckpointFormatError(f"{base_path}: holds no floating-point weight matrices")
 
-        def open_checkpoint(ck: TunedCheckpoint) -> TensorSource:
-            return open_tuned(ck.path, base_src, base_infos, lora_alpha=config.lora_alpha,
-                              backend=config.io)
+        def open_tuned(ck: TunedCheckpoint) -> TensorSource:
+            return open_checkpoint(ck.path, options, base=base_src)
 
         # Plan every checkpoint first (headers only, one open at a time) so that all problems
         # are reported together before any number is computed.
         plans, problems = [], []
         for ck in checkpoints:
-            with open_checkpoint(ck) as src:
+            with open_tuned(ck) as src:
                 pairs, mismatches = plan_pairs(base_infos, matrix_infos(src), config, ck.path,
-                                               getattr(src, "transposed", None),
-                                               partial=isinstance(src, AdapterSource))
-                method = ck.method if ck.method != "auto" else getattr(src, "method", "unknown")
+                                               src.transposed, partial=src.partial)
+                method = ck.method if ck.method != "auto" else src.method
             problems += [f"{ck.ref}: {m}" for m in mismatches]
             if not pairs and not mismatches:
                 raise TensorMismatchError(_nothing_selected(config, ck, base_infos))
@@ -308,7 +294,7 @@ def analyze(
         with tqdm(total=total, unit="el", unit_scale=True, disable=not config.progress,
                   file=sys.stderr, desc="analysing", leave=False) as bar:
             for ck, method, pairs in plans:
-                with open_checkpoint(ck) as src:
+                with open_tuned(ck) as src:
                     for pair in pairs:
                         stats = compare_pair(base_src, src, pair, config, workspace, bar)
                         for axis, s in stats.items():

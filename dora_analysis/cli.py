@@ -12,13 +12,11 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .analysis import analyze
-from .config import AXIS_CHOICES, METHOD_CHOICES, AnalysisConfig
+from .config import AXIS_CHOICES, IO_BACKENDS, METHOD_CHOICES, AnalysisConfig
 from .errors import DoraAnalysisError, NonFiniteWeightWarning, UnmatchedTensorsWarning
-from .io.sources import IO_BACKENDS
-from .report import HTML_SUFFIXES, check_output_path, format_summary, write_html, write_table
-from .stats import correlate
 
+# Only light modules above: --help and argument errors answer without importing torch, pandas,
+# scipy or plotly; run() imports the analysis when there is work to do.
 DEFAULTS = AnalysisConfig()
 
 EPILOG = """\
@@ -86,6 +84,16 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 def run(args: argparse.Namespace) -> int:
     """Carry out one parsed command; raises :class:`DoraAnalysisError` on bad input."""
+    from .analysis import analyze
+    from .report import (
+        HTML_SUFFIXES,
+        check_output_path,
+        format_summary,
+        write_html,
+        write_table,
+    )
+    from .stats import correlate
+
     inputs = [Path(a) for a in (args.base, *args.tuned) if Path(a).exists()]
     outputs = [o for o in (args.output, args.summary, args.html) if o]
     for out in (args.output, args.summary):

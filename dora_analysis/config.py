@@ -6,9 +6,16 @@ import re
 from dataclasses import dataclass, field
 
 from .columns import AXES, METHODS
-from .decompose import DEFAULT_BLOCK_ELEMENTS
 from .errors import ConfigError
-from .io.sources import IO_BACKENDS
+
+#: Elements of one float64 working block; ~32 MiB per buffer, a few buffers live at once.
+DEFAULT_BLOCK_ELEMENTS = 1 << 22
+#: How safetensors rows are read: memory-mapped (the default; the touched file pages count in RSS
+#: as shared page cache) or ``pread`` of exactly the rows' bytes into a private buffer (RSS stays
+#: at the working set).
+IO_BACKENDS: tuple[str, ...] = ("mmap", "pread")
+#: ``auto``: the weights as stored for inference; ``fp32``: full-precision masters where kept.
+PRECISIONS: tuple[str, ...] = ("auto", "fp32")
 
 #: ``--axis both`` analyses each matrix along both axes (two rows per matrix).
 AXIS_CHOICES: dict[str, tuple[str, ...]] = {"out": ("out",), "in": ("in",), "both": AXES}
@@ -38,6 +45,9 @@ class AnalysisConfig:
     """Adapters: compute axis ``out`` from ``W0 Aᵀ`` and ``A Aᵀ`` instead of materialising B·A."""
     lora_alpha: float | None = None
     """Adapters that do not store alpha (torchtune): the alpha they were trained with."""
+    precision: str = "auto"
+    """``auto`` reads weights as stored; ``fp32`` rebuilds full-precision master weights where the
+    checkpoint keeps them (DeepSpeed ZeRO optimizer partitions)."""
     token: str | None = field(default=None, repr=False)
     """Hugging Face token for private repos (default: ``HF_TOKEN``); never printed."""
     _include_re: re.Pattern | None = field(default=None, init=False, repr=False, compare=False)
@@ -57,10 +67,21 @@ class AnalysisConfig:
                 raise ConfigError(f"--include is not a valid regular expression: {exc}") from None
         if self.io not in IO_BACKENDS:
             raise ConfigError(f"--io must be one of {', '.join(IO_BACKENDS)}, got {self.io!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, "
+                              f"got {self.precision!r}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ConfigError(f"--lora-alpha must be positive, got {self.lora_alpha}")
         if self.block_elements < 1:
             raise ConfigError(f"block_elements must be positive, got {self.block_elements}")
+
+    @property
+    def read_options(self):
+        """The settings the checkpoint readers take (:class:`dora_analysis.io.open.ReadOptions`)."""
+        from .io.open import ReadOptions  # the readers import torch; settings stay light
+
+        return ReadOptions(backend=self.io, lora_alpha=self.lora_alpha,
+                           precision=self.precision, token=self.token)
 
     @property
     def axes(self) -> tuple[str, ...]:

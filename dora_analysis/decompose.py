@@ -30,12 +30,10 @@ from typing import Literal
 
 import torch
 
+from .config import DEFAULT_BLOCK_ELEMENTS
 from .errors import ConfigError
 
 Axis = Literal["out", "in"]
-
-#: Elements of one float64 working block; ~32 MiB per buffer, a few buffers live at once.
-DEFAULT_BLOCK_ELEMENTS = 1 << 22
 
 
 def check_axis(axis: str) -> Axis:

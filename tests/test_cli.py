@@ -193,3 +193,32 @@ def test_skip_mismatched_flag(ckpts, tmp_path, capsys):
     assert main([str(ckpts["base"]), str(resized)]) == 2
     assert main([str(ckpts["base"]), str(resized), "--skip-mismatched"]) == 0
     assert "warning: skipped 1 tensor" in capsys.readouterr().err
+
+
+HEAVY = ("torch", "pandas", "scipy", "plotly", "numpy")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["base", "tuned", "--axis", "x"]])
+def test_help_and_argument_errors_import_nothing_heavy(argv):
+    code = ("import sys\nfrom dora_analysis.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+
+
+def test_import_dora_analysis_is_light_and_names_load_on_use():
+    code = ("import sys, dora_analysis as da\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+            "assert callable(da.analyze) and 'torch' in sys.modules\n"
+            "assert set(da.__all__) <= set(dir(da))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_public_names_are_exactly_the_lazy_exports():
+    import dora_analysis as da
+
+    assert set(da.__all__) - {"__version__"} == set(da._EXPORTS)

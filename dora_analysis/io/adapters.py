@@ -41,6 +41,8 @@ import torch
 
 from ..decompose import Axis
 from ..errors import CheckpointFormatError, ConfigError
+from .safetensors import SafetensorsFile
+from .torch_bin import TorchFile
 
 F64 = torch.float64
 
@@ -106,9 +108,8 @@ _PEFT_PREFIX = "base_model.model."
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (small) adapter file: safetensors, or a pickle via weights_only."""
-    from .sources import open_file  # late import: sources imports this module
-
-    with open_file(path) as src:
+    reader = SafetensorsFile(path) if path.suffix == ".safetensors" else TorchFile(path)
+    with reader as src:
         return {name: src.get_tensor(name) for name in src.keys()}
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointFormatError
-from .sources import TensorInfo, TensorSource
+from .base import TensorInfo, TensorSource
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 

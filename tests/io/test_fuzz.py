@@ -14,7 +14,7 @@ from safetensors.torch import save
 
 import dora_analysis as da
 from dora_analysis.errors import DoraAnalysisError
-from dora_analysis.io.sources import open_source
+from dora_analysis.io.open import open_source
 
 STATE = {"model.layers.0.self_attn.q_proj.weight": torch.randn(6, 4),
          "model.layers.0.mlp.up_proj.weight": torch.randn(3, 5).bfloat16(),

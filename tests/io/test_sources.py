@@ -15,7 +15,7 @@ from dora_analysis.errors import (
     ConfigError,
     UnsafeCheckpointError,
 )
-from dora_analysis.io.sources import open_source
+from dora_analysis.io.open import open_source
 
 NAME = "model.layers.1.mlp.down_proj.weight"
 

@@ -14,25 +14,13 @@ in float64, at the cost of an (out × r) product instead of an (out × in) one.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from .decompose import VectorSums, as_matrix, rows_per_block
-from .errors import CheckpointFormatError, TensorMismatchError, listing
-from .io.adapters import (
-    Adapter,
-    LowRankUpdate,
-    adapter_format,
-    is_adapter_folder,
-    kohya_flat,
-    load_tensors,
-    read_adapter_file,
-    read_peft,
-    strip_kohya_prefix,
-)
-from .io.keys import align_names, module_path, stored_in_out, strip_wrappers
-from .io.sources import TensorInfo, TensorSource, open_file, open_source
+from ..decompose import VectorSums, as_matrix, rows_per_block
+from ..errors import TensorMismatchError, listing
+from .adapters import Adapter, LowRankUpdate, kohya_flat, strip_kohya_prefix
+from .base import TensorInfo, TensorSource
+from .keys import align_names, module_path, stored_in_out, strip_wrappers
 
 F64 = torch.float64
 
@@ -114,12 +102,15 @@ def closed_form_sums(
 class AdapterSource(TensorSource):
     """The tuned checkpoint an adapter stands for, merged with its base as it is read."""
 
-    def __init__(self, adapter: Adapter, base: TensorSource, base_infos: dict[str, TensorInfo]):
+    partial = True  # an adapter holds only what it changes
+
+    def __init__(self, adapter: Adapter, base: TensorSource):
         self.path = adapter.path
         self.method = adapter.method
         self.base = base
-        self._infos = base_infos
-        self.targets = resolve_targets(adapter, base_infos)  # base name -> (update, transposed)
+        self._base_infos = {n: i for n, i in base.infos().items() if i.is_matrix}
+        # base name -> (update, stored transposed?)
+        self.targets = resolve_targets(adapter, self._base_infos)
         self._full = dict(adapter.full_weights)
         self._factor_cache: tuple[str, torch.Tensor] | None = None
 
@@ -128,13 +119,13 @@ class AdapterSource(TensorSource):
 
     def info(self, name: str) -> TensorInfo:
         if name in self.targets:
-            return TensorInfo(self._infos[name].shape, self.targets[name][0].dtype)
+            return TensorInfo(self._base_infos[name].shape, self.targets[name][0].dtype)
         t = self._full[name]
         return TensorInfo(tuple(t.shape), t.dtype)
 
     def get_tensor(self, name: str) -> torch.Tensor:
         if name in self.targets:
-            shape = self._infos[name].shape
+            shape = self._base_infos[name].shape
             return self.get_rows(name, 0, shape[0]).reshape(shape)
         return self._full[name]
 
@@ -155,11 +146,18 @@ class AdapterSource(TensorSource):
         """Orientation of an adapted weight as the adapter knows it; None for other weights."""
         return self.targets[name][1] if name in self.targets else None
 
+    def low_rank(self, name: str) -> LowRankUpdate | None:
+        """The update of ``name`` when it is exactly ``s·B·A`` (LoRA, no DoRA magnitude)."""
+        if name not in self.targets:
+            return None
+        update = self.targets[name][0]
+        return update if update.magnitude is None and update.rank else None
+
     def column_factor(self, name: str) -> torch.Tensor:
         """``m / ||merged column||`` for DoRA normalised along stored columns (one extra pass)."""
         if self._factor_cache is None or self._factor_cache[0] != name:
             update, transposed = self.targets[name]
-            rows, cols = self._infos[name].matrix_shape
+            rows, cols = self._base_infos[name].matrix_shape
             sums = None
             step = rows_per_block(cols)
             plain = LowRankUpdate(update.lora_a, update.lora_b, update.scale)
@@ -180,7 +178,7 @@ class AdapterSource(TensorSource):
         update, transposed = self.targets[name]
         if update.magnitude is not None and update.magnitude_axis != "out":
             return None
-        return closed_form_sums(update, self.base, name, self._infos[name], transposed,
+        return closed_form_sums(update, self.base, name, self._base_infos[name], transposed,
                                 block_elements)
 
 
@@ -238,33 +236,3 @@ def resolve_targets(
             problems,
         )
     return targets
-
-
-def open_tuned(
-    path: Path, base: TensorSource, base_infos: dict[str, TensorInfo], *,
-    lora_alpha: float | None = None, backend: str = "mmap",
-) -> TensorSource:
-    """Open a tuned checkpoint: full weights as they are, adapters merged with ``base``."""
-    if path.is_dir() and is_adapter_folder(path):
-        return AdapterSource(read_peft(path), base, base_infos)
-    src = open_source(path, backend)
-    if path.is_file() and adapter_format(src.keys()):
-        src.close()
-        adapter = read_adapter_file(path, load_tensors(path), lora_alpha=lora_alpha)
-        return AdapterSource(adapter, base, base_infos)
-    return src
-
-
-def open_base(path: Path, backend: str = "mmap") -> TensorSource:
-    """Open the base checkpoint, refusing adapters (they need a base themselves)."""
-    if (path.is_dir() and is_adapter_folder(path)) or (
-        path.is_file() and path.suffix == ".safetensors" and _file_is_adapter(path)
-    ):
-        raise CheckpointFormatError(f"{path}: is an adapter, not a base model; give the "
-                                    "pre-trained weights as BASE and the adapter as TUNED")
-    return open_source(path, backend)
-
-
-def _file_is_adapter(path: Path) -> bool:
-    with open_file(path) as src:
-        return adapter_format(src.keys()) is not None

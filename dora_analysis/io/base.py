@@ -1,0 +1,122 @@
+"""The interface every checkpoint reader implements: a lazy, read-only view of named tensors.
+
+A reader answers ``keys()`` and ``get_tensor(name)``; ``info`` and ``get_rows`` have cheap
+overrides where the format allows (safetensors reads only the bytes asked for). Everything else a
+caller may ask of a source is declared here with its default, so the analysis never probes a
+reader with ``getattr``: adapters override ``method``, ``partial``, ``transposed``,
+``closed_form`` and ``low_rank``; remote readers report ``bytes_read``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ..decompose import VectorSums
+    from .adapters import LowRankUpdate
+
+#: safetensors dtype strings → torch dtypes of the weights we analyse.
+SAFETENSORS_FLOAT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                     "F64": torch.float64}
+ANALYSABLE_DTYPES = frozenset(SAFETENSORS_FLOAT.values())
+#: Every safetensors dtype string torch can hold (quantized weights are recognised by these).
+SAFETENSORS_DTYPES = SAFETENSORS_FLOAT | {
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of a stored tensor, known without reading its data."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | str  # a str for stored dtypes torch does not analyse (``"F8_E4M3"``)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the 2-D view ``(out, in * prod(k))``."""
+        return self.shape[0], math.prod(self.shape[1:])
+
+    @property
+    def is_matrix(self) -> bool:
+        """A floating weight with at least 2 dimensions: what Eqs. 2-4 apply to."""
+        return self.dtype in ANALYSABLE_DTYPES and len(self.shape) >= 2 and 0 not in self.shape
+
+
+class TensorSource(ABC):
+    """A read-only, lazy view of one checkpoint's tensors."""
+
+    path: Path
+    #: The fine-tuning method the checkpoint reveals (adapters: ``lora``/``dora``).
+    method: str = "unknown"
+    #: True when the source holds only what changed (an adapter): base tensors it lacks are
+    #: unchanged, not missing.
+    partial: bool = False
+
+    @abstractmethod
+    def keys(self) -> list[str]:
+        """All tensor names, in stored order."""
+
+    @abstractmethod
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """One tensor, as stored (no dtype conversion)."""
+
+    def info(self, name: str) -> TensorInfo:
+        t = self.get_tensor(name)
+        return TensorInfo(tuple(t.shape), t.dtype)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the stored tensor (first dimension)."""
+        return self.get_tensor(name)[start:stop]
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """Shape and dtype of every tensor, in stored order (computed once)."""
+        cached = self.__dict__.get("_infos_cache")
+        if cached is None:
+            cached = self.__dict__["_infos_cache"] = {n: self.info(n) for n in self.keys()}
+        return cached
+
+    def transposed(self, name: str) -> bool | None:
+        """Whether the output channels of ``name`` are its stored columns, if the source knows
+        (adapters do, from ``fan_in_fan_out``); None leaves it to the parameter name."""
+        return None
+
+    def closed_form(self, name: str, block_elements: int) -> VectorSums | None:
+        """Per-output-channel sums without materialising the weight (adapters), or None."""
+        return None
+
+    def low_rank(self, name: str) -> LowRankUpdate | None:
+        """The low-rank update that makes ``name`` from the base (LoRA adapters), or None."""
+        return None
+
+    @property
+    def bytes_read(self) -> int | None:
+        """Bytes fetched so far where the reader counts them (remote storage), else None."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def reason(exc: BaseException) -> str:
+    """A short, one-line-friendly description of an exception for an ``error:`` message."""
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) < 200 else text[:200] + "…"

@@ -1,0 +1,181 @@
+"""Opening a checkpoint: one :func:`open_checkpoint`, one ordered registry of formats.
+
+A format is a name, a test that recognises a local path, and a function that opens it; the first
+format whose test passes wins. Adding a format means one new module under ``io/`` and one entry in
+:data:`FORMATS`. Adapter formats need the base they are merged with (``needs_base``); every
+source of full weights is wrapped by :func:`~dora_analysis.io.quant.dequantized`, so quantized
+weights read as floats or are refused by name.
+
+Example:
+    >>> with open_checkpoint("model.safetensors") as src:  # doctest: +SKIP
+    ...     w = src.get_tensor(src.keys()[0])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import IO_BACKENDS
+from ..errors import CheckpointFormatError, CheckpointNotFoundError, ConfigError
+from .adapters import adapter_format, is_adapter_folder, load_tensors, read_adapter_file, read_peft
+from .base import TensorSource
+from .merge import AdapterSource
+from .quant import dequantized
+from .refs import CheckpointRef
+from .safetensors import SafetensorsFile
+from .sharded import ShardedCheckpoint
+from .torch_bin import TorchFile
+
+log = logging.getLogger("dora_analysis")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How checkpoints are read (shared by every format; each uses what applies to it)."""
+
+    backend: str = "mmap"
+    """Safetensors: ``mmap`` (touched pages count in RSS as page cache) or ``pread``."""
+    lora_alpha: float | None = None
+    """Adapters that do not store alpha (torchtune): the alpha they were trained with."""
+    precision: str = "auto"
+    """``auto`` reads the weights as the checkpoint stores them for inference; ``fp32`` asks for
+    full-precision master weights where the format keeps them (DeepSpeed ZeRO)."""
+    token: str | None = field(default=None, repr=False)
+    """Hugging Face token for private repos (default: ``HF_TOKEN``); never printed."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in IO_BACKENDS:
+            raise ConfigError(f"--io must be one of {', '.join(IO_BACKENDS)}, got {self.backend!r}")
+
+
+Opener = Callable[[Path, ReadOptions], TensorSource]
+
+#: Checkpoint files by suffix.
+FILE_SUFFIXES: dict[str, Opener] = {
+    ".safetensors": lambda p, o: SafetensorsFile(p, o.backend),
+    ".bin": lambda p, o: TorchFile(p),
+    ".pt": lambda p, o: TorchFile(p),
+    ".pth": lambda p, o: TorchFile(p),
+}
+
+#: Files that make a folder a model checkpoint, in order of preference.
+FOLDER_FILES: tuple[str, ...] = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def open_file(path: Path, options: ReadOptions = ReadOptions()) -> TensorSource:
+    """One checkpoint file (or a shard index), chosen by suffix; no dequantization."""
+    if path.name.endswith(".index.json"):
+        inner = FILE_SUFFIXES.get(Path(path.name[: -len(".index.json")]).suffix)
+        if inner is not None:
+            return ShardedCheckpoint(path, lambda shard: inner(shard, options))
+    opener = FILE_SUFFIXES.get(path.suffix)
+    if opener is None:
+        known = ", ".join(FILE_SUFFIXES)
+        raise CheckpointFormatError(f"{path}: unknown checkpoint file type (expected {known})")
+    return opener(path, options)
+
+
+def _model_folder_file(path: Path) -> Path | None:
+    for file in FOLDER_FILES:
+        if (path / file).is_file():
+            return path / file
+    singles = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    return singles[0] if len(singles) == 1 else None
+
+
+def _open_adapter_folder(path: Path, options: ReadOptions, base: TensorSource) -> TensorSource:
+    return AdapterSource(read_peft(path), base)
+
+
+def _open_file(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
+    src = open_file(path, options)
+    if adapter_format(src.keys()) is None:  # single adapter files: torchtune, LyCORIS/kohya
+        return dequantized(src)
+    src.close()
+    if base is None:
+        raise _adapter_as_base(path)
+    adapter = read_adapter_file(path, load_tensors(path), lora_alpha=options.lora_alpha)
+    return AdapterSource(adapter, base)
+
+
+def _open_model_folder(path: Path, options: ReadOptions, base: TensorSource | None
+                       ) -> TensorSource:
+    return dequantized(open_file(_model_folder_file(path), options))
+
+
+@dataclass(frozen=True)
+class Format:
+    """One checkpoint layout: how to recognise a local path, and how to open it."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    open: Callable[[Path, ReadOptions, TensorSource | None], TensorSource]
+    needs_base: bool = False
+    """Adapters: read merged with the base, so they cannot be a base themselves."""
+    looks_for: str = ""
+    """What a folder of this format holds, for the "no checkpoint found" message."""
+
+
+#: Every format, first match wins.
+FORMATS: list[Format] = [
+    Format("peft-adapter", lambda p: p.is_dir() and is_adapter_folder(p),
+           lambda p, o, base: _open_adapter_folder(p, o, base), needs_base=True,
+           looks_for="adapter_config.json"),
+    Format("file", lambda p: p.is_file(), _open_file),
+    Format("model-folder", lambda p: p.is_dir() and _model_folder_file(p) is not None,
+           _open_model_folder, looks_for=", ".join(FOLDER_FILES) + ", a single *.safetensors"),
+]
+
+
+def _adapter_as_base(path: Path) -> CheckpointFormatError:
+    return CheckpointFormatError(f"{path}: is an adapter, not a base model; give the pre-trained "
+                                 "weights as BASE and the adapter as TUNED")
+
+
+def open_checkpoint(path: str | Path, options: ReadOptions = ReadOptions(), *,
+                    base: TensorSource | None = None) -> TensorSource:
+    """Open a local checkpoint lazily, by the first format in :data:`FORMATS` that fits.
+
+    ``base`` is the source an adapter is merged with; without it, adapters are refused.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path}: no such file or folder")
+    for fmt in FORMATS:
+        if fmt.detect(path):
+            if fmt.needs_base and base is None:
+                raise _adapter_as_base(path)
+            return fmt.open(path, options, base)
+    expected = "; ".join(f.looks_for for f in FORMATS if f.looks_for)
+    singles = len([p for p in path.glob("*.safetensors") if p.is_file()])
+    found = f"{singles} .safetensors files and no index" if singles else "none of them"
+    raise CheckpointFormatError(f"{path}: no checkpoint found (looked for {expected}; {found})")
+
+
+def open_source(path: str | Path, backend: str = "mmap") -> TensorSource:
+    """Open full weights (a file or model folder); adapters are refused. For notebooks and tests.
+
+    Example:
+        >>> with open_source("model.safetensors") as src:  # doctest: +SKIP
+        ...     w = src.get_tensor(src.keys()[0])
+    """
+    return open_checkpoint(path, ReadOptions(backend=backend))
+
+
+def resolve(ref: CheckpointRef, token: str | None = None) -> tuple[Path, str]:
+    """Local path of a reference (Hub repos fetched or found in the cache) and its printed form."""
+    if ref.kind != "hub":
+        return ref.path, str(ref)
+    from . import hub  # only here: huggingface_hub is imported on demand
+
+    snap = hub.snapshot(ref.repo, ref.revision, token=token)
+    log.info("%s resolved to commit %s", ref, snap.commit)
+    return snap.folder, str(snap)

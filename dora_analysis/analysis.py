@@ -1,27 +1,29 @@
 """``analyze(base, tuned…)``: the tidy ΔM/ΔD table, streamed one row block at a time.
 
-Work happens in two passes. The *plan* opens every checkpoint lazily (headers only), aligns
-names, applies the filters and collects every problem (shape mismatches, unreadable dtypes)
-so they are reported together before any number is computed. The *compute* pass then reads each
-matrix pair in row blocks of bounded size and accumulates Eqs. 3-4 in float64.
+Work happens in two stages. :func:`plan` opens every checkpoint lazily (headers only), aligns
+names, applies the filters and collects every problem (shape mismatches, unreadable dtypes) so
+they are reported together before any number is computed; it returns one :class:`Job` per tuned
+checkpoint. :func:`run_job` then reads each matrix pair of a job in row blocks of bounded size,
+accumulates the per-vector sums in float64 and fills one row per axis from the metric registry
+(:mod:`dora_analysis.metrics`). Jobs are plain data: an executor may run them in this process
+(the default), in threads, or on other machines, each of which opens the checkpoints itself.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from . import columns as C
+from . import metrics as registry
 from .config import AnalysisConfig, check_method
-from .decompose import PairAccumulator, PairStats, Workspace, rows_per_block, summarize
+from .decompose import Workspace
 from .errors import (
     CheckpointFormatError,
     ConfigError,
@@ -31,12 +33,21 @@ from .errors import (
     listing,
 )
 from .io.base import ANALYSABLE_DTYPES, TensorInfo, TensorSource
-from .io.keys import align_names, layer_index, module_kind, stored_in_out
+from .io.keys import (
+    align_names,
+    expert_index,
+    experts_stored_in_out,
+    is_bias,
+    is_expert_tensor,
+    layer_index,
+    module_kind,
+    stored_in_out,
+)
 from .io.open import open_checkpoint, resolve
 from .io.refs import CheckpointRef, series_steps
+from .pairs import MatrixPair, PairView, stream_sums
 
 Ref = str | Path | CheckpointRef
-log = logging.getLogger("dora_analysis")
 
 
 @dataclass(frozen=True)
@@ -51,15 +62,30 @@ class TunedCheckpoint:
 
 
 @dataclass(frozen=True)
-class MatrixPair:
-    """One weight matrix present in both checkpoints, ready to be streamed."""
+class Job:
+    """One tuned checkpoint's share of the work: the matrix pairs to compare with the base."""
 
-    name: str
-    tuned_name: str
-    info: TensorInfo
-    tuned_dtype: torch.dtype
-    transposed: bool
-    """Output channels are the stored columns (``Conv1D``, embeddings, ``fan_in_fan_out``)."""
+    checkpoint: TunedCheckpoint
+    method: str
+    """The method after detection (``auto`` resolved from the checkpoint)."""
+    pairs: tuple[MatrixPair, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.pairs)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything :func:`run_job` needs, checked: the base and one job per tuned checkpoint."""
+
+    base: Path
+    jobs: tuple[Job, ...]
+    config: AnalysisConfig
+
+    @property
+    def numel(self) -> int:
+        return sum(job.numel for job in self.jobs)
 
 
 def _as_ref(ref: Ref) -> CheckpointRef:
@@ -125,6 +151,15 @@ def matrix_infos(source: TensorSource) -> dict[str, TensorInfo]:
     return infos
 
 
+def _units(name: str, tuned_name: str, info: TensorInfo, tuned_dtype, transposed: bool
+           ) -> list[MatrixPair]:
+    """The matrices one stored weight holds: itself, or one per expert of a 3-D MoE tensor."""
+    if is_expert_tensor(name, info.shape):
+        return [MatrixPair(name, tuned_name, info, tuned_dtype, transposed, expert=e)
+                for e in range(info.shape[0])]
+    return [MatrixPair(name, tuned_name, info, tuned_dtype, transposed)]
+
+
 def plan_pairs(
     base: dict[str, TensorInfo],
     tuned: dict[str, TensorInfo],
@@ -135,21 +170,26 @@ def plan_pairs(
 ) -> tuple[list[MatrixPair], list[str]]:
     """Aligned, filtered matrix pairs, and the shape mismatches (``name: base vs tuned``)."""
     alignment = align_names(list(base), list(tuned))
+    shapes = {n: i.shape for n, i in base.items()}
     pairs, mismatches = [], []
     for b, t in alignment.pairs:
-        if not config.selects(b, module_kind(b)):
+        if is_bias(b) or not config.selects(b, module_kind(b)):
             continue
         if base[b].shape != tuned[t].shape:
             hint = " (transposed?)" if base[b].shape == tuned[t].shape[::-1] else ""
             mismatches.append(f"{b}: {list(base[b].shape)} vs {list(tuned[t].shape)}{hint}")
             continue
         hint = transposed_hint(t)
-        transposed = (stored_in_out(b) if hint is None else hint) and len(base[b].shape) == 2
-        pairs.append(MatrixPair(b, t, base[b], tuned[t].dtype, transposed))
+        if is_expert_tensor(b, base[b].shape):
+            transposed = experts_stored_in_out(b, shapes) if hint is None else hint
+        else:
+            transposed = (stored_in_out(b) if hint is None else hint) and len(base[b].shape) == 2
+        pairs += _units(b, t, base[b], tuned[t].dtype, transposed)
     # An adapter holds only what it changes: the rest of the base is unchanged, not missing.
     only_b = [] if partial else [n for n in alignment.base_only
-                                 if config.selects(n, module_kind(n))]
-    only_t = [n for n in alignment.tuned_only if config.selects(n, module_kind(n))]
+                                 if not is_bias(n) and config.selects(n, module_kind(n))]
+    only_t = [n for n in alignment.tuned_only
+              if not is_bias(n) and config.selects(n, module_kind(n))]
     if (only_b or only_t) and pairs:
         parts = []
         if only_b:
@@ -162,66 +202,141 @@ def plan_pairs(
     return pairs, mismatches
 
 
-def _blocks(
-    base: TensorSource, tuned: TensorSource, pair: MatrixPair, block_elements: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    rows, cols = pair.info.matrix_shape
-    step = rows_per_block(cols, block_elements)
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        yield (base.get_rows(pair.name, start, stop), tuned.get_rows(pair.tuned_name, start, stop))
+def pair_sums(base: TensorSource, tuned: TensorSource, pair: MatrixPair, config: AnalysisConfig,
+              workspace: Workspace | None = None) -> dict:
+    """The per-vector sums of one pair along every requested axis.
 
-
-def compare_pair(
-    base: TensorSource, tuned: TensorSource, pair: MatrixPair, config: AnalysisConfig,
-    workspace: Workspace | None = None, bar=None,
-) -> dict[str, PairStats]:
-    """One matrix pair's statistics per requested axis.
-
-    Adapters give axis ``out`` in closed form (no ``B @ A``, see :mod:`dora_analysis.merge`);
+    Adapters give axis ``out`` in closed form (no ``B @ A``, see :mod:`dora_analysis.io.merge`);
     everything else streams the pair once, in row blocks, for all remaining axes.
     """
-    stats: dict[str, PairStats] = {}
-    axes = config.axes
-    if config.closed_form and "out" in axes:
-        sums = tuned.closed_form(pair.tuned_name, config.block_elements)
-        if sums is not None:
-            stats["out"] = summarize(sums)
+    sums, axes = {}, config.axes
+    if config.closed_form and "out" in axes and pair.expert is None:
+        closed = tuned.closed_form(pair.tuned_name, config.block_elements)
+        if closed is not None:
+            sums["out"] = closed
             axes = tuple(a for a in axes if a != "out")
     if axes:
-        rows, cols = pair.info.matrix_shape
-        acc = PairAccumulator(rows, cols, axes, transposed=pair.transposed, workspace=workspace)
-        for block0, block_t in _blocks(base, tuned, pair, config.block_elements):
-            acc.add(block0, block_t)
-        stats |= acc.result()
-    if bar is not None:
-        bar.update(pair.info.numel)
-    return {a: stats[a] for a in config.axes}
+        sums |= stream_sums(base, tuned, pair, axes, config.block_elements, workspace)
+    return sums
 
 
-def _row(ck: TunedCheckpoint, method: str, pair: MatrixPair, axis: str, s: PairStats) -> dict:
-    rows, cols = pair.info.matrix_shape
+def compute_pair(base: TensorSource, tuned: TensorSource, pair: MatrixPair,
+                 config: AnalysisConfig, workspace: Workspace | None = None
+                 ) -> dict[str, dict[str, object]]:
+    """Every enabled metric of one matrix pair: axis → column → value."""
+    view = PairView(pair, base, tuned, config, pair_sums(base, tuned, pair, config, workspace))
+    metrics = registry.enabled(config)
+    per_matrix: dict[str, object] = {}
+    for metric in metrics:
+        if not metric.per_axis:
+            per_matrix |= metric.compute(view)
+    values = {}
+    for axis in config.axes:
+        at = view.at(axis)
+        row: dict[str, object] = {}
+        for metric in metrics:
+            row |= metric.compute(at) if metric.per_axis else {}
+        values[axis] = row | per_matrix
+    return values
+
+
+def _row(job: Job, pair: MatrixPair, axis: str, values: dict[str, object]) -> dict:
+    ck = job.checkpoint
+    rows, cols = pair.matrix_shape
     return {
-        C.CHECKPOINT: ck.label, C.METHOD: method, C.STEP: ck.step, C.NAME: pair.name,
+        C.CHECKPOINT: ck.label, C.METHOD: job.method, C.STEP: ck.step, C.NAME: pair.name,
         C.LAYER: layer_index(pair.name), C.MODULE: module_kind(pair.name), C.ROWS: rows,
-        C.COLS: cols, C.AXIS: axis, C.DELTA_M: s.delta_m, C.DELTA_D: s.delta_d,
-        C.ZERO_VECTORS: s.zero_vectors, C.N_VECTORS: s.n_vectors,
-        C.NONFINITE_VECTORS: s.nonfinite_vectors, C.MEAN_M0: s.mean_m0,
+        C.COLS: cols, C.AXIS: axis, C.EXPERT: pair.expert if pair.expert is not None
+        else expert_index(pair.name),
         C.DTYPE: str(pair.tuned_dtype).removeprefix("torch."), C.TUNED_NAME: pair.tuned_name,
-        C.REF: ck.ref,
+        C.REF: ck.ref, **values,
     }
 
 
-def to_frame(records: list[dict]) -> pd.DataFrame:
-    """Records → the analysis table with stable column order and nullable integer columns."""
-    frame = pd.DataFrame.from_records(records, columns=list(C.TABLE_COLUMNS))
-    for col in (C.STEP, C.LAYER):
-        frame[col] = frame[col].astype("Int64")
-    for col in (C.ROWS, C.COLS, C.ZERO_VECTORS, C.N_VECTORS, C.NONFINITE_VECTORS):
-        frame[col] = frame[col].astype("int64")
-    for col in (C.DELTA_M, C.DELTA_D, C.MEAN_M0):
-        frame[col] = frame[col].astype("float64")
-    return frame
+def run_job(job: Job, base: TensorSource, tuned: TensorSource, config: AnalysisConfig, *,
+            workspace: Workspace | None = None, progress: Callable[[int], object] | None = None
+            ) -> list[dict]:
+    """The table rows of one job, in pair then axis order, from already opened sources.
+
+    ``progress(n)`` is called with the number of elements of each pair when it is done.
+    """
+    records = []
+    for pair in job.pairs:
+        for axis, values in compute_pair(base, tuned, pair, config, workspace).items():
+            _warn_nonfinite(job.checkpoint, pair, axis, values)
+            records.append(_row(job, pair, axis, values))
+        if progress is not None:
+            progress(pair.numel)
+    return records
+
+
+def table_columns(config: AnalysisConfig | None = None) -> list[str]:
+    """Column order of the table: the contract's columns, then every enabled metric's."""
+    extra = [c.name for c in registry.metric_columns(config) if c.name not in C.TABLE_COLUMNS]
+    return [*C.TABLE_COLUMNS, *extra]
+
+
+def to_frame(records: list[dict], config: AnalysisConfig | None = None) -> pd.DataFrame:
+    """Records → the analysis table with stable column order and typed columns."""
+    frame = pd.DataFrame.from_records(records, columns=table_columns(config))
+    dtypes = {C.STEP: "Int64", C.LAYER: "Int64", C.EXPERT: "Int64", C.ROWS: "int64",
+              C.COLS: "int64"}
+    dtypes |= {c.name: c.dtype for c in registry.metric_columns(config)}
+    return frame.astype({k: v for k, v in dtypes.items() if k in frame.columns})
+
+
+def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None = None,
+         methods: Sequence[str] | None = None, config: AnalysisConfig | None = None) -> Plan:
+    """Check everything and list the work, reading headers only; every problem reported at once.
+
+    Example:
+        >>> work = plan("base/", ["run/"], config=AnalysisConfig())  # doctest: +SKIP
+        >>> len(work.jobs), work.numel  # doctest: +SKIP
+    """
+    config = config or AnalysisConfig()
+    tuned_refs = [tuned] if isinstance(tuned, (str, Path, CheckpointRef)) else list(tuned)
+    base_path, _ = resolve(_as_ref(base), config.token)
+    checkpoints = expand_tuned(tuned_refs, labels, methods, config.token)
+    options = config.read_options
+    jobs, problems = [], []
+    with open_checkpoint(base_path, options) as base_src:
+        base_infos = matrix_infos(base_src)
+        if not base_infos:
+            raise CheckpointFormatError(f"{base_path}: holds no floating-point weight matrices")
+        # One tuned checkpoint open at a time: a long adapter series stays small.
+        for ck in checkpoints:
+            with open_checkpoint(ck.path, options, base=base_src) as src:
+                pairs, mismatches = plan_pairs(base_infos, matrix_infos(src), config, ck.path,
+                                               src.transposed, partial=src.partial)
+                method = ck.method if ck.method != "auto" else src.method
+            problems += [f"{ck.ref}: {m}" for m in mismatches]
+            if not pairs and not mismatches:
+                raise TensorMismatchError(_nothing_selected(config, ck, base_infos))
+            jobs.append(Job(ck, method, tuple(pairs)))
+    if problems and not config.skip_mismatched:
+        raise TensorMismatchError(
+            f"{len(problems)} tensor(s) differ in shape: {listing(problems)}; is this the "
+            "right base? (--skip-mismatched analyses the rest)",
+            problems,
+        )
+    if problems:
+        warnings.warn(f"skipped {len(problems)} tensor(s) of different shape: "
+                      f"{listing(problems)}", UnmatchedTensorsWarning, stacklevel=2)
+    return Plan(base_path, tuple(jobs), config)
+
+
+def run_serial(work: Plan) -> list[dict]:
+    """Run every job of a plan in this process, one tuned checkpoint open at a time."""
+    config, options = work.config, work.config.read_options
+    records, workspace = [], Workspace()
+    with open_checkpoint(work.base, options) as base_src, tqdm(
+            total=work.numel, unit="el", unit_scale=True, disable=not config.progress,
+            file=sys.stderr, desc="analysing", leave=False) as bar:
+        for job in work.jobs:
+            with open_checkpoint(job.checkpoint.path, options, base=base_src) as src:
+                records += run_job(job, base_src, src, config, workspace=workspace,
+                                   progress=bar.update)
+    return records
 
 
 def analyze(
@@ -241,72 +356,31 @@ def analyze(
         labels: one label per tuned reference (default: derived from the reference).
         methods: ``ft``/``lora``/``dora``/``unknown``/``auto``, once or once per reference.
         config: an :class:`AnalysisConfig`; or pass its fields as keywords
-            (``axis="in"``, ``modules=("q", "v")``, ``include=r"layers\\.1"``, ``progress=True``).
+            (``axis="in"``, ``modules=("q", "v")``, ``include=r"layers\\.1"``, ``progress=True``),
+            metric switches and settings alike (see :mod:`dora_analysis.metrics`).
 
     Returns:
-        A DataFrame with the columns of :data:`dora_analysis.columns.TABLE_COLUMNS`.
+        A DataFrame with the columns of :data:`dora_analysis.columns.TABLE_COLUMNS` followed by
+        those of the enabled metrics.
 
     Example:
         >>> table = analyze("pre.safetensors", "run/", modules=("q", "v"))  # doctest: +SKIP
         >>> table[["layer", "module", "delta_m", "delta_d"]]  # doctest: +SKIP
     """
     if config is None:
-        config = AnalysisConfig(**settings)
+        config = AnalysisConfig.from_settings(**settings)
     elif settings:
         raise ConfigError("pass either config= or keyword settings, not both")
-    tuned_refs = [tuned] if isinstance(tuned, (str, Path, CheckpointRef)) else list(tuned)
-    base_path, _ = resolve(_as_ref(base), config.token)
-    checkpoints = expand_tuned(tuned_refs, labels, methods, config.token)
-
-    options = config.read_options
-    with open_checkpoint(base_path, options) as base_src:
-        base_infos = matrix_infos(base_src)
-        if not base_infos:
-            raise CheckpointFormatError(f"{base_path}: holds no floating-point weight matrices")
-
-        def open_tuned(ck: TunedCheckpoint) -> TensorSource:
-            return open_checkpoint(ck.path, options, base=base_src)
-
-        # Plan every checkpoint first (headers only, one open at a time) so that all problems
-        # are reported together before any number is computed.
-        plans, problems = [], []
-        for ck in checkpoints:
-            with open_tuned(ck) as src:
-                pairs, mismatches = plan_pairs(base_infos, matrix_infos(src), config, ck.path,
-                                               src.transposed, partial=src.partial)
-                method = ck.method if ck.method != "auto" else src.method
-            problems += [f"{ck.ref}: {m}" for m in mismatches]
-            if not pairs and not mismatches:
-                raise TensorMismatchError(_nothing_selected(config, ck, base_infos))
-            plans.append((ck, method, pairs))
-        if problems and not config.skip_mismatched:
-            raise TensorMismatchError(
-                f"{len(problems)} tensor(s) differ in shape: {listing(problems)}; is this the "
-                "right base? (--skip-mismatched analyses the rest)",
-                problems,
-            )
-        if problems:
-            warnings.warn(f"skipped {len(problems)} tensor(s) of different shape: "
-                          f"{listing(problems)}", UnmatchedTensorsWarning, stacklevel=2)
-
-        total = sum(p.info.numel for _, _, pairs in plans for p in pairs)
-        records, workspace = [], Workspace()
-        with tqdm(total=total, unit="el", unit_scale=True, disable=not config.progress,
-                  file=sys.stderr, desc="analysing", leave=False) as bar:
-            for ck, method, pairs in plans:
-                with open_tuned(ck) as src:
-                    for pair in pairs:
-                        stats = compare_pair(base_src, src, pair, config, workspace, bar)
-                        for axis, s in stats.items():
-                            _warn_nonfinite(ck, pair, axis, s)
-                            records.append(_row(ck, method, pair, axis, s))
-    return to_frame(records)
+    work = plan(base, tuned, labels=labels, methods=methods, config=config)
+    return to_frame(run_serial(work), config)
 
 
-def _warn_nonfinite(ck: TunedCheckpoint, pair: MatrixPair, axis: str, s: PairStats) -> None:
-    if s.nonfinite_vectors:
+def _warn_nonfinite(ck: TunedCheckpoint, pair: MatrixPair, axis: str, values: dict) -> None:
+    bad = values.get(C.NONFINITE_VECTORS)
+    if bad:
+        where = f" (expert {pair.expert})" if pair.expert is not None else ""
         warnings.warn(
-            f"{ck.ref}: tensor '{pair.name}' has {s.nonfinite_vectors} of {s.n_vectors} "
+            f"{ck.ref}: tensor '{pair.name}'{where} has {bad} of {values[C.N_VECTORS]} "
             f"vectors (axis {axis}) with NaN or Inf; they are excluded from delta_m/delta_d",
             NonFiniteWeightWarning,
             stacklevel=3,

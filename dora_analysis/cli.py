@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from . import metrics as registry
 from .config import AXIS_CHOICES, IO_BACKENDS, METHOD_CHOICES, AnalysisConfig
 from .errors import DoraAnalysisError, NonFiniteWeightWarning, UnmatchedTensorsWarning
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(same numbers, slower; for checking)")
     p.add_argument("--token", metavar="TOKEN",
                    help="Hugging Face token for private or gated repos (default: HF_TOKEN)")
+    add_metric_options(p)
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write the table: .csv, .json or .parquet")
     p.add_argument("--summary", metavar="FILE",
@@ -76,6 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file messages")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
+
+
+def add_metric_options(parser: argparse.ArgumentParser) -> None:
+    """One switch per optional metric and one option per metric setting, from the registry."""
+    group = parser.add_argument_group("metrics (beyond ΔM, ΔD and tangential_fraction)")
+    for option, metric in registry.options().items():
+        group.add_argument(f"--{option.replace('_', '-')}", dest=f"metric_{option}",
+                           action="store_true",
+                           help=f"{metric.description} (cost: {registry.COSTS[metric.cost]})")
+    for name, setting in registry.settings().items():
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}",
+                           type=setting.type, metavar="VALUE",
+                           help=f"{setting.help} (default: {setting.default})")
+
+
+def metric_config(args: argparse.Namespace) -> dict:
+    """The ``metrics`` and ``metric_settings`` of :class:`AnalysisConfig` from parsed options."""
+    switches = tuple(o for o in registry.options() if getattr(args, f"metric_{o}", False))
+    values = tuple((n, getattr(args, f"setting_{n}")) for n in registry.settings()
+                   if getattr(args, f"setting_{n}", None) is not None)
+    return {"metrics": switches, "metric_settings": values}
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -114,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         io=args.io,
         lora_alpha=args.lora_alpha,
         token=args.token,
+        **metric_config(args),
     )
     table = analyze(args.base, args.tuned, labels=args.label, methods=args.method, config=config)
     correlations = correlate(table)

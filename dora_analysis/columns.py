@@ -15,7 +15,8 @@ AXIS = "axis"
 DELTA_M = "delta_m"
 DELTA_D = "delta_d"
 ZERO_VECTORS = "zero_vectors"
-# Extra columns (welcome by the contract).
+# Optional and extra columns (welcome by the contract).
+EXPERT = "expert"
 N_VECTORS = "n_vectors"
 NONFINITE_VECTORS = "nonfinite_vectors"
 MEAN_M0 = "mean_m0"
@@ -25,7 +26,8 @@ REF = "ref"
 
 TABLE_COLUMNS: tuple[str, ...] = (
     CHECKPOINT, METHOD, STEP, NAME, LAYER, MODULE, ROWS, COLS, AXIS,
-    DELTA_M, DELTA_D, ZERO_VECTORS, N_VECTORS, NONFINITE_VECTORS, MEAN_M0, DTYPE, TUNED_NAME, REF,
+    DELTA_M, DELTA_D, ZERO_VECTORS, EXPERT, N_VECTORS, NONFINITE_VECTORS, MEAN_M0, DTYPE,
+    TUNED_NAME, REF,
 )
 
 # Correlation table: one row per group (checkpoint series x module kind x axis).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from . import metrics as registry
 from .columns import AXES, METHODS
 from .errors import ConfigError
 
@@ -50,6 +51,11 @@ class AnalysisConfig:
     checkpoint keeps them (DeepSpeed ZeRO optimizer partitions)."""
     token: str | None = field(default=None, repr=False)
     """Hugging Face token for private repos (default: ``HF_TOKEN``); never printed."""
+    metrics: tuple[str, ...] = ()
+    """Optional metrics to compute, by switch name (``("spectrum",)``); see
+    :mod:`dora_analysis.metrics`. The always-on metrics need no switch."""
+    metric_settings: tuple[tuple[str, object], ...] = ()
+    """``(name, value)`` pairs for metric settings; unset ones take the metric's default."""
     _include_re: re.Pattern | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +80,46 @@ class AnalysisConfig:
             raise ConfigError(f"--lora-alpha must be positive, got {self.lora_alpha}")
         if self.block_elements < 1:
             raise ConfigError(f"block_elements must be positive, got {self.block_elements}")
+        switches = registry.options()
+        unknown = [m for m in self.metrics if m not in switches]
+        if unknown:
+            raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; available: "
+                              f"{', '.join(switches) or 'none'}")
+        object.__setattr__(self, "metrics", tuple(dict.fromkeys(self.metrics)))
+        known = registry.settings()
+        bad = [n for n, _ in self.metric_settings if n not in known]
+        if bad:
+            raise ConfigError(f"unknown metric setting(s) {', '.join(bad)}; available: "
+                              f"{', '.join(known) or 'none'}")
+
+    @classmethod
+    def from_settings(cls, **settings) -> AnalysisConfig:
+        """A configuration from keywords: its fields, metric switches (``spectrum=True``) and
+        metric settings (``intruder_k=20``) alike.
+
+        Example:
+            >>> AnalysisConfig.from_settings(axis="in").axis
+            'in'
+        """
+        switches, known = registry.options(), registry.settings()
+        metrics = list(settings.pop("metrics", ()))
+        values = dict(settings.pop("metric_settings", ()))
+        for name in [n for n in settings if n in switches or n in known]:
+            value = settings.pop(name)
+            if name in switches:
+                if value:
+                    metrics.append(name)
+            else:
+                values[name] = value
+        try:
+            return cls(metrics=tuple(metrics), metric_settings=tuple(values.items()), **settings)
+        except TypeError as exc:  # an unknown keyword
+            raise ConfigError(f"unknown analysis setting ({exc})") from None
+
+    def setting(self, name: str) -> object:
+        """A metric setting's value: the one given, else the metric's default."""
+        given = dict(self.metric_settings)
+        return given[name] if name in given else registry.settings()[name].default
 
     @property
     def read_options(self):

@@ -228,11 +228,15 @@ class PairAccumulator:
                     t += p
         self._next_row = stop
 
-    def result(self) -> dict[Axis, PairStats]:
-        """Eqs. 3-4 per requested axis, once every row has been added."""
+    def sums(self) -> dict[Axis, VectorSums]:
+        """The per-vector sums per requested axis, once every row has been added."""
         if self._next_row != self.rows:
             raise RuntimeError(f"accumulated {self._next_row} of {self.rows} rows")
-        return {axis: summarize(sums) for axis, sums in self._sums.items()}
+        return dict(self._sums)
+
+    def result(self) -> dict[Axis, PairStats]:
+        """Eqs. 3-4 per requested axis, once every row has been added."""
+        return {axis: summarize(sums) for axis, sums in self.sums().items()}
 
 
 def _fields(s: VectorSums) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -81,6 +81,13 @@ class TensorSource(ABC):
         """Rows ``start:stop`` of the stored tensor (first dimension)."""
         return self.get_tensor(name)[start:stop]
 
+    def get_expert_rows(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of expert ``expert`` of a 3-D MoE tensor ``(E, out, in)``.
+
+        The default reads the whole expert; readers that can address rows directly override it.
+        """
+        return self.get_rows(name, expert, expert + 1)[0, start:stop]
+
     def infos(self) -> dict[str, TensorInfo]:
         """Shape and dtype of every tensor, in stored order (computed once)."""
         cached = self.__dict__.get("_infos_cache")

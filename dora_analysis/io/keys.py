@@ -21,9 +21,13 @@ MODULE_KINDS: tuple[tuple[str, str], ...] = (
     (r"(^|\.)v_proj$", "v"),
     (r"(^|\.)(o_proj|out_proj)$", "o"),
     (r"(^|\.)gate_proj$", "gate"),
+    (r"(^|\.)gate_up_proj$", "gate_up"),  # fused MoE experts (transformers 5)
     (r"(^|\.)up_proj$", "up"),
     (r"(^|\.)down_proj$", "down"),
-    # Meta's original LLaMA names
+    # Mixtral's per-expert modules (transformers 4), Meta's original LLaMA names
+    (r"(^|\.)experts\.\d+\.w1$", "gate"),
+    (r"(^|\.)experts\.\d+\.w3$", "up"),
+    (r"(^|\.)experts\.\d+\.w2$", "down"),
     (r"(^|\.)attention\.wq$", "q"),
     (r"(^|\.)attention\.wk$", "k"),
     (r"(^|\.)attention\.wv$", "v"),
@@ -109,6 +113,41 @@ def layer_index(name: str) -> int | None:
         if part.isdigit():
             return int(part)
     return None
+
+
+_EXPERT_PART = re.compile(r"(^|\.)experts\.(\d+)\.")
+#: Fused expert tensors: ``(num_experts, out, in)`` under an ``experts`` module (transformers 5).
+_FUSED_EXPERTS = re.compile(r"(^|\.)experts\.[A-Za-z_]\w*$")
+
+
+def is_expert_tensor(name: str, shape: tuple[int, ...]) -> bool:
+    """A 3-D MoE tensor holding one matrix per expert (``mlp.experts.gate_up_proj``)."""
+    return len(shape) == 3 and bool(_FUSED_EXPERTS.search(name))
+
+
+def expert_index(name: str) -> int | None:
+    """The expert of a per-expert parameter (``…experts.3.w1.weight`` → 3), else None.
+
+    Example:
+        >>> expert_index("model.layers.1.block_sparse_moe.experts.3.w1.weight")
+        3
+    """
+    match = _EXPERT_PART.search(name)
+    return int(match.group(2)) if match else None
+
+
+def experts_stored_in_out(name: str, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether a fused expert tensor is stored ``(E, in, out)`` (GPT-OSS) instead of
+    ``(E, out, in)`` (Mixtral, Qwen-MoE, OLMoE, DeepSeek): told by its bias ``<name>_bias`` of
+    shape ``(E, out)`` where the model has one."""
+    shape, bias = shapes.get(name), shapes.get(name + "_bias")
+    return (shape is not None and bias is not None and len(bias) == 2
+            and bias[1] == shape[2] != shape[1])
+
+
+def is_bias(name: str) -> bool:
+    """A bias, whatever its shape (MoE expert biases are 2-D: ``experts.gate_up_proj_bias``)."""
+    return name.endswith(("bias", "_bias"))
 
 
 def is_conv1d(name: str) -> bool:

@@ -67,6 +67,12 @@ class DequantizedSource(TensorSource):
             self._scales = {name: self._inner.get_tensor(scheme.scale_name).to(torch.float32)}
         return self._scales[name]
 
+    def get_expert_rows(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
+        if name in self._schemes:  # scales of quantized experts are not laid out per expert here
+            raise CheckpointFormatError(f"{self.path}: tensor '{name}' is a quantized MoE expert "
+                                        "tensor; dequantize the checkpoint first")
+        return self._inner.get_expert_rows(name, expert, start, stop)
+
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         rows = self._inner.get_rows(name, start, stop)
         if name not in self._schemes:

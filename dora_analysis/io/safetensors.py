@@ -65,13 +65,23 @@ class SafetensorsFile(TensorSource):
             return self._guard(name, lambda: self._file.get_slice(name)[start:stop])
         return self._guard(name, lambda: self._pread_rows(name, start, stop))
 
-    def _pread_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def get_expert_rows(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
+        if self._fd is None:
+            return self._guard(name, lambda: self._file.get_slice(name)[expert, start:stop])
+        return self._guard(name, lambda: self._pread_rows(name, start, stop, expert))
+
+    def _pread_rows(self, name: str, start: int, stop: int, expert: int | None = None
+                    ) -> torch.Tensor:
         entry = self._header[name]
         dtype = SAFETENSORS_DTYPES[entry["dtype"]]
         shape = entry["shape"]
+        base_row = 0
+        if expert is not None:  # rows of one expert: (E, out, in) seen as (E·out, in)
+            base_row, shape = expert * shape[1], shape[1:]
         stop = min(stop, shape[0])
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        offset = self._data_start + entry["data_offsets"][0] + start * row_bytes
+        offset = (self._data_start + entry["data_offsets"][0]
+                  + (base_row + start) * row_bytes)
         size = max(0, stop - start) * row_bytes
         buffer = bytearray(size)
         view, done = memoryview(buffer), 0

@@ -54,6 +54,9 @@ class ShardedCheckpoint(TensorSource):
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._shard(name).get_rows(name, start, stop)
 
+    def get_expert_rows(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
+        return self._shard(name).get_expert_rows(name, expert, start, stop)
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()

@@ -1,0 +1,141 @@
+"""One weight matrix compared between two checkpoints, and lazy access to its data for metrics.
+
+A :class:`MatrixPair` names what is compared (a 2-D view of a stored weight; one expert of a
+3-D MoE expert tensor). A :class:`PairView` is what a metric sees: the per-vector sums of the one
+streaming pass (always computed, for every requested axis, reading each tensor once), and, only
+when a metric asks, the dense float64 weights, ΔW, or the adapter's low-rank factors — loaded
+once per pair and dropped with the view.
+
+Orientation: dense matrices handed to metrics always have **output channels as rows**, whatever
+the storage (``Conv1D``, embeddings and ``fan_in_fan_out`` adapters store them as columns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .decompose import (
+    PairAccumulator,
+    PairStats,
+    VectorSums,
+    Workspace,
+    rows_per_block,
+    summarize,
+)
+from .io.base import TensorInfo, TensorSource
+
+if TYPE_CHECKING:
+    from .config import AnalysisConfig
+    from .io.adapters import LowRankUpdate
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class MatrixPair:
+    """One weight matrix present in both checkpoints, ready to be streamed."""
+
+    name: str
+    tuned_name: str
+    info: TensorInfo
+    tuned_dtype: torch.dtype | str
+    transposed: bool
+    """Output channels are the stored columns (``Conv1D``, embeddings, ``fan_in_fan_out``)."""
+    expert: int | None = None
+    """For a 3-D MoE expert tensor ``(E, out, in)``: which expert; its matrix is ``W[expert]``."""
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the stored 2-D matrix this pair compares."""
+        if self.expert is not None:
+            return self.info.shape[1], self.info.shape[2]
+        return self.info.matrix_shape
+
+    @property
+    def numel(self) -> int:
+        rows, cols = self.matrix_shape
+        return rows * cols
+
+
+def read_rows(source: TensorSource, name: str, pair: MatrixPair, start: int, stop: int
+              ) -> torch.Tensor:
+    """Stored rows ``start:stop`` of the pair's 2-D matrix from one source (stored dtype)."""
+    if pair.expert is not None:
+        return source.get_expert_rows(name, pair.expert, start, stop)
+    return source.get_rows(name, start, stop)
+
+
+def row_blocks(base: TensorSource, tuned: TensorSource, pair: MatrixPair, block_elements: int
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive stored row blocks of both matrices, each at most ``block_elements`` large."""
+    rows, cols = pair.matrix_shape
+    step = rows_per_block(cols, block_elements)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        yield (read_rows(base, pair.name, pair, start, stop),
+               read_rows(tuned, pair.tuned_name, pair, start, stop))
+
+
+def stream_sums(base: TensorSource, tuned: TensorSource, pair: MatrixPair,
+                axes: tuple[str, ...], block_elements: int,
+                workspace: Workspace | None = None) -> dict[str, VectorSums]:
+    """Per-vector sums for ``axes`` from one streaming pass over both matrices (float64)."""
+    rows, cols = pair.matrix_shape
+    acc = PairAccumulator(rows, cols, axes, transposed=pair.transposed, workspace=workspace)
+    for block0, block_t in row_blocks(base, tuned, pair, block_elements):
+        acc.add(block0, block_t)
+    return acc.sums()
+
+
+@dataclass
+class PairView:
+    """What a metric sees of one matrix pair: sums per axis, and dense data on request."""
+
+    pair: MatrixPair
+    base: TensorSource
+    tuned: TensorSource
+    config: AnalysisConfig
+    sums_by_axis: dict[str, VectorSums]
+    axis: str = "out"
+    """The axis of the row being filled (per-axis metrics read ``sums()`` of this axis)."""
+    _dense: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def at(self, axis: str) -> PairView:
+        """The same view for another axis, sharing what was already loaded."""
+        return PairView(self.pair, self.base, self.tuned, self.config, self.sums_by_axis, axis,
+                        self._dense)
+
+    def sums(self) -> VectorSums:
+        """Per-vector ``|w0|², |wt|², |wt − w0|²`` along this view's axis (float64)."""
+        return self.sums_by_axis[self.axis]
+
+    def stats(self) -> PairStats:
+        """Eqs. 3-4 along this view's axis."""
+        return summarize(self.sums())
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W0, Wt)`` dense in float64, output channels as rows (read on first call)."""
+        if "w0" not in self._dense:
+            rows, _ = self.pair.matrix_shape
+            w0 = read_rows(self.base, self.pair.name, self.pair, 0, rows)
+            wt = read_rows(self.tuned, self.pair.tuned_name, self.pair, 0, rows)
+            w0, wt = (w.reshape(rows, -1).to(F64) for w in (w0, wt))  # (rows, cols)
+            if self.pair.transposed:
+                w0, wt = w0.T, wt.T  # (out, in)
+            self._dense["w0"], self._dense["wt"] = w0, wt
+        return self._dense["w0"], self._dense["wt"]
+
+    def delta(self) -> torch.Tensor:
+        """ΔW = Wt − W0, dense float64, output channels as rows."""
+        if "delta" not in self._dense:
+            w0, wt = self.weights()
+            self._dense["delta"] = wt - w0
+        return self._dense["delta"]
+
+    def low_rank(self) -> LowRankUpdate | None:
+        """ΔW = s·B·A exactly (a LoRA adapter's module), else None."""
+        return self.tuned.low_rank(self.pair.tuned_name) if self.pair.expert is None else None

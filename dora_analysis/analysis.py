@@ -260,6 +260,9 @@ def run_job(job: Job, base: TensorSource, tuned: TensorSource, config: AnalysisC
 
     ``progress(n)`` is called with the number of elements of each pair when it is done.
     """
+    # Remote readers fetch only these tensors, neighbours coalesced into one request.
+    base.will_read([p.name for p in job.pairs])
+    tuned.will_read([p.tuned_name for p in job.pairs])
     records = []
     for pair in job.pairs:
         for axis, values in compute_pair(base, tuned, pair, config, workspace).items():

@@ -123,16 +123,26 @@ def _weights_file(folder: Path) -> Path:
     )
 
 
-def _read_config(folder: Path) -> dict:
-    path = folder / "adapter_config.json"
+def parse_config(text: str, path) -> dict:
+    """An ``adapter_config.json``'s content as a dict (``path`` only names it in errors)."""
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(text)
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
         raise CheckpointFormatError(f"{path}: broken adapter config ({exc}); re-save the "
                                     "adapter with save_pretrained") from None
     return config
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "adapter_config.json"
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CheckpointFormatError(f"{path}: broken adapter config ({exc}); re-save the "
+                                    "adapter with save_pretrained") from None
+    return parse_config(text, path)
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -210,8 +220,13 @@ def read_peft(folder: Path, **_) -> Adapter:
     """A PEFT LoRA/DoRA adapter folder (or the official DoRA code's, which PEFT grew from)."""
     config = _read_config(folder)
     weights = _weights_file(folder)
+    return peft_adapter(config, load_tensors(weights), folder, weights)
+
+
+def peft_adapter(config: dict, tensors: dict[str, torch.Tensor], folder, weights) -> Adapter:
+    """A PEFT (or official DoRA) adapter from its config and tensors; ``folder`` and ``weights``
+    (local paths or remote URLs) name it in messages."""
     peft_type = str(config.get("peft_type", "LORA")).upper()
-    tensors = load_tensors(weights)
     if peft_type == "DORA" or any(k.endswith("weight_m_wdecomp.weight") for k in tensors):
         return _read_nvlabs(folder, config, tensors)
     if peft_type != "LORA":

@@ -4,13 +4,15 @@ A reader answers ``keys()`` and ``get_tensor(name)``; ``info`` and ``get_rows`` 
 overrides where the format allows (safetensors reads only the bytes asked for). Everything else a
 caller may ask of a source is declared here with its default, so the analysis never probes a
 reader with ``getattr``: adapters override ``method``, ``partial``, ``transposed``,
-``closed_form`` and ``low_rank``; remote readers report ``bytes_read``.
+``closed_form`` and ``low_rank``; remote readers take the ``will_read`` hint and report
+``bytes_read``.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,6 +109,9 @@ class TensorSource(ABC):
     def low_rank(self, name: str) -> LowRankUpdate | None:
         """The low-rank update that makes ``name`` from the base (LoRA adapters), or None."""
         return None
+
+    def will_read(self, names: Sequence[str]) -> None:  # noqa: B027 - optional hook
+        """Hint: these tensors are read next (remote readers coalesce their byte ranges)."""
 
     @property
     def bytes_read(self) -> int | None:

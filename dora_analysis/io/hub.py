@@ -87,6 +87,25 @@ def _download(repo: str, revision: str | None, patterns: list[str], token: str |
     return Path(folder)
 
 
+def filesystem(token: str | None = None):
+    """The Hub as an fsspec filesystem (``hf://org/name[@rev]/path``) for reading in place.
+
+    ``HF_ENDPOINT`` (a mirror) and ``HF_TOKEN`` are read at call time.
+
+    Example:
+        >>> fs = filesystem()  # doctest: +SKIP
+        >>> fs.info("org/model/model.safetensors")["size"]  # doctest: +SKIP
+    """
+    if offline():
+        raise CheckpointNotFoundError("hf:// reads the Hub in place but HF_HUB_OFFLINE is set; "
+                                      "unset it, or give the repository as org/name to use the "
+                                      "local cache")
+    from huggingface_hub import HfFileSystem
+
+    return HfFileSystem(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token,
+                        skip_instance_cache=True)
+
+
 def _weight_patterns(folder: Path) -> list[list[str]]:
     """Candidate pattern lists for the weights, in order of preference."""
     for marker, files in WEIGHT_CHOICES:

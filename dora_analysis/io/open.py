@@ -25,6 +25,7 @@ from .base import TensorSource
 from .merge import AdapterSource
 from .quant import dequantized
 from .refs import CheckpointRef
+from .remote import DEFAULT_TIMEOUT, Url, open_remote
 from .safetensors import SafetensorsFile
 from .sharded import ShardedCheckpoint
 from .torch_bin import TorchFile
@@ -45,6 +46,8 @@ class ReadOptions:
     full-precision master weights where the format keeps them (DeepSpeed ZeRO)."""
     token: str | None = field(default=None, repr=False)
     """Hugging Face token for private repos (default: ``HF_TOKEN``); never printed."""
+    timeout: float = DEFAULT_TIMEOUT
+    """Remote storage: seconds before a connection or a read is given up."""
 
     def __post_init__(self) -> None:
         if self.backend not in IO_BACKENDS:
@@ -140,12 +143,15 @@ def _adapter_as_base(path: Path) -> CheckpointFormatError:
                                  "weights as BASE and the adapter as TUNED")
 
 
-def open_checkpoint(path: str | Path, options: ReadOptions = ReadOptions(), *,
+def open_checkpoint(path: str | Path | Url, options: ReadOptions = ReadOptions(), *,
                     base: TensorSource | None = None) -> TensorSource:
     """Open a local checkpoint lazily, by the first format in :data:`FORMATS` that fits.
 
-    ``base`` is the source an adapter is merged with; without it, adapters are refused.
+    ``base`` is the source an adapter is merged with; without it, adapters are refused. A
+    :class:`~dora_analysis.io.remote.Url` (from :func:`resolve`) is read in place.
     """
+    if isinstance(path, Url):
+        return open_remote(path, options, base)
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or folder")
@@ -170,8 +176,11 @@ def open_source(path: str | Path, backend: str = "mmap") -> TensorSource:
     return open_checkpoint(path, ReadOptions(backend=backend))
 
 
-def resolve(ref: CheckpointRef, token: str | None = None) -> tuple[Path, str]:
-    """Local path of a reference (Hub repos fetched or found in the cache) and its printed form."""
+def resolve(ref: CheckpointRef, token: str | None = None) -> tuple[Path | Url, str]:
+    """Where a reference is read from (Hub repos fetched or found in the cache; remote URLs read
+    in place) and its printed form."""
+    if ref.kind == "remote":
+        return Url(ref.url), str(ref)
     if ref.kind != "hub":
         return ref.path, str(ref)
     from . import hub  # only here: huggingface_hub is imported on demand

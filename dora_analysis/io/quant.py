@@ -13,6 +13,7 @@ Recognised from tensor names and dtypes (a registry, :data:`REFUSED` and the sch
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,14 @@ class DequantizedSource(TensorSource):
         if scale.numel() == 1:
             return rows * scale.reshape(())
         return rows * _per_row(scale, start, stop, rows.dim())
+
+    def will_read(self, names: Sequence[str]) -> None:
+        self._inner.will_read([*names, *(self._schemes[n].scale_name for n in names
+                                        if n in self._schemes)])
+
+    @property
+    def bytes_read(self) -> int | None:
+        return self._inner.bytes_read
 
     def close(self) -> None:
         self._inner.close()

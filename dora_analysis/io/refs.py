@@ -6,20 +6,51 @@
 | ``path/dir/`` (a model folder)       | ``folder`` |
 | ``path/run/`` holding ``checkpoint-N/`` subfolders | ``series`` (one checkpoint per step) |
 | ``org/name``, ``org/name@rev``       | ``hub`` (only when no such local path exists) |
+| ``hf://org/name[@rev]/path``, ``s3://…``, ``gs://…``, ``https://…`` | ``remote`` (in place) |
+
+A remote reference is printed back without credentials: ``user:pass@`` and the query string
+(presigned-URL signatures, tokens) are dropped from every message (:func:`redact_url`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import CheckpointNotFoundError
 
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 _HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+#: URL schemes read in place through fsspec (``dora_analysis.io.remote``).
+REMOTE_SCHEMES = ("hf", "s3", "gs", "gcs", "http", "https")
+_URL = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 _GENERIC_STEMS = {"model", "pytorch_model", "adapter_model", "consolidated",
                   "diffusion_pytorch_model"}
+
+
+def remote_scheme(text: str) -> str | None:
+    """The scheme of a remote reference (``s3`` for ``s3://bucket/key``), else None."""
+    match = _URL.match(text)
+    scheme = match.group("scheme").lower() if match else None
+    return scheme if scheme in REMOTE_SCHEMES else None
+
+
+def redact_url(url: str) -> str:
+    """``url`` without credentials: no ``user:pass@``, no query string, no fragment.
+
+    Example:
+        >>> redact_url("https://me:secret@host/m.safetensors?X-Amz-Signature=abc")
+        'https://host/m.safetensors'
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = host + (f":{parts.port}" if parts.port else "")
+    except ValueError:  # a malformed port: keep only what surely carries no secret
+        return url.split("?", 1)[0].split("#", 1)[0].rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def step_of(path: Path) -> int | None:
@@ -46,8 +77,10 @@ class CheckpointRef:
     """One parsed reference to a checkpoint, a training series, or a Hub repository."""
 
     text: str
-    kind: str  # "file" | "folder" | "series" | "hub"
+    kind: str  # "file" | "folder" | "series" | "hub" | "remote"
     path: Path | None = None
+    url: str | None = field(default=None, repr=False)
+    """A remote reference as given (credentials included, for reading only; never printed)."""
     repo: str | None = None
     revision: str | None = None
 
@@ -59,6 +92,8 @@ class CheckpointRef:
             >>> CheckpointRef.parse("meta-llama/Llama-3.1-8B@main").revision
             'main'
         """
+        if remote_scheme(text):
+            return cls(redact_url(text), "remote", url=text)
         path = Path(text).expanduser()
         if path.is_file():
             return cls(text, "file", path=path)
@@ -80,6 +115,11 @@ class CheckpointRef:
         """
         if self.kind == "hub":
             return self.repo.rsplit("/", 1)[-1]
+        if self.kind == "remote":
+            path = Path(urlsplit(self.url).path.rstrip("/") or "remote")
+            stem = path.name.split(".")[0]
+            generic = stem in _GENERIC_STEMS or stem.startswith("model-")
+            return path.parent.name if generic and path.parent.name else stem
         path = self.path.resolve()
         if self.kind == "file":
             stem = path.name.split(".")[0]

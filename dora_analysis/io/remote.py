@@ -1,0 +1,582 @@
+"""Remote checkpoints read in place through fsspec: ``hf://``, ``s3://``, ``gs://``, ``https://``.
+
+Nothing is downloaded whole. A safetensors file is one header and one byte range per tensor, and
+rows ``a:b`` of a row-major tensor are one contiguous range, so the reader fetches:
+
+1. the header (first 64 KiB, then the rest if it is longer), validated as ``safetensors`` does:
+   size cap, every dtype known, every shape matching its byte range, ranges contiguous and
+   inside the file;
+2. only the tensors the analysis selects (``--modules``/``--include``; announced through
+   :meth:`~dora_analysis.io.base.TensorSource.will_read`), neighbours coalesced into one request
+   of at most :data:`MAX_REQUEST_BYTES` (a gap of unselected bytes is merged only when it is
+   small: at most :data:`MAX_GAP_BYTES` and a tenth of the request), larger tensors in windows of
+   that size, so memory stays bounded whatever the file size.
+
+A folder URL resolves like a local folder: ``adapter_config.json`` (a PEFT adapter, its small
+weight file read whole), ``model.safetensors``, ``model.safetensors.index.json`` (shards opened
+on first use). PyTorch pickles are read whole only up to :data:`MAX_PICKLE_BYTES`.
+
+Servers must honour HTTP ``Range``: fsspec refuses a non-range answer for any read past byte 0
+(and reads only what was asked from byte 0), so a server without range support stops with an
+error at the first tensor instead of starting an unbounded download.
+
+Backends: ``hf://`` through huggingface_hub's ``HfFileSystem`` (:func:`dora_analysis.io.hub.
+filesystem`; ``HF_ENDPOINT``, ``HF_TOKEN``), ``s3://`` through s3fs (extra ``[s3]``; the usual
+``AWS_*`` variables, ``AWS_ENDPOINT_URL`` for S3-compatible stores), ``gs://`` through gcsfs
+(extra ``[gcs]``), ``http(s)://`` through fsspec's HTTP filesystem (extra ``[http]``, aiohttp).
+Messages never show credentials (:func:`~dora_analysis.io.refs.redact_url`).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import torch
+
+from ..errors import CheckpointFormatError, CheckpointNotFoundError, ConfigError, DoraAnalysisError
+from .adapters import (
+    ADAPTER_WEIGHT_FILES,
+    adapter_format,
+    parse_config,
+    peft_adapter,
+    read_adapter_file,
+)
+from .base import SAFETENSORS_DTYPES, TensorInfo, TensorSource
+from .merge import AdapterSource
+from .quant import dequantized
+from .refs import redact_url, remote_scheme
+from .sharded import ShardedCheckpoint
+
+log = logging.getLogger("dora_analysis")
+
+#: safetensors' own cap on the JSON header (``MAX_HEADER_SIZE``).
+MAX_HEADER_BYTES = 100_000_000
+#: The first read: most headers fit (a 7B model's is ~30 KiB).
+FIRST_READ_BYTES = 1 << 16
+#: One request at most this large; also the most a reader holds in memory at once.
+MAX_REQUEST_BYTES = 1 << 25
+#: Unselected bytes between two selected tensors merged into one request at most.
+MAX_GAP_BYTES = 1 << 20
+#: Small files read whole (JSON configs, indexes).
+MAX_JSON_BYTES = 64 << 20
+#: PyTorch pickles cannot be read by range; read whole only up to this size.
+MAX_PICKLE_BYTES = 1 << 30
+#: Seconds before a connection or a read is given up (HTTP and S3).
+DEFAULT_TIMEOUT = 60.0
+
+#: Extras that provide each scheme's fsspec filesystem.
+EXTRAS = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
+
+
+class Url:
+    """A remote location, path-like for messages: prints without credentials.
+
+    Example:
+        >>> str(Url("s3://bucket/run/") / "model.safetensors")
+        's3://bucket/run/model.safetensors'
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __str__(self) -> str:
+        return redact_url(self.url)
+
+    __repr__ = __str__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Url) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __truediv__(self, name: str) -> Url:
+        parts = urlsplit(self.url)
+        path = parts.path.rstrip("/") + "/" + name
+        return Url(urlunsplit((parts.scheme, parts.netloc, path, parts.query, "")))
+
+    @property
+    def name(self) -> str:
+        return urlsplit(self.url).path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        name = self.name
+        return "." + name.rsplit(".", 1)[-1] if "." in name else ""
+
+    @property
+    def parent(self) -> Url:
+        parts = urlsplit(self.url)
+        path = parts.path.rstrip("/").rsplit("/", 1)[0]
+        return Url(urlunsplit((parts.scheme, parts.netloc, path, parts.query, "")))
+
+    @property
+    def scheme(self) -> str:
+        return remote_scheme(self.url) or ""
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status an fsspec backend's exception carries, if any."""
+    for e in _chain(exc):
+        for value in (getattr(e, "status", None), getattr(e, "status_code", None),
+                      getattr(getattr(e, "response", None), "status_code", None)):
+            if isinstance(value, int):
+                return value
+        meta = getattr(e, "response", None)
+        if isinstance(meta, dict):  # botocore ClientError
+            code = meta.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(code, int):
+                return code
+    return None
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return any(isinstance(e, TimeoutError) or "Timeout" in type(e).__name__ for e in _chain(exc))
+
+
+def _scrub(text: str) -> str:
+    """An exception's text without URL credentials or query strings."""
+    text = re.sub(r"(\w+://)[^/\s@]*@", r"\1", text)
+    return re.sub(r"\?[^\s'\"]*", "", text).splitlines()[0][:200] if text else ""
+
+
+def remote_error(url: Url, exc: BaseException, timeout: float | None = None) -> DoraAnalysisError:
+    """One clear error for a failed remote read: the URL (no credentials) and the status."""
+    status = _status(exc)
+    if status == 404 or (status is None and isinstance(exc, FileNotFoundError)):
+        return CheckpointNotFoundError(f"{url}: not found (HTTP 404); check the bucket, "
+                                       "repository, revision and path")
+    if status in (401, 403) or (status is None and isinstance(exc, PermissionError)):
+        return CheckpointNotFoundError(
+            f"{url}: access denied (HTTP {status or 403}); check the credentials for "
+            f"{url.scheme}:// (HF_TOKEN or --token, AWS_* variables, gcloud credentials) or "
+            "the URL's signature")
+    if _is_timeout(exc):
+        after = f" after {timeout:g} s" if timeout else ""
+        return CheckpointNotFoundError(f"{url}: timed out{after}; check the network or the "
+                                       "server, or download the file and give its local path")
+    if isinstance(exc, ValueError) and "range" in str(exc).lower():
+        return CheckpointFormatError(
+            f"{url}: the server does not support HTTP range requests, so tensors cannot be read "
+            "in place; download the file and give its local path")
+    if status is not None:
+        return CheckpointNotFoundError(f"{url}: HTTP {status} from the server")
+    why = _scrub(str(exc)) or type(exc).__name__
+    return CheckpointNotFoundError(f"{url}: cannot read ({type(exc).__name__}: {why})")
+
+
+# --- filesystems -----------------------------------------------------------------------------
+
+#: Environment variables that configure each scheme's filesystem (part of its cache key).
+SCHEME_ENV = {"hf": ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE"),
+              "s3": ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
+                     "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION")}
+
+
+def filesystem(url: Url, token: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+    """The fsspec filesystem for ``url``'s scheme and the path it takes.
+
+    One filesystem per scheme and settings is kept for the process (creating an S3 client costs
+    about a second); a change of the variables in :data:`SCHEME_ENV` makes a new one.
+    """
+    scheme = url.scheme
+    env = tuple(os.environ.get(k) for k in SCHEME_ENV.get(scheme, ()))
+    try:
+        fs = _filesystem(scheme, token, timeout, env)
+    except ImportError:
+        raise ConfigError(f"{url}: reading {scheme}:// needs an optional dependency; install it "
+                          f"with pip install 'dora-analysis[{EXTRAS.get(scheme, scheme)}]'"
+                          ) from None
+    path = url.url[len("hf://"):] if scheme == "hf" else url.url
+    return fs, path if scheme in ("hf", "http", "https") else path.split("://", 1)[1]
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(scheme: str, token: str | None, timeout: float, env: tuple):
+    if scheme == "hf":
+        from . import hub  # the only module that imports huggingface_hub
+
+        return hub.filesystem(token)
+    import fsspec
+
+    if scheme in ("http", "https"):
+        import aiohttp
+
+        client = {"timeout": aiohttp.ClientTimeout(sock_connect=timeout, sock_read=timeout)}
+        return fsspec.filesystem(scheme, client_kwargs=client, skip_instance_cache=True)
+    options = {}
+    if scheme == "s3":
+        options["config_kwargs"] = {"connect_timeout": timeout, "read_timeout": timeout,
+                                    "retries": {"max_attempts": 2}}
+    return fsspec.filesystem(scheme, skip_instance_cache=True, **options)
+
+
+class RemoteFile:
+    """One remote file opened for ranged reads; counts bytes and requests."""
+
+    def __init__(self, url: Url, token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 size: int | None = None) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.bytes_read = 0
+        self.requests = 0
+        self._handle = None
+        try:
+            self.fs, self.fs_path = filesystem(url, token, timeout)
+            if size is None:
+                size = self.fs.info(self.fs_path).get("size")
+            if size is None:
+                raise CheckpointFormatError(f"{url}: the server does not report the file's size "
+                                            "(no Content-Length); download the file instead")
+            self.size = int(size)
+            # cache_type "none": each read after a seek is exactly one ranged request.
+            self._handle = self.fs.open(self.fs_path, "rb", cache_type="none", size=self.size,
+                                        block_size=MAX_REQUEST_BYTES)
+        except DoraAnalysisError:
+            raise
+        except Exception as exc:  # every backend raises its own types
+            raise remote_error(url, exc, timeout) from None
+
+    def read(self, start: int, stop: int) -> bytes:
+        """Bytes ``start:stop`` in one request."""
+        if stop <= start:
+            return b""
+        try:
+            self._handle.seek(start)
+            data = self._handle.read(stop - start)
+        except Exception as exc:
+            raise remote_error(self.url, exc, self.timeout) from None
+        self.requests += 1
+        self.bytes_read += len(data)
+        if len(data) != stop - start:
+            raise CheckpointFormatError(f"{self.url}: got {len(data)} bytes for a range of "
+                                        f"{stop - start}; the file is truncated or changed")
+        return data
+
+    def read_all(self, cap: int) -> bytes:
+        if self.size > cap:
+            raise CheckpointFormatError(
+                f"{self.url}: {self.size} bytes is more than this file type is read whole "
+                f"({cap} bytes at most); download it and give its local path")
+        return b"".join(self.read(a, min(self.size, a + MAX_REQUEST_BYTES))
+                        for a in range(0, self.size, MAX_REQUEST_BYTES))
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def exists(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Whether ``url`` names a file (``False`` for a 404)."""
+    fs, path = filesystem(url, token, timeout)
+    try:
+        return bool(fs.isfile(path))
+    except FileNotFoundError:
+        return False
+    except Exception as exc:
+        if _status(exc) == 404:
+            return False
+        raise remote_error(url, exc, timeout) from None
+
+
+# --- safetensors ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors header: where its bytes are, relative to the data start."""
+
+    dtype: torch.dtype | str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def row_bytes(self) -> int:
+        return (self.end - self.begin) // self.shape[0] if self.shape and self.shape[0] else 0
+
+
+def _itemsize(dtype: str) -> int | None:
+    t = SAFETENSORS_DTYPES.get(dtype)
+    return t.itemsize if t is not None else None
+
+
+def parse_header(raw: bytes, data_bytes: int, where: object) -> dict[str, Entry]:
+    """Validate a safetensors JSON header the way ``safetensors`` does; name → :class:`Entry`."""
+    def bad(why: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"{where}: not a valid safetensors file ({why})")
+
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    entries = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor '{name}' has a malformed entry") from None
+        size = _itemsize(dtype)
+        if size is None:
+            raise bad(f"tensor '{name}' has unknown dtype {dtype!r}")
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            raise bad(f"tensor '{name}' has invalid offsets {[begin, end]}")
+        if end - begin != math.prod(shape) * size:
+            raise bad(f"tensor '{name}': {end - begin} bytes for shape {shape} of {dtype}")
+        entries[name] = Entry(SAFETENSORS_DTYPES[dtype], tuple(shape), begin, end)
+    at = 0  # ranges must tile the data without holes or overlaps, as safetensors checks
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if e.begin != at:
+            raise bad(f"tensor '{name}' starts at {e.begin}, expected {at}")
+        at = e.end
+    if at != data_bytes:
+        raise bad(f"data is {data_bytes} bytes but the header covers {at}; truncated?")
+    return entries
+
+
+class RemoteSafetensors(TensorSource):
+    """A safetensors file on remote storage: header, then only the rows asked for."""
+
+    def __init__(self, url: Url, token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 max_request: int = MAX_REQUEST_BYTES) -> None:
+        self.path = url
+        self._file = RemoteFile(url, token, timeout)
+        self._max_request = max_request
+        self._groups: dict[str, tuple[int, int]] = {}  # planned tensor → its request's range
+        self._buffer: tuple[int, bytes] = (0, b"")
+        self._current = ""  # the tensor being read: read-ahead stays within it or its group
+        try:
+            self._read_header()
+        except DoraAnalysisError:
+            self._file.close()
+            raise
+
+    def _read_header(self) -> None:
+        size = self._file.size
+        if size < 8:
+            raise CheckpointFormatError(f"{self.path}: not a safetensors file ({size} bytes)")
+        first = self._file.read(0, min(size, FIRST_READ_BYTES))
+        n = int.from_bytes(first[:8], "little")
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointFormatError(f"{self.path}: not a valid safetensors file (header of "
+                                        f"{n} bytes in a file of {size})")
+        raw = first[8:8 + n] + self._file.read(len(first), 8 + n)
+        self._data_start = 8 + n
+        self._header_requests = self._file.requests
+        self._entries = parse_header(raw, size - self._data_start, self.path)
+
+    @property
+    def bytes_read(self) -> int:
+        return self._file.bytes_read
+
+    @property
+    def requests(self) -> int:
+        return self._file.requests
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def info(self, name: str) -> TensorInfo:
+        e = self._entries[name]
+        return TensorInfo(e.shape, e.dtype)
+
+    def will_read(self, names: Sequence[str]) -> None:
+        """Plan coalesced requests for these tensors (neighbours in the file share one)."""
+        chosen = sorted((self._entries[n].begin, self._entries[n].end, n)
+                        for n in dict.fromkeys(names) if n in self._entries)
+        groups: list[list] = []  # [start, stop, selected bytes, names]
+        for begin, end, name in chosen:
+            last = groups[-1] if groups else None
+            gap = begin - last[1] if last else 0
+            if (last and end - last[0] <= self._max_request
+                    and gap <= min(MAX_GAP_BYTES, (last[2] + end - begin) // 10)):
+                last[1], last[2] = end, last[2] + end - begin
+                last[3].append(name)
+            else:
+                groups.append([begin, end, end - begin, [name]])
+        self._groups = {n: (g[0], g[1]) for g in groups for n in g[3]}
+
+    def _fetch(self, begin: int, end: int) -> memoryview:
+        """Data bytes ``begin:end`` (relative to the data start), from the buffer or one request
+        that also covers what is read next (the planned group, or the tensor's next rows)."""
+        at, buf = self._buffer
+        if not (at <= begin and end <= at + len(buf)):
+            start, stop = begin, end
+            group = self._groups.get(self._current)
+            entry = self._entries[self._current]
+            if group and group[0] <= begin and end <= group[1] and group[1] - group[0] <= \
+                    self._max_request:
+                start, stop = group
+            elif entry.row_bytes:  # read ahead whole rows of this tensor, within the cap
+                ahead = (self._max_request // entry.row_bytes) * entry.row_bytes
+                stop = max(end, min(entry.end, begin + ahead))
+            self._buffer = (start, b"")  # drop the old buffer before the new one arrives
+            buf = self._file.read(self._data_start + start, self._data_start + stop)
+            self._buffer = at, buf = start, buf
+        return memoryview(buf)[begin - at:end - at]
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        e = self._entries[name]
+        if not e.shape:
+            return self.get_tensor(name)
+        start, stop = max(0, start), max(start, min(stop, e.shape[0]))
+        self._current = name
+        data = self._fetch(e.begin + start * e.row_bytes, e.begin + stop * e.row_bytes)
+        if not len(data):
+            return torch.empty((0, *e.shape[1:]), dtype=e.dtype)
+        return torch.frombuffer(bytearray(data), dtype=e.dtype).reshape(-1, *e.shape[1:])
+
+    def get_expert_rows(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
+        e = self._entries[name]
+        out = e.shape[1]
+        start, stop = max(0, start), max(start, min(stop, out))
+        row = e.row_bytes // out  # bytes of one row of one expert
+        first = e.begin + expert * e.row_bytes
+        self._current = name
+        data = self._fetch(first + start * row, first + stop * row)
+        if not len(data):
+            return torch.empty((0, *e.shape[2:]), dtype=e.dtype)
+        return torch.frombuffer(bytearray(data), dtype=e.dtype).reshape(-1, *e.shape[2:])
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        e = self._entries[name]
+        if e.shape:
+            return self.get_rows(name, 0, e.shape[0]).reshape(e.shape)
+        self._current = name
+        return torch.frombuffer(bytearray(self._fetch(e.begin, e.end)), dtype=e.dtype).reshape(())
+
+    def close(self) -> None:
+        if self._file.requests > self._header_requests:  # not for a look at the header only
+            log.info("%s: read %s in %d request(s)", self.path, _size(self._file.bytes_read),
+                     self._file.requests)
+        self._buffer = (0, b"")
+        self._file.close()
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+# --- opening a remote reference ---------------------------------------------------------------
+
+def _read_json(url: Url, token: str | None, timeout: float) -> str:
+    f = RemoteFile(url, token, timeout)
+    try:
+        return f.read_all(MAX_JSON_BYTES).decode("utf-8", errors="replace")
+    finally:
+        f.close()
+
+
+def _load_tensors(url: Url, token: str | None, timeout: float) -> dict[str, torch.Tensor]:
+    """All tensors of a small remote file (an adapter), read whole."""
+    if url.suffix == ".safetensors":
+        with RemoteSafetensors(url, token, timeout) as src:
+            src.will_read(src.keys())
+            return {n: src.get_tensor(n) for n in src.keys()}
+    f = RemoteFile(url, token, timeout)
+    try:
+        data = f.read_all(MAX_PICKLE_BYTES)
+    finally:
+        f.close()
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointFormatError(f"{url}: not a weights-only PyTorch state dict "
+                                    f"({type(exc).__name__}); it is never unpickled") from None
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(f"{url}: not a state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _adapter_as_base(url: Url) -> CheckpointFormatError:
+    return CheckpointFormatError(f"{url}: is an adapter, not a base model; give the pre-trained "
+                                 "weights as BASE and the adapter as TUNED")
+
+
+def _open_peft(folder: Url, options, base: TensorSource | None) -> TensorSource:
+    if base is None:
+        raise _adapter_as_base(folder)
+    config = parse_config(_read_json(folder / "adapter_config.json", options.token,
+                                     options.timeout), folder / "adapter_config.json")
+    for name in ADAPTER_WEIGHT_FILES:
+        weights = folder / name
+        if exists(weights, options.token, options.timeout):
+            tensors = _load_tensors(weights, options.token, options.timeout)
+            return AdapterSource(peft_adapter(config, tensors, folder, weights), base)
+    raise CheckpointFormatError(f"{folder}: adapter folder without weights (expected one of "
+                                f"{', '.join(ADAPTER_WEIGHT_FILES)})")
+
+
+def _open_file(url: Url, options, base: TensorSource | None) -> TensorSource:
+    token, timeout = options.token, options.timeout
+    if url.name.endswith(".safetensors.index.json"):
+        text = _read_json(url, token, timeout)
+        return dequantized(ShardedCheckpoint(
+            url, lambda shard: RemoteSafetensors(shard, token, timeout), text=text))
+    if url.suffix == ".safetensors":
+        src = RemoteSafetensors(url, token, timeout)
+        if adapter_format(src.keys()) is None:
+            return dequantized(src)
+        src.close()
+    elif url.suffix not in (".bin", ".pt", ".pth"):
+        raise CheckpointFormatError(f"{url}: unknown remote checkpoint type (expected "
+                                    ".safetensors, .safetensors.index.json, or a folder)")
+    tensors = _load_tensors(url, token, timeout)
+    if adapter_format(list(tensors)) is None:
+        if url.suffix != ".safetensors":
+            raise CheckpointFormatError(
+                f"{url}: PyTorch pickles cannot be read in place (no ranges); download the "
+                "file, or convert it to safetensors")
+    if base is None:
+        raise _adapter_as_base(url)
+    adapter = read_adapter_file(url, tensors, lora_alpha=options.lora_alpha)
+    return AdapterSource(adapter, base)
+
+
+#: Files that make a remote folder a checkpoint, in order of preference.
+REMOTE_FOLDER_FILES = ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
+_FILE_NAME = re.compile(r"\.(safetensors|json|bin|pt|pth)$")
+
+
+def open_remote(url: Url, options, base: TensorSource | None = None) -> TensorSource:
+    """Open a remote file or folder lazily (``options``: a :class:`~dora_analysis.io.open.
+    ReadOptions`); an adapter is merged with ``base`` as it is read.
+
+    Example:
+        >>> open_remote(Url("s3://bucket/model.safetensors"), ReadOptions())  # doctest: +SKIP
+    """
+    if _FILE_NAME.search(url.name):
+        return _open_file(url, options, base)
+    for name in REMOTE_FOLDER_FILES:
+        if exists(url / name, options.token, options.timeout):
+            if name == "adapter_config.json":
+                return _open_peft(url, options, base)
+            return _open_file(url / name, options, base)
+    raise CheckpointNotFoundError(
+        f"{url}: no checkpoint found (looked for {', '.join(REMOTE_FOLDER_FILES)}); give the "
+        "URL of the .safetensors file itself")

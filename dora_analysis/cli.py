@@ -14,7 +14,12 @@ from pathlib import Path
 from . import __version__
 from . import metrics as registry
 from .config import AXIS_CHOICES, IO_BACKENDS, METHOD_CHOICES, AnalysisConfig
-from .errors import DoraAnalysisError, NonFiniteWeightWarning, UnmatchedTensorsWarning
+from .errors import (
+    AdapterWarning,
+    DoraAnalysisError,
+    NonFiniteWeightWarning,
+    UnmatchedTensorsWarning,
+)
 
 # Only light modules above: --help and argument errors answer without importing torch, pandas,
 # scipy or plotly; run() imports the analysis when there is work to do.
@@ -63,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "buffers (RSS then shows only the working set)")
     p.add_argument("--lora-alpha", type=float, metavar="ALPHA",
                    help="alpha of adapters that do not store it (torchtune)")
+    p.add_argument("--adapter-base", metavar="REF",
+                   help="the base adapters were trained against when it is not BASE (PiSSA/OLoRA/"
+                   "CorDA residual, LoftQ quantized weights): merged into it, measured against "
+                   "BASE")
     p.add_argument("--materialize", action="store_true",
                    help="merge adapters by forming B·A block by block instead of the closed form "
                    "(same numbers, slower; for checking)")
@@ -137,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         io=args.io,
         lora_alpha=args.lora_alpha,
         token=args.token,
+        adapter_base=args.adapter_base,
         **metric_config(args),
     )
     table = analyze(args.base, args.tuned, labels=args.label, methods=args.method, config=config)
@@ -170,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # library deprecation noise is not the user's business
-            for category in (NonFiniteWeightWarning, UnmatchedTensorsWarning):
+            for category in (NonFiniteWeightWarning, UnmatchedTensorsWarning, AdapterWarning):
                 warnings.simplefilter("always", category)
             warnings.showwarning = _print_warning
             return run(args)

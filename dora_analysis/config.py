@@ -51,6 +51,9 @@ class AnalysisConfig:
     checkpoint keeps them (DeepSpeed ZeRO optimizer partitions)."""
     token: str | None = field(default=None, repr=False)
     """Hugging Face token for private repos (default: ``HF_TOKEN``); never printed."""
+    adapter_base: str | None = None
+    """Adapters: the base they were trained against when it is not BASE (PiSSA/OLoRA/CorDA's
+    residual, LoftQ's quantized weights); the merge uses it, ΔM/ΔD stay measured against BASE."""
     metrics: tuple[str, ...] = ()
     """Optional metrics to compute, by switch name (``("spectrum",)``); see
     :mod:`dora_analysis.metrics`. The always-on metrics need no switch."""
@@ -127,7 +130,8 @@ class AnalysisConfig:
         from .io.open import ReadOptions  # the readers import torch; settings stay light
 
         return ReadOptions(backend=self.io, lora_alpha=self.lora_alpha,
-                           precision=self.precision, token=self.token)
+                           precision=self.precision, token=self.token,
+                           adapter_base=self.adapter_base)
 
     @property
     def axes(self) -> tuple[str, ...]:

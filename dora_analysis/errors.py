@@ -55,3 +55,7 @@ class NonFiniteWeightWarning(UserWarning):
 
 class UnmatchedTensorsWarning(UserWarning):
     """Some weight matrices exist in only one of the two checkpoints and were skipped."""
+
+
+class AdapterWarning(UserWarning):
+    """An adapter's files disagree with its config (e.g. ``use_dora`` without magnitudes)."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ..decompose import Axis
-from ..errors import CheckpointFormatError, ConfigError
+from ..errors import AdapterWarning, CheckpointFormatError, ConfigError
 from .safetensors import SafetensorsFile
 from .torch_bin import TorchFile
 
@@ -216,16 +217,67 @@ def _as_2d_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
     return a.detach().reshape(a.shape[0], -1), b.detach().reshape(b.shape[0], -1)
 
 
-def read_peft(folder: Path, **_) -> Adapter:
-    """A PEFT LoRA/DoRA adapter folder (or the official DoRA code's, which PEFT grew from)."""
+#: ``init_lora_weights`` values (prefixes) whose adapters were trained against a changed base:
+#: prefix → (method, the base they were trained on). PEFT's ``pissa_init``/``olora_init``/
+#: ``corda_init``/``lora_ga_init`` subtract ``s·B0·A0`` from the base weight; LoftQ replaces it
+#: with its quantized form. ``eva`` (lora_B zeroed), ``orthogonal`` (B0·A0 = 0), ``mica``
+#: (lora_A zeroed), ``gaussian`` and ``true`` leave the base as it was: ΔW = s·B·A exactly.
+BASE_CHANGING_INITS: dict[str, tuple[str, str]] = {
+    "pissa": ("PiSSA", "the residual base W0 - s·B0·A0"),
+    "olora": ("OLoRA", "the residual base W0 - s·B0·A0"),
+    "corda": ("CorDA", "the residual base W0 - s·B0·A0"),
+    "lora_ga": ("LoRA-GA", "the residual base W0 - s·B0·A0"),
+    "loftq": ("LoftQ", "LoftQ's quantized base"),
+}
+
+
+def base_changing_init(config: dict) -> tuple[str, str, str] | None:
+    """``(init, method, trained-on)`` when ``init_lora_weights`` means the adapter was trained
+    against a changed base, else None.
+
+    Example:
+        >>> base_changing_init({"init_lora_weights": "pissa_niter_16"})[1]
+        'PiSSA'
+    """
+    init = config.get("init_lora_weights", True)
+    if not isinstance(init, str):
+        return None
+    for prefix, (method, trained_on) in BASE_CHANGING_INITS.items():
+        if init.lower().startswith(prefix):
+            return init, method, trained_on
+    return None
+
+
+def _check_init(config: dict, folder, adapter_base_given: bool) -> None:
+    found = base_changing_init(config)
+    if found is None or adapter_base_given:
+        return
+    init, method, trained_on = found
+    converted = ("; or re-save it with PEFT's save_pretrained(path_initial_model_for_weight_"
+                 "conversion=…), which writes ΔW as a plain LoRA" if method != "LoftQ" else "")
+    raise ConfigError(
+        f"{folder}: adapter initialised with init_lora_weights='{init}' ({method}) was trained "
+        f"against {trained_on}, not the pre-trained weights, so merging it into BASE would give "
+        f"wrong numbers; pass the base it was trained on with --adapter-base (adapter_base=)"
+        f"{converted}")
+
+
+def read_peft(folder: Path, adapter_base_given: bool = False, **_) -> Adapter:
+    """A PEFT LoRA/DoRA adapter folder (or the official DoRA code's, which PEFT grew from).
+
+    Adapters trained against a changed base (:data:`BASE_CHANGING_INITS`) are refused unless
+    ``adapter_base_given``: the caller then merges them into that base.
+    """
     config = _read_config(folder)
     weights = _weights_file(folder)
-    return peft_adapter(config, load_tensors(weights), folder, weights)
+    return peft_adapter(config, load_tensors(weights), folder, weights, adapter_base_given)
 
 
-def peft_adapter(config: dict, tensors: dict[str, torch.Tensor], folder, weights) -> Adapter:
+def peft_adapter(config: dict, tensors: dict[str, torch.Tensor], folder, weights,
+                 adapter_base_given: bool = False) -> Adapter:
     """A PEFT (or official DoRA) adapter from its config and tensors; ``folder`` and ``weights``
     (local paths or remote URLs) name it in messages."""
+    _check_init(config, folder, adapter_base_given)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type == "DORA" or any(k.endswith("weight_m_wdecomp.weight") for k in tensors):
         return _read_nvlabs(folder, config, tensors)
@@ -251,6 +303,12 @@ def peft_adapter(config: dict, tensors: dict[str, torch.Tensor], folder, weights
         )
     if not updates:
         raise CheckpointFormatError(f"{weights}: no lora_A/lora_B tensors found")
+    if config.get("use_dora") and all(u.magnitude is None for u in updates.values()):
+        warnings.warn(
+            f"{weights}: adapter_config.json says use_dora but the weights hold no "
+            "lora_magnitude_vector (Megatron-Bridge's PEFT export wrote such files); it is read as "
+            "LoRA, so the numbers are not those of the trained DoRA model",
+            AdapterWarning, stacklevel=2)
     # Saved base copies (embedding layers saved alongside) are not changes; the rest are
     # modules_to_save, trained in full.
     full = {k: v for k, v in rest.items() if ".base_layer." not in k}

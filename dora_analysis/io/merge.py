@@ -104,10 +104,15 @@ class AdapterSource(TensorSource):
 
     partial = True  # an adapter holds only what it changes
 
-    def __init__(self, adapter: Adapter, base: TensorSource):
+    def __init__(self, adapter: Adapter, base: TensorSource, *,
+                 trained_on: TensorSource | None = None):
+        """``trained_on``: the base the adapter was trained against when it is not ``base``
+        (PiSSA's residual, LoftQ's quantized weights); the merge uses it, this source owns and
+        closes it, and ΔW against ``base`` is no longer ``s·B·A`` (no closed form)."""
         self.path = adapter.path
         self.method = adapter.method
-        self.base = base
+        self._own_base = trained_on is not None
+        self.base = base = trained_on if trained_on is not None else base
         self._base_infos = {n: i for n, i in base.infos().items() if i.is_matrix}
         # base name -> (update, stored transposed?)
         self.targets = resolve_targets(adapter, self._base_infos)
@@ -141,6 +146,12 @@ class AdapterSource(TensorSource):
 
     def close(self) -> None:
         self.targets, self._full, self._factor_cache = {}, {}, None  # the adapter's tensors
+        if self._own_base:
+            self.base.close()
+
+    def will_read(self, names) -> None:
+        if self._own_base:  # the shared BASE gets its own hint from the analysis
+            self.base.will_read(names)
 
     def transposed(self, name: str) -> bool | None:
         """Orientation of an adapted weight as the adapter knows it; None for other weights."""
@@ -148,7 +159,7 @@ class AdapterSource(TensorSource):
 
     def low_rank(self, name: str) -> LowRankUpdate | None:
         """The update of ``name`` when it is exactly ``s·B·A`` (LoRA, no DoRA magnitude)."""
-        if name not in self.targets:
+        if name not in self.targets or self._own_base:
             return None
         update = self.targets[name][0]
         return update if update.magnitude is None and update.rank else None
@@ -173,7 +184,7 @@ class AdapterSource(TensorSource):
     def closed_form(self, name: str, block_elements: int) -> VectorSums | None:
         """Axis-``out`` sums in closed form, or None where it does not apply (full weights,
         magnitude per input feature)."""
-        if name not in self.targets:
+        if name not in self.targets or self._own_base:
             return None
         update, transposed = self.targets[name]
         if update.magnitude is not None and update.magnitude_axis != "out":

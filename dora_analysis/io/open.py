@@ -46,6 +46,8 @@ class ReadOptions:
     full-precision master weights where the format keeps them (DeepSpeed ZeRO)."""
     token: str | None = field(default=None, repr=False)
     """Hugging Face token for private repos (default: ``HF_TOKEN``); never printed."""
+    adapter_base: str | None = None
+    """Adapters: a reference to the base they were trained against when it is not BASE."""
     timeout: float = DEFAULT_TIMEOUT
     """Remote storage: seconds before a connection or a read is given up."""
 
@@ -94,8 +96,17 @@ def _model_folder_file(path: Path) -> Path | None:
     return singles[0] if len(singles) == 1 else None
 
 
+def trained_on(options: ReadOptions) -> TensorSource | None:
+    """The base adapters were trained against (``options.adapter_base``), opened; or None."""
+    if options.adapter_base is None:
+        return None
+    where, _ = resolve(CheckpointRef.parse(options.adapter_base), options.token)
+    return open_checkpoint(where, options)
+
+
 def _open_adapter_folder(path: Path, options: ReadOptions, base: TensorSource) -> TensorSource:
-    return AdapterSource(read_peft(path), base)
+    adapter = read_peft(path, adapter_base_given=options.adapter_base is not None)
+    return AdapterSource(adapter, base, trained_on=trained_on(options))
 
 
 def _open_file(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
@@ -106,7 +117,7 @@ def _open_file(path: Path, options: ReadOptions, base: TensorSource | None) -> T
     if base is None:
         raise _adapter_as_base(path)
     adapter = read_adapter_file(path, load_tensors(path), lora_alpha=options.lora_alpha)
-    return AdapterSource(adapter, base)
+    return AdapterSource(adapter, base, trained_on=trained_on(options))
 
 
 def _open_model_folder(path: Path, options: ReadOptions, base: TensorSource | None
@@ -151,7 +162,7 @@ def open_checkpoint(path: str | Path | Url, options: ReadOptions = ReadOptions()
     :class:`~dora_analysis.io.remote.Url` (from :func:`resolve`) is read in place.
     """
     if isinstance(path, Url):
-        return open_remote(path, options, base)
+        return open_remote(path, options, base, adapter_base=lambda: trained_on(options))
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or folder")

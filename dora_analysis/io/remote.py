@@ -36,7 +36,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -57,6 +57,8 @@ from .refs import redact_url, remote_scheme
 from .sharded import ShardedCheckpoint
 
 log = logging.getLogger("dora_analysis")
+#: Opens the base an adapter was trained against, when the user gave one (else None).
+Opened = Callable[[], "TensorSource | None"]
 
 #: safetensors' own cap on the JSON header (``MAX_HEADER_SIZE``).
 MAX_HEADER_BYTES = 100_000_000
@@ -518,7 +520,8 @@ def _adapter_as_base(url: Url) -> CheckpointFormatError:
                                  "weights as BASE and the adapter as TUNED")
 
 
-def _open_peft(folder: Url, options, base: TensorSource | None) -> TensorSource:
+def _open_peft(folder: Url, options, base: TensorSource | None, adapter_base: Opened
+               ) -> TensorSource:
     if base is None:
         raise _adapter_as_base(folder)
     config = parse_config(_read_json(folder / "adapter_config.json", options.token,
@@ -527,12 +530,15 @@ def _open_peft(folder: Url, options, base: TensorSource | None) -> TensorSource:
         weights = folder / name
         if exists(weights, options.token, options.timeout):
             tensors = _load_tensors(weights, options.token, options.timeout)
-            return AdapterSource(peft_adapter(config, tensors, folder, weights), base)
+            adapter = peft_adapter(config, tensors, folder, weights,
+                                   adapter_base_given=options.adapter_base is not None)
+            return AdapterSource(adapter, base, trained_on=adapter_base())
     raise CheckpointFormatError(f"{folder}: adapter folder without weights (expected one of "
                                 f"{', '.join(ADAPTER_WEIGHT_FILES)})")
 
 
-def _open_file(url: Url, options, base: TensorSource | None) -> TensorSource:
+def _open_file(url: Url, options, base: TensorSource | None, adapter_base: Opened
+               ) -> TensorSource:
     token, timeout = options.token, options.timeout
     if url.name.endswith(".safetensors.index.json"):
         text = _read_json(url, token, timeout)
@@ -555,7 +561,8 @@ def _open_file(url: Url, options, base: TensorSource | None) -> TensorSource:
     if base is None:
         raise _adapter_as_base(url)
     adapter = read_adapter_file(url, tensors, lora_alpha=options.lora_alpha)
-    return AdapterSource(adapter, base)
+    return AdapterSource(adapter, base, trained_on=adapter_base())
+
 
 
 #: Files that make a remote folder a checkpoint, in order of preference.
@@ -563,20 +570,22 @@ REMOTE_FOLDER_FILES = ("adapter_config.json", "model.safetensors", "model.safete
 _FILE_NAME = re.compile(r"\.(safetensors|json|bin|pt|pth)$")
 
 
-def open_remote(url: Url, options, base: TensorSource | None = None) -> TensorSource:
+def open_remote(url: Url, options, base: TensorSource | None = None,
+                adapter_base: Opened = lambda: None) -> TensorSource:
     """Open a remote file or folder lazily (``options``: a :class:`~dora_analysis.io.open.
-    ReadOptions`); an adapter is merged with ``base`` as it is read.
+    ReadOptions`); an adapter is merged with ``base`` as it is read, or with ``adapter_base()``
+    (the base it was trained against) when that is not None.
 
     Example:
         >>> open_remote(Url("s3://bucket/model.safetensors"), ReadOptions())  # doctest: +SKIP
     """
     if _FILE_NAME.search(url.name):
-        return _open_file(url, options, base)
+        return _open_file(url, options, base, adapter_base)
     for name in REMOTE_FOLDER_FILES:
         if exists(url / name, options.token, options.timeout):
             if name == "adapter_config.json":
-                return _open_peft(url, options, base)
-            return _open_file(url / name, options, base)
+                return _open_peft(url, options, base, adapter_base)
+            return _open_file(url / name, options, base, adapter_base)
     raise CheckpointNotFoundError(
         f"{url}: no checkpoint found (looked for {', '.join(REMOTE_FOLDER_FILES)}); give the "
         "URL of the .safetensors file itself")

@@ -180,3 +180,117 @@ def test_pattern_matching_rule():
     assert pattern_value({"layers.0.self_attn.q_proj": 2}, "model.layers.0.self_attn.q_proj",
                          8) == 2
     assert pattern_value({"q_proj": 2}, "model.layers.0.self_attn.xq_proj", 8) == 8
+
+
+# --- adapters trained against a changed base (PiSSA, OLoRA, …), made by PEFT itself ------------
+
+def _peft_base_changing_case(root, init):
+    """A PEFT adapter with ``init_lora_weights=init`` on a tiny LLaMA, "trained" (factors moved),
+    saved as is and converted (``path_initial_model_for_weight_conversion``); the residual base
+    it was trained on and PEFT's merged weights saved next to it."""
+    import warnings
+
+    pm = pytest.importorskip("tests.peft_models")
+    peft = pm.peft
+    model = pm.tiny_llama()
+    save_file(pm._state(model), str(root / "base.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=pm.LLAMA_TARGETS,
+                                 init_lora_weights=init)
+        peft_model = peft.get_peft_model(model, config)
+        residual = {k.replace(".base_layer", ""): v.detach().clone().contiguous()
+                    for k, v in peft_model.get_base_model().state_dict().items()
+                    if "lora_" not in k}
+        save_file(residual, str(root / "residual.safetensors"))
+        peft_model.peft_config["default"].init_lora_weights = True  # PEFT's recipe for the
+        peft_model.save_pretrained(str(root / "initial"))           # conversion's reference
+        peft_model.peft_config["default"].init_lora_weights = init
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():  # stand-in for training: both factors move
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        peft_model.save_pretrained(str(root / "adapter"))
+        peft_model.save_pretrained(str(root / "converted"),
+                                   path_initial_model_for_weight_conversion=str(root / "initial"))
+        save_file(pm._state(peft_model.merge_and_unload()), str(root / "merged.safetensors"))
+    return root
+
+
+@pytest.fixture(scope="module", params=["pissa", "olora"])
+def base_changing(request, tmp_path_factory):
+    return request.param, _peft_base_changing_case(tmp_path_factory.mktemp(request.param),
+                                                   request.param)
+
+
+def _agree(ours, ref, rel=1e-5):
+    ref = ref.set_index([C.NAME, C.AXIS]).loc[ours.set_index([C.NAME, C.AXIS]).index]
+    for col in (C.DELTA_M, C.DELTA_D):
+        assert ours[col].tolist() == pytest.approx(ref[col].tolist(), rel=rel, abs=1e-12)
+
+
+def test_base_changing_init_is_refused_with_advice(base_changing, capsys):
+    from dora_analysis.cli import main
+
+    init, root = base_changing
+    with pytest.raises(ConfigError, match=rf"init_lora_weights='{init}'.*--adapter-base.*"
+                                          r"path_initial_model_for_weight_conversion"):
+        da.analyze(root / "base.safetensors", root / "adapter")
+    assert main([str(root / "base.safetensors"), str(root / "adapter")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and init in err
+
+
+def test_base_changing_adapter_with_its_base_agrees_with_peft_merge(base_changing):
+    """Merged into the residual it was trained on, measured against the pre-trained weights."""
+    _init, root = base_changing
+    ref = da.analyze(root / "base.safetensors", root / "merged.safetensors", axis="both")
+    ref = ref[(ref[C.DELTA_D] > 1e-9) | (ref[C.DELTA_M] > 1e-9)]
+    ours = da.analyze(root / "base.safetensors", root / "adapter", axis="both",
+                      adapter_base=str(root / "residual.safetensors"))
+    assert set(ours[C.NAME]) == set(ref[C.NAME]) and len(ours) == len(ref)
+    _agree(ours, ref)
+    # merging into the pre-trained weights instead would be wrong: the check is not vacuous
+    wrong = da.analyze(root / "base.safetensors", root / "adapter",
+                       adapter_base=str(root / "base.safetensors"))
+    assert wrong[C.DELTA_D].tolist() != pytest.approx(
+        ref[ref[C.AXIS] == "out"].set_index(C.NAME).loc[wrong[C.NAME], C.DELTA_D].tolist(),
+        rel=1e-3)
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_converted_adapter_reads_as_plain_lora(base_changing, closed_form):
+    _init, root = base_changing
+    config = json.loads((root / "converted" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["r"] == 8  # rank 2r, by concatenation
+    ours = da.analyze(root / "base.safetensors", root / "converted", axis="both",
+                      closed_form=closed_form)
+    ref = da.analyze(root / "base.safetensors", root / "merged.safetensors", axis="both")
+    assert set(ours[C.METHOD]) == {"lora"}
+    _agree(ours, ref, rel=1e-4)  # PEFT's float32 merge vs our float64 (rank-8 sums)
+
+
+def test_inits_that_keep_the_base_are_read(ckpts, tmp_path):
+    from dora_analysis.io.adapters import base_changing_init
+
+    for init in (True, False, "gaussian", "eva", "orthogonal", "mica"):
+        assert base_changing_init({"init_lora_weights": init}) is None
+    for init in ("pissa", "pissa_niter_16", "olora", "corda", "loftq", "lora_ga"):
+        assert base_changing_init({"init_lora_weights": init}) is not None
+
+
+def test_dora_config_without_magnitudes_warns(ckpts, tmp_path):
+    from dora_analysis.errors import AdapterWarning
+
+    prefix = "base_model.model."
+    folder = write_peft_like(
+        tmp_path / "bridge",
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True,
+         "target_modules": ["q_proj"]},
+        {prefix + Q + ".lora_A.weight": rand(4, 16, seed=1),
+         prefix + Q + ".lora_B.weight": rand(24, 4, seed=2)})
+    with pytest.warns(AdapterWarning, match=r"adapter_model.safetensors: adapter_config.json "
+                                            r"says use_dora but .* no lora_magnitude_vector"):
+        table = da.analyze(ckpts["base"], folder)
+    assert set(table[C.METHOD]) == {"lora"}

@@ -294,3 +294,41 @@ def test_dora_config_without_magnitudes_warns(ckpts, tmp_path):
                                             r"says use_dora but .* no lora_magnitude_vector"):
         table = da.analyze(ckpts["base"], folder)
     assert set(table[C.METHOD]) == {"lora"}
+
+
+# --- LyCORIS DoRA as the lycoris library writes it ---------------------------------------------
+
+@pytest.mark.parametrize("wd_on_out", [True, False])
+def test_lycoris_library_dora_agrees_with_its_own_merge(tmp_path, wd_on_out):
+    """``lycoris.create_lycoris(..., dora_wd=True)``: keys ``lycoris_<flat module>.lora_down/
+    lora_up/alpha/dora_scale``; ``dora_scale`` is (out, 1) with ``wd_on_output`` (the default),
+    (1, in) without; the reference is LyCORIS' own ``merge_to``."""
+    lycoris = pytest.importorskip("lycoris")
+    pm = pytest.importorskip("tests.peft_models")
+    import logging
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    model = pm.tiny_llama()
+    save_file(pm._state(model), str(tmp_path / "base.safetensors"))
+    net = lycoris.create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2.0, algo="lora",
+                                 dora_wd=True, wd_on_output=wd_on_out)
+    net.apply_to()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # stand-in for training
+        for name, p in net.named_parameters():
+            if "lora_up" in name or "dora_scale" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    net.save_weights(str(tmp_path / "lycoris.safetensors"), torch.float32, None)
+    keys = load_file(str(tmp_path / "lycoris.safetensors"))
+    scale = keys["lycoris_model_layers_0_mlp_down_proj.dora_scale"]  # down_proj: (32, 48)
+    assert tuple(scale.shape) == ((32, 1) if wd_on_out else (1, 48))
+    net.merge_to(1.0)
+    net.restore()
+    save_file(pm._state(model), str(tmp_path / "merged.safetensors"))
+    ours = da.analyze(tmp_path / "base.safetensors", tmp_path / "lycoris.safetensors",
+                      axis="both")
+    ref = da.analyze(tmp_path / "base.safetensors", tmp_path / "merged.safetensors", axis="both")
+    ref = ref[(ref[C.DELTA_D] > 1e-9) | (ref[C.DELTA_M] > 1e-9)]
+    assert set(ours[C.NAME]) == set(ref[C.NAME]) and len(ours) == len(ref) > 0
+    assert set(ours[C.METHOD]) == {"dora"}
+    _agree(ours, ref, rel=1e-4)

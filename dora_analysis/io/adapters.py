@@ -30,6 +30,7 @@ Formats (detected from the tensor names; see :data:`ADAPTER_FORMATS`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -94,6 +95,11 @@ class Adapter:
     base_model: str | None = None
     module_aliases: Callable[[str], list[str]] = lambda path: []
     """Other names the base may give an adapted module (torchtune → Hugging Face names)."""
+    base_order: Callable[[str, str, LowRankUpdate, Callable[[], tuple[int, int]]],
+                         LowRankUpdate] = lambda module, base_name, update, heads: update
+    """``(module, base weight name, update, heads)`` → the update in the base's row order;
+    ``heads()`` gives the base's ``(num_attention_heads, num_key_value_heads)`` (torchtune keeps
+    q/k rows in Meta's RoPE order)."""
 
     @property
     def method(self) -> str:
@@ -312,8 +318,13 @@ def peft_adapter(config: dict, tensors: dict[str, torch.Tensor], folder, weights
     # Saved base copies (embedding layers saved alongside) are not changes; the rest are
     # modules_to_save, trained in full.
     full = {k: v for k, v in rest.items() if ".base_layer." not in k}
-    return Adapter("peft", folder, updates, full,
-                   base_model=config.get("base_model_name_or_path"))
+    adapter = Adapter("peft", folder, updates, full,
+                      base_model=config.get("base_model_name_or_path"))
+    if "use_dora" not in config and adapter.method == "dora":
+        # PEFT always writes use_dora; DoRA magnitudes without it come from torchtune's PEFT
+        # export, which permutes q/k lora_B to Hugging Face's RoPE row order but not magnitude.
+        adapter.base_order = meta_rope_to_hf(("magnitude",), always=True)
+    return adapter
 
 
 def _read_nvlabs(folder: Path, config: dict, tensors: dict) -> Adapter:
@@ -346,6 +357,55 @@ TORCHTUNE_TO_HF: tuple[tuple[str, str], ...] = (
 )
 
 
+def meta_to_hf_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q/k projection from Meta's RoPE order (torchtune) to Hugging Face's: the
+    permutation of torchtune's ``convert_weights.tune_to_hf``, per head ``(d/2, 2) → (2, d/2)``.
+
+    Example:
+        >>> meta_to_hf_rows(torch.arange(4.0), 1).tolist()
+        [0.0, 2.0, 1.0, 3.0]
+    """
+    head_dim = t.shape[0] // n_heads
+    return (t.reshape(n_heads, head_dim // 2, 2, *t.shape[1:]).transpose(1, 2)
+            .reshape(t.shape).contiguous())
+
+
+_QK = re.compile(r"(^|\.)(?P<kind>q|k)_proj$")
+
+
+def meta_rope_to_hf(parts: tuple[str, ...], always: bool = False):
+    """An :attr:`Adapter.base_order` that permutes ``parts`` (``lora_b``, ``magnitude``) of q/k
+    modules into Hugging Face's row order: ``always``, or when the base names the weight
+    differently from the adapter (a Hugging Face base for torchtune module names)."""
+    def order(module: str, base_name: str, update: LowRankUpdate, heads) -> LowRankUpdate:
+        match = _QK.search(module)
+        if not match or (not always and base_name == module + ".weight"):
+            return update
+        n_heads, n_kv = heads()
+        n = n_heads if match.group("kind") == "q" else n_kv
+        b, m = update.lora_b, update.magnitude
+        if "lora_b" in parts and b is not None:
+            b = meta_to_hf_rows(b, n)
+        if "magnitude" in parts and m is not None:
+            m = meta_to_hf_rows(m, n)
+        return dataclasses.replace(update, lora_b=b, magnitude=m)
+    return order
+
+
+def config_heads(base_path) -> tuple[int, int]:
+    """``(num_attention_heads, num_key_value_heads)`` from the ``config.json`` beside a base."""
+    folder = Path(base_path) if Path(base_path).is_dir() else Path(base_path).parent
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        heads = int(config["num_attention_heads"])
+        return heads, int(config.get("num_key_value_heads") or heads)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointFormatError(
+            f"{base_path}: torchtune adapters keep q/k rows in Meta's RoPE order; reordering "
+            "them for this Hugging Face base needs num_attention_heads from the base's "
+            f"config.json, not found in {folder}; put the model's config.json there") from None
+
+
 def torchtune_aliases(module: str) -> list[str]:
     """Hugging Face names of a torchtune module path (``layers.0.mlp.w1`` → ``…gate_proj``)."""
     return [re.sub(p, r, module) for p, r in TORCHTUNE_TO_HF if re.match(p, module)]
@@ -363,7 +423,8 @@ def read_torchtune(path: Path, tensors: dict, lora_alpha: float | None = None, *
         m = parts.get("magnitude")
         updates[module] = LowRankUpdate(a2, b2, lora_alpha / a2.shape[0],
                                         None if m is None else _f64(m).flatten(), dtype=a.dtype)
-    return Adapter("torchtune", path, updates, module_aliases=torchtune_aliases)
+    return Adapter("torchtune", path, updates, module_aliases=torchtune_aliases,
+                   base_order=meta_rope_to_hf(("lora_b", "magnitude")))
 
 
 _LYCORIS_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|"

@@ -14,11 +14,13 @@ in float64, at the cost of an (out × r) product instead of an (out × in) one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..decompose import VectorSums, as_matrix, rows_per_block
 from ..errors import TensorMismatchError, listing
-from .adapters import Adapter, LowRankUpdate, kohya_flat, strip_kohya_prefix
+from .adapters import Adapter, LowRankUpdate, config_heads, kohya_flat, strip_kohya_prefix
 from .base import TensorInfo, TensorSource
 from .keys import align_names, module_path, stored_in_out, strip_wrappers
 
@@ -115,7 +117,8 @@ class AdapterSource(TensorSource):
         self.base = base = trained_on if trained_on is not None else base
         self._base_infos = {n: i for n, i in base.infos().items() if i.is_matrix}
         # base name -> (update, stored transposed?)
-        self.targets = resolve_targets(adapter, self._base_infos)
+        self.targets = resolve_targets(adapter, self._base_infos,
+                                       heads=lambda: config_heads(base.path))
         self._full = dict(adapter.full_weights)
         self._factor_cache: tuple[str, torch.Tensor] | None = None
 
@@ -199,9 +202,11 @@ def _peft_shape(info: TensorInfo, transposed: bool) -> tuple[int, int]:
 
 
 def resolve_targets(
-    adapter: Adapter, base_infos: dict[str, TensorInfo]
+    adapter: Adapter, base_infos: dict[str, TensorInfo],
+    heads: Callable[[], tuple[int, int]] = lambda: (1, 1),
 ) -> dict[str, tuple[LowRankUpdate, bool]]:
-    """Base weight name → (update, stored transposed?) for every adapted module.
+    """Base weight name → (update, stored transposed?) for every adapted module, each update in
+    the base's row order (``heads``: the base's attention head counts, asked only if needed).
 
     Raises :class:`TensorMismatchError` listing every module the base lacks or whose shape differs.
     """
@@ -224,7 +229,7 @@ def resolve_targets(
     problems = [f"'{candidates[t]}' has no weight in the base" for t in alignment.tuned_only]
     targets = {}
     for base_name, module in resolved.items():
-        update = adapter.updates[module]
+        update = adapter.base_order(module, base_name, adapter.updates[module], heads)
         transposed = update.stored_in_out or stored_in_out(base_name)
         info = base_infos[base_name]
         expected = _peft_shape(info, transposed)

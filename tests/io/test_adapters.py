@@ -64,8 +64,15 @@ def test_nvlabs_official_dora(ckpts, tmp_path):
 
 
 def test_torchtune_names_and_alpha(ckpts, tmp_path):
-    """torchtune: lora_a/lora_b/magnitude under torchtune names; scale = alpha / rank."""
-    base = load_file(str(ckpts["base"]))
+    """torchtune: lora_a/lora_b/magnitude under torchtune names; scale = alpha / rank; q/k rows
+    in Meta's RoPE order, permuted for a Hugging Face base (3 heads, from its config.json)."""
+    from dora_analysis.io.adapters import meta_to_hf_rows
+
+    base_path = tmp_path / "base" / "model.safetensors"
+    base_path.parent.mkdir()
+    base_path.write_bytes(ckpts["base"].read_bytes())
+    (base_path.parent / "config.json").write_text('{"num_attention_heads": 3}')
+    base = load_file(str(base_path))
     a_q, b_q, m_q = rand(8, 16, seed=4), rand(24, 8, seed=5) * 0.2, rand(24, seed=6).abs() + 0.5
     a_d, b_d = rand(8, 40, seed=7), rand(16, 8, seed=8) * 0.2
     path = tmp_path / "adapter_0.pt"
@@ -73,14 +80,18 @@ def test_torchtune_names_and_alpha(ckpts, tmp_path):
                 b_q, "layers.0.attn.q_proj.magnitude": m_q,
                 "layers.1.mlp.w2.lora_a.weight": a_d, "layers.1.mlp.w2.lora_b.weight": b_d}, path)
     s = 16 / 8
+    b_hf, m_hf = meta_to_hf_rows(b_q, 3), meta_to_hf_rows(m_q, 3)
     merged = {
-        Q + ".weight": rows_normalised(base[Q + ".weight"].double() + s * b_q.double()
-                                       @ a_q.double(), m_q.double()),
+        Q + ".weight": rows_normalised(base[Q + ".weight"].double() + s * b_hf.double()
+                                       @ a_q.double(), m_hf.double()),
         DOWN + ".weight": base[DOWN + ".weight"].double() + s * b_d.double() @ a_d.double(),
     }
-    compare_with_hand_merge(ckpts["base"], path, merged, tmp_path, lora_alpha=16)
+    compare_with_hand_merge(base_path, path, merged, tmp_path, lora_alpha=16)
     with pytest.raises(ConfigError, match="--lora-alpha"):
-        da.analyze(ckpts["base"], path)
+        da.analyze(base_path, path)
+    (base_path.parent / "config.json").unlink()
+    with pytest.raises(CheckpointFormatError, match="Meta's RoPE order.*config.json"):
+        da.analyze(base_path, path, lora_alpha=16)
 
 
 @pytest.mark.parametrize("axis", ["in", "out"])
@@ -330,5 +341,24 @@ def test_lycoris_library_dora_agrees_with_its_own_merge(tmp_path, wd_on_out):
     ref = da.analyze(tmp_path / "base.safetensors", tmp_path / "merged.safetensors", axis="both")
     ref = ref[(ref[C.DELTA_D] > 1e-9) | (ref[C.DELTA_M] > 1e-9)]
     assert set(ours[C.NAME]) == set(ref[C.NAME]) and len(ours) == len(ref) > 0
+    assert set(ours[C.METHOD]) == {"dora"}
+    _agree(ours, ref, rel=1e-4)
+
+
+# --- torchtune DoRA, as torchtune 0.6.1 writes it (tests/data/make_torchtune_fixture.py) -------
+
+TUNE = __import__("pathlib").Path(__file__).parents[1] / "data" / "torchtune"
+
+
+@pytest.mark.parametrize("adapter", ["adapter_model.pt", "peft"])
+def test_torchtune_dora_agrees_with_torchtune_merge(adapter, tmp_path):
+    """torchtune keeps q/k rows in Meta's RoPE order; against a Hugging Face base its q/k
+    ``lora_b`` and ``magnitude`` rows are permuted as ``tune_to_hf`` permutes the weights (its
+    PEFT export permutes ``lora_B`` but not the magnitude: fixed here, head counts from the
+    base's config.json). The reference is torchtune's own ``get_merged_lora_ckpt``."""
+    ours = da.analyze(TUNE / "base.safetensors", TUNE / adapter, axis="both", lora_alpha=8)
+    ref = da.analyze(TUNE / "base.safetensors", TUNE / "merged.safetensors", axis="both")
+    ref = ref[(ref[C.DELTA_D] > 1e-9) | (ref[C.DELTA_M] > 1e-9)]
+    assert set(ours[C.NAME]) == set(ref[C.NAME]) and len(ours) == len(ref) == 2 * 7 * 2
     assert set(ours[C.METHOD]) == {"dora"}
     _agree(ours, ref, rel=1e-4)

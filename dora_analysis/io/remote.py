@@ -62,8 +62,8 @@ Opened = Callable[[], "TensorSource | None"]
 
 #: safetensors' own cap on the JSON header (``MAX_HEADER_SIZE``).
 MAX_HEADER_BYTES = 100_000_000
-#: The first read: most headers fit (a 7B model's is ~30 KiB).
-FIRST_READ_BYTES = 1 << 16
+#: The first read: small headers fit; a longer one (a 7B shard: ~20-30 KiB) takes one more.
+FIRST_READ_BYTES = 1 << 14
 #: One request at most this large; also the most a reader holds in memory at once.
 MAX_REQUEST_BYTES = 1 << 25
 #: Unselected bytes between two selected tensors merged into one request at most.

@@ -104,3 +104,53 @@ def test_gpt_oss_experts_stored_in_out_are_read_per_output_channel(tmp_path):
     for _, row in table.iterrows():
         expect = da.compare(w0[row[C.EXPERT]], wt[row[C.EXPERT]], transposed=True)
         assert row[C.DELTA_D] == pytest.approx(expect.delta_d, rel=1e-12)
+
+
+peft = pytest.importorskip("peft")
+
+
+def tiny_gpt_oss(seed: int):
+    """GPT-OSS stores its experts (E, in, out), with (E, out) biases."""
+    torch.manual_seed(seed)
+    cfg = transformers.GptOssConfig(
+        vocab_size=64, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=E,
+        num_experts_per_tok=2, head_dim=8)
+    return transformers.GptOssForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module", params=[tiny_mixtral, tiny_gpt_oss], ids=["mixtral", "gpt_oss"])
+def moe_adapter(request, tmp_path_factory):
+    """A PEFT LoRA on both fused expert tensors of a tiny MoE model (``target_parameters``,
+    nested ParamWrappers), its base, and PEFT's own merge of it, all written by the libraries."""
+    root = tmp_path_factory.mktemp("moe-lora")
+    base = request.param(3)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()},
+              str(root / "base.safetensors"))
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=[], init_lora_weights=False,
+                             target_parameters=["mlp.experts.gate_up_proj",
+                                                "mlp.experts.down_proj"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(base, config)
+        model.save_pretrained(root / "adapter")
+        merged = model.merge_and_unload()
+    save_file({k: v.contiguous() for k, v in merged.state_dict().items()},
+              str(root / "merged.safetensors"))
+    return root
+
+
+def test_peft_target_parameter_adapters_merge_like_peft(moe_adapter):
+    ours = da.analyze(moe_adapter / "base.safetensors", moe_adapter / "adapter", axis="both")
+    ref = da.analyze(moe_adapter / "base.safetensors", moe_adapter / "merged.safetensors",
+                     include=r"experts\.\w+_proj$", axis="both")
+    assert set(ours[C.METHOD]) == {"lora"}
+    assert set(ours[C.MODULE]) == {"gate_up", "down"} and len(ours) == len(ref) == 2 * 2 * E * 2
+    key = [C.NAME, C.EXPERT, C.AXIS]
+    ours, ref = ours.set_index(key).sort_index(), ref.set_index(key).sort_index()
+    for col in (C.DELTA_M, C.DELTA_D):
+        for got, want in zip(ours[col], ref[col], strict=True):
+            assert got == pytest.approx(want, rel=1e-5)
+    assert (ours[C.DELTA_D] > 0).all()

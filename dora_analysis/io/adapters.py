@@ -66,10 +66,23 @@ class LowRankUpdate:
     """The base weight is stored ``(in, out)`` (``Conv1D`` with fan_in_fan_out, embeddings)."""
     dtype: torch.dtype = torch.float32
     """Stored dtype of the adapter tensors."""
+    experts: int = 0
+    """PEFT ``target_parameters`` on a 3-D MoE tensor: the number of experts whose factors are
+    stacked in ``lora_a`` ``(r·E, in)`` and ``lora_b`` ``(out, r·E)``; 0 for an ordinary weight."""
 
     @property
     def rank(self) -> int:
         return 0 if self.lora_a is None else self.lora_a.shape[0]
+
+    def expert_factors(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_e, B_e)`` of one expert, float64, ``(r, in)`` and ``(out, r)``.
+
+        PEFT's ``ParamWrapper`` stacks A expert-major (``A.view(E, r, in)``) but B expert-minor
+        (``B.view(out, r, E)``); ``ΔW_e = s · B_e @ A_e``.
+        """
+        a, b = self.factors()
+        e = self.experts
+        return a.reshape(e, -1, a.shape[-1])[expert], b.reshape(b.shape[0], -1, e)[:, :, expert]
 
     def shape(self) -> tuple[int, int] | None:
         """``(out, in_flat)`` implied by the adapter, or None when only a magnitude is stored."""
@@ -100,6 +113,9 @@ class Adapter:
     """``(module, base weight name, update, heads)`` → the update in the base's row order;
     ``heads()`` gives the base's ``(num_attention_heads, num_key_value_heads)`` (torchtune keeps
     q/k rows in Meta's RoPE order)."""
+    target_parameters: tuple[str, ...] = ()
+    """PEFT ``target_parameters``: parameters adapted directly (MoE expert tensors), whose
+    modules are named by their owner plus one ``.base_layer`` per nesting level."""
 
     @property
     def method(self) -> str:
@@ -187,6 +203,24 @@ def _peft_scale(config: dict, module: str, rank: int, folder: Path) -> float:
             "adapter_config.json (rank_pattern); the config does not belong to these weights"
         )
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _target_parameters(config: dict, folder) -> tuple[str, ...]:
+    targets = config.get("target_parameters") or []
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise CheckpointFormatError(f"{folder}: 'target_parameters' in adapter_config.json must "
+                                    f"be a list of parameter names, got {targets!r}")
+    return tuple(targets)
+
+
+def _rank(config: dict, module: str, a: torch.Tensor) -> int:
+    """The rank of one module: A's rows, or ``r`` when A stacks ``r`` rows per MoE expert."""
+    rows = a.shape[0]
+    if config.get("target_parameters"):
+        r = pattern_value(config.get("rank_pattern") or {}, module, config.get("r"))
+        if isinstance(r, int) and r > 0 and rows % r == 0:
+            return r
+    return rows
 
 
 _PEFT_KEY = re.compile(
@@ -303,7 +337,8 @@ def peft_adapter(config: dict, tensors: dict[str, torch.Tensor], folder, weights
         a2, b2 = _as_2d_factors(a, b)
         magnitude = parts.get("lora_magnitude_vector")
         updates[module] = LowRankUpdate(
-            lora_a=a2, lora_b=b2, scale=_peft_scale(config, module, a2.shape[0], folder),
+            lora_a=a2, lora_b=b2, scale=_peft_scale(config, module, _rank(config, module, a2),
+                                                    folder),
             magnitude=None if magnitude is None else _f64(magnitude).flatten(),
             stored_in_out=embedding or fan_in_fan_out, dtype=a.dtype,
         )
@@ -319,7 +354,8 @@ def peft_adapter(config: dict, tensors: dict[str, torch.Tensor], folder, weights
     # modules_to_save, trained in full.
     full = {k: v for k, v in rest.items() if ".base_layer." not in k}
     adapter = Adapter("peft", folder, updates, full,
-                      base_model=config.get("base_model_name_or_path"))
+                      base_model=config.get("base_model_name_or_path"),
+                      target_parameters=_target_parameters(config, folder))
     if "use_dora" not in config and adapter.method == "dora":
         # PEFT always writes use_dora; DoRA magnitudes without it come from torchtune's PEFT
         # export, which permutes q/k lora_B to Hugging Face's RoPE row order but not magnitude.

@@ -137,9 +137,26 @@ class AdapterSource(TensorSource):
             return self.get_rows(name, 0, shape[0]).reshape(shape)
         return self._full[name]
 
+    def get_expert_rows(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
+        if name not in self.targets:
+            return self._full[name][expert, start:stop]
+        update, transposed = self.targets[name]
+        rows = self.base.get_expert_rows(name, expert, start, stop).to(F64)  # (stop-start, cols)
+        if not update.experts:
+            raise TensorMismatchError(f"{self.path}: '{name}' is a 3-D tensor but its adapter "
+                                      "holds no per-expert factors")
+        a, b = update.expert_factors(expert)  # (r, in), (out, r)
+        if transposed:  # stored (in, out): rows are input features
+            return rows + update.scale * (a[:, start:stop].T @ b.T)
+        return rows + update.scale * (b[start:stop] @ a)
+
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         if name not in self.targets:
             return self._full[name][start:stop]
+        if self.targets[name][0].experts:  # whole experts, one after the other
+            rows = self._base_infos[name].shape[1]
+            return torch.stack([self.get_expert_rows(name, e, 0, rows)
+                                for e in range(start, min(stop, self._base_infos[name].shape[0]))])
         update, transposed = self.targets[name]
         rows = _stored_rows(self.base, name, start, stop)
         factor = None
@@ -165,7 +182,7 @@ class AdapterSource(TensorSource):
         if name not in self.targets or self._own_base:
             return None
         update = self.targets[name][0]
-        return update if update.magnitude is None and update.rank else None
+        return update if update.magnitude is None and update.rank and not update.experts else None
 
     def column_factor(self, name: str) -> torch.Tensor:
         """``m / ||merged column||`` for DoRA normalised along stored columns (one extra pass)."""
@@ -201,6 +218,59 @@ def _peft_shape(info: TensorInfo, transposed: bool) -> tuple[int, int]:
     return (cols, rows) if transposed else (rows, cols)
 
 
+_WRAPPER = ".base_layer"
+
+
+def _fits(update: LowRankUpdate, shape: tuple[int, ...]) -> tuple[int, bool] | None:
+    """``(experts, stored (in, out)?)`` if the stacked factors fit a parameter of this shape."""
+    if update.lora_a is None or update.lora_b is None:
+        return None
+    (rows, n_in), n_out = update.lora_a.shape, update.lora_b.shape[0]
+    experts, inner = (shape[0], shape[1:]) if len(shape) == 3 else (1, shape)
+    if len(inner) != 2 or rows % experts:
+        return None
+    if inner == (n_out, n_in):
+        return experts, False
+    if inner == (n_in, n_out):
+        return experts, True
+    return None
+
+
+def parameter_targets(adapter: Adapter, base_infos: dict[str, TensorInfo]
+                      ) -> dict[str, tuple[LowRankUpdate, bool]]:
+    """Base tensor → (update, stored transposed?) for PEFT ``target_parameters`` adapters.
+
+    PEFT wraps each targeted parameter (``mlp.experts.gate_up_proj``) in a ``ParamWrapper``;
+    several on one module nest, so adapter keys name the owner plus one ``.base_layer`` per level
+    (``experts.base_layer.lora_A``), never the parameter. The parameter is the one the factor
+    shapes fit — ``A`` ``(r·E, in)``, ``B`` ``(out, r·E)`` against ``(E, out, in)`` (or GPT-OSS's
+    ``(E, in, out)``); where several fit, wrappers nest in the module's parameter order, innermost
+    first, which is the order of the base file.
+    """
+    if not adapter.target_parameters:
+        return {}
+    by_owner: dict[str, list[str]] = {}
+    for module in adapter.updates:
+        owner = module
+        while owner.endswith(_WRAPPER):
+            owner = owner[: -len(_WRAPPER)]
+        by_owner.setdefault(strip_wrappers(owner), []).append(module)
+    targets = {}
+    for owner, modules in by_owner.items():
+        params = [n for n in base_infos if strip_wrappers(n).rpartition(".")[0] == owner
+                  and any(n == t or n.endswith("." + t) for t in adapter.target_parameters)]
+        for module in sorted(modules, key=lambda m: -m.count(_WRAPPER)):  # innermost first
+            update = adapter.updates[module]
+            for name in params:
+                fit = _fits(update, base_infos[name].shape)
+                if name not in targets and fit is not None:
+                    experts, transposed = fit
+                    update.experts = experts if len(base_infos[name].shape) == 3 else 0
+                    targets[name] = (update, transposed)
+                    break
+    return targets
+
+
 def resolve_targets(
     adapter: Adapter, base_infos: dict[str, TensorInfo],
     heads: Callable[[], tuple[int, int]] = lambda: (1, 1),
@@ -214,8 +284,12 @@ def resolve_targets(
     for name in base_infos:
         for path in (module_path(name), strip_wrappers(module_path(name))):
             flat.setdefault(kohya_flat(path), name)
+    by_parameter = parameter_targets(adapter, base_infos)
+    taken = {id(update) for update, _ in by_parameter.values()}
     candidates: dict[str, str] = {}  # candidate weight name -> adapter module
     for module in adapter.updates:
+        if id(adapter.updates[module]) in taken:
+            continue
         names = [module, *adapter.module_aliases(module)]
         kohya = flat.get(kohya_flat(strip_kohya_prefix(module)))
         for n in names:
@@ -227,7 +301,7 @@ def resolve_targets(
     alignment = align_names(list(base_infos), list(candidates))
     resolved = {b: candidates[t] for b, t in alignment.pairs}
     problems = [f"'{candidates[t]}' has no weight in the base" for t in alignment.tuned_only]
-    targets = {}
+    targets = dict(by_parameter)
     for base_name, module in resolved.items():
         update = adapter.base_order(module, base_name, adapter.updates[module], heads)
         transposed = update.stored_in_out or stored_in_out(base_name)

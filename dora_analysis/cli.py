@@ -13,11 +13,12 @@ from pathlib import Path
 
 from . import __version__
 from . import metrics as registry
-from .config import AXIS_CHOICES, IO_BACKENDS, METHOD_CHOICES, AnalysisConfig
+from .config import AXIS_CHOICES, IO_BACKENDS, METHOD_CHOICES, PRECISIONS, AnalysisConfig
 from .errors import (
     AdapterWarning,
     DoraAnalysisError,
     NonFiniteWeightWarning,
+    SkippedFoldersWarning,
     UnmatchedTensorsWarning,
 )
 
@@ -32,7 +33,9 @@ examples:
   dora-analyze base/ runs/dora/checkpoint-100 runs/dora/checkpoint-200 --method dora
   dora-analyze meta-llama/Llama-2-7b-hf some-org/llama2-dora-adapter@main
 
-A folder holding checkpoint-N/ subfolders is read as a training series (step = N).
+A folder holding checkpoint-N/ or step-N/ subfolders is read as a training series (step = N).
+PyTorch DCP folders (.metadata + *.distcp; FSDP checkpoint-N/pytorch_model_fsdp_0/, torchtitan
+step-N/) and DeepSpeed ZeRO folders (global_stepN/, or one with a 'latest' file) are read too.
 PEFT adapter folders (and torchtune, LyCORIS/kohya, official DoRA adapters) are merged with
 BASE as they are read. org/name[@revision] is a Hugging Face Hub repo (a local path wins).
 """
@@ -66,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io", choices=IO_BACKENDS, default=DEFAULTS.io,
                    help="read safetensors memory-mapped (default) or with pread into private "
                    "buffers (RSS then shows only the working set)")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
+                   help="auto (default): weights as stored for inference (DeepSpeed ZeRO-3 keeps "
+                   "none: its fp32 masters, with a note); fp32: DeepSpeed ZeRO's fp32 master "
+                   "weights, rebuilt from the optimizer partitions (finer than bf16). The dtype "
+                   "column says what was read; other formats are read as stored")
     p.add_argument("--lora-alpha", type=float, metavar="ALPHA",
                    help="alpha of adapters that do not store it (torchtune)")
     p.add_argument("--adapter-base", metavar="REF",
@@ -145,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         closed_form=not args.materialize,
         io=args.io,
         lora_alpha=args.lora_alpha,
+        precision=args.precision,
         token=args.token,
         adapter_base=args.adapter_base,
         **metric_config(args),
@@ -180,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # library deprecation noise is not the user's business
-            for category in (NonFiniteWeightWarning, UnmatchedTensorsWarning, AdapterWarning):
+            for category in (NonFiniteWeightWarning, UnmatchedTensorsWarning, AdapterWarning,
+                             SkippedFoldersWarning):
                 warnings.simplefilter("always", category)
             warnings.showwarning = _print_warning
             return run(args)

@@ -59,3 +59,7 @@ class UnmatchedTensorsWarning(UserWarning):
 
 class AdapterWarning(UserWarning):
     """An adapter's files disagree with its config (e.g. ``use_dora`` without magnitudes)."""
+
+
+class SkippedFoldersWarning(UserWarning):
+    """Subfolders of a training series that look like steps but carry no step number."""

@@ -22,6 +22,8 @@ from ..config import IO_BACKENDS
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, ConfigError
 from .adapters import adapter_format, is_adapter_folder, load_tensors, read_adapter_file, read_peft
 from .base import TensorSource
+from .dcp import DcpCheckpoint, find_dcp
+from .deepspeed import find_zero, open_zero
 from .merge import AdapterSource
 from .quant import dequantized
 from .refs import CheckpointRef
@@ -125,6 +127,16 @@ def _open_model_folder(path: Path, options: ReadOptions, base: TensorSource | No
     return dequantized(open_file(_model_folder_file(path), options))
 
 
+def _open_zero(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
+    if options.precision == "auto" and path.is_dir() and _model_folder_file(path) is not None:
+        return _open_model_folder(path, options, base)  # the 16-bit weights Trainer saved beside
+    return dequantized(open_zero(path, options.precision))
+
+
+def _open_dcp(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
+    return dequantized(DcpCheckpoint(find_dcp(path), options.backend))
+
+
 @dataclass(frozen=True)
 class Format:
     """One checkpoint layout: how to recognise a local path, and how to open it."""
@@ -144,8 +156,13 @@ FORMATS: list[Format] = [
            lambda p, o, base: _open_adapter_folder(p, o, base), needs_base=True,
            looks_for="adapter_config.json"),
     Format("file", lambda p: p.is_file(), _open_file),
+    # before model folders: a Trainer checkpoint-N holding both reads the fp32 masters on request
+    Format("deepspeed-zero", lambda p: find_zero(p) is not None, _open_zero,
+           looks_for="global_stepN/ with *_model_states.pt or a 'latest' file (DeepSpeed)"),
     Format("model-folder", lambda p: p.is_dir() and _model_folder_file(p) is not None,
            _open_model_folder, looks_for=", ".join(FOLDER_FILES) + ", a single *.safetensors"),
+    Format("dcp", lambda p: find_dcp(p) is not None, _open_dcp,
+           looks_for=".metadata + *.distcp (DCP; also in pytorch_model_fsdp_0/)"),
 ]
 
 

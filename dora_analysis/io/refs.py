@@ -4,7 +4,7 @@
 |------------------------------------|----------|
 | ``path/model.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``*.index.json`` | ``file`` |
 | ``path/dir/`` (a model folder)       | ``folder`` |
-| ``path/run/`` holding ``checkpoint-N/`` subfolders | ``series`` (one checkpoint per step) |
+| ``path/run/`` holding ``checkpoint-N/`` or ``step-N/`` subfolders | ``series`` (one per step) |
 | ``org/name``, ``org/name@rev``       | ``hub`` (only when no such local path exists) |
 | ``hf://org/name[@rev]/path``, ``s3://…``, ``gs://…``, ``https://…`` | ``remote`` (in place) |
 
@@ -15,13 +15,22 @@ A remote reference is printed back without credentials: ``user:pass@`` and the q
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import CheckpointNotFoundError
+from ..errors import CheckpointFormatError, CheckpointNotFoundError, SkippedFoldersWarning
 
-_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
+#: Subfolders that make a folder a training series, one checkpoint per step N: HF Trainer's
+#: ``checkpoint-N`` and torchtitan's ``step-N``.
+_STEP_DIR = re.compile(r"^(?:checkpoint|step)-(\d+)$")
+#: Subfolders named like steps of a series but without a step number (``checkpoint-abc``).
+_STEP_LIKE = re.compile(r"^(?:checkpoint|step)-")
+#: Folder names that carry a step without making a series (DeepSpeed's ``global_stepN``).
+_STEP_NAME = re.compile(r"^(?:checkpoint-|step-|global_step)(\d+)$")
+#: Where accelerate / HF Trainer put the model's DCP inside a ``checkpoint-N/`` folder (FSDP).
+TRAINER_DCP_FOLDERS: tuple[str, ...] = ("pytorch_model_fsdp_0",)
 _HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 #: URL schemes read in place through fsspec (``dora_analysis.io.remote``).
 REMOTE_SCHEMES = ("hf", "s3", "gs", "gcs", "http", "https")
@@ -54,22 +63,44 @@ def redact_url(url: str) -> str:
 
 
 def step_of(path: Path) -> int | None:
-    """The training step of a ``checkpoint-N`` folder (or of a file inside one), else None."""
-    for part in (path.name, path.parent.name) if path.is_file() else (path.name,):
-        match = _STEP_DIR.match(part)
+    """The training step of a ``checkpoint-N``/``step-N``/``global_stepN`` folder, or of a
+    file or folder directly inside one (``checkpoint-N/pytorch_model_fsdp_0``); else None.
+
+    Example:
+        >>> step_of(Path("run/checkpoint-20/pytorch_model_fsdp_0"))
+        20
+    """
+    for part in (path.name, path.parent.name):
+        match = _STEP_NAME.match(part)
         if match:
             return int(match.group(1))
     return None
 
 
 def series_steps(folder: Path) -> list[tuple[int, Path]]:
-    """The ``checkpoint-N`` subfolders of ``folder`` as ``(N, path)``, sorted by step."""
-    steps = []
-    for child in folder.iterdir():
+    """The ``checkpoint-N`` / ``step-N`` subfolders of ``folder`` as ``(N, path)``, by step.
+
+    Two subfolders for one step (``checkpoint-10`` and ``checkpoint-010``, or ``step-10`` beside
+    ``checkpoint-10``) are an error naming both.
+    """
+    steps: dict[int, Path] = {}
+    for child in sorted(folder.iterdir()):
         match = _STEP_DIR.match(child.name)
-        if match and child.is_dir():
-            steps.append((int(match.group(1)), child))
-    return sorted(steps)
+        if not (match and child.is_dir()):
+            continue
+        step = int(match.group(1))
+        if step in steps:
+            raise CheckpointFormatError(
+                f"{folder}: two checkpoints for step {step}: {steps[step].name}/ and "
+                f"{child.name}/; move one of them out of the run folder")
+        steps[step] = child
+    return sorted(steps.items())
+
+
+def unnumbered_steps(folder: Path) -> list[str]:
+    """Subfolders named like steps of a series but without a step number (``checkpoint-abc``)."""
+    return sorted(c.name for c in folder.iterdir()
+                  if c.is_dir() and _STEP_LIKE.match(c.name) and not _STEP_DIR.match(c.name))
 
 
 @dataclass(frozen=True)
@@ -98,7 +129,14 @@ class CheckpointRef:
         if path.is_file():
             return cls(text, "file", path=path)
         if path.is_dir():
-            return cls(text, "series" if series_steps(path) else "folder", path=path)
+            if not series_steps(path):
+                return cls(text, "folder", path=path)
+            skipped = unnumbered_steps(path)
+            if skipped:
+                warnings.warn(f"{path}: subfolder(s) {', '.join(skipped)} skipped: a step of a "
+                              "series is named checkpoint-N or step-N with N a number",
+                              SkippedFoldersWarning, stacklevel=2)
+            return cls(text, "series", path=path)
         if _HUB_REPO.match(text) and not text.startswith((".", "/", "~")):
             repo, _, revision = text.partition("@")
             return cls(text, "hub", repo=repo, revision=revision or None)
@@ -111,7 +149,8 @@ class CheckpointRef:
     def default_label(self) -> str:
         """A short label: the file stem, or its folder for generic names, or the repo name.
 
-        A ``checkpoint-N`` folder is labelled by its run folder, so steps of one run share a label.
+        A ``checkpoint-N`` / ``step-N`` / ``global_stepN`` folder (and the DCP folder inside a
+        Trainer checkpoint) is labelled by its run folder, so steps of one run share a label.
         """
         if self.kind == "hub":
             return self.repo.rsplit("/", 1)[-1]
@@ -126,11 +165,11 @@ class CheckpointRef:
             if stem not in _GENERIC_STEMS and not stem.startswith("model-"):
                 return stem
             path = path.parent
-        if _STEP_DIR.match(path.name):
+        while path.name in TRAINER_DCP_FOLDERS or _STEP_NAME.match(path.name):
             path = path.parent
         return path.name or str(path)
 
     @property
     def step(self) -> int | None:
-        """The step of a single ``checkpoint-N`` folder or file inside one; None otherwise."""
+        """The step of a single step folder or of what lies directly inside one; else None."""
         return step_of(self.path) if self.path is not None and self.kind != "series" else None

@@ -1,0 +1,59 @@
+"""Fixtures that a real multi-process run writes (torchrun, 2 CPU processes, gloo).
+
+Starting two Python processes that import torch (and DeepSpeed) takes 10-30 s on this machine,
+too long to repeat in every test session. :func:`built_once` keeps what a worker wrote in pytest's
+cache folder, keyed by the worker's source and the library versions, so it is rebuilt whenever
+either changes (and on every fresh checkout, as in CI).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(worker: Path, *args: str, nproc: int = 2, env: dict | None = None,
+             timeout: int = 600) -> None:
+    """Run ``worker`` under ``torch.distributed.run`` on the loopback interface; fail loudly."""
+    env = os.environ | {"PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo",
+                        "OMP_NUM_THREADS": "1"} | (env or {})
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                           f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                           f"--master_port={free_port()}", str(worker), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{worker.name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def built_once(config: pytest.Config, worker: Path, packages: Sequence[str],
+               env: dict | None = None) -> Path:
+    """The folder ``worker`` writes when run by :func:`torchrun`, built once per change."""
+    key = hashlib.sha256(worker.read_bytes())
+    for package in packages:
+        key.update(f"{package}=={importlib.metadata.version(package)}".encode())
+    folder = Path(config.cache.mkdir(f"{worker.stem}-{key.hexdigest()[:16]}"))
+    done = folder / "DONE"
+    if not done.exists():
+        out = folder / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        torchrun(worker, str(out), env=env)
+        done.write_text("ok")
+    return folder / "out"

@@ -253,8 +253,8 @@ class DcpCheckpoint(TensorSource):
             if size < end:
                 raise CheckpointFormatError(
                     f"{self.path / file}: {size} bytes, but {METADATA_FILE} places data up to "
-                    f"byte {end}; the file is truncated or from another save, copy the "
-                    "checkpoint folder again")
+                    f"byte {end}: the file is truncated, or {METADATA_FILE} does not match it "
+                    "(another save); copy the checkpoint folder again")
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -339,9 +339,9 @@ class DcpCheckpoint(TensorSource):
                 records = archive.infolist()
                 byteorder = next((archive.read(r) for r in records
                                   if r.filename.endswith("/byteorder")), b"little")
-        except pickle.UnpicklingError as exc:
-            raise UnsafeCheckpointError(f"{where}: refused to unpickle: "
-                                        f"{reason(exc).splitlines()[0]}") from None
+        except pickle.UnpicklingError as exc:  # weights_only refused a global: never run
+            raise UnsafeCheckpointError(str(self._mismatch(
+                where, f"refused to unpickle ({_refusal(exc)}), not a plain tensor"))) from None
         except Exception as exc:  # torch's zip reader raises RuntimeError, zipfile others
             raise self._mismatch(where, f"not a saved tensor ({reason(exc).splitlines()[0]})"
                                  ) from None
@@ -368,8 +368,8 @@ class DcpCheckpoint(TensorSource):
 
     def _mismatch(self, where: str, what: str) -> CheckpointFormatError:
         return CheckpointFormatError(
-            f"{where}: {what}; {METADATA_FILE} does not match the .distcp files (they are "
-            "from different saves or truncated): copy the checkpoint folder again")
+            f"{where}: {what}; {METADATA_FILE} does not match the .distcp files (from another "
+            "save, truncated or altered): copy the checkpoint folder again")
 
     def _read_chunk(self, name: str, chunk: _Chunk) -> torch.Tensor:
         """The whole chunk via ``torch.load(weights_only=True)`` (the fallback path)."""
@@ -410,6 +410,12 @@ class DcpCheckpoint(TensorSource):
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _refusal(exc: BaseException) -> str:
+    """The line of a ``weights_only`` refusal that names the global."""
+    lines = str(exc).splitlines()
+    return next((line.strip() for line in lines if "GLOBAL" in line), reason(exc).splitlines()[0])
 
 
 def _chunk_of(chunks: list, index):

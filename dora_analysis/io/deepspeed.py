@@ -156,16 +156,28 @@ class ZeroMasters(TensorSource):
 
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder)
-        optim = self._optim_files()
-        first = _optimizer_state(_load(optim[0]), optim[0])
-        self._stage = _stage(first, optim[0])
+        found = self._optim_files()
+        first_file = found[min(found)]
+        first = _optimizer_state(_load(first_file), first_file)
+        self._stage = _stage(first, first_file)
         world = first.get("partition_count")
         world = max(world) if isinstance(world, list) else world
-        if world != len(optim):
+        if not isinstance(world, int) or world < 1:
+            raise CheckpointFormatError(f"{first_file}: no partition_count; copy the "
+                                        "checkpoint again")
+        missing = [r for r in range(world) if r not in found]
+        if missing:
+            names = [_OPTIM_STATES.sub(rf"\g<prefix>{r}\g<suffix>", first_file.name)
+                     for r in missing]
+            raise CheckpointNotFoundError(
+                f"{self.path}: {', '.join(names)} missing (the fp32 partition of rank "
+                f"{missing[0]} of {world}); copy every *_optim_states.pt file of the save")
+        if len(found) != world:
             raise CheckpointFormatError(
-                f"{self.path}: {len(optim)} *_optim_states.pt files, but the ZeRO partitions "
+                f"{self.path}: {len(found)} *_optim_states.pt files, but the ZeRO partitions "
                 f"are of {world} ranks (an older save left over?); keep the files of one save")
         self._world = world
+        optim = [found[r] for r in range(world)]
         key = "single_partition_of_fp32_groups" if self._stage <= 2 else "fp32_flat_groups"
         # rank → its fp32 partition of each parameter group (memory-mapped)
         self._groups: list[list[torch.Tensor]] = []
@@ -175,7 +187,7 @@ class ZeroMasters(TensorSource):
             if not isinstance(groups, list) or not all(torch.is_tensor(g) for g in groups):
                 raise CheckpointFormatError(f"{file}: no fp32 partitions ('{key}'); copy the "
                                             "checkpoint again")
-            self._groups.append(groups)
+            self._groups.append([g.detach() for g in groups])  # optimizer params: grad on
         paddings = first.get("param_alignment_paddings")
         states = self._model_states()
         self._tensors: dict[str, torch.Tensor] = {}  # buffers and frozen parameters, whole
@@ -184,7 +196,7 @@ class ZeroMasters(TensorSource):
         module = states[0].get("module") or {}
         for name in states[0].get("buffer_names") or []:
             if torch.is_tensor(module.get(name)):
-                t = module[name]
+                t = module[name].detach()
                 self._tensors[name] = t.float() if t.is_floating_point() else t
         self._frozen(states)
         shapes = states[0].get("param_shapes") or []
@@ -198,26 +210,16 @@ class ZeroMasters(TensorSource):
 
     # -- files ---------------------------------------------------------------------------------
 
-    def _optim_files(self) -> list[Path]:
-        found = {}
-        for p in self.path.iterdir():
-            match = _OPTIM_STATES.match(p.name)
-            if match:
-                found[int(match.group("rank"))] = (p, match)
+    def _optim_files(self) -> dict[int, Path]:
+        """Rank → its ``*_optim_states.pt`` file."""
+        found = {int(m.group("rank")): p for p in self.path.iterdir()
+                 if (m := _OPTIM_STATES.match(p.name))}
         if not found:
             raise CheckpointNotFoundError(
                 f"{self.path}: no ZeRO optimizer partitions (*_optim_states.pt) to rebuild the "
                 "fp32 master weights from; copy them, or read the 16-bit weights with "
                 "--precision auto (ZeRO-1/2)")
-        top = max(found)
-        missing = [r for r in range(top + 1) if r not in found]
-        if missing:
-            _, match = found[top]
-            names = [f"{match.group('prefix')}{r}{match.group('suffix')}" for r in missing]
-            raise CheckpointNotFoundError(
-                f"{self.path}: {', '.join(names)} missing (the fp32 partition of rank "
-                f"{missing[0]}); copy every *_optim_states.pt file of the save")
-        return [found[r][0] for r in range(top + 1)]
+        return found
 
     def _model_states(self) -> list[dict]:
         if self._stage <= 2:
@@ -239,10 +241,11 @@ class ZeroMasters(TensorSource):
             n = math.prod(shape)
             try:
                 if self._stage <= 2:
-                    self._tensors[name] = states[0]["frozen_param_fragments"][name]
+                    self._tensors[name] = states[0]["frozen_param_fragments"][name].detach()
                 else:
                     pieces = [s["frozen_param_fragments"][name] for s in states]
-                    self._tensors[name] = torch.cat(pieces, 0).narrow(0, 0, n).view(shape)
+                    whole = torch.cat(pieces, 0).narrow(0, 0, n).view(shape)
+                    self._tensors[name] = whole.detach()
             except (KeyError, TypeError):
                 raise CheckpointFormatError(f"{self.path}: frozen parameter '{name}' has no "
                                             "stored fragment; copy the checkpoint again") from None

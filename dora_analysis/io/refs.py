@@ -31,6 +31,9 @@ _STEP_LIKE = re.compile(r"^(?:checkpoint|step)-")
 _STEP_NAME = re.compile(r"^(?:checkpoint-|step-|global_step)(\d+)$")
 #: Where accelerate / HF Trainer put the model's DCP inside a ``checkpoint-N/`` folder (FSDP).
 TRAINER_DCP_FOLDERS: tuple[str, ...] = ("pytorch_model_fsdp_0",)
+#: Folders named by the tool, not the user, that a label looks past: the DCP inside a Trainer
+#: checkpoint, and torchtitan's ``<dump>/checkpoint/`` holding its ``step-N/``.
+_TOOL_FOLDERS = frozenset({*TRAINER_DCP_FOLDERS, "checkpoint"})
 _HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 #: URL schemes read in place through fsspec (``dora_analysis.io.remote``).
 REMOTE_SCHEMES = ("hf", "s3", "gs", "gcs", "http", "https")
@@ -150,7 +153,8 @@ class CheckpointRef:
         """A short label: the file stem, or its folder for generic names, or the repo name.
 
         A ``checkpoint-N`` / ``step-N`` / ``global_stepN`` folder (and the DCP folder inside a
-        Trainer checkpoint) is labelled by its run folder, so steps of one run share a label.
+        Trainer checkpoint, torchtitan's ``checkpoint/``) is labelled by its run folder, so steps
+        of one run share a label.
         """
         if self.kind == "hub":
             return self.repo.rsplit("/", 1)[-1]
@@ -165,7 +169,7 @@ class CheckpointRef:
             if stem not in _GENERIC_STEMS and not stem.startswith("model-"):
                 return stem
             path = path.parent
-        while path.name in TRAINER_DCP_FOLDERS or _STEP_NAME.match(path.name):
+        while path.name in _TOOL_FOLDERS or _STEP_NAME.match(path.name):
             path = path.parent
         return path.name or str(path)
 

@@ -65,7 +65,9 @@ def _torch_load(path: Path) -> object:
 
 def _tensor_dict(obj: object, path: Path, wrapper_keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
-        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)}
+        # detached: saved Parameters (DeepSpeed's ``module``) load with requires_grad=True
+        tensors = {k: v.detach() for k, v in obj.items()
+                   if isinstance(k, str) and torch.is_tensor(v)}
         if tensors:
             return tensors
         for key in wrapper_keys:

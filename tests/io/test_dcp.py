@@ -1,0 +1,268 @@
+"""PyTorch DCP folders, written by ``torch.distributed.checkpoint.save`` itself: per tensor and row
+block without a process group, multi-chunk tensors, FQN prefixes, the allowlist unpickler, and the
+analysis equal to the one of the same weights in safetensors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from dora_analysis import analyze
+from dora_analysis.cli import main
+from dora_analysis.errors import UnsafeCheckpointError
+from dora_analysis.io.dcp import DcpCheckpoint, find_dcp, read_metadata
+from dora_analysis.io.open import ReadOptions, open_checkpoint
+from dora_analysis.io.refs import CheckpointRef
+from tests.common import llama_state, perturb
+from tests.distributed import built_once
+
+WORKER = Path(__file__).with_name("dcp_worker.py")
+#: HF LLaMA names → the Meta names torchtitan uses.
+TITAN_NAMES = {"model.embed_tokens": "tok_embeddings", "model.layers": "layers",
+               "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+               "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+               "mlp.down_proj": "feed_forward.w2", "lm_head": "output"}
+NUMBERS = ["name", "layer", "module", "rows", "cols", "axis", "delta_m", "delta_d",
+           "zero_vectors", "n_vectors", "mean_m0", "dtype"]
+
+
+def titan(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in state.items():
+        for hf, meta in TITAN_NAMES.items():
+            name = name.replace(hf, meta)
+        out[name] = t
+    return out
+
+
+def save(state: dict, folder: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save(state, checkpoint_id=folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dcps(ckpts, tmp_path_factory) -> dict[str, Path]:
+    """DCP folders of the ``ckpts`` weights, as accelerate, HF Trainer and torchtitan lay them."""
+    root = tmp_path_factory.mktemp("dcp")
+    base, tuned = load_file(ckpts["base"]), load_file(ckpts["tuned"])
+    mixed = {k: (v.to(torch.bfloat16) if "mlp" in k else v) for k, v in tuned.items()}
+    save_file(mixed, str(root / "mixed.safetensors"))
+    paths = {"mixed_safetensors": root / "mixed.safetensors"}
+    # accelerate: {"model": sd}, plus a Python value (BytesStorageMetadata)
+    paths["accelerate"] = save({"model": mixed | {"step": 7, "note": "x"}}, root / "accelerate")
+    paths["base"] = save({"model": base}, root / "base")
+    for step in (10, 20):  # HF Trainer, FSDP2 SHARDED: only pytorch_model_fsdp_0/ in checkpoint-N
+        save({"model": perturb(base, step / 1000, seed=step)},
+             root / "run" / f"checkpoint-{step}" / "pytorch_model_fsdp_0")
+        (root / "run" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    paths["run"] = root / "run"
+    # torchtitan: Meta names at the top level beside training state; step-N/ folders
+    save_file(titan(base), str(root / "titan_base.safetensors"))
+    paths["titan_base"] = root / "titan_base.safetensors"
+    for step in (5, 15):
+        weights = titan(perturb(base, step / 1000, seed=step))
+        optimizer = {f"state.{k}.exp_avg": torch.zeros_like(v) for k, v in weights.items()}
+        save(weights | {"optimizer": optimizer, "lr_scheduler": {"lr": torch.tensor(0.1)},
+                        "dataloader": {"pos": 3}, "train_state": {"step": step}},
+             root / "titan" / "checkpoint" / f"step-{step}")
+        save_file(weights, str(root / f"titan_step{step}.safetensors"))
+    paths["titan"] = root / "titan" / "checkpoint"
+    paths["titan_safetensors"] = root / "titan_step15.safetensors"
+    return paths
+
+
+@pytest.fixture(scope="session")
+def two_ranks(request) -> Path:
+    """Saves of a 2-process gloo run: tensors split into chunks over both ranks."""
+    return built_once(request.config, WORKER, ["torch"])
+
+
+def test_reads_every_tensor_as_saved(dcps):
+    expected = load_file(dcps["mixed_safetensors"])
+    for backend in ("mmap", "pread"):
+        with DcpCheckpoint(dcps["accelerate"], backend) as src:
+            assert sorted(src.keys()) == sorted(f"model.{k}" for k in expected)  # no Python values
+            for name, t in expected.items():
+                got = src.get_tensor(f"model.{name}")
+                assert got.dtype == t.dtype and torch.equal(got, t)
+                assert src.info(f"model.{name}").shape == tuple(t.shape)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_row_block(dcps, two_ranks, data):
+    folder = data.draw(st.sampled_from([dcps["accelerate"], two_ranks / "dtensor"]))
+    backend = data.draw(st.sampled_from(["mmap", "pread"]))
+    with DcpCheckpoint(folder, backend) as src:
+        name = data.draw(st.sampled_from(src.keys()))
+        whole = src.get_tensor(name)
+        if whole.dim() == 0:
+            return
+        start = data.draw(st.integers(0, whole.shape[0]))
+        stop = data.draw(st.integers(start, whole.shape[0] + 2))
+        assert torch.equal(src.get_rows(name, start, stop), whole[start:stop])
+
+
+def test_tensors_split_over_ranks(two_ranks):
+    """Shard(0) with uneven rows, Shard(1) columns, a 4-D tensor, a replicated bias."""
+    chunks = {k: len(v.chunks) for k, v in
+              read_metadata(two_ranks / "dtensor").state_dict_metadata.items() if
+              hasattr(v, "chunks")}
+    assert chunks == {"model.rows.weight": 2, "model.cols.weight": 2, "model.bias": 1,
+                      "model.conv.weight": 2}
+    expected = load_file(two_ranks / "reference.safetensors")
+    with DcpCheckpoint(two_ranks / "dtensor") as src:
+        assert sorted(src.keys()) == sorted(f"model.{k}" for k in expected)
+        for name, t in expected.items():
+            assert torch.equal(src.get_tensor(f"model.{name}"), t)
+            assert torch.equal(src.get_rows(f"model.{name}", 2, 5), t[2:5])
+
+
+def test_fsdp2_save_without_training_state(two_ranks):
+    """FSDP2 ``fully_shard`` weights beside optimizer and train state (torchtitan's layout):
+    only the model is listed."""
+    expected = load_file(two_ranks / "fsdp2_reference.safetensors")
+    with DcpCheckpoint(two_ranks / "fsdp2") as src:
+        assert sorted(src.keys()) == sorted(expected)
+        for name, t in expected.items():
+            assert torch.equal(src.get_tensor(name), t)
+
+
+def test_non_contiguous_chunk_falls_back_to_torch_load(tmp_path):
+    """DCP stores a transposed view as it is (its storage is not row-major)."""
+    w = torch.randn(5, 7)
+    folder = save({"a.weight": w.T, "b.weight": w}, tmp_path / "ckpt")
+    with DcpCheckpoint(folder) as src:
+        assert torch.equal(src.get_tensor("a.weight"), w.T)
+        assert torch.equal(src.get_rows("a.weight", 2, 6), w.T[2:6])
+        assert torch.equal(src.get_rows("b.weight", 1, 3), w[1:3])
+
+
+def test_zstd_chunks_read_through_dcp_load(tmp_path):
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    state = llama_state(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, storage_writer=FileSystemWriter(tmp_path / "z", _extensions=[ZStandard()]))
+    storage = read_metadata(tmp_path / "z").storage_data.values()
+    assert all(s.transform_descriptors for s in storage)  # the bytes really are compressed
+    with DcpCheckpoint(tmp_path / "z") as src:
+        for name, t in state.items():
+            assert torch.equal(src.get_tensor(name), t)
+            if t.dim():
+                assert torch.equal(src.get_rows(name, 1, 3), t[1:3])
+
+
+def test_trainer_checkpoint_opens_its_dcp(dcps):
+    step = dcps["run"] / "checkpoint-10"
+    assert find_dcp(step) == step / "pytorch_model_fsdp_0"
+    with open_checkpoint(step, ReadOptions()) as src:
+        assert "model.model.layers.0.self_attn.q_proj.weight" in src.keys()
+
+
+def test_analysis_equals_safetensors_of_the_same_weights(ckpts, dcps):
+    """accelerate's ``model.`` prefix is aligned; DCP as tuned and as base."""
+    reference = analyze(ckpts["base"], dcps["mixed_safetensors"], axis="both")
+    tuned_dcp = analyze(ckpts["base"], dcps["accelerate"], axis="both")
+    pd.testing.assert_frame_equal(tuned_dcp[NUMBERS], reference[NUMBERS])
+    assert set(reference["dtype"]) == {"float32", "bfloat16"}
+    base_dcp = analyze(dcps["base"], dcps["mixed_safetensors"], axis="both")
+    assert (base_dcp["name"] == "model." + reference["name"]).all()  # the base's names
+    pd.testing.assert_frame_equal(base_dcp[NUMBERS[1:]], reference[NUMBERS[1:]])
+
+
+def test_torchtitan_series(dcps):
+    ref = CheckpointRef.parse(str(dcps["titan"]))
+    assert ref.kind == "series"
+    table = analyze(dcps["titan_base"], dcps["titan"], modules=("q", "gate", "down"))
+    assert sorted(set(table["step"])) == [5, 15]
+    assert set(table["module"]) == {"q", "gate", "down"}
+    last = table[table["step"] == 15].reset_index(drop=True)
+    reference = analyze(dcps["titan_base"], dcps["titan_safetensors"],
+                        modules=("q", "gate", "down"))
+    pd.testing.assert_frame_equal(last[NUMBERS], reference[NUMBERS])
+
+
+def test_trainer_fsdp_series_in_the_cli(ckpts, dcps, tmp_path, capsys):
+    out = tmp_path / "t.csv"
+    assert main([str(ckpts["base"]), str(dcps["run"]), "-o", str(out), "--quiet"]) == 0
+    table = pd.read_csv(out)
+    assert sorted(set(table["step"])) == [10, 20] and set(table["checkpoint"]) == {"run"}
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+class Evil:
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_metadata_that_would_run_code_is_refused(dcps, tmp_path):
+    folder = tmp_path / "evil"
+    shutil.copytree(dcps["accelerate"], folder)
+    metadata = read_metadata(folder)
+    metadata.planner_data = {"x": Evil(tmp_path / "pwned")}
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UnsafeCheckpointError, match="posix.system|os.system"):
+        DcpCheckpoint(folder)
+    assert not (tmp_path / "pwned").exists()
+
+
+def _cli_error(argv: list[str], capsys, out: Path) -> str:
+    assert main([*argv, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert not any(out.parent.iterdir())  # nothing left behind
+    return err
+
+
+def test_bad_dcp_folders_in_the_cli(ckpts, dcps, tmp_path, capsys):
+    base, out = str(ckpts["base"]), tmp_path / "out" / "t.csv"
+    out.parent.mkdir()
+    evil = tmp_path / "evil"
+    shutil.copytree(dcps["accelerate"], evil)
+    (evil / ".metadata").write_bytes(pickle.dumps(Evil(tmp_path / "pwned")))
+    err = _cli_error([base, str(evil)], capsys, out)
+    assert "evil/.metadata: refused to unpickle" in err and not (tmp_path / "pwned").exists()
+
+    missing = tmp_path / "missing"
+    shutil.copytree(dcps["accelerate"], missing)
+    (missing / "__0_0.distcp").unlink()
+    err = _cli_error([base, str(missing)], capsys, out)
+    assert "missing: __0_0.distcp missing (named by .metadata)" in err
+
+    other = tmp_path / "other"  # the .metadata of another save: same names, other bytes
+    shutil.copytree(dcps["accelerate"], other)
+    bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+            for k, v in load_file(dcps["mixed_safetensors"]).items()}
+    save({"model": bf16}, tmp_path / "bf16")
+    shutil.copy(tmp_path / "bf16" / ".metadata", other / ".metadata")
+    err = _cli_error([base, str(other)], capsys, out)
+    assert "other/__0_0.distcp (tensor 'model." in err and ".metadata does not match" in err
+
+    cut = tmp_path / "cut"
+    shutil.copytree(dcps["accelerate"], cut)
+    data = (cut / "__0_0.distcp").read_bytes()
+    (cut / "__0_0.distcp").write_bytes(data[: len(data) // 2])
+    err = _cli_error([base, str(cut)], capsys, out)
+    assert "cut/__0_0.distcp" in err and "truncated, or .metadata does not match" in err

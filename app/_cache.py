@@ -20,7 +20,9 @@ import dora_analysis as da
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / "demo-output"
 REPRODUCTION_TABLE = ROOT / "docs" / "reproduction" / "table.csv"
-CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".distcp")
+#: Files without a suffix that a checkpoint is read from (DCP metadata, DeepSpeed's tag).
+CHECKPOINT_NAMES = (".metadata", "latest")
 TABLE_KEY = "table"
 SOURCE_KEY = "source"
 
@@ -31,7 +33,8 @@ def file_identity(ref: str) -> tuple:
     if not path.exists():
         return (ref,)
     files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
+        p for p in path.rglob("*")
+        if (p.suffix in CHECKPOINT_SUFFIXES or p.name in CHECKPOINT_NAMES) and p.is_file())
     return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 

@@ -341,7 +341,7 @@ class DcpCheckpoint(TensorSource):
                                   if r.filename.endswith("/byteorder")), b"little")
         except pickle.UnpicklingError as exc:  # weights_only refused a global: never run
             raise UnsafeCheckpointError(str(self._mismatch(
-                where, f"refused to unpickle ({_refusal(exc)}), not a plain tensor"))) from None
+                where, f"not a plain saved tensor ({_refusal(exc)})"))) from None
         except Exception as exc:  # torch's zip reader raises RuntimeError, zipfile others
             raise self._mismatch(where, f"not a saved tensor ({reason(exc).splitlines()[0]})"
                                  ) from None
@@ -413,9 +413,10 @@ class DcpCheckpoint(TensorSource):
 
 
 def _refusal(exc: BaseException) -> str:
-    """The line of a ``weights_only`` refusal that names the global."""
+    """The line of a ``weights_only`` refusal that names the global, if any."""
     lines = str(exc).splitlines()
-    return next((line.strip() for line in lines if "GLOBAL" in line), reason(exc).splitlines()[0])
+    return next((line.strip() for line in lines if "GLOBAL" in line),
+                "torch.load(weights_only=True) refused it")
 
 
 def _chunk_of(chunks: list, index):

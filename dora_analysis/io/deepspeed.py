@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -115,11 +116,12 @@ def open_zero(path: Path, precision: str = "auto") -> TensorSource:
     """A DeepSpeed ZeRO checkpoint: 16-bit ``module`` weights (``auto``, ZeRO-1/2) or the fp32
     master weights rebuilt from the optimizer partitions (``fp32``, and ``auto`` on ZeRO-3)."""
     folder = find_zero(path)
-    if folder is None or not folder.is_dir():
-        named = f"{LATEST_FILE} names {folder.name}, which " if folder is not None else ""
+    if folder is None:
+        raise CheckpointNotFoundError(f"{path}: holds no DeepSpeed global_stepN/ folder")
+    if not folder.is_dir():
         raise CheckpointNotFoundError(
-            f"{path}: {named}holds no DeepSpeed global_stepN/ folder; copy the checkpoint "
-            "with its global_step folder")
+            f"{path}: {LATEST_FILE} names {folder.name}, which is missing; copy the checkpoint "
+            f"with its {folder.name}/ folder, or name an existing one in {LATEST_FILE}")
     if not is_zero_folder(folder):
         raise CheckpointNotFoundError(
             f"{folder}: no {MODEL_STATES_12} or zero_pp_rank_0_mp_rank_00_model_states.pt; "
@@ -133,9 +135,15 @@ def open_zero(path: Path, precision: str = "auto") -> TensorSource:
         if precision == "auto":
             return TorchFile(folder / MODEL_STATES_12)
     elif precision == "auto":
-        log.info("%s: ZeRO-3 keeps no 16-bit weights (the model states hold placeholders); "
-                 "reading the fp32 master weights from the optimizer partitions", folder)
+        _note_zero3(folder)
     return ZeroMasters(folder)
+
+
+@functools.lru_cache(maxsize=None)
+def _note_zero3(folder: Path) -> None:
+    """Said once per folder, though the analysis opens a checkpoint twice (plan, compute)."""
+    log.info("%s: ZeRO-3 keeps no 16-bit weights (the model states hold placeholders); "
+             "reading the fp32 master weights from the optimizer partitions", folder)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,28 @@ def test_data_page_runs_an_analysis(ckpts, monkeypatch):
     assert set(result["checkpoint"]) == {"FT", "tuned"} and set(result["module"]) == {"q", "v"}
 
 
+def test_data_page_analyses_a_dcp_folder(ckpts, tmp_path, monkeypatch):
+    """Every checkpoint reference of the library works in the page (here a Trainer FSDP run)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": load_file(ckpts["tuned"])},
+                 checkpoint_id=tmp_path / "run" / "checkpoint-5" / "pytorch_model_fsdp_0")
+    at = run("views/data.py")
+    at.text_input[0].input(str(ckpts["base"]))
+    at.text_area[0].input(f"FSDP = {tmp_path / 'run'}")
+    next(b for b in at.button if b.label == "Run analysis").click()
+    at.run()
+    assert not at.exception and not at.error
+    result = at.session_state["table"]
+    assert set(result["checkpoint"]) == {"FSDP"} and set(result["step"]) == {5}
+
+
 def test_data_page_shows_errors_in_the_page(ckpts, tmp_path, monkeypatch):
     monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
     at = run("views/data.py")
@@ -112,6 +134,11 @@ def test_cache_key_follows_file_identity(cache_module, tmp_path):
     f.write_bytes(b"12345")
     assert cache_module.file_identity(str(tmp_path)) != before
     assert cache_module.file_identity("org/model") == ("org/model",)
+    dcp = tmp_path / "dcp"  # a DCP folder: .metadata and *.distcp count too
+    dcp.mkdir()
+    (dcp / ".metadata").write_bytes(b"1")
+    (dcp / "__0_0.distcp").write_bytes(b"1")
+    assert len(cache_module.file_identity(str(dcp))) == 2
 
 
 def test_demo_data_is_make_demo_output_else_the_committed_experiment(cache_module, tmp_path,

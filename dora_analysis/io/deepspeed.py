@@ -139,7 +139,7 @@ def open_zero(path: Path, precision: str = "auto") -> TensorSource:
     return ZeroMasters(folder)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _note_zero3(folder: Path) -> None:
     """Said once per folder, though the analysis opens a checkpoint twice (plan, compute)."""
     log.info("%s: ZeRO-3 keeps no 16-bit weights (the model states hold placeholders); "

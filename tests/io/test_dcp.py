@@ -25,7 +25,7 @@ from dora_analysis.io.dcp import DcpCheckpoint, find_dcp, read_metadata
 from dora_analysis.io.open import ReadOptions, open_checkpoint
 from dora_analysis.io.refs import CheckpointRef
 from tests.common import llama_state, perturb
-from tests.distributed import built_once
+from tests.distributed import built_once, torchrun
 
 WORKER = Path(__file__).with_name("dcp_worker.py")
 #: HF LLaMA names → the Meta names torchtitan uses.
@@ -266,3 +266,21 @@ def test_bad_dcp_folders_in_the_cli(ckpts, dcps, tmp_path, capsys):
     (cut / "__0_0.distcp").write_bytes(data[: len(data) // 2])
     err = _cli_error([base, str(cut)], capsys, out)
     assert "cut/__0_0.distcp" in err and "truncated, or .metadata does not match" in err
+
+
+@pytest.mark.slow
+def test_accelerate_fsdp2_sharded_checkpoints(tmp_path, capsys):
+    """End to end on what accelerate's ``save_fsdp_model`` writes for an FSDP2-sharded HF LLaMA
+    (HF Trainer's call for SHARDED_STATE_DICT): the run folder is a series, equal to the
+    gathered weights."""
+    torchrun(Path(__file__).with_name("accelerate_worker.py"), str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()) == [
+        "pytorch_model_fsdp_0"]
+    out = tmp_path / "t.csv"
+    assert main([str(tmp_path / "base"), str(tmp_path / "run"), "-o", str(out), "--quiet"]) == 0
+    table = pd.read_csv(out)
+    assert sorted(set(table["step"])) == [1, 2] and len(set(table["name"])) == 16
+    reference = analyze(tmp_path / "base", tmp_path / "step2.safetensors")
+    last = table[table["step"] == 2].reset_index(drop=True)
+    assert (last["tuned_name"] == "model." + reference["tuned_name"]).all()
+    pd.testing.assert_frame_equal(last[NUMBERS], reference[NUMBERS], check_dtype=False)

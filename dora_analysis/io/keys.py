@@ -35,6 +35,11 @@ MODULE_KINDS: tuple[tuple[str, str], ...] = (
     (r"(^|\.)feed_forward\.w1$", "gate"),
     (r"(^|\.)feed_forward\.w3$", "up"),
     (r"(^|\.)feed_forward\.w2$", "down"),
+    # torchtune's LLaMA names (its attn.q_proj, k_proj, v_proj are matched above)
+    (r"(^|\.)attn\.output_proj$", "o"),
+    (r"(^|\.)mlp\.w1$", "gate"),
+    (r"(^|\.)mlp\.w3$", "up"),
+    (r"(^|\.)mlp\.w2$", "down"),
     # BERT / RoBERTa / MiniLM (attention.output.dense before output.dense)
     (r"(^|\.)query$", "q"),
     (r"(^|\.)key$", "k"),

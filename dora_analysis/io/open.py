@@ -134,7 +134,16 @@ def _open_zero(path: Path, options: ReadOptions, base: TensorSource | None) -> T
 
 
 def _open_dcp(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
-    return dequantized(DcpCheckpoint(find_dcp(path), options.backend))
+    src = DcpCheckpoint(find_dcp(path), options.backend)
+    if any(".lora_A." in k or k.endswith(".lora_A.weight") for k in src.keys()):
+        src.close()
+        # HF Trainer + FSDP SHARDED saves a PEFT model's adapter this way, without its config
+        raise CheckpointFormatError(
+            f"{src.path}: holds LoRA adapter factors (lora_A/lora_B) without the "
+            "adapter_config.json needed to merge them (an FSDP sharded save of a PEFT model); "
+            "analyse the adapter folder the run saved with save_pretrained, or convert this one "
+            "with `accelerate merge-weights` and put the run's adapter_config.json beside it")
+    return dequantized(src)
 
 
 @dataclass(frozen=True)

@@ -34,17 +34,26 @@ TITAN_NAMES = {"model.embed_tokens": "tok_embeddings", "model.layers": "layers",
                "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
                "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
                "mlp.down_proj": "feed_forward.w2", "lm_head": "output"}
+#: HF LLaMA names → torchtune's.
+TUNE_NAMES = {"model.embed_tokens": "tok_embeddings", "model.layers": "layers",
+              "self_attn.o_proj": "attn.output_proj", "self_attn": "attn",
+              "mlp.gate_proj": "mlp.w1", "mlp.up_proj": "mlp.w3", "mlp.down_proj": "mlp.w2",
+              "lm_head": "output"}
 NUMBERS = ["name", "layer", "module", "rows", "cols", "axis", "delta_m", "delta_d",
            "zero_vectors", "n_vectors", "mean_m0", "dtype"]
 
 
-def titan(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def renamed(state: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in state.items():
-        for hf, meta in TITAN_NAMES.items():
-            name = name.replace(hf, meta)
+        for hf, other in names.items():
+            name = name.replace(hf, other)
         out[name] = t
     return out
+
+
+def titan(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return renamed(state, TITAN_NAMES)
 
 
 def save(state: dict, folder: Path) -> Path:
@@ -199,6 +208,24 @@ def test_torchtitan_series(dcps):
     pd.testing.assert_frame_equal(last[NUMBERS], reference[NUMBERS])
 
 
+def test_torchtune_layout(ckpts, tmp_path):
+    """torchtune's DistributedCheckpointer: ``{"model": …, "optimizer": …}`` plus Python values,
+    its own module names mapped to kinds; equal to the same weights in safetensors."""
+    base, tuned = (renamed(load_file(ckpts[k]), TUNE_NAMES) for k in ("base", "tuned"))
+    optimizer = {"state": {k: {"exp_avg": torch.zeros_like(v)} for k, v in tuned.items()}}
+    save({"model": tuned, "optimizer": optimizer, "seed": 3, "epochs_run": 1},
+         tmp_path / "dist_epoch_0")
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    with DcpCheckpoint(tmp_path / "dist_epoch_0") as src:
+        assert sorted(src.keys()) == sorted(f"model.{k}" for k in tuned)
+    table = analyze(tmp_path / "base.safetensors", tmp_path / "dist_epoch_0")
+    assert set(table["module"]) == {"q", "k", "v", "o", "gate", "up", "down", "tok_embeddings",
+                                    "output"}
+    reference = analyze(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors")
+    pd.testing.assert_frame_equal(table[NUMBERS], reference[NUMBERS])
+
+
 def test_trainer_fsdp_series_in_the_cli(ckpts, dcps, tmp_path, capsys):
     out = tmp_path / "t.csv"
     assert main([str(ckpts["base"]), str(dcps["run"]), "-o", str(out), "--quiet"]) == 0
@@ -229,6 +256,7 @@ def test_metadata_that_would_run_code_is_refused(dcps, tmp_path):
 
 
 def _cli_error(argv: list[str], capsys, out: Path) -> str:
+    out.parent.mkdir(exist_ok=True)
     assert main([*argv, "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -238,7 +266,6 @@ def _cli_error(argv: list[str], capsys, out: Path) -> str:
 
 def test_bad_dcp_folders_in_the_cli(ckpts, dcps, tmp_path, capsys):
     base, out = str(ckpts["base"]), tmp_path / "out" / "t.csv"
-    out.parent.mkdir()
     evil = tmp_path / "evil"
     shutil.copytree(dcps["accelerate"], evil)
     (evil / ".metadata").write_bytes(pickle.dumps(Evil(tmp_path / "pwned")))
@@ -284,3 +311,13 @@ def test_accelerate_fsdp2_sharded_checkpoints(tmp_path, capsys):
     last = table[table["step"] == 2].reset_index(drop=True)
     assert (last["tuned_name"] == "model." + reference["tuned_name"]).all()
     pd.testing.assert_frame_equal(last[NUMBERS], reference[NUMBERS], check_dtype=False)
+
+
+def test_fsdp_sharded_peft_adapter_is_explained(ckpts, tmp_path, capsys):
+    """HF Trainer + FSDP SHARDED saves only the adapter, without its config: no silent nonsense."""
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    adapter = {f"{q}.lora_A.weight": torch.ones(2, 16), f"{q}.lora_B.weight": torch.ones(24, 2)}
+    save({"model": adapter}, tmp_path / "run" / "checkpoint-2" / "pytorch_model_fsdp_0")
+    err = _cli_error([str(ckpts["base"]), str(tmp_path / "run")], capsys,
+                     tmp_path / "out" / "t.csv")
+    assert "pytorch_model_fsdp_0: holds LoRA adapter factors" in err

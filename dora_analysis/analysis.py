@@ -33,6 +33,7 @@ from .errors import (
     listing,
 )
 from .io.base import ANALYSABLE_DTYPES, TensorInfo, TensorSource
+from .io.guard import shown
 from .io.keys import (
     align_names,
     expert_index,
@@ -244,12 +245,12 @@ def _row(job: Job, pair: MatrixPair, axis: str, values: dict[str, object]) -> di
     ck = job.checkpoint
     rows, cols = pair.matrix_shape
     return {
-        C.CHECKPOINT: ck.label, C.METHOD: job.method, C.STEP: ck.step, C.NAME: pair.name,
+        C.CHECKPOINT: shown(ck.label), C.METHOD: job.method, C.STEP: ck.step, C.NAME: pair.name,
         C.LAYER: layer_index(pair.name), C.MODULE: module_kind(pair.name), C.ROWS: rows,
         C.COLS: cols, C.AXIS: axis, C.EXPERT: pair.expert if pair.expert is not None
         else expert_index(pair.name),
         C.DTYPE: str(pair.tuned_dtype).removeprefix("torch."), C.TUNED_NAME: pair.tuned_name,
-        C.REF: ck.ref, **values,
+        C.REF: shown(ck.ref), **values,  # names that are not UTF-8, escaped: a table holds text
     }
 
 

@@ -24,6 +24,10 @@ class UnsafeCheckpointError(CheckpointFormatError):
     """A pickle that would execute code; refused, never unpickled."""
 
 
+class CheckpointChangedError(CheckpointFormatError):
+    """A checkpoint file was truncated, rewritten, replaced or deleted while it was being read."""
+
+
 class TensorMismatchError(DoraAnalysisError, ValueError):
     """Base and tuned checkpoints disagree (shapes, or no common weight matrices).
 

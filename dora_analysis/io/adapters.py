@@ -43,6 +43,8 @@ import torch
 
 from ..decompose import Axis
 from ..errors import AdapterWarning, CheckpointFormatError, ConfigError
+from .guard import shown
+from .jsonfile import parse_json_object, read_json_object
 from .safetensors import SafetensorsFile
 from .torch_bin import TorchFile
 
@@ -146,26 +148,15 @@ def _weights_file(folder: Path) -> Path:
     )
 
 
-def parse_config(text: str, path) -> dict:
+def parse_config(text: str | bytes, path) -> dict:
     """An ``adapter_config.json``'s content as a dict (``path`` only names it in errors)."""
-    try:
-        config = json.loads(text)
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as exc:
-        raise CheckpointFormatError(f"{path}: broken adapter config ({exc}); re-save the "
-                                    "adapter with save_pretrained") from None
-    return config
+    return parse_json_object(text, path, what="broken adapter config",
+                             fix="re-save the adapter with save_pretrained")
 
 
 def _read_config(folder: Path) -> dict:
-    path = folder / "adapter_config.json"
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CheckpointFormatError(f"{path}: broken adapter config ({exc}); re-save the "
-                                    "adapter with save_pretrained") from None
-    return parse_config(text, path)
+    return read_json_object(folder / "adapter_config.json", what="broken adapter config",
+                            fix="re-save the adapter with save_pretrained")
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -185,17 +176,41 @@ def pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
 def _config_number(config: dict, key: str, folder: Path) -> float:
     value = config.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise CheckpointFormatError(f"{folder / 'adapter_config.json'}: '{key}' must be a "
-                                    f"positive number, got {value!r}")
+    if not _positive_number(value):
+        raise CheckpointFormatError(f"{shown(folder / 'adapter_config.json')}: '{key}' must be a "
+                                    f"positive number, got {value!r}"[:300])
     return value
 
 
+def _config_patterns(config: dict, key: str, folder: Path) -> dict[str, float]:
+    """``rank_pattern``/``alpha_pattern``, checked: regular expressions to positive numbers."""
+    patterns = config.get(key) or {}
+    where = f"{shown(folder / 'adapter_config.json')}: '{key}'"
+    if not isinstance(patterns, dict):
+        raise CheckpointFormatError(f"{where} must be an object from module-name pattern to "
+                                    f"number, got {type(patterns).__name__}")
+    for pattern, value in patterns.items():
+        try:
+            re.compile(rf"(.*\.)?({pattern})$")
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise CheckpointFormatError(f"{where} has an invalid regular expression "
+                                        f"{pattern!r:.80} ({exc}); fix or remove it") from None
+        if not _positive_number(value):
+            raise CheckpointFormatError(f"{where} gives {pattern!r:.80} the value {value!r:.80}; "
+                                        "it must be a positive number")
+    return patterns
+
+
 def _peft_scale(config: dict, module: str, rank: int, folder: Path) -> float:
-    r = pattern_value(config.get("rank_pattern") or {}, module, _config_number(config, "r", folder))
-    alpha = pattern_value(config.get("alpha_pattern") or {}, module,
+    r = pattern_value(_config_patterns(config, "rank_pattern", folder), module,
+                      _config_number(config, "r", folder))
+    alpha = pattern_value(_config_patterns(config, "alpha_pattern", folder), module,
                           _config_number(config, "lora_alpha", folder))
     if r != rank:
         raise CheckpointFormatError(
@@ -252,9 +267,17 @@ def _pair_or_error(parts: dict, a: str, b: str, module: str, path: Path):
     return parts.get(a), parts.get(b)
 
 
-def _as_2d_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_2d_factors(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str], module: str,
+                   path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     # Conv adapters: A (r, in, *k), B (out, r, 1...) — the update is B.view(out, r) @ A.view(r, -1).
-    return a.detach().reshape(a.shape[0], -1), b.detach().reshape(b.shape[0], -1)
+    a2 = a.detach().reshape(a.shape[0], -1) if a.dim() else a
+    b2 = b.detach().reshape(b.shape[0], -1) if b.dim() else b
+    if a.dim() < 2 or b.dim() < 2 or a2.shape[0] != b2.shape[1]:
+        raise CheckpointFormatError(
+            f"{shown(path)}: module '{module}': {names[0]} {list(a.shape)} and {names[1]} "
+            f"{list(b.shape)} do not share a rank (expected ({names[0]}: r × in, {names[1]}: "
+            "out × r)); the adapter file is corrupt or mixes two adapters")
+    return a2, b2
 
 
 #: ``init_lora_weights`` values (prefixes) whose adapters were trained against a changed base:
@@ -329,12 +352,12 @@ def peft_adapter(config: dict, tensors: dict[str, torch.Tensor], folder, weights
     updates = {}
     for module, parts in modules.items():
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-        a, b = _pair_or_error(parts, *(("lora_embedding_A", "lora_embedding_B") if embedding
-                                       else ("lora_A", "lora_B")), module, weights)
+        names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        a, b = _pair_or_error(parts, *names, module, weights)
         if a is None:
             raise CheckpointFormatError(f"{weights}: module '{module}' has a magnitude but no "
                                         "lora_A/lora_B")
-        a2, b2 = _as_2d_factors(a, b)
+        a2, b2 = _as_2d_factors(a, b, names, module, weights)
         magnitude = parts.get("lora_magnitude_vector")
         updates[module] = LowRankUpdate(
             lora_a=a2, lora_b=b2, scale=_peft_scale(config, module, _rank(config, module, a2),
@@ -371,7 +394,8 @@ def _read_nvlabs(folder: Path, config: dict, tensors: dict) -> Adapter:
     for module, parts in modules.items():
         a, b = _pair_or_error(parts, "lora_A", "lora_B", module, folder)
         m = parts.get("weight_m_wdecomp")
-        a2, b2 = _as_2d_factors(a, b) if a is not None else (None, None)
+        a2, b2 = (_as_2d_factors(a, b, ("lora_A", "lora_B"), module, folder) if a is not None
+                  else (None, None))
         dtype = (a if a is not None else m).dtype
         updates[module] = LowRankUpdate(a2, b2, scale, None if m is None else _f64(m).flatten(),
                                         dtype=dtype)
@@ -435,7 +459,7 @@ def config_heads(base_path) -> tuple[int, int]:
         config = json.loads((folder / "config.json").read_text())
         heads = int(config["num_attention_heads"])
         return heads, int(config.get("num_key_value_heads") or heads)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise CheckpointFormatError(
             f"{base_path}: torchtune adapters keep q/k rows in Meta's RoPE order; reordering "
             "them for this Hugging Face base needs num_attention_heads from the base's "
@@ -455,7 +479,10 @@ def read_torchtune(path: Path, tensors: dict, lora_alpha: float | None = None, *
     updates = {}
     for module, parts in modules.items():
         a, b = _pair_or_error(parts, "lora_a", "lora_b", module, path)
-        a2, b2 = _as_2d_factors(a, b)
+        if a is None:
+            raise CheckpointFormatError(f"{shown(path)}: module '{module}' has a magnitude but no "
+                                        "lora_a/lora_b")
+        a2, b2 = _as_2d_factors(a, b, ("lora_a", "lora_b"), module, path)
         m = parts.get("magnitude")
         updates[module] = LowRankUpdate(a2, b2, lora_alpha / a2.shape[0],
                                         None if m is None else _f64(m).flatten(), dtype=a.dtype)
@@ -476,7 +503,7 @@ def read_lycoris(path: Path, tensors: dict, **_) -> Adapter:
         a, b = _pair_or_error(parts, "lora_down", "lora_up", module, path)
         if a is None:
             raise CheckpointFormatError(f"{path}: module '{module}' has no lora_down/lora_up")
-        a2, b2 = _as_2d_factors(a, b)
+        a2, b2 = _as_2d_factors(a, b, ("lora_down", "lora_up"), module, path)
         rank = a2.shape[0]
         alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
         update = LowRankUpdate(a2, b2, alpha / rank, dtype=a.dtype)

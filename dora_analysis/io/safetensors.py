@@ -7,95 +7,129 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, DoraAnalysisError
 from .base import SAFETENSORS_DTYPES, TensorInfo, TensorSource, reason
+from .guard import GuardedFile, shown
+
+T = TypeVar("T")
 
 
 class SafetensorsFile(TensorSource):
     """One ``.safetensors`` file; reads only the rows asked for (memory-mapped or ``pread``).
 
-    The header is validated by ``safetensors`` itself. For ``pread`` the rows' byte range is read
-    with ``os.pread`` (safetensors' own ``backend="pread"`` reads the whole tensor for a slice).
+    The header is validated by ``safetensors`` itself. The file is memory-mapped only while a read
+    lease protects the mapping (see :mod:`dora_analysis.io.guard`); otherwise, and with
+    ``backend="pread"``, rows are read with ``os.preadv`` into private buffers (safetensors' own
+    ``backend="pread"`` reads the whole tensor for a slice). Every read is bracketed by a check
+    that the file did not change.
     """
 
     def __init__(self, path: str | Path, backend: str = "mmap") -> None:
         self.path = Path(path)
-        self._backend = backend
-        self._fd: int | None = None
+        self._file = None
+        self._guard = GuardedFile(self.path, lease=backend == "mmap")
         try:
-            self._file = safe_open(str(self.path), framework="pt", device="cpu")
+            self._file = safe_open(self._guard.open_path, framework="pt", device="cpu")
             self._keys = list(self._file.keys())
-            if backend == "pread":
-                self._fd = os.open(self.path, os.O_RDONLY)
-                with open(self.path, "rb") as f:
-                    self._data_start = 8 + int.from_bytes(f.read(8), "little")
-                    self._header = json.loads(f.read(self._data_start - 8))
+            header_len = int.from_bytes(_pread(self._guard.fd, 8, 0), "little")
+            self._header = json.loads(_pread(self._guard.fd, header_len, 8))
+            self._data_start = 8 + header_len
         except Exception as exc:  # the Rust reader raises several types on corrupt input
+            self.close()
             raise CheckpointFormatError(
-                f"{self.path}: not a readable safetensors file ({reason(exc)}); "
+                f"{shown(self.path)}: not a readable safetensors file ({self._reason(exc)}); "
                 "re-download or re-save it"
             ) from None
+        if not self._guard.leased:
+            self._file = None  # unprotected mappings are never read
+
+    def _reason(self, exc: BaseException) -> str:
+        return reason(exc).replace(self._guard.open_path, shown(self.path))
 
     def keys(self) -> list[str]:
         return list(self._keys)
 
-    def _guard(self, name: str, read: Callable[[], object]):
+    def _read(self, name: str, mapped: Callable[[object], T], pread: Callable[[], T]) -> T:
+        """``mapped(safe_open handle)`` while the lease holds, else ``pread()``, between two
+        checks that the file is unchanged."""
+        if self._file is not None and self._guard.lease_broken():
+            self._file = None  # stop using the mapping first: the writer waits for the release
+            self._guard.release()
+        self._guard.check()
         try:
-            return read()
+            value = mapped(self._file) if self._file is not None else pread()
+        except DoraAnalysisError:
+            raise
         except Exception as exc:  # the Rust reader raises several types on corrupt input
+            self._guard.check()  # a short read because the file shrank: say that
             raise CheckpointFormatError(
-                f"{self.path}: cannot read tensor '{name}' ({reason(exc)}); the file may be "
-                "truncated or corrupt, re-download or re-save it"
+                f"{shown(self.path)}: cannot read tensor '{name}' ({self._reason(exc)}); the "
+                "file may be truncated or corrupt, re-download or re-save it"
             ) from None
+        self._guard.check()
+        return value
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        return self._guard(name, lambda: self._file.get_tensor(name))
+    def _entry(self, name: str) -> tuple[dict, torch.dtype | str, list[int]]:
+        entry = self._header[name]
+        return entry, SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]), entry["shape"]
 
     def info(self, name: str) -> TensorInfo:
-        sl = self._guard(name, lambda: self._file.get_slice(name))
-        stored = sl.get_dtype()
-        return TensorInfo(tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(stored, stored))
+        try:
+            _, dtype, shape = self._entry(name)
+        except KeyError:
+            raise CheckpointFormatError(f"{shown(self.path)}: no tensor '{name}'") from None
+        return TensorInfo(tuple(shape), dtype)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._read(name, lambda f: f.get_tensor(name), lambda: self._pread_tensor(name))
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        if self._fd is None:
-            return self._guard(name, lambda: self._file.get_slice(name)[start:stop])
-        return self._guard(name, lambda: self._pread_rows(name, start, stop))
+        return self._read(name, lambda f: f.get_slice(name)[start:stop],
+                          lambda: self._pread_rows(name, start, stop))
+
+    def _pread_tensor(self, name: str) -> torch.Tensor:
+        entry, dtype, shape = self._entry(name)
+        begin, end = entry["data_offsets"]
+        data = _pread(self._guard.fd, end - begin, self._data_start + begin)
+        if not data:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
     def get_expert_rows(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
-        if self._fd is None:
-            return self._guard(name, lambda: self._file.get_slice(name)[expert, start:stop])
-        return self._guard(name, lambda: self._pread_rows(name, start, stop, expert))
+        return self._read(name, lambda f: f.get_slice(name)[expert, start:stop],
+                          lambda: self._pread_rows(name, start, stop, expert))
 
     def _pread_rows(self, name: str, start: int, stop: int, expert: int | None = None
                     ) -> torch.Tensor:
-        entry = self._header[name]
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-        shape = entry["shape"]
+        entry, dtype, shape = self._entry(name)
         base_row = 0
         if expert is not None:  # rows of one expert: (E, out, in) seen as (E·out, in)
             base_row, shape = expert * shape[1], shape[1:]
         stop = min(stop, shape[0])
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        offset = (self._data_start + entry["data_offsets"][0]
-                  + (base_row + start) * row_bytes)
-        size = max(0, stop - start) * row_bytes
-        buffer = bytearray(size)
-        view, done = memoryview(buffer), 0
-        while done < size:  # pread may return fewer bytes than asked
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n == 0:
-                raise OSError("unexpected end of file")
-            done += n
-        if not size:
+        offset = self._data_start + entry["data_offsets"][0] + (base_row + start) * row_bytes
+        data = _pread(self._guard.fd, max(0, stop - start) * row_bytes, offset)
+        if not data:
             return torch.empty((0, *shape[1:]), dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(-1, *shape[1:])
+        return torch.frombuffer(data, dtype=dtype).reshape(-1, *shape[1:])
 
     def close(self) -> None:
         self._file = None  # safe_open releases its mmap when collected
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._guard.close()
+
+
+def _pread(fd: int, size: int, offset: int) -> bytearray:
+    """Exactly ``size`` bytes at ``offset`` (``pread`` may return fewer than asked)."""
+    buffer = bytearray(size)
+    view, done = memoryview(buffer), 0
+    while done < size:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError("unexpected end of file")
+        done += n
+    return buffer

@@ -1,16 +1,32 @@
 """Sharded checkpoints: a Hugging Face ``*.index.json`` whose ``weight_map`` names each tensor's
-shard file; shards are opened on first use by the reader of their own format."""
+shard file; shards are opened on first use by the reader of their own format.
+
+The index is checked before any shard is read, and mistakes are blamed on the index: every
+``weight_map`` value must be the name of a regular file beside it (never an absolute path or one
+that climbs out with ``..``), and every shard must hold the tensors the index assigns to it.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
-from ..errors import CheckpointFormatError, CheckpointNotFoundError
-from .base import TensorInfo, TensorSource, reason
+from ..errors import CheckpointFormatError, CheckpointNotFoundError, listing
+from .base import TensorInfo, TensorSource
+from .guard import path_kind, shown
+from .jsonfile import parse_json_object, read_json_object
+
+_FIX = "it needs a 'weight_map' object from tensor name to shard file; re-save the checkpoint"
+
+
+def _is_shard_name(value: object) -> bool:
+    """A relative file name that stays in the index's folder."""
+    if not isinstance(value, str) or not value or "\0" in value or "\\" in value:
+        return False
+    parts = PurePosixPath(value).parts
+    return not PurePosixPath(value).is_absolute() and ".." not in parts
 
 
 class ShardedCheckpoint(TensorSource):
@@ -22,29 +38,53 @@ class ShardedCheckpoint(TensorSource):
         missing shards are reported when opened)."""
         local = text is None
         self.path = Path(index_path) if local else index_path
-        try:
-            weight_map = json.loads(self.path.read_text() if local else text)["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        what = "not a valid shard index"
+        index = (read_json_object(self.path, what=what, fix=_FIX) if local
+                 else parse_json_object(text, self.path, what=what, fix=_FIX))
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointFormatError(f"{shown(self.path)}: not a valid shard index "
+                                        f"('weight_map' is missing or not an object); {_FIX}")
+        bad = [f"'{k}' → {v!r}"[:120] for k, v in weight_map.items() if not _is_shard_name(v)]
+        if bad:
             raise CheckpointFormatError(
-                f"{self.path}: not a valid shard index ({reason(exc)}); it needs a "
-                "'weight_map' object from tensor name to shard file"
-            ) from None
+                f"{shown(self.path)}: weight_map values must be shard file names beside the "
+                f"index, got {listing(bad, 3)}; re-save the checkpoint")
         self._weight_map: dict[str, str] = weight_map
         self._open_shard = open_shard
         self._shards: dict[str, TensorSource] = {}
-        missing = sorted({f for f in weight_map.values()
-                          if local and not (self.path.parent / f).is_file()})
+        if local:
+            self._check_files()
+
+    def _check_files(self) -> None:
+        folder = self.path.parent
+        files = sorted(set(self._weight_map.values()))
+        kinds = {f: path_kind(folder / f) for f in files}
+        missing = [f for f in files if kinds[f] is None]
         if missing:
             raise CheckpointNotFoundError(
-                f"{self.path}: shard file(s) missing: {', '.join(missing)}; download all shards"
-            )
+                f"{shown(self.path)}: the index lists {len(missing)} shard file(s) that are not "
+                f"beside it ({listing(missing, 3)}); the index and the shard files do not match: "
+                "download the missing shards, or re-save the checkpoint if the index is stale")
+        odd = [f for f in files if kinds[f] != "file"]
+        if odd:
+            raise CheckpointFormatError(
+                f"{shown(self.path)}: the index lists shard(s) that are not regular files "
+                f"({listing(odd, 3)}); point it at the shard files")
 
     def _shard(self, name: str) -> TensorSource:
         file = self._weight_map[name]
         if file not in self._shards:
-            self._shards[file] = self._open_shard(self.path.parent / file)
+            shard = self._open_shard(self.path.parent / file)
+            listed = [n for n, f in self._weight_map.items() if f == file]
+            absent = sorted(set(listed) - set(shard.keys()))
+            if absent:
+                shard.close()
+                raise CheckpointFormatError(
+                    f"{shown(self.path)}: the index puts {len(absent)} tensor(s) in {file} that "
+                    f"it does not hold ({listing(absent, 3)}); the index and the shards do not "
+                    "match: re-download or re-save the checkpoint")
+            self._shards[file] = shard
         return self._shards[file]
 
     def keys(self) -> list[str]:

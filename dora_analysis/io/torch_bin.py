@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from ..errors import CheckpointChangedError, CheckpointFormatError, UnsafeCheckpointError
 from .base import TensorInfo, TensorSource, reason
+from .guard import GuardedFile, shown
 
 
 class TorchFile(TensorSource):
@@ -18,19 +19,44 @@ class TorchFile(TensorSource):
 
     Memory-mapped where the file format allows it (zip format, torch ≥ 2.1). A dict holding the
     state dict under ``state_dict``/``model``/``module`` (training checkpoints) is unwrapped.
+
+    The tensors are views of the mapping, so a read lease (:mod:`dora_analysis.io.guard`) keeps
+    writers out while they are in use; a pending break ends the read with an error. Without a
+    lease the rows are copied between two identity checks: a change is reported, but a
+    truncation that lands during the copy itself can still end the process (``SIGBUS``); convert
+    such files to safetensors, which are read with ``pread`` then.
     """
 
     WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._tensors = _tensor_dict(_torch_load(self.path), self.path, self.WRAPPER_KEYS)
+        self._guard = GuardedFile(self.path)
+        try:
+            loaded = _torch_load(self._guard.open_path, self.path)
+            self._tensors = _tensor_dict(loaded, self.path, self.WRAPPER_KEYS)
+        except BaseException:
+            self._guard.close()
+            raise
 
     def keys(self) -> list[str]:
         return list(self._tensors)
 
+    def _checked(self, read):
+        if self._guard.lease_broken():
+            raise CheckpointChangedError(
+                f"{shown(self.path)}: another process opened it for writing while it was being "
+                "read; let it finish, then run again")
+        self._guard.check()
+        value = read() if self._guard.leased else read().clone()
+        self._guard.check()
+        return value
+
     def get_tensor(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+        return self._checked(lambda: self._tensors[name])
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._checked(lambda: self._tensors[name][start:stop])
 
     def info(self, name: str) -> TensorInfo:
         t = self._tensors[name]
@@ -38,11 +64,12 @@ class TorchFile(TensorSource):
 
     def close(self) -> None:
         self._tensors = {}
+        self._guard.close()
 
 
-def _torch_load(path: Path) -> object:
+def _torch_load(open_path: str, path: Path) -> object:
     def load(mmap: bool) -> object:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(open_path, map_location="cpu", weights_only=True, mmap=mmap)
 
     try:
         try:
@@ -53,12 +80,13 @@ def _torch_load(path: Path) -> object:
             return load(mmap=False)  # legacy (non-zip) format cannot be memory-mapped
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
-            f"{path}: refused to unpickle: the file holds Python objects other than tensors "
+            f"{shown(path)}: refused to unpickle: the file holds Python objects other than tensors "
             f"({reason(exc).splitlines()[0]}); convert it to safetensors with code you trust"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        detail = reason(exc).splitlines()[0].replace(open_path, shown(path))
         raise CheckpointFormatError(
-            f"{path}: not a readable PyTorch checkpoint ({reason(exc).splitlines()[0]}); "
+            f"{shown(path)}: not a readable PyTorch checkpoint ({detail}); "
             "re-download or re-save it"
         ) from None
 
@@ -73,4 +101,4 @@ def _tensor_dict(obj: object, path: Path, wrapper_keys: tuple[str, ...]) -> dict
         for key in wrapper_keys:
             if isinstance(obj.get(key), dict):
                 return _tensor_dict(obj[key], path, ())
-    raise CheckpointFormatError(f"{path}: holds no state dict of tensors")
+    raise CheckpointFormatError(f"{shown(path)}: holds no state dict of tensors")

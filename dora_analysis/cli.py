@@ -1,6 +1,7 @@
 """``dora-analyze``: the command line, a thin shell over :func:`dora_analysis.analyze` (SPEC §5).
 
-Exit codes: 0 success, 2 bad input (one ``error: …`` line on stderr), 130 interrupted.
+Exit codes: 0 success, 2 bad input or usage (one ``error: …`` line on stderr), 130 interrupted
+(143 terminated). The console script enters through :func:`dora_analysis.console.analyze`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from . import __version__
 from . import metrics as registry
 from .config import AXIS_CHOICES, IO_BACKENDS, METHOD_CHOICES, PRECISIONS, AnalysisConfig
+from .console import interrupted, parser, printable, say
 from .errors import (
     AdapterWarning,
     DoraAnalysisError,
@@ -21,6 +23,7 @@ from .errors import (
     SkippedFoldersWarning,
     UnmatchedTensorsWarning,
 )
+from .io.guard import path_kind
 
 # Only light modules above: --help and argument errors answer without importing torch, pandas,
 # scipy or plotly; run() imports the analysis when there is work to do.
@@ -42,7 +45,7 @@ BASE as they are read. org/name[@revision] is a Hugging Face Hub repo (a local p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = parser(
         prog="dora-analyze",
         description="Magnitude and direction changes (ΔM, ΔD; DoRA paper Eqs. 2-4) of fine-tuned "
         "weights against their base, per layer and step, and their correlation.",
@@ -119,31 +122,19 @@ def metric_config(args: argparse.Namespace) -> dict:
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    say(f"warning: {message}")
 
 
 def run(args: argparse.Namespace) -> int:
     """Carry out one parsed command; raises :class:`DoraAnalysisError` on bad input."""
     from .analysis import analyze
-    from .report import (
-        HTML_SUFFIXES,
-        check_output_path,
-        format_summary,
-        write_html,
-        write_table,
-    )
+    from .report import check_outputs, format_summary, write_outputs
     from .stats import correlate
 
-    inputs = [Path(a) for a in (args.base, *args.tuned) if Path(a).exists()]
-    outputs = [o for o in (args.output, args.summary, args.html) if o]
-    for out in (args.output, args.summary):
-        if out:
-            check_output_path(out, inputs=inputs)
-    if args.html:
-        check_output_path(args.html, inputs=inputs, suffixes=HTML_SUFFIXES)
-    if len({Path(o).resolve() for o in outputs}) < len(outputs):
-        raise DoraAnalysisError("-o, --summary and --html name the same file; give different "
-                                "files")
+    given = (args.base, *args.tuned, args.adapter_base)
+    inputs = [Path(a) for a in given if a is not None and path_kind(a) is not None]
+    outputs = {"output": args.output, "summary": args.summary, "html": args.html}
+    check_outputs(**outputs, inputs=inputs)  # before any work
     config = AnalysisConfig(
         axis=args.axis,
         modules=tuple(args.modules.split(",")) if args.modules is not None else None,
@@ -160,22 +151,19 @@ def run(args: argparse.Namespace) -> int:
     )
     table = analyze(args.base, args.tuned, labels=args.label, methods=args.method, config=config)
     correlations = correlate(table)
-    for path, frame in ((args.output, table), (args.summary, correlations)):
-        if path:
-            write_table(frame, path)
-            if not args.quiet:
-                print(f"wrote {path} ({len(frame)} rows)", file=sys.stderr)
-    if args.html:
-        write_html(table, correlations, args.html)
-        if not args.quiet:
-            print(f"wrote {args.html} (report)", file=sys.stderr)
-    sys.stdout.write(format_summary(table, correlations))
+    write_outputs(table, correlations, **outputs, inputs=inputs)  # all of them, or none
+    if not args.quiet:
+        for path, what in ((args.output, f"{len(table)} rows"),
+                           (args.summary, f"{len(correlations)} rows"), (args.html, "report")):
+            if path:
+                say(f"wrote {path} ({what})")
+    sys.stdout.write(printable(format_summary(table, correlations)))
     return 0
 
 
 class _NoteHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"note: {record.getMessage()}", file=sys.stderr)
+        say(f"note: {record.getMessage()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,11 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _print_warning
             return run(args)
     except DoraAnalysisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM/SIGHUP through the console entry
+        return interrupted(exc)
     except BrokenPipeError:
         return 0
     finally:

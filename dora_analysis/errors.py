@@ -47,6 +47,11 @@ class OutputError(DoraAnalysisError, OSError):
     """An output file cannot be written where it was asked for."""
 
 
+class TableFormatError(DoraAnalysisError, ValueError):
+    """A file given as an analysis table is not one (unknown format, unreadable, or columns
+    missing)."""
+
+
 def listing(items: list[str], limit: int = 8, sep: str = ", ") -> str:
     """Join problem items for one message, all of them up to ``limit``, then "… and N more"."""
     shown = sep.join(items[:limit])

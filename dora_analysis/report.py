@@ -1,4 +1,9 @@
-"""Writers for the tables (CSV / JSON / Parquet, atomic) and the readable text summary."""
+"""Writers: the tables (CSV / JSON / Parquet), the HTML report and the readable text summary.
+
+Every file is written all-or-nothing (:mod:`dora_analysis.atomic`); :func:`write_outputs` writes
+the table, the correlations and the report of one run together, so that a failure leaves none of
+them. Tables are read back by :mod:`dora_analysis.tables`.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,15 @@ import html
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO
 
 import pandas as pd
 
 from . import columns as C
+from .atomic import Writer, write_all
 from .errors import OutputError
+from .io.guard import path_kind, shown
 
 #: Table formats by file suffix: adding one means adding a line here.
 TABLE_WRITERS: dict[str, Callable[[pd.DataFrame, Path], None]] = {
@@ -33,47 +38,64 @@ def _write_json_records(frame: pd.DataFrame, path: Path) -> None:
 HTML_SUFFIXES = (".html", ".htm")
 
 
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def check_output_path(
     path: str | Path, *, inputs: Iterable[str | Path] = (), suffixes: Iterable[str] = TABLE_WRITERS,
 ) -> Path:
-    """Validate an output path before any work: known suffix, existing folder, not an input."""
+    """Validate an output path before any work: known suffix, existing folder, a name the file
+    system can hold, not a special file, not an input."""
     path = Path(path)
     suffixes = tuple(suffixes)
     if path.suffix.lower() not in suffixes:
-        raise OutputError(f"{path}: unknown output format '{path.suffix}'; use "
+        raise OutputError(f"{shown(path)}: unknown output format '{shown(path.suffix)}'; use "
                           + ", ".join(suffixes))
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"{path}: folder '{folder}' does not exist; create it first")
-    if path.is_dir():
-        raise OutputError(f"{path}: is a folder; give a file name")
+    if path_kind(folder) != "folder":
+        raise OutputError(f"{shown(path)}: folder '{shown(folder)}' does not exist (or is "
+                          "unreachable); create it first")
+    size, limit = len(os.fsencode(path.name)), _name_max(folder)
+    if size > limit:
+        raise OutputError(f"{shown(path)}: the file name is {size} bytes, longer than the file "
+                          f"system allows ({limit}); choose a shorter name")
+    kind = path_kind(path)
+    if kind == "folder":
+        raise OutputError(f"{shown(path)}: is a folder; give a file name")
+    if kind == "other":
+        raise OutputError(f"{shown(path)}: is not a regular file (a FIFO, socket or device); "
+                          "give a file name")
     if not os.access(folder, os.W_OK):
-        raise OutputError(f"{path}: folder '{folder}' is not writable")
+        raise OutputError(f"{shown(path)}: folder '{shown(folder)}' is not writable")
     resolved = path.resolve()
     for item in inputs:
         item = Path(item).resolve()
         if resolved == item or item in resolved.parents:
-            raise OutputError(f"{path}: would overwrite or write inside the input '{item}'")
+            raise OutputError(f"{shown(path)}: would overwrite or write inside the input "
+                              f"'{shown(item)}'")
     return path
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Writer) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
     A failure leaves no partial file behind and any existing ``path`` untouched.
     """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
-                                    prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_all([(Path(path), write)])[0]
+
+
+def _table_writer(frame: pd.DataFrame, path: Path) -> Writer:
+    writer = TABLE_WRITERS[path.suffix.lower()]
+    return lambda tmp: writer(frame, tmp)
+
+
+def _html_writer(table: pd.DataFrame, correlations: pd.DataFrame, title: str) -> Writer:
+    return lambda tmp: tmp.write_text(html_report(table, correlations, title=title),
+                                      encoding="utf-8")
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -83,40 +105,41 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
         >>> write_table(table, "deltas.parquet")  # doctest: +SKIP
     """
     path = check_output_path(path)
-    writer = TABLE_WRITERS[path.suffix.lower()]
-    try:
-        return atomic_write(path, lambda tmp: writer(frame, tmp))
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return atomic_write(path, _table_writer(frame, path))
 
 
-TABLE_READERS: dict[str, Callable] = {
-    ".csv": pd.read_csv,
-    ".json": lambda src: pd.read_json(src, orient="records"),
-    ".parquet": pd.read_parquet,
-}
-#: Columns without which a file is not an analysis table.
-REQUIRED_COLUMNS = (C.CHECKPOINT, C.MODULE, C.DELTA_M, C.DELTA_D)
+def write_outputs(
+    table: pd.DataFrame, correlations: pd.DataFrame, *, output: str | Path | None = None,
+    summary: str | Path | None = None, html: str | Path | None = None, title: str = "",
+    inputs: Iterable[str | Path] = (),
+) -> list[Path]:
+    """Write the table (``output``), the correlations (``summary``) and the HTML report
+    (``html``) — those given — all or none of them (see :mod:`dora_analysis.atomic`).
 
-
-def read_table(source: str | Path | IO[bytes], *, name: str | None = None) -> pd.DataFrame:
-    """Read a table written by :func:`write_table` (CSV, JSON or Parquet) back.
-
-    ``source`` is a path or an open binary file; ``name`` gives the file name (and so the
-    format) of the latter.
+    Example:
+        >>> write_outputs(table, correlate(table), output="t.csv", html="r.html")  # doctest: +SKIP
     """
-    name = name or str(source)
-    suffix = Path(name).suffix.lower()
-    if suffix not in TABLE_READERS:
-        raise OutputError(f"{name}: not a table (use {', '.join(TABLE_READERS)})")
-    frame = TABLE_READERS[suffix](source)
-    missing = sorted(set(REQUIRED_COLUMNS) - set(frame.columns))
-    if missing:
-        raise OutputError(f"{name}: not a dora-analysis table (no column {', '.join(missing)})")
-    for col in (C.STEP, C.LAYER):
-        if col in frame:
-            frame[col] = frame[col].astype("Int64")
-    return frame
+    check_outputs(output=output, summary=summary, html=html, inputs=inputs)
+    jobs: list[tuple[Path, Writer]] = []
+    for path, frame in ((output, table), (summary, correlations)):
+        if path:
+            jobs.append((Path(path), _table_writer(frame, Path(path))))
+    if html:
+        jobs.append((Path(html), _html_writer(table, correlations, title)))
+    return write_all(jobs)
+
+
+def check_outputs(*, output=None, summary=None, html=None, inputs: Iterable = ()) -> None:
+    """Validate the output paths of one run before any work (see :func:`check_output_path`)."""
+    inputs = list(inputs)
+    for path in (output, summary):
+        if path:
+            check_output_path(path, inputs=inputs)
+    if html:
+        check_output_path(html, inputs=inputs, suffixes=HTML_SUFFIXES)
+    given = [Path(p) for p in (output, summary, html) if p]
+    if len({p.resolve() for p in given}) < len(given):
+        raise OutputError("-o, --summary and --html name the same file; give different files")
 
 
 REPORT_MODULE_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "down")
@@ -168,11 +191,7 @@ def write_html(table: pd.DataFrame, correlations: pd.DataFrame, path: str | Path
         >>> write_html(table, da.correlate(table), "report.html")  # doctest: +SKIP
     """
     path = check_output_path(path, suffixes=HTML_SUFFIXES)
-    text = html_report(table, correlations, title=title)
-    try:
-        return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return atomic_write(path, _html_writer(table, correlations, title))
 
 
 def _fmt(value: float, spec: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import subprocess
@@ -15,6 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dora_analysis.cli import main
+from dora_analysis.io.guard import path_kind
+from tests.common import write_sharded
+
+
+def exists(path: str | Path) -> bool:
+    return path_kind(path) is not None  # Path.exists() raises for over-long names
 
 
 def digest(paths) -> dict[Path, str]:
@@ -131,20 +138,104 @@ def _bad_inputs(ckpts, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "label count": ([base, tuned, tuned, "--label", "a", "b", "c"], "--label was given 3"),
         "duplicate label": ([base, tuned, tuned], "distinct --label"),
         "hub offline": ([base, "org/model"], "org/model: not in the local cache"),
+        **_second_round(ckpts, tmp),
     }
+
+
+def _adapter(folder: Path, config: dict | str, a_shape=(2, 16), b_shape=(24, 2)) -> Path:
+    folder.mkdir()
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {f"{q}.lora_A.weight": torch.ones(a_shape), f"{q}.lora_B.weight": torch.ones(b_shape)}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(config if isinstance(config, str)
+                                                else json.dumps(config))
+    return folder
+
+
+def _sharded(ckpts, folder: Path, edit) -> Path:
+    index = write_sharded(load_file(ckpts["tuned"]), folder)
+    data = json.loads(index.read_text())
+    raw = edit(data, folder)  # edits the index in place, or returns its new text
+    index.write_text(raw if raw is not None else json.dumps(data))
+    return folder
+
+
+def _second_round(ckpts, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """Issue 17's inputs: every one once handled with a traceback or the wrong advice."""
+    base, tuned = str(ckpts["base"]), str(ckpts["tuned"])
+    r = {"r": 2, "lora_alpha": 4}
+
+    def first_value(value):
+        def edit(data, folder):
+            data["weight_map"][next(iter(data["weight_map"]))] = value
+        return edit
+
+    def drop_shard(data, folder):
+        (folder / "model-00002-of-00002.safetensors").unlink()
+
+    def deep(data, folder):
+        return "[" * 100_000 + "]" * 100_000
+
+    fifo = tmp / "fifo.safetensors"
+    os.mkfifo(fifo)
+    long_name = "a" * 300 + ".safetensors"
+    return {
+        "rank mismatch": ([base, str(_adapter(tmp / "rank", r, b_shape=(24, 3)))],
+                          "'model.layers.0.self_attn.q_proj': lora_A [2, 16] and lora_B [24, 3] "
+                          "do not share a rank"),
+        "invalid rank_pattern regex": (
+            [base, str(_adapter(tmp / "regex", {**r, "rank_pattern": {"q_proj[": 2}}))],
+            "'rank_pattern' has an invalid regular expression 'q_proj['"),
+        "non-numeric alpha_pattern": (
+            [base, str(_adapter(tmp / "alpha", {**r, "alpha_pattern": {"q_proj": "big"}}))],
+            "'alpha_pattern' gives 'q_proj' the value 'big'; it must be a positive number"),
+        "rank_pattern not an object": (
+            [base, str(_adapter(tmp / "plist", {**r, "rank_pattern": ["q_proj"]}))],
+            "'rank_pattern' must be an object"),
+        "deeply nested adapter config": (
+            [base, str(_adapter(tmp / "deepcfg", '{"r": 2, "x": ' + "[" * 100_000))],
+            "adapter_config.json: broken adapter config (nested too deeply)"),
+        "index values not strings": ([base, str(_sharded(ckpts, tmp / "int", first_value(3)))],
+                                     "weight_map values must be shard file names"),
+        "index climbing out": (
+            [base, str(_sharded(ckpts, tmp / "up", first_value("../tuned.safetensors")))],
+            "weight_map values must be shard file names beside the index"),
+        "deeply nested index": ([base, str(_sharded(ckpts, tmp / "deep", deep))],
+                                "not a valid shard index (nested too deeply)"),
+        "index with a missing shard": (
+            [base, str(_sharded(ckpts, tmp / "gone_shard", drop_shard))],
+            "index.json: the index lists 1 shard file(s) that are not beside it "
+            "(model-00002-of-00002.safetensors); the index and the shard files do not match"),
+        "FIFO": ([base, str(fifo)], "fifo.safetensors: not a regular file"),
+        "device": ([base, "/dev/null"], "/dev/null: not a regular file"),
+        "over-long input name": ([base, str(tmp / long_name)], "name too long for the file system"),
+        "over-long output name": ([base, tuned, "-o", str(tmp / ("b" * 300 + ".csv"))],
+                                  "the file name is 304 bytes, longer than the file system allows"),
+        "output is a FIFO": ([base, tuned, "-o", str(tmp / "out.csv"), "--summary", str(
+            _fifo(tmp / "s.csv"))], "s.csv: is not a regular file"),
+    }
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
 
 
 CASES = ["adapter without weights", "broken adapter config", "adapter for another base",
          "4-bit quantized", "missing base", "missing tuned", "truncated", "random bytes",
          "empty folder", "pickle with code", "transposed", "unknown suffix", "no output folder",
          "same outputs",
-         "bad regex", "no module", "label count", "duplicate label", "hub offline"]
+         "bad regex", "no module", "label count", "duplicate label", "hub offline",
+         "rank mismatch", "invalid rank_pattern regex", "non-numeric alpha_pattern",
+         "rank_pattern not an object", "deeply nested adapter config", "index values not strings",
+         "index climbing out", "deeply nested index", "index with a missing shard", "FIFO",
+         "device", "over-long input name", "over-long output name", "output is a FIFO"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_exits_2_with_one_line(case, ckpts, tmp_path, capsys):
     argv, expected = _bad_inputs(ckpts, tmp_path)[case]
-    watched = [ckpts["root"], *(Path(a) for a in argv if Path(a).exists())]
+    watched = [ckpts["root"], *(Path(a) for a in argv if exists(a))]
     before = digest(watched)
     files_before = set(tmp_path.rglob("*"))
     rc = main(argv + ["-o", str(tmp_path / "never.csv")] if "-o" not in argv else argv)
@@ -222,3 +313,52 @@ def test_public_names_are_exactly_the_lazy_exports():
     import dora_analysis as da
 
     assert set(da.__all__) - {"__version__"} == set(da._EXPORTS)
+
+
+def test_outputs_are_all_or_nothing(ckpts, tmp_path, capsys, monkeypatch):
+    """-o, --summary and --html together: one failing leaves none of them, old files intact."""
+    from dora_analysis import report
+
+    out, summary, html = tmp_path / "t.csv", tmp_path / "s.parquet", tmp_path / "r.html"
+    out.write_text("old table")
+
+    def disk_full(frame, path):
+        path.write_bytes(b"PAR1 half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(report.TABLE_WRITERS, ".parquet", disk_full)
+    before = digest([ckpts["root"]])
+    rc = main([str(ckpts["base"]), str(ckpts["tuned"]), "-o", str(out), "--summary",
+               str(summary), "--html", str(html)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"error: {summary}: cannot write (No space left on device); no "
+                               "output was written"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]  # no temps, no new files
+    assert out.read_text() == "old table" and digest([ckpts["root"]]) == before
+
+
+def test_long_output_names_and_the_umask(ckpts, tmp_path, capsys):
+    out = tmp_path / ("t" * 246 + ".parquet")  # 254 bytes: legal, and the temp name is short
+    previous = os.umask(0o002)
+    try:
+        assert main([str(ckpts["base"]), str(ckpts["tuned"]), "-o", str(out), "-q"]) == 0
+    finally:
+        os.umask(previous)
+    assert len(pd.read_parquet(out)) > 0
+    assert out.stat().st_mode & 0o777 == 0o664
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_file_names_that_are_not_utf8(ckpts, tmp_path, capsys):
+    tuned = tmp_path / os.fsdecode(b"tuned\xff.safetensors")
+    tuned.write_bytes(ckpts["tuned"].read_bytes())
+    out = tmp_path / os.fsdecode(b"out\xfe.csv")
+    assert main([str(ckpts["base"]), str(tuned), "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "tuned\\xff  (method: unknown)" in captured.out
+    assert f"wrote {tmp_path}/out\\xfe.csv" in captured.err
+    table = pd.read_csv(out)
+    assert set(table["checkpoint"]) == {"tuned\\xff"} and table["ref"].str.endswith(
+        "tuned\\xff.safetensors").all()
+    assert main([str(ckpts["base"]), str(tmp_path / os.fsdecode(b"gone\xff"))]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}/gone\\xff: no such file or folder\n"

@@ -66,6 +66,19 @@ def path_kind(path: str | os.PathLike) -> str | None:
     return "file" if stat.S_ISREG(mode) else "folder" if stat.S_ISDIR(mode) else "other"
 
 
+def not_found(path: str | os.PathLike) -> CheckpointNotFoundError:
+    """The error for a path with nothing behind it, saying why where the system says more."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        error = open_error(Path(path), exc)
+        if isinstance(error, CheckpointNotFoundError):
+            return error
+    except ValueError:
+        pass
+    return CheckpointNotFoundError(f"{shown(path)}: no such file or folder")
+
+
 def open_error(path: Path, exc: OSError) -> Exception:
     """The project's error for an ``OSError`` raised while opening ``path``."""
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import IO_BACKENDS
-from ..errors import CheckpointFormatError, CheckpointNotFoundError, ConfigError
+from ..errors import CheckpointFormatError, ConfigError
 from .adapters import adapter_format, is_adapter_folder, load_tensors, read_adapter_file, read_peft
 from .base import TensorSource
 from .dcp import DcpCheckpoint, find_dcp
 from .deepspeed import find_zero, open_zero
+from .guard import not_found, not_regular, path_kind
 from .merge import AdapterSource
 from .quant import dequantized
 from .refs import CheckpointRef
@@ -190,8 +191,11 @@ def open_checkpoint(path: str | Path | Url, options: ReadOptions = ReadOptions()
     if isinstance(path, Url):
         return open_remote(path, options, base, adapter_base=lambda: trained_on(options))
     path = Path(path)
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{path}: no such file or folder")
+    kind = path_kind(path)
+    if kind is None:
+        raise not_found(path)
+    if kind == "other":
+        raise not_regular(path)
     for fmt in FORMATS:
         if fmt.detect(path):
             if fmt.needs_base and base is None:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import CheckpointFormatError, CheckpointNotFoundError, SkippedFoldersWarning
+from ..errors import CheckpointFormatError, SkippedFoldersWarning
+from .guard import not_found, not_regular, path_kind
 
 #: Subfolders that make a folder a training series, one checkpoint per step N: HF Trainer's
 #: ``checkpoint-N`` and torchtitan's ``step-N``.
@@ -129,9 +130,10 @@ class CheckpointRef:
         if remote_scheme(text):
             return cls(redact_url(text), "remote", url=text)
         path = Path(text).expanduser()
-        if path.is_file():
+        kind = path_kind(path)
+        if kind == "file":
             return cls(text, "file", path=path)
-        if path.is_dir():
+        if kind == "folder":
             if not series_steps(path):
                 return cls(text, "folder", path=path)
             skipped = unnumbered_steps(path)
@@ -140,10 +142,12 @@ class CheckpointRef:
                               "series is named checkpoint-N or step-N with N a number",
                               SkippedFoldersWarning, stacklevel=2)
             return cls(text, "series", path=path)
+        if kind == "other":
+            raise not_regular(path)
         if _HUB_REPO.match(text) and not text.startswith((".", "/", "~")):
             repo, _, revision = text.partition("@")
             return cls(text, "hub", repo=repo, revision=revision or None)
-        raise CheckpointNotFoundError(f"{text}: no such file or folder")
+        raise not_found(text)
 
     def __str__(self) -> str:
         return self.text

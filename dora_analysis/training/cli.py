@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..console import parser
 from .config import DTYPES, METHODS, TrainConfig
 from .loop import prepare, train
 
@@ -100,7 +101,7 @@ def collect_evals(output: Path) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dora-train", description=__doc__.splitlines()[0],
+    p = parser(prog="dora-train", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     p.add_argument("--model", required=True, help="transformers model: local folder or Hub id")

@@ -1,0 +1,94 @@
+"""Both command lines: usage errors are one line (exit 2); Ctrl-C and SIGTERM at any moment, also
+while modules import, end with one line, exit 130/143 and nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dora_analysis.cli import main as analyze_main
+from dora_analysis.console import printable
+
+# The console script pip writes, plus one byte on a pipe just before it imports anything of
+# ours, so that the delays below count from there and not from the interpreter's own start-up.
+# (A signal in the few milliseconds of that import itself, before our code runs, gets Python's
+# own traceback: see dora_analysis/console.py.)
+ENTRY = ("import os, sys\nos.write(int(sys.argv.pop(1)), b'!')\n"
+         "from dora_analysis.console import analyze\nsys.exit(analyze())")
+
+
+def train_main(argv):
+    from dora_analysis.training.cli import main
+
+    return main(argv)
+
+
+@pytest.mark.parametrize("main, argv, message", [
+    (analyze_main, ["only-one-arg"], "the following arguments are required: TUNED"),
+    (analyze_main, ["a", "b", "--axis", "sideways"], "argument --axis: invalid choice"),
+    (analyze_main, ["a", "b", "--bogus"], "unrecognized arguments: --bogus"),
+    (train_main, ["--bogus"], ""),  # its options are being reworked: any usage error
+])
+def test_usage_errors_are_one_error_line(main, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {message}"), err
+    assert err.rstrip().endswith("--help)")
+
+
+def test_printable_escapes_bytes_that_are_not_utf8():
+    assert printable(os.fsdecode(b"run\xff/x")) == "run\\xff/x"
+    assert printable("ΔM") == "ΔM"
+
+
+def interrupt(ckpts, tmp_path, delay: float, signum=signal.SIGINT):
+    """Run dora-analyze with three outputs; send ``signum`` ``delay`` s after our code starts."""
+    out = tmp_path / f"out-{delay}"
+    out.mkdir()
+    argv = [str(ckpts["base"]), str(ckpts["series"]), str(ckpts["tuned"]), "-o",
+            str(out / "t.csv"), "--summary", str(out / "s.parquet"), "--html", str(out / "r.html")]
+    read, write = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", ENTRY, str(write), *argv],
+                                pass_fds=(write,), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert os.read(read, 1) == b"!"
+    os.close(read)
+    time.sleep(delay)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stderr, sorted(p.name for p in out.iterdir())
+
+
+def check_interrupted(rc, stderr, files, signum=signal.SIGINT):
+    if rc == 0:  # the run was over before the signal: then every output is there
+        assert files == ["r.html", "s.parquet", "t.csv"], stderr
+        return
+    expected = "error: interrupted" if signum == signal.SIGINT else "error: terminated (SIGTERM)"
+    assert (rc, stderr) == (128 + signum, expected + "\n")
+    assert files == []  # no output, no temporary file
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.6, 1.5])  # our imports, torch's import, the run
+def test_ctrl_c_at_any_moment(ckpts, tmp_path, delay):
+    check_interrupted(*interrupt(ckpts, tmp_path, delay))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 1.0, 1.2, 2.0, 2.5, 3.0, 4.0,
+                                   5.0, 6.0])
+def test_ctrl_c_at_many_moments(ckpts, tmp_path, delay):
+    check_interrupted(*interrupt(ckpts, tmp_path, delay))
+
+
+def test_sigterm_removes_temporary_files_too(ckpts, tmp_path):
+    check_interrupted(*interrupt(ckpts, tmp_path, 1.0, signal.SIGTERM), signum=signal.SIGTERM)

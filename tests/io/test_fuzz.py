@@ -106,3 +106,139 @@ def test_gap_in_offsets(tmp_path, name):
     (tmp_path / name).write_bytes(data)
     with pytest.raises(DoraAnalysisError):
         exercise(tmp_path / name, tmp_path / name)
+
+
+# --- adapter configs and shard indexes: mutated keys, types and nesting ----------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
+    | st.just(DEEP := "__deeply_nested__"),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=6,
+)
+
+
+def locations(doc, path=()):
+    """Every (container, key) in a JSON document, outermost first."""
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for key, value in list(items):
+        yield doc, key
+        yield from locations(value, (*path, key))
+
+
+def mutate(doc, data, keys=()):
+    """One random edit: replace a value, delete or rename a key, or wrap a value (or the whole
+    document) in more nesting; ``keys`` are top-level keys the reader uses, edited more often."""
+    where = list(locations(doc))
+    op = data.draw(st.sampled_from(["replace", "delete", "rename", "wrap", "add", "wrap-all"]))
+    if op == "wrap-all" or not where:
+        return data.draw(st.sampled_from([[doc], {"config": doc}, DEEP]))
+    if keys and isinstance(doc, dict) and data.draw(st.booleans()):
+        where = [(doc, data.draw(st.sampled_from(keys)))]
+        doc.setdefault(where[0][1], None)
+    container, key = data.draw(st.sampled_from(where))
+    if op == "replace":
+        container[key] = data.draw(json_values)
+    elif op == "delete":
+        del container[key]
+    elif op == "rename" and isinstance(container, dict):
+        container[data.draw(st.text(max_size=8))] = container.pop(key)
+    elif op == "wrap":
+        container[key] = data.draw(st.sampled_from([[container[key]], {"x": container[key]}]))
+    elif isinstance(container, dict):
+        container[data.draw(st.text(max_size=8))] = data.draw(json_values)
+    return doc
+
+
+def dump(doc) -> str:
+    text = json.dumps(doc)  # floats: NaN and Infinity too, as Python writes (and reads) them
+    return text.replace(json.dumps(DEEP), "[" * 50_000 + "]" * 50_000)
+
+
+def mutated(original: dict, data, keys=()) -> str:
+    doc = json.loads(json.dumps(original))
+    for _ in range(data.draw(st.integers(1, 3))):
+        doc = mutate(doc, data, keys)
+    return dump(doc)
+
+
+#: adapter_config.json keys the readers act on (PEFT writes some 40).
+ADAPTER_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+                "peft_type", "fan_in_fan_out", "init_lora_weights", "base_model_name_or_path",
+                "target_modules", "modules_to_save")
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny matrices: torch's thread pool costs more than it gives (20x on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def analyse_only_own_errors(base, tuned):
+    """The loader either analyses or raises the project's own error; never anything else."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            da.analyze(base, tuned)
+        except DoraAnalysisError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(tmp_path_factory):
+    peft_models = pytest.importorskip("tests.peft_models")
+    root = tmp_path_factory.mktemp("fuzz_adapter")
+    fn, kwargs = peft_models.CASES["patterns"]  # rank_pattern, alpha_pattern, DoRA
+    return peft_models.make_case(root, "patterns", fn, kwargs)
+
+
+JSON_FUZZ = settings(max_examples=80, deadline=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                            HealthCheck.too_slow])
+
+
+@JSON_FUZZ
+@given(data=st.data())
+def test_adapter_config_mutations(peft_adapter, tmp_path_factory, one_thread, data):
+    config_path = peft_adapter.adapter / "adapter_config.json"
+    original = json.loads(config_path.read_text())
+    folder = tmp_path_factory.mktemp("adapter")
+    for f in peft_adapter.adapter.iterdir():
+        (folder / f.name).symlink_to(f)
+    text = mutated(original, data, ADAPTER_KEYS)
+    (folder / "adapter_config.json").unlink()
+    (folder / "adapter_config.json").write_text(text)
+    analyse_only_own_errors(peft_adapter.base, folder)
+    assert (folder / "adapter_config.json").read_text() == text  # input untouched
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    from tests.common import llama_state, write_sharded
+
+    root = tmp_path_factory.mktemp("fuzz_index")
+    state = llama_state(0)
+    from safetensors.torch import save_file
+
+    save_file(state, str(root / "base.safetensors"))
+    index = write_sharded(state, root / "tuned")
+    return root / "base.safetensors", index
+
+
+@JSON_FUZZ
+@given(data=st.data())
+def test_index_mutations(sharded, tmp_path_factory, one_thread, data):
+    base, index = sharded
+    original = json.loads(index.read_text())
+    folder = tmp_path_factory.mktemp("index")
+    for f in index.parent.iterdir():
+        if f.suffix == ".safetensors":
+            (folder / f.name).symlink_to(f)
+    text = mutated(original, data)
+    (folder / index.name).write_text(text)
+    analyse_only_own_errors(base, folder)
+    assert (folder / index.name).read_text() == text

@@ -1,6 +1,11 @@
-"""Data: load the demo, analyse checkpoints (paths, Hub ids, uploaded adapters), open a table."""
+"""Data: load the demo, analyse checkpoints (paths, Hub ids, uploaded adapters), open a table.
+
+Typed references go through :mod:`_access` (a data root confines them when one is named);
+uploaded adapters exist on the server only while they are analysed.
+"""
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app folder, for _cache
@@ -32,6 +37,13 @@ if st.button("Load the demo data", help="all-MiniLM-L6-v2 fine-tuned with FT, Lo
         _cache.show_error(exc)
 
 st.subheader("Analyse checkpoints")
+try:
+    access = _cache.access()
+except da.DoraAnalysisError as exc:  # a data root that is not a folder: nothing is read
+    _cache.show_error(exc)
+    st.stop()
+if access.describe():
+    st.info(access.describe())
 with st.form("analyse"):
     base = st.text_input("Base checkpoint", placeholder="path/to/base/ or org/model@revision")
     tuned_text = st.text_area(
@@ -52,18 +64,21 @@ if submitted:
         for line in tuned_text.splitlines():
             if line.strip():
                 label, _, ref = line.partition("=") if "=" in line else ("", "", line)
-                refs.append((label.strip(), ref.strip()))
-        if uploads:
-            refs.append(("uploaded adapter", str(_cache.save_uploaded_adapter(uploads))))
-        if not base.strip() or not refs:
+                refs.append((label.strip(), access.resolve(ref)))
+        if not base.strip() or not (refs or uploads):
             raise da.DoraAnalysisError("give a base checkpoint and at least one tuned checkpoint")
+        base_ref = access.resolve(base)
         modules = tuple(m.strip() for m in modules_text.split(",") if m.strip()) or None
-        progress = st.progress(0.0, text="starting…")
-        frames = []
-        for i, (label, ref) in enumerate(refs):
-            progress.progress(i / len(refs), text=f"analysing {label or ref} ({i + 1}/{len(refs)})")
-            frames.append(_cache.analyze(base.strip(), ref, label, method, axis, modules))
-        progress.progress(1.0, text="done")
+        with _cache.uploaded_adapter(uploads) if uploads else nullcontext() as adapter:
+            if adapter is not None:
+                refs.append(("uploaded adapter", str(adapter)))
+            progress = st.progress(0.0, text="starting…")
+            frames = []
+            for i, (label, ref) in enumerate(refs):
+                progress.progress(i / len(refs),
+                                  text=f"analysing {label or ref} ({i + 1}/{len(refs)})")
+                frames.append(_cache.analyze(base_ref, ref, label, method, axis, modules))
+            progress.progress(1.0, text="done")
         _cache.set_table(pd.concat(frames, ignore_index=True), f"analysis of {base.strip()}")
         st.rerun()
     except Exception as exc:  # shown in the page, never as a traceback

@@ -162,3 +162,75 @@ def test_demo_button_loads_a_table(monkeypatch):
     at.run()
     assert not at.exception and not at.error
     assert set(at.session_state["table"]["method"]) == {"ft", "lora", "dora"}
+
+
+def adapter_files(scale: float = 0.5) -> list[tuple[str, bytes, str]]:
+    """A PEFT-format LoRA adapter on the fixture's q_proj (24 × 16), as uploaded files."""
+    import json
+
+    import torch
+    from safetensors.torch import save
+
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    weights = save({f"{q}.lora_A.weight": torch.full((2, 16), scale),
+                    f"{q}.lora_B.weight": torch.full((24, 2), scale)})
+    config = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}).encode()
+    return [("adapter_config.json", config, "application/json"),
+            ("adapter_model.safetensors", weights, "application/octet-stream")]
+
+
+def upload_and_run(ckpts, files):
+    at = run("views/data.py")
+    at.text_input[0].input(str(ckpts["base"]))
+    at.file_uploader[0].set_value(files)
+    next(b for b in at.button if b.label == "Run analysis").click()
+    return at.run()
+
+
+def test_an_uploaded_adapter_is_analysed_and_not_kept(ckpts, monkeypatch):
+    import sys
+
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    at = upload_and_run(ckpts, adapter_files())
+    assert not at.exception and not at.error
+    table = at.session_state["table"]
+    assert set(table["checkpoint"]) == {"uploaded adapter"} and set(table["method"]) == {"lora"}
+    folder = sys.modules["_cache"].upload_root()
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"  # private
+    assert list(folder.iterdir()) == []  # the adapter's files are gone once analysed
+
+
+@pytest.mark.parametrize("files, message", [
+    ([("adapter_config.json", b"{}", "application/json"), ("run.bin", b"x", "text/plain")],
+     "not run.bin"),
+    ([("adapter_model.safetensors", b"x", "application/octet-stream")],
+     "upload an adapter as adapter_config.json plus adapter_model.safetensors"),
+])
+def test_uploads_other_than_an_adapter_are_refused(ckpts, monkeypatch, files, message):
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    at = upload_and_run(ckpts, files)
+    assert not at.exception and message in at.error[0].value
+
+
+def test_uploads_above_the_cap_are_refused(ckpts, monkeypatch):
+    import sys
+
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    run("views/data.py")  # the page has imported the app's _cache
+    monkeypatch.setattr(sys.modules["_cache"], "upload_limit", lambda: 100)  # bytes
+    at = upload_and_run(ckpts, adapter_files())
+    assert "more than this dashboard takes" in at.error[0].value
+    assert "table" not in at.session_state
+
+
+def test_the_upload_folder_is_removed_when_the_server_exits(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import _cache\n"
+            "print(_cache.upload_root())")
+    proc = subprocess.run([sys.executable, "-c", code, str(APP)], capture_output=True, text=True,
+                          env={**__import__("os").environ, "TMPDIR": str(tmp_path)}, timeout=120)
+    folder = Path(proc.stdout.strip().splitlines()[-1])
+    assert folder.parent == tmp_path and folder.name.startswith("dora-dashboard-")
+    assert not folder.exists()

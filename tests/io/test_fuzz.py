@@ -119,12 +119,13 @@ json_values = st.recursive(
 )
 
 
-def locations(doc, path=()):
+def locations(doc):
     """Every (container, key) in a JSON document, outermost first."""
-    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    items = (doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list)
+             else ())
     for key, value in list(items):
         yield doc, key
-        yield from locations(value, (*path, key))
+        yield from locations(value)
 
 
 def mutate(doc, data, keys=()):

@@ -1,0 +1,125 @@
+"""Follow a run: the page re-reads a run that is still being written, analysing only the new
+checkpoints, waiting for half-written ones, and following a table a callback keeps rewriting."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+import dora_analysis as da
+from tests.common import llama_state, perturb
+
+testing = pytest.importorskip("streamlit.testing.v1")
+st = pytest.importorskip("streamlit")
+PAGE = Path(__file__).resolve().parents[2] / "app" / "views" / "live.py"
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every tuned reference analysed (the cache is emptied first)."""
+    st.cache_data.clear()
+    seen, real = [], da.analyze
+
+    def analyze(base, tuned, **kwargs):
+        seen.append(Path(tuned).name)
+        return real(base, tuned, **kwargs)
+
+    monkeypatch.setattr(da, "analyze", analyze)
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    monkeypatch.delenv("DORA_DASHBOARD_ROOT", raising=False)
+    return seen
+
+
+def add_checkpoint(run: Path, step: int, *, half: bool = False) -> Path:
+    folder = run / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    save_file(perturb(llama_state(0), 0.01 * step, seed=step), str(folder / "model.safetensors"))
+    if half:  # as a trainer leaves it mid-save
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def follow(run: Path, base: str = "") -> testing.AppTest:
+    at = testing.AppTest.from_file(str(PAGE), default_timeout=60).run()
+    at.text_input[0].input(str(run))
+    at.text_input[1].input(base)
+    next(b for b in at.button if b.label == "Follow").click()
+    return at.run()
+
+
+def steps(at) -> list[int]:
+    return sorted(int(s) for s in at.session_state["table"]["step"].unique())
+
+
+def test_a_growing_series_is_analysed_one_new_checkpoint_at_a_time(ckpts, tmp_path, calls):
+    run = tmp_path / "dora-run"
+    for step in (10, 20):
+        add_checkpoint(run, step)
+    at = follow(run, str(ckpts["base"]))
+    assert not at.exception and not at.error
+    assert steps(at) == [10, 20] and set(at.session_state["table"]["checkpoint"]) == {"dora-run"}
+    assert sorted(calls) == ["checkpoint-10", "checkpoint-20"]
+    assert at.toggle[0].value  # keeps refreshing
+    assert "2 steps (last 20)" in at.success[0].value
+
+    add_checkpoint(run, 30)
+    at.run()  # what the page's timer does
+    assert steps(at) == [10, 20, 30]
+    assert sorted(calls) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]  # one new
+
+    half = add_checkpoint(run, 40, half=True)
+    at.run()
+    assert not at.error and steps(at) == [10, 20, 30]
+    assert at.info[-1].value == "checkpoint-40 is still being written; retrying"
+    (half / "model.safetensors").unlink()
+    half.rmdir()
+    add_checkpoint(run, 40)
+    at.run()
+    assert not at.info and steps(at) == [10, 20, 30, 40]
+
+
+def test_a_checkpoint_broken_long_ago_is_an_error(ckpts, tmp_path, calls):
+    run = tmp_path / "run"
+    add_checkpoint(run, 10)
+    broken = add_checkpoint(run, 20, half=True)
+    old = time.time() - 3600
+    os.utime(broken / "model.safetensors", (old, old))
+    at = follow(run, str(ckpts["base"]))
+    assert not at.exception and steps(at) == [10]
+    assert "checkpoint-20/model.safetensors: not a readable safetensors file" in at.error[0].value
+
+
+def test_a_series_needs_its_base(tmp_path, calls):
+    add_checkpoint(tmp_path / "run", 10)
+    at = follow(tmp_path / "run")
+    assert at.error[0].value == "give the base checkpoint the run started from"
+
+
+def test_a_table_rewritten_by_a_callback(ckpts, tmp_path, calls):
+    table = da.analyze(ckpts["base"], ckpts["series"], modules=("q",))
+    path = tmp_path / "out" / "dora_analysis.parquet"
+    path.parent.mkdir()
+    da.write_table(table[table["step"] <= 20], path)
+    calls.clear()
+    at = follow(path.parent)
+    assert not at.exception and not at.error and steps(at) == [10, 20]
+    da.write_table(table, path)
+    at.run()
+    assert steps(at) == [10, 20, 30]
+    path.write_bytes(b"PAR1 half a file")  # caught mid-write
+    at.run()
+    assert not at.error and steps(at) == [10, 20, 30]  # the last good table stays
+    assert at.info[-1].value == "dora_analysis.parquet is being written; retrying"
+    assert calls == []  # a table is read, never re-analysed
+
+
+def test_paths_are_confined_here_too(ckpts, tmp_path, calls, monkeypatch):
+    monkeypatch.setenv("DORA_DASHBOARD_ROOT", str(tmp_path))
+    at = follow(ckpts["series"], "base.safetensors")
+    assert "no such file or folder under the data root" in at.error[0].value
+    assert "table" not in at.session_state

@@ -1,0 +1,88 @@
+"""The dashboard as `make dashboard` starts it (from the repository root, no address given):
+bound to 127.0.0.1 by the project's .streamlit/config.toml, reachable from this machine only."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lan_address() -> str | None:
+    """This machine's address on its network, if it has one besides loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.255", 9))  # sends nothing: only picks the outgoing interface
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def start(port: int, *extra: str, env: dict | None = None):
+    """``streamlit run app/streamlit_app.py`` from the repository root; returns the process and
+    the lines it printed, filled in by a reader thread."""
+    env = {k: v for k, v in (env or os.environ).items() if not k.startswith(("DORA_DASHBOARD",
+                                                                           "STREAMLIT_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.headless",
+         "true", "--server.port", str(port), *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    deadline = time.time() + 90
+    while time.time() < deadline and not reachable("127.0.0.1", port):
+        assert proc.poll() is None, "".join(lines)
+        time.sleep(0.3)
+    time.sleep(1.0)  # every URL line is printed by now
+    return proc, lines
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_the_project_config_binds_to_loopback():
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "127.0.0.1"
+    assert 0 < config["server"]["maxUploadSize"] <= 200
+    assert config["browser"]["gatherUsageStats"] is False
+
+
+def test_the_default_server_is_local_only():
+    port = free_port()
+    proc, lines = start(port)
+    try:
+        urls = [line.strip() for line in lines if "URL:" in line]
+        assert urls == [f"URL: http://127.0.0.1:{port}"], "".join(lines)  # no "Network URL"
+        assert reachable("127.0.0.1", port)
+        lan = lan_address()
+        if lan is not None:
+            assert not reachable(lan, port)
+    finally:
+        stop(proc)

@@ -26,13 +26,18 @@ def free_port() -> int:
 
 def lan_address() -> str | None:
     """This machine's address on its network, if it has one besides loopback."""
+    candidates = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
-            s.connect(("192.0.2.255", 9))  # sends nothing: only picks the outgoing interface
-            address = s.getsockname()[0]
+            s.connect(("198.51.100.1", 9))  # sends nothing: only picks the outgoing interface
+            candidates.append(s.getsockname()[0])
         except OSError:
-            return None
-    return None if address.startswith("127.") or address == "0.0.0.0" else address
+            pass
+    try:
+        candidates.append(socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        pass
+    return next((a for a in candidates if not a.startswith(("127.", "0."))), None)
 
 
 def reachable(host: str, port: int) -> bool:
@@ -43,11 +48,12 @@ def reachable(host: str, port: int) -> bool:
         return False
 
 
-def start(port: int, *extra: str, env: dict | None = None):
-    """``streamlit run app/streamlit_app.py`` from the repository root; returns the process and
-    the lines it printed, filled in by a reader thread."""
-    env = {k: v for k, v in (env or os.environ).items() if not k.startswith(("DORA_DASHBOARD",
-                                                                           "STREAMLIT_"))}
+def start(port: int, *extra: str, **env: str):
+    """``streamlit run app/streamlit_app.py`` from the repository root, with no dashboard or
+    Streamlit settings from the environment but ``env``; returns the process and the lines it
+    printed, filled in by a reader thread."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DORA_DASHBOARD", "STREAMLIT_"))} | env
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.headless",
          "true", "--server.port", str(port), *extra],

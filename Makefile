@@ -27,11 +27,13 @@ reproduce: install
 	$(BIN)/pip install -e ".[test,docs]"
 	$(BIN)/python examples/reproduce_figure2.py --out reproduction --docs docs/reproduction
 
-# The Streamlit dashboard, on the demo's results by default (or TABLE=path/to/table.csv).
+# The Streamlit dashboard, on the demo's results by default (or TABLE=path/to/table.csv). It
+# listens on 127.0.0.1 only (.streamlit/config.toml); DATA_ROOT=/data confines what it reads.
 TABLE ?= demo-output/table.csv
+DATA_ROOT ?=
 dashboard: install
-	DORA_DASHBOARD_TABLE=$(if $(wildcard $(TABLE)),$(TABLE),) \
-		$(BIN)/streamlit run app/streamlit_app.py --browser.gatherUsageStats false
+	DORA_DASHBOARD_TABLE=$(if $(wildcard $(TABLE)),$(TABLE),) DORA_DASHBOARD_ROOT=$(DATA_ROOT) \
+		$(BIN)/streamlit run app/streamlit_app.py
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -7,7 +7,10 @@ Each measurement runs in a fresh child process (so peak memory is its own), best
 runs, interleaved, with the files in the page cache (every method is measured warm):
 
 * ``ours``  — ``dora_analysis.analyze(base, tuned)`` (float64, row blocks, memory-mapped reads);
-* ``pread`` — the same with ``io="pread"`` (reads into private buffers instead of mapping);
+* ``pread`` — the same with ``io="pread"`` (reads into private buffers instead of mapping;
+  also what files get where no read lease can be taken, see ``dora_analysis/io/guard.py``);
+* ``unguarded`` — ``ours`` without the guard's checks around every read (lease, size, mtime,
+  inode), to measure what they cost;
 * ``naive`` — load both state dicts fully, then per matrix float32 norms and
   ``1 − cosine_similarity`` (what a one-off notebook does);
 * ``io``    — read every byte of both checkpoints once (the floor for any method).
@@ -101,6 +104,14 @@ def run_pread(base: Path, tuned: Path) -> dict:
     return run_ours(base, tuned, io="pread")
 
 
+def run_unguarded(base: Path, tuned: Path) -> dict:
+    from dora_analysis.io import guard
+
+    guard.GuardedFile.check = lambda self: None
+    guard.GuardedFile.lease_broken = lambda self: False
+    return run_ours(base, tuned)
+
+
 def run_closed(base: Path, adapter: Path) -> dict:
     return run_ours(base, adapter, closed_form=True)
 
@@ -110,7 +121,7 @@ def run_materialised(base: Path, adapter: Path) -> dict:
 
 
 MODES = {"io": run_io, "naive": run_naive, "ours": run_ours, "pread": run_pread,
-         "closed": run_closed, "materialised": run_materialised}
+         "unguarded": run_unguarded, "closed": run_closed, "materialised": run_materialised}
 
 
 def child(mode: str, base: Path, tuned: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from dora_analysis.cli import main as analyze_main
 from dora_analysis.console import printable
+from tests.test_cli import digest
 
 # The console script pip writes, plus one byte on a pipe just before it imports anything of
 # ours, so that the delays below count from there and not from the interpreter's own start-up.
@@ -80,7 +81,9 @@ def check_interrupted(rc, stderr, files, signum=signal.SIGINT):
 
 @pytest.mark.parametrize("delay", [0.05, 0.6, 1.5])  # our imports, torch's import, the run
 def test_ctrl_c_at_any_moment(ckpts, tmp_path, delay):
+    before = digest([ckpts["root"]])
     check_interrupted(*interrupt(ckpts, tmp_path, delay))
+    assert digest([ckpts["root"]]) == before  # inputs untouched
 
 
 @pytest.mark.slow

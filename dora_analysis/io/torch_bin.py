@@ -33,7 +33,7 @@ class TorchFile(TensorSource):
         self.path = Path(path)
         self._guard = GuardedFile(self.path)
         try:
-            loaded = _torch_load(self._guard.open_path, self.path)
+            loaded = _torch_load(self.path, self._guard.open_path)
             self._tensors = _tensor_dict(loaded, self.path, self.WRAPPER_KEYS)
         except BaseException:
             self._guard.close()
@@ -67,7 +67,11 @@ class TorchFile(TensorSource):
         self._guard.close()
 
 
-def _torch_load(open_path: str, path: Path) -> object:
+def _torch_load(path: Path, open_path: str | None = None) -> object:
+    """``path`` loaded with ``weights_only=True``; ``open_path`` is another name of the same
+    file to open it by (a descriptor's ``/proc/self/fd/N``)."""
+    open_path = open_path or str(path)
+
     def load(mmap: bool) -> object:
         return torch.load(open_path, map_location="cpu", weights_only=True, mmap=mmap)
 

@@ -139,21 +139,23 @@ def test_torch_files_are_checked_too(tmp_path, monkeypatch, leased):
 
 SCRIPT = """
 import sys
-import dora_analysis as da
-try:
-    da.analyze(sys.argv[1], sys.argv[2], block_elements=256)  # many small reads: slow enough
-except da.DoraAnalysisError as exc:
-    sys.exit(f"error: {exc}")
+import dora_analysis.cli as cli
+config = cli.AnalysisConfig
+cli.AnalysisConfig = lambda **kw: config(**kw, block_elements=256)  # many small reads: slow
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 
 def test_a_file_truncated_under_a_running_analysis_is_an_error_not_sigbus(tmp_path):
-    """A real process, memory-mapping under a lease: another process truncates the tuned file."""
+    """dora-analyze in a real process, memory-mapping under a lease: another process truncates
+    the tuned file while it is analysed. One error line, exit 2, no output, base untouched."""
     big = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(256, 128) for i in range(24)}
     base, tuned = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
     save_file(big, str(base))
     save_file({k: v + 0.01 for k, v in big.items()}, str(tuned))
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(base), str(tuned)],
+    base_bytes = base.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(base), str(tuned), "-q", "-o",
+                             str(tmp_path / "t.csv"), "--html", str(tmp_path / "r.html")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None and not any(
             os.path.realpath(f"/proc/{proc.pid}/fd/{fd}") == str(tuned)
@@ -162,8 +164,10 @@ def test_a_file_truncated_under_a_running_analysis_is_an_error_not_sigbus(tmp_pa
     subprocess.run([sys.executable, "-c", f"open({str(tuned)!r}, 'r+b').truncate(4096)"],
                    check=True, timeout=60)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1, (proc.returncode, err)  # not -7: SIGBUS
+    assert proc.returncode == 2, (proc.returncode, err)  # not -7: SIGBUS
     assert err.strip().splitlines() == [err.strip()] and err.startswith(f"error: {tuned}: "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "tuned.safetensors"]
+    assert base.read_bytes() == base_bytes
 
 
 def _fds(pid: int) -> list[str]:

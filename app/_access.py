@@ -108,6 +108,8 @@ class Access:
         Raises :class:`AccessError` for anything this dashboard does not serve.
         """
         text = text.strip()
+        if not text:
+            raise AccessError("give a path (or a Hub id)")
         if not self.confined:
             if self.served:
                 raise AccessError(f"{text}: this dashboard is served to other machines and no "

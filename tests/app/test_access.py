@@ -45,6 +45,8 @@ def test_local_use_reads_what_the_cli_reads(ckpts):
     assert not access.confined and access.describe() is None
     assert access.resolve(f" {ckpts['base']} ") == str(ckpts["base"])
     assert access.resolve("org/model@main") == "org/model@main"
+    with pytest.raises(AccessError, match="give a path"):
+        access.resolve("  ")  # not the server's working folder
 
 
 def test_paths_inside_the_root(root):

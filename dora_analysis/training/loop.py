@@ -1,12 +1,17 @@
 """A small model-agnostic training loop with checkpoints laid out as the Hugging Face Trainer does.
 
-``OUTPUT/checkpoint-N/`` holds, for FT, ``model.safetensors`` (all weights); for LoRA/DoRA a
-PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's names),
-plus what resuming needs (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt``,
-``trainer_state.json``) and, when an evaluation is given, ``eval_results.json``. Each checkpoint
-is written into a temporary folder and renamed into place, so an interrupted run never leaves a
-half-written checkpoint. Data order is a function of the step (``batch_at(i)``), so a resumed run
-sees the same batches and ends with the same weights.
+``OUTPUT/checkpoint-N/`` holds, for FT, ``model.safetensors`` (all weights, plus ``config.json``
+for ``transformers`` models, so ``from_pretrained`` loads it); for LoRA/DoRA a PEFT adapter
+folder (``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's names), plus what
+resuming needs (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt``, ``trainer_state.json``)
+and, when an evaluation is given, ``eval_results.json``. Each checkpoint is written into a
+temporary folder and renamed into place, so an interrupted run never leaves a half-written
+checkpoint. Data order is a function of the step (``batch_at(i)``), so a resumed run sees the
+same batches and ends with the same weights.
+
+The batches are moved to the model's device; forward and backward run under autocast in the
+configured precision. Under ``torchrun`` (see :mod:`.distributed`) every process runs this loop on
+its own batches; saving gathers full tensors on all of them and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +28,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import CheckpointFormatError
 from .config import TrainConfig
-from .inject import PEFT_PREFIX, adapter_state_dict, inject_adapters
+from .distributed import (
+    gathered_state,
+    is_main_process,
+    load_model_entries,
+    load_optimizer_state,
+    optimizer_state,
+    unwrap,
+)
+from .inject import PEFT_PREFIX, inject_adapters, is_adapter_entry, uses_fan_in_fan_out
+from .runtime import autocast, autocast_dtype, model_device
 
 Batch = dict
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -39,16 +53,34 @@ def hf_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def prepare(model: nn.Module, config: TrainConfig) -> nn.Module:
     """FT: every weight trainable. LoRA/DoRA: adapters injected, only they (and
-    ``modules_to_save``) trainable."""
+    ``modules_to_save``) trainable; ``config.targets`` becomes the names actually targeted
+    (``auto`` resolved). Gradient checkpointing is switched on for ``transformers`` models."""
     if config.method == "ft":
         for param in model.parameters():
             param.requires_grad_(True)
     else:
-        inject_adapters(model, targets=config.targets, method=config.method, rank=config.rank,
-                        alpha=config.alpha, dropout=config.dropout, rslora=config.rslora,
-                        detach_norm=config.detach_norm, magnitude_only=config.magnitude_only,
-                        modules_to_save=config.modules_to_save)
+        chosen = inject_adapters(
+            model, targets=config.targets, method=config.method, rank=config.rank,
+            alpha=config.alpha, dropout=config.dropout, rslora=config.rslora,
+            detach_norm=config.detach_norm, magnitude_only=config.magnitude_only,
+            modules_to_save=config.modules_to_save)
+        if "auto" in config.targets:
+            config.targets = tuple(dict.fromkeys(n.rsplit(".", 1)[-1] for n in chosen))
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing, non-reentrant (works with frozen inputs)."""
+    from ..errors import ConfigError
+
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise ConfigError("--gradient-checkpointing needs a transformers model "
+                          f"({type(model).__name__} has no gradient_checkpointing_enable)")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # a KV cache is useless in training, and warned about
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -95,48 +127,56 @@ class TrainResult:
     """One ``{"step": N, **metrics}`` per saved checkpoint, when an evaluation was given."""
 
 
-def peft_adapter_config(config: TrainConfig) -> dict:
-    """``adapter_config.json`` in PEFT's schema."""
+def peft_adapter_config(config: TrainConfig, fan_in_fan_out: bool = False) -> dict:
+    """``adapter_config.json`` in PEFT's schema (``fan_in_fan_out`` for ``Conv1D`` targets)."""
     return {
         "peft_type": "LORA", "task_type": config.extra.get("task_type"),
         "base_model_name_or_path": config.extra.get("base_model_name_or_path"),
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
         "target_modules": list(config.targets), "use_dora": config.method == "dora",
         "use_rslora": config.rslora, "modules_to_save": list(config.modules_to_save) or None,
-        "fan_in_fan_out": False, "bias": "none", "init_lora_weights": True,
+        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "init_lora_weights": True,
         "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
     }
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a ``DistributedDataParallel`` (or similar ``.module``) wrapper."""
-    return getattr(model, "module", model)
-
-
-def is_main_process() -> bool:
-    """Rank 0 under ``torch.distributed`` (torchrun), or the only process."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+def checkpoint_weights(model: nn.Module, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores, full tensors on CPU: every weight (FT) or the adapter
+    entries under PEFT's names. Collective under FSDP2: every process calls it."""
+    if config.method == "ft":
+        return gathered_state(model, lambda name: True)
+    keep = config.modules_to_save
+    state = gathered_state(model, lambda name: is_adapter_entry(name, keep))
+    return {PEFT_PREFIX + name: tensor for name, tensor in state.items()}
 
 
 def save_checkpoint(model: nn.Module, config: TrainConfig, step: int, optimizer, scheduler,
-                    losses: list[float], metrics: dict | None = None) -> Path:
-    """Write ``OUTPUT/checkpoint-<step>/`` atomically (temporary folder, then rename)."""
-    model = unwrap(model)
+                    losses: list[float], metrics: dict | None = None) -> Path | None:
+    """Write ``OUTPUT/checkpoint-<step>/`` atomically (temporary folder, then rename).
+
+    Every process calls this (gathering is collective); rank 0 writes and returns the folder,
+    the others return None.
+    """
+    weights = checkpoint_weights(model, config)
+    optim_state = optimizer_state(model, optimizer)
+    if not is_main_process():
+        return None
+    inner = unwrap(model)
     final = config.output / f"checkpoint-{step}"
     tmp = config.output / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         if config.method == "ft":
-            state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            hf_config = getattr(inner, "config", None)
+            if hasattr(hf_config, "to_json_file"):  # a transformers model: loadable as is
+                hf_config.to_json_file(str(tmp / "config.json"))
         else:
-            save_file(adapter_state_dict(model, config.modules_to_save),
-                      str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-            (tmp / "adapter_config.json").write_text(
-                json.dumps(peft_adapter_config(config), indent=2))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (tmp / "adapter_config.json").write_text(json.dumps(
+                peft_adapter_config(config, uses_fan_in_fan_out(inner)), indent=2))
+        torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(torch.get_rng_state(), tmp / "rng_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(
@@ -154,18 +194,29 @@ def save_checkpoint(model: nn.Module, config: TrainConfig, step: int, optimizer,
 
 def load_trainable(model: nn.Module, folder: Path, method: str) -> None:
     """Put a checkpoint's trained weights back into a prepared model."""
-    model = unwrap(model)
     if method == "ft":
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        return
-    params = dict(model.named_parameters())
-    for key, value in load_file(str(folder / "adapter_model.safetensors")).items():
-        name = key.removeprefix(PEFT_PREFIX)  # PEFT's names are ours behind the prefix
-        target = params.get(name)
-        if target is None:
-            raise ValueError(f"{folder}: checkpoint tensor '{key}' has no place in this model")
-        with torch.no_grad():
-            target.copy_(value)
+        state = load_file(str(folder / "model.safetensors"))
+    else:  # PEFT's names are ours behind the prefix
+        saved = load_file(str(folder / "adapter_model.safetensors"))
+        state = {key.removeprefix(PEFT_PREFIX): value for key, value in saved.items()}
+    known = set(unwrap(model).state_dict())
+    unknown = sorted(set(state) - known)
+    if unknown:
+        raise CheckpointFormatError(f"{folder}: checkpoint tensor(s) with no place in this "
+                                    f"model: {', '.join(unknown[:5])}")
+    load_model_entries(model, state)
+
+
+def collect_evals(output: Path) -> list[dict]:
+    """The ``eval_results.json`` of every ``checkpoint-N`` in a run, by step."""
+    found = [json.loads(p.read_text()) for p in output.glob("checkpoint-*/eval_results.json")]
+    return sorted(found, key=lambda e: e["step"])
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Tensors of a batch on ``device`` (other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfig, *,
@@ -173,64 +224,74 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfi
           progress: bool = False) -> TrainResult:
     """Fine-tune a prepared model (see :func:`prepare`) and save checkpoints at ``save_steps``.
 
-    ``batch_at(i)`` returns micro-batch ``i``; step ``s`` uses micro-batches
-    ``s·grad_accum … s·grad_accum + grad_accum − 1``. Under ``torchrun``, wrap the prepared model
-    in ``DistributedDataParallel`` and give each rank its own ``batch_at``; rank 0 saves.
-    ``evaluate(model)``, if given, runs in eval mode without gradients before each save; its
-    metrics go into the checkpoint (``eval_results.json``) and ``TrainResult.evals``.
+    ``batch_at(i)`` returns micro-batch ``i`` (on any device: it is moved to the model's); step
+    ``s`` uses micro-batches ``s·grad_accum … s·grad_accum + grad_accum − 1``. Under
+    ``torchrun``, wrap the prepared model (:func:`.distributed.wrap`) and give each rank its own
+    ``batch_at``; rank 0 saves. ``evaluate(model)``, if given, runs in eval mode without
+    gradients before each save (on every rank: a sharded model needs them all); its metrics go
+    into the checkpoint (``eval_results.json``) and ``TrainResult.evals``.
 
     Example:
         >>> model = prepare(model, TrainConfig(method="dora", targets=("query",)))  # doctest: +SKIP
         >>> train(model, batch_at, config)  # doctest: +SKIP
     """
     torch.manual_seed(config.seed)
+    device = model_device(model)
+    precision = autocast_dtype(config.dtype, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_schedule(config.warmup_steps, config.steps))
+    # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     result, start = TrainResult(), 0
     if resume is not None:
         state = json.loads((resume / "trainer_state.json").read_text())
         start, result.losses = state["global_step"], list(state["log_history"])
         load_trainable(model, resume, config.method)
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
+        load_optimizer_state(model, optimizer,
+                             torch.load(resume / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(resume / "scheduler.pt", weights_only=True))
         torch.set_rng_state(torch.load(resume / "rng_state.pt", weights_only=True))
-    device_type = next(model.parameters()).device.type
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if config.dtype == "bf16"
-                else nullcontext())
     model.train()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.method,
-               disable=not progress)
+               disable=not progress or not is_main_process())
     for step in bar:
         total = 0.0
         for micro in range(config.grad_accum):
-            with autocast:
-                loss = loss_fn(model, batch_at(step * config.grad_accum + micro))
-            (loss / config.grad_accum).backward()
+            batch = to_device(batch_at(step * config.grad_accum + micro), device)
+            with autocast(precision, device):
+                loss = loss_fn(model, batch)
+            scaler.scale(loss / config.grad_accum).backward()
             total += float(loss.detach()) / config.grad_accum
+        scaler.unscale_(optimizer)
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         result.losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
-        if step + 1 in config.save_steps and config.output is not None and is_main_process():
+        if step + 1 in config.save_steps and config.output is not None:
             metrics = None
             if evaluate is not None:
-                metrics = {"step": step + 1, **evaluated(model, evaluate)}
+                metrics = {"step": step + 1, **evaluated(model, evaluate, precision, device)}
                 result.evals.append(metrics)
-            result.checkpoints.append(save_checkpoint(model, config, step + 1, optimizer,
-                                                      scheduler, result.losses, metrics))
+            saved = save_checkpoint(model, config, step + 1, optimizer, scheduler,
+                                    result.losses, metrics)
+            if saved is not None:
+                result.checkpoints.append(saved)
     return result
 
 
-def evaluated(model: nn.Module, evaluate: EvalFn) -> dict:
-    """``evaluate(model)`` in eval mode without gradients; the model is left in train mode."""
+def evaluated(model: nn.Module, evaluate: EvalFn, precision: torch.dtype | None = None,
+              device: torch.device | None = None) -> dict:
+    """``evaluate(model)`` in eval mode without gradients (and in the training precision); the
+    model is left in train mode."""
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, device or model_device(model)):
             return evaluate(unwrap(model))
     finally:
         model.train()

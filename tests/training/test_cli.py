@@ -37,7 +37,7 @@ def stdlib_docstrings(path: Path) -> Path:
 @pytest.mark.parametrize("argv, message", [
     (["--data", "missing.jsonl"], "missing.jsonl: no such data file"),
     (["--text-field", "body"], "no field(s) body"),
-    (["--targets", "nope", "--method", "lora"], "no nn.Linear module matches --targets nope"),
+    (["--targets", "nope", "--method", "lora"], "no adaptable module (nn.Linear"),
     (["--save-steps", "5,x"], "--save-steps takes comma-separated integers"),
     (["--steps", "4", "--save-steps", "9"], "--save-steps must lie in 1..4"),
     (["--eval-data", "other.jsonl"], "other.jsonl: label(s) not in the training data: json"),

@@ -48,14 +48,20 @@ cross-entropy; causal-lm: cross-entropy per target token and perplexity) in
 checkpoint-N/eval_results.json; OUTPUT/eval_results.json lists all saved steps."""
 
 
+def has_default(action: argparse.Action) -> bool:
+    """Whether ``--help`` shows the option's default (flags and required options have none)."""
+    default = action.default
+    return not (default is None or default is False or default == "" or action.required
+                or default == argparse.SUPPRESS)
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Plain text, each option's default after its help (flags and required options have
     none)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (action.default not in (None, False, argparse.SUPPRESS) and not action.required
-                and "%(default)" not in text):
+        if has_default(action) and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -65,48 +71,54 @@ def build_parser() -> argparse.ArgumentParser:
                formatter_class=HelpFormatter)
     d = TrainConfig()
     p.add_argument("--task", choices=TASKS, default=TASKS[0], help="what to train (see below)")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", metavar="PATH_OR_ID", required=True,
                    help="transformers model: a local folder or a Hugging Face Hub id")
-    p.add_argument("--data", required=True, type=Path, help="training examples (see tasks)")
-    p.add_argument("--eval-data", type=Path,
+    p.add_argument("--data", metavar="FILE", required=True, type=Path,
+                   help="training examples (see tasks)")
+    p.add_argument("--eval-data", metavar="FILE", type=Path,
                    help="held-out examples in the same form, scored at each save")
-    p.add_argument("--text-field", default="text", help="seq-cls: the field holding the text")
-    p.add_argument("--label-field", default="label", help="seq-cls: the field holding the label")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    p.add_argument("--text-field", metavar="NAME", default="text",
+                   help="seq-cls: the field holding the text")
+    p.add_argument("--label-field", metavar="NAME", default="label",
+                   help="seq-cls: the field holding the label")
+    p.add_argument("--max-length", metavar="N", type=int, default=128, help="tokens per example")
     p.add_argument("--method", choices=METHODS, default=d.method,
                    help="ft (all weights), lora (Eq. 1) or dora (Eq. 5)")
-    p.add_argument("--targets", default=",".join(d.targets),
+    p.add_argument("--targets", metavar="NAMES", default=",".join(d.targets),
                    help="comma-separated names of the modules that get adapters (PEFT's suffix "
                    "rule: q_proj matches model.layers.0.self_attn.q_proj); auto = the attention "
                    "query and value projections. Linear, Conv1d, Conv2d, GPT-2 Conv1D and "
                    "Embedding modules can be adapted")
-    p.add_argument("--magnitude-only", default="",
+    p.add_argument("--magnitude-only", metavar="NAMES", default="",
                    help="dora: targets that train only their magnitude (paper Table 6)")
-    p.add_argument("--rank", type=int, default=d.rank, help="adapter rank r")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="adapter scale: alpha / r")
-    p.add_argument("--dropout", type=float, default=d.dropout,
+    p.add_argument("--rank", metavar="R", type=int, default=d.rank, help="adapter rank r")
+    p.add_argument("--alpha", metavar="ALPHA", type=float, default=d.alpha,
+                   help="adapter scale: alpha / r")
+    p.add_argument("--dropout", metavar="P", type=float, default=d.dropout,
                    help="dropout on the adapter input")
     p.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA)")
     p.add_argument("--full-norm-gradient", action="store_true",
                    help="dora: backpropagate through ||W0 + sBA|| (default: detached, paper "
                    "section 4.3)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
+    p.add_argument("--lr", metavar="LR", type=float, default=d.lr,
+                   help="peak learning rate (AdamW)")
+    p.add_argument("--steps", metavar="N", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--batch-size", metavar="N", type=int, default=d.batch_size,
                    help="examples per micro-batch, per process")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum,
+    p.add_argument("--grad-accum", metavar="N", type=int, default=d.grad_accum,
                    help="micro-batches per optimizer step")
-    p.add_argument("--warmup", type=int, default=d.warmup_steps,
+    p.add_argument("--warmup", metavar="N", type=int, default=d.warmup_steps,
                    help="linear warm-up steps, then linear decay to zero")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+    p.add_argument("--weight-decay", metavar="WD", type=float, default=d.weight_decay,
                    help="AdamW weight decay (biases and norm weights are never decayed)")
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+    p.add_argument("--max-grad-norm", metavar="NORM", type=float, default=d.max_grad_norm,
                    help="clip the gradient norm to this (0: no clipping)")
-    p.add_argument("--save-steps", default="",
+    p.add_argument("--save-steps", metavar="STEPS", default="",
                    help="steps to save at, e.g. 10,20,40 (the last step is always saved)")
-    p.add_argument("--output", required=True, type=Path,
+    p.add_argument("--output", metavar="DIR", required=True, type=Path,
                    help="run folder for checkpoint-N/ subfolders")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation and data order")
+    p.add_argument("--seed", metavar="N", type=int, default=d.seed,
+                   help="seed of initialisation and data order")
     p.add_argument("--device", choices=DEVICES, default=d.device,
                    help="auto: CUDA, else Apple MPS, else CPU")
     p.add_argument("--dtype", type=canonical_dtype, choices=DTYPES, default=d.dtype,
@@ -117,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", choices=PARALLEL, default=d.parallel,
                    help="under torchrun: ddp (a full replica per process) or fsdp (FSDP2, "
                    "parameters sharded across processes)")
-    p.add_argument("--resume", type=Path, help="a checkpoint-N folder of this run to continue")
+    p.add_argument("--resume", metavar="DIR", type=Path,
+                   help="a checkpoint-N folder of this run to continue")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 

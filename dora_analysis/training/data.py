@@ -141,8 +141,12 @@ def causal_format(records: Sequence[tuple[int, dict]], path: Path) -> str:
                 None)
     shapes = "; ".join(" + ".join(fields) for fields in CAUSAL_FORMATS.values())
     if kind is None:
-        raise TrainingDataError(f"{path}: line {records[0][0]} has fields "
-                                f"{', '.join(first) or 'none'}; each line needs one of: {shapes}")
+        partial = [f"{' and '.join(f for f in fields if f in first)} but no "
+                   f"{' and '.join(f for f in fields if f not in first)}"
+                   for fields in CAUSAL_FORMATS.values() if any(f in first for f in fields)]
+        found = partial[0] if partial else "fields " + (", ".join(first) or "none")
+        raise TrainingDataError(f"{path}: line {records[0][0]} has {found}; each line needs "
+                                f"one of: {shapes}")
     problems = []
     for number, record in records:
         for name in CAUSAL_FORMATS[kind]:

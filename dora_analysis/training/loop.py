@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, ConfigError
 from .config import TrainConfig
 from .distributed import (
     gathered_state,
@@ -73,12 +73,14 @@ def prepare(model: nn.Module, config: TrainConfig) -> nn.Module:
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """transformers' activation checkpointing, non-reentrant (works with frozen inputs)."""
-    from ..errors import ConfigError
-
-    if not hasattr(model, "gradient_checkpointing_enable"):
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
         raise ConfigError("--gradient-checkpointing needs a transformers model "
                           f"({type(model).__name__} has no gradient_checkpointing_enable)")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a KV cache is useless in training, and warned about
 

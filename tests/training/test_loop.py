@@ -163,3 +163,51 @@ def test_weight_decay_spares_biases_and_norms_but_not_dora_magnitudes(tmp_path):
     assert all(n.endswith("bias") or "LayerNorm" in n for n in spared)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert decayed | spared == trainable
+
+
+def tiny_llama_model(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder)
+
+
+def lm_batch_at(i: int) -> dict:
+    g = torch.Generator().manual_seed(2000 + i)
+    ids = torch.randint(5, 2000, (2, 12), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def test_gradient_checkpointing_changes_memory_not_gradients(tiny_llama):
+    """Recomputed activations give the same loss and gradients (no dropout: deterministic)."""
+    grads = {}
+    for checkpointing in (False, True):
+        cfg = TrainConfig(method="dora", rank=4, alpha=8, steps=1,
+                          gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)  # the same A initialisation
+        model = loop.prepare(tiny_llama_model(tiny_llama), cfg)
+        with torch.no_grad():  # B away from zero, so every factor gets a gradient
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        model.train()
+        checkpointed = [m.gradient_checkpointing for m in model.modules()
+                        if hasattr(m, "gradient_checkpointing")]
+        assert checkpointed and all(c == checkpointing for c in checkpointed)
+        loss = loop.hf_loss(model, lm_batch_at(0))
+        loss.backward()
+        grads[checkpointing] = (loss.item(), {n: p.grad for n, p in model.named_parameters()
+                                              if p.requires_grad})
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-6)
+    assert sorted(grads[True][1]) == sorted(grads[False][1])
+    for name, grad in grads[False][1].items():
+        torch.testing.assert_close(grads[True][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_trains_in_bf16_and_keeps_float32_weights(tmp_path, tiny_llama):
+    cfg = TrainConfig(method="lora", rank=4, alpha=8, lr=1e-2, steps=1, batch_size=2,
+                      dtype="bfloat16")
+    model = loop.prepare(tiny_llama_model(tiny_llama), cfg)
+    seen = []
+    model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    loop.train(model, lm_batch_at, cfg)
+    assert seen == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert cfg.targets == ("q_proj", "v_proj")  # auto resolved, as recorded in adapter_config

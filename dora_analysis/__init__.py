@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "AnalysisConfig": "config",
     "DoraAnalysisError": "errors",
     "analyze": "analysis",
+    "analyze_model": "live",
     "compare": "decompose",
     "correlate": "stats",
     "delta_direction": "decompose",
@@ -44,6 +45,7 @@ __all__ = [
     "AnalysisConfig",
     "DoraAnalysisError",
     "analyze",
+    "analyze_model",
     "compare",
     "correlate",
     "delta_direction",
@@ -75,6 +77,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first
     from .config import AnalysisConfig
     from .decompose import compare, delta_direction, delta_magnitude, direction, magnitude
     from .errors import DoraAnalysisError
+    from .live import analyze_model
     from .report import write_html, write_table
     from .stats import correlate
     from .tables import read_table

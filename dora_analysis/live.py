@@ -1,0 +1,101 @@
+"""``analyze_model(model, base)``: the analysis table of a model that is still in memory — a
+plain module, a PEFT-wrapped one, or one with this project's LoRA/DoRA layers — without saving
+it. For custom training loops and notebooks; the rows are those :func:`~dora_analysis.analyze`
+gives for the same weights saved to disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .analysis import (
+    Job,
+    Ref,
+    TunedCheckpoint,
+    _as_ref,
+    matrix_infos,
+    plan_pairs,
+    run_job,
+    to_frame,
+)
+from .config import AnalysisConfig, check_method
+from .decompose import Workspace
+from .errors import (
+    CheckpointFormatError,
+    ConfigError,
+    TensorMismatchError,
+    listing,
+)
+from .io.base import TensorSource
+from .io.memory import StateDictSource, open_module
+from .io.open import open_checkpoint, resolve
+
+Base = Ref | nn.Module | Mapping[str, torch.Tensor]
+
+
+def open_base(base: Base, config: AnalysisConfig) -> TensorSource:
+    """The base as a source: a checkpoint reference, a module or a state dict."""
+    if isinstance(base, nn.Module):
+        return StateDictSource(base.state_dict(), f"<{type(base).__name__}>")
+    if isinstance(base, Mapping):
+        return StateDictSource(base, "<state dict>")
+    path, _ = resolve(_as_ref(base), config.token)
+    return open_checkpoint(path, config.read_options)
+
+
+def analyze_model(
+    model: nn.Module,
+    base: Base,
+    *,
+    label: str = "model",
+    step: int | None = None,
+    method: str = "auto",
+    config: AnalysisConfig | None = None,
+    **settings,
+) -> pd.DataFrame:
+    """Compare an in-memory model with its base: one row per (matrix, axis), as :func:`analyze`.
+
+    Args:
+        model: the tuned model — plain (its weights are compared), PEFT-wrapped or with this
+            project's adapter layers (the adapter is merged with ``base`` as it is read, exactly
+            as a saved adapter folder would be; adapters must not be merged into the model).
+        base: the pre-trained weights: a checkpoint reference (file, folder, ``org/name``), a
+            module, or a state dict.
+        label, step: the ``checkpoint`` and ``step`` columns of the rows.
+        method: ``auto`` (``lora``/``dora`` from the adapter, else ``unknown``) or a method name.
+        config: an :class:`AnalysisConfig`, or its fields as keywords (``modules=("q", "v")``).
+
+    Example:
+        >>> table = analyze_model(peft_model, "meta-llama/Llama-3.2-1B", step=100)  # doctest: +SKIP
+    """
+    if config is None:
+        config = AnalysisConfig.from_settings(**settings)
+    elif settings:
+        raise ConfigError("pass either config= or keyword settings, not both")
+    check_method(method)
+    with open_base(base, config) as base_src:
+        base_infos = matrix_infos(base_src)
+        if not base_infos:
+            raise CheckpointFormatError(f"{base_src.path}: holds no floating-point weight "
+                                        "matrices")
+        with torch.no_grad(), open_module(model, base_src, label) as tuned_src:
+            pairs, mismatches = plan_pairs(base_infos, matrix_infos(tuned_src), config,
+                                           Path(label), tuned_src.transposed,
+                                           partial=tuned_src.partial)
+            if mismatches and not config.skip_mismatched:
+                raise TensorMismatchError(
+                    f"{len(mismatches)} tensor(s) of {label} differ in shape from the base: "
+                    f"{listing(mismatches)}; is this the right base?", mismatches)
+            if not pairs:
+                raise TensorMismatchError(f"{label}: no weight matrix in common with the base "
+                                          "(after the filters); is this the right base?")
+            resolved = tuned_src.method if method == "auto" else method
+            job = Job(TunedCheckpoint(label, method, step, Path(label), label), resolved,
+                      tuple(pairs))
+            records = run_job(job, base_src, tuned_src, config, workspace=Workspace())
+    return to_frame(records, config)

@@ -34,6 +34,7 @@ from .errors import (
 from .io.base import TensorSource
 from .io.memory import StateDictSource, open_module
 from .io.open import open_checkpoint, resolve
+from .pairs import MatrixPair
 
 Base = Ref | nn.Module | Mapping[str, torch.Tensor]
 
@@ -46,6 +47,37 @@ def open_base(base: Base, config: AnalysisConfig) -> TensorSource:
         return StateDictSource(base, "<state dict>")
     path, _ = resolve(_as_ref(base), config.token)
     return open_checkpoint(path, config.read_options)
+
+
+def model_pairs(model_src: TensorSource, base_src: TensorSource, config: AnalysisConfig,
+                label: str) -> list[MatrixPair]:
+    """The matrix pairs of a model against its base; every shape problem reported at once."""
+    base_infos = matrix_infos(base_src)
+    if not base_infos:
+        raise CheckpointFormatError(f"{base_src.path}: holds no floating-point weight matrices")
+    pairs, mismatches = plan_pairs(base_infos, matrix_infos(model_src), config, Path(label),
+                                   model_src.transposed, partial=model_src.partial)
+    if mismatches and not config.skip_mismatched:
+        raise TensorMismatchError(
+            f"{len(mismatches)} tensor(s) of {label} differ in shape from the base: "
+            f"{listing(mismatches)}; is this the right base?", mismatches)
+    if not pairs:
+        raise TensorMismatchError(f"{label}: no weight matrix in common with the base (after the "
+                                  "filters); is this the right base?")
+    return pairs
+
+
+def check_model(model: nn.Module, base: Base, config: AnalysisConfig | None = None,
+                label: str = "model") -> None:
+    """Raise :class:`TensorMismatchError` unless ``base`` is the base of ``model`` (names and
+    shapes; the base's headers only, no weight is compared).
+
+    Example:
+        >>> check_model(peft_model, "meta-llama/Llama-3.2-1B")  # doctest: +SKIP
+    """
+    config = config or AnalysisConfig()
+    with open_base(base, config) as base_src, open_module(model, base_src, label) as model_src:
+        model_pairs(model_src, base_src, config, label)
 
 
 def analyze_model(
@@ -78,24 +110,10 @@ def analyze_model(
     elif settings:
         raise ConfigError("pass either config= or keyword settings, not both")
     check_method(method)
-    with open_base(base, config) as base_src:
-        base_infos = matrix_infos(base_src)
-        if not base_infos:
-            raise CheckpointFormatError(f"{base_src.path}: holds no floating-point weight "
-                                        "matrices")
-        with torch.no_grad(), open_module(model, base_src, label) as tuned_src:
-            pairs, mismatches = plan_pairs(base_infos, matrix_infos(tuned_src), config,
-                                           Path(label), tuned_src.transposed,
-                                           partial=tuned_src.partial)
-            if mismatches and not config.skip_mismatched:
-                raise TensorMismatchError(
-                    f"{len(mismatches)} tensor(s) of {label} differ in shape from the base: "
-                    f"{listing(mismatches)}; is this the right base?", mismatches)
-            if not pairs:
-                raise TensorMismatchError(f"{label}: no weight matrix in common with the base "
-                                          "(after the filters); is this the right base?")
-            resolved = tuned_src.method if method == "auto" else method
-            job = Job(TunedCheckpoint(label, method, step, Path(label), label), resolved,
-                      tuple(pairs))
-            records = run_job(job, base_src, tuned_src, config, workspace=Workspace())
+    with torch.no_grad(), open_base(base, config) as base_src, \
+            open_module(model, base_src, label) as model_src:
+        pairs = model_pairs(model_src, base_src, config, label)
+        resolved = model_src.method if method == "auto" else method
+        job = Job(TunedCheckpoint(label, method, step, Path(label), label), resolved, tuple(pairs))
+        records = run_job(job, base_src, model_src, config, workspace=Workspace())
     return to_frame(records, config)

@@ -1,0 +1,179 @@
+"""ΔM/ΔD while a Hugging Face ``Trainer`` (or TRL's ``SFTTrainer`` …) trains: a callback.
+
+On every save, :class:`DoraAnalysisCallback` analyses the checkpoint the Trainer has just written
+(``on_save`` runs after ``OUTPUT/checkpoint-N`` is complete): full weights or a PEFT adapter
+folder, against the pre-trained base. It appends the rows, with their ``step``, to a Parquet
+table in the run folder (rewritten atomically; the dashboard and :func:`dora_analysis.read_table`
+read it while the run goes on), and logs per module kind the mean ``delta_m`` and ``delta_d`` of
+that checkpoint and the Pearson r of all rows so far as ``dora/<module>/delta_m``,
+``dora/<module>/delta_d`` and ``dora/<module>/pearson_r`` through the Trainer's own ``log`` —
+so TensorBoard, W&B, trackio, MLflow … show them next to the loss.
+
+Callbacks are not handed the Trainer; its ``log`` is reached through the Trainer that calls the
+event (or give ``trainer=``). The base Trainer's ``log`` is called, not a subclass's: TRL's
+``log`` would fold its pending training metrics into our entry.
+
+Only the main process works; the callback reads files and never touches the model, the
+optimizer or the data, so training is the same with and without it (tested). A base that does
+not fit the model is an error when training starts; a checkpoint that cannot be analysed is an
+:class:`~dora_analysis.errors.AnalysisCallbackWarning` and training goes on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import transformers
+
+from .. import columns as C
+from ..config import AnalysisConfig
+from ..errors import AnalysisCallbackWarning, ConfigError, DoraAnalysisError
+
+PEFT_BASE_ATTRIBUTE = "base_model_name_or_path"
+
+
+def default_base(model) -> str | None:
+    """The pre-trained source a model names: PEFT's ``base_model_name_or_path``, else the
+    ``transformers`` config's ``_name_or_path``."""
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict):
+        for config in peft_config.values():
+            name = getattr(config, PEFT_BASE_ATTRIBUTE, None)
+            if name:
+                return name
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name or None
+
+
+def calling_trainer(limit: int = 12) -> transformers.Trainer | None:
+    """The ``Trainer`` whose method triggered the current callback event, from the call stack."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(limit):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, transformers.Trainer):
+                return candidate
+        return None
+    finally:
+        del frame
+
+
+def module_summary(rows, history) -> dict[str, float]:
+    """``dora/<module>/delta_m|delta_d`` (means over this checkpoint's rows) and
+    ``dora/<module>/pearson_r`` (over every row so far), per module kind."""
+    from ..stats import correlation, usable_points
+
+    logs: dict[str, float] = {}
+    rows, history = usable_points(rows), usable_points(history)
+    for module, part in rows.groupby(C.MODULE, sort=True):
+        logs[f"dora/{module}/delta_m"] = float(part[C.DELTA_M].mean())
+        logs[f"dora/{module}/delta_d"] = float(part[C.DELTA_D].mean())
+        seen = history[history[C.MODULE] == module]
+        r = correlation(seen[C.DELTA_D].to_numpy(), seen[C.DELTA_M].to_numpy())[C.PEARSON_R]
+        if not math.isnan(r):
+            logs[f"dora/{module}/pearson_r"] = r
+    return logs
+
+
+class DoraAnalysisCallback(transformers.TrainerCallback):
+    """Analyse each checkpoint as it is saved; log ΔM, ΔD and their correlation.
+
+    Args:
+        base: the pre-trained weights (path or Hub id); default: the model's own source
+            (PEFT's ``base_model_name_or_path``, else ``model.config._name_or_path``).
+        modules: module kinds to keep (``("q", "v")``); default all.
+        axis: ``out`` (per output channel, as the paper), ``in`` or ``both``.
+        output: the table's file name inside ``output_dir`` (``.parquet``, ``.csv``, ``.json``).
+        log: log the per-module summary through the Trainer.
+        trainer: the Trainer, if it cannot be found from the calling event.
+        settings: other :class:`~dora_analysis.AnalysisConfig` fields (``include=…``).
+
+    Example:
+        >>> trainer = SFTTrainer(model=..., args=..., train_dataset=...,  # doctest: +SKIP
+        ...                      callbacks=[DoraAnalysisCallback(modules=("q", "v"))])
+    """
+
+    def __init__(self, base: str | Path | None = None, modules: Sequence[str] | None = None,
+                 axis: str = "out", output: str = "dora_analysis.parquet", log: bool = True, *,
+                 trainer: transformers.Trainer | None = None, **settings) -> None:
+        from ..report import TABLE_WRITERS
+
+        self.config = AnalysisConfig.from_settings(
+            axis=axis, modules=None if modules is None else tuple(modules), **settings)
+        if Path(output).suffix.lower() not in TABLE_WRITERS or Path(output).name != output:
+            raise ConfigError(f"output must be a file name ending in "
+                              f"{', '.join(TABLE_WRITERS)}, got {output!r}")
+        self.base = None if base is None else str(base)
+        self.output, self.log, self.trainer = output, log, trainer
+        self.table = None  # every row so far
+
+    # -- events ---------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """Resolve the base and check that it fits the model, before the first step."""
+        if not state.is_world_process_zero:
+            return
+        if self.base is None:
+            self.base = default_base(model)
+            if self.base is None:
+                raise ConfigError("DoraAnalysisCallback: the model does not name its pre-trained "
+                                  "source; pass base= (a path or Hub id)")
+        from ..live import check_model
+
+        try:
+            check_model(model, self.base, self.config, label=type(model).__name__)
+        except (DoraAnalysisError, OSError) as exc:
+            raise ConfigError(f"DoraAnalysisCallback: base {self.base} does not fit the model "
+                              f"being trained: {str(exc).splitlines()[0]}") from None
+        if self.trainer is None:
+            self.trainer = calling_trainer()
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or self.base is None:
+            return
+        step = state.global_step
+        folder = Path(args.output_dir) / f"checkpoint-{step}"
+        try:
+            rows = self.analyse(folder)
+        except Exception as exc:  # an observer: a failed analysis must not end the run
+            warnings.warn(AnalysisCallbackWarning(
+                f"{folder}: not analysed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                "training goes on"), stacklevel=2)
+            return
+        self.append(rows, Path(args.output_dir) / self.output, step)
+        if self.log:
+            trainer = self.trainer if self.trainer is not None else calling_trainer()
+            if trainer is None:
+                warnings.warn(AnalysisCallbackWarning(
+                    "the Trainer was not found, so ΔM/ΔD are not logged (rows are written); "
+                    "pass DoraAnalysisCallback(trainer=trainer)"), stacklevel=2)
+                return
+            logs = module_summary(rows, self.table)
+            if logs:
+                transformers.Trainer.log(trainer, logs)
+
+    # -- work -----------------------------------------------------------------------------------
+    def analyse(self, folder: Path):
+        """The table of one saved checkpoint (what ``dora-analyze BASE folder`` prints)."""
+        from ..analysis import analyze
+
+        return analyze(self.base, folder, config=self.config)
+
+    def append(self, rows, path: Path, step: int) -> None:
+        """Add one checkpoint's rows to the run's table (rows of the same step are replaced, as
+        after a resume), rewriting the file atomically."""
+        import pandas as pd
+
+        from ..report import read_table, write_table
+
+        if self.table is None:
+            self.table = read_table(path) if path.is_file() else rows.iloc[0:0]
+        kept = self.table[self.table[C.STEP] != step]
+        self.table = pd.concat([kept, rows], ignore_index=True) if len(kept) else rows
+        write_table(self.table, path)

@@ -1,0 +1,185 @@
+"""DoraAnalysisCallback inside a real Trainer run on a tiny LLaMA (CPU): rows equal a separate
+analysis of the same checkpoints, TensorBoard holds the dora/ tags, training is unchanged; PEFT
+adapters; a base that does not fit; a failed analysis does not stop training."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import dora_analysis as da
+from dora_analysis.errors import AnalysisCallbackWarning, ConfigError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tensorboard")
+from dora_analysis.integrations.transformers import DoraAnalysisCallback  # noqa: E402
+
+TAGS = ("delta_m", "delta_d", "pearson_r")
+
+
+def dataset(n: int = 12, length: int = 10) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(1000, 3000, (length,), generator=g)
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return rows
+
+
+def run_trainer(model, out, callbacks=(), report_to=("tensorboard",), steps=6):
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=steps, save_strategy="steps", save_steps=2,
+        logging_steps=1, per_device_train_batch_size=2, learning_rate=5e-3, use_cpu=True,
+        seed=0, data_seed=0, report_to=list(report_to), disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(),
+                                   callbacks=list(callbacks))
+    trainer.train()
+    return trainer
+
+
+def losses(trainer) -> list[float]:
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found = {}
+    for events in folder.rglob("events.out.tfevents.*"):  # OUTPUT/runs/<date>/
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            found[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    return found
+
+
+def same_table(written, separate) -> None:
+    keys = ["step", "name", "axis"]
+    a = written.sort_values(keys).reset_index(drop=True)
+    b = separate.sort_values(keys).reset_index(drop=True)
+    assert list(a.columns) == list(b.columns) and len(a) == len(b) > 0
+    for column in a.columns:
+        if a[column].dtype.kind == "f":
+            assert a[column].to_numpy() == pytest.approx(b[column].to_numpy(), rel=1e-12,
+                                                         nan_ok=True), column
+        elif column != "ref":  # the same folder, spelled from the run or from the checkpoint
+            assert a[column].astype(str).tolist() == b[column].astype(str).tolist(), column
+
+
+def test_full_fine_tuning_rows_tensorboard_and_unchanged_training(tmp_path, tiny_llama):
+    llama = transformers.AutoModelForCausalLM.from_pretrained
+    torch.manual_seed(0)
+    plain = run_trainer(llama(tiny_llama), tmp_path / "plain")
+    callback = DoraAnalysisCallback(modules=("q", "v", "down"))
+    torch.manual_seed(0)
+    watched = run_trainer(llama(tiny_llama), tmp_path / "run", [callback])
+    assert losses(watched) == losses(plain) and len(losses(plain)) == 6  # training unchanged
+
+    written = da.read_table(tmp_path / "run" / "dora_analysis.parquet")
+    assert sorted(set(written["step"])) == [2, 4, 6]
+    same_table(written, da.analyze(tiny_llama, tmp_path / "run", modules=("q", "v", "down")))
+
+    tb = scalars(tmp_path / "run")
+    for module in ("q", "v", "down"):
+        for tag in TAGS:
+            steps = [s for s, _ in tb[f"train/dora/{module}/{tag}"]]
+            assert steps == ([2, 4, 6] if tag != "pearson_r" else [4, 6]), (module, tag)
+    step4 = written[(written["step"] == 4) & (written["module"] == "q")]
+    logged = dict(tb["train/dora/q/delta_m"])[4]
+    assert logged == pytest.approx(step4["delta_m"].mean(), rel=1e-6)
+    upto6 = written[written["module"] == "v"]
+    r = upto6["delta_d"].corr(upto6["delta_m"])
+    assert dict(tb["train/dora/v/pearson_r"])[6] == pytest.approx(r, rel=1e-5)
+    assert any("train/loss" == tag for tag in tb)  # next to the loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_peft_adapters_are_analysed_against_their_base(tmp_path, tiny_llama, use_dora):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(tiny_llama),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        use_dora=use_dora))
+    run_trainer(model, tmp_path / "run", [DoraAnalysisCallback()])  # base from the adapter
+    written = da.read_table(tmp_path / "run" / "dora_analysis.parquet")
+    assert set(written["method"]) == {"dora" if use_dora else "lora"}
+    assert (tmp_path / "run" / "checkpoint-6" / "adapter_model.safetensors").is_file()
+    same_table(written, da.analyze(tiny_llama, tmp_path / "run"))
+    assert "train/dora/q/pearson_r" in scalars(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_trl_sft_trainer(tmp_path, tiny_llama):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    data = datasets.Dataset.from_list(
+        [{"prompt": f"what is {i} plus {i}?", "completion": f" it is {2 * i}."}
+         for i in range(12)])
+    args = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2,
+                         logging_steps=1, per_device_train_batch_size=2, use_cpu=True,
+                         report_to=["tensorboard"], disable_tqdm=True, max_length=32)
+    trainer = trl.SFTTrainer(model=str(tiny_llama), args=args, train_dataset=data,
+                             callbacks=[DoraAnalysisCallback(modules=("q", "v"))])
+    trainer.train()
+    written = da.read_table(tmp_path / "run" / "dora_analysis.parquet")
+    assert sorted(set(written["step"])) == [2, 4]
+    same_table(written, da.analyze(tiny_llama, tmp_path / "run", modules=("q", "v")))
+    tb = scalars(tmp_path / "run")
+    assert [s for s, _ in tb["train/dora/q/delta_d"]] == [2, 4]
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logged) == 4 and all("mean_token_accuracy" in e for e in logged)  # TRL's intact
+
+
+def test_a_base_that_does_not_fit_stops_before_the_first_step(tmp_path, tiny_llama):
+    torch.manual_seed(0)
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=120, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1))
+    other.save_pretrained(tmp_path / "other")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with pytest.raises(ConfigError, match=r"DoraAnalysisCallback: base .*other does not fit the "
+                                          r"model being trained: .* differ in shape"):
+        run_trainer(model, tmp_path / "run", [DoraAnalysisCallback(base=tmp_path / "other")],
+                    report_to=())
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_a_checkpoint_that_cannot_be_analysed_is_a_warning_and_training_goes_on(
+        tmp_path, tiny_llama, monkeypatch):
+    callback = DoraAnalysisCallback()
+
+    def broken(folder):
+        raise da.DoraAnalysisError("disk trouble")
+
+    monkeypatch.setattr(callback, "analyse", broken)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = run_trainer(model, tmp_path / "run", [callback], report_to=(), steps=2)
+    messages = [str(w.message) for w in caught if w.category is AnalysisCallbackWarning]
+    assert messages == [f"{tmp_path / 'run' / 'checkpoint-2'}: not analysed (DoraAnalysisError: "
+                        "disk trouble); training goes on"]
+    assert trainer.state.global_step == 2 and not (tmp_path / "run" / "dora_analysis.parquet"
+                                                   ).exists()
+
+
+def test_only_the_main_process_works(tmp_path):
+    callback = DoraAnalysisCallback(base="unused")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    state = transformers.TrainerState(global_step=2)
+    state.is_world_process_zero = False
+    callback.on_train_begin(args, state, transformers.TrainerControl(), model=None)
+    callback.on_save(args, state, transformers.TrainerControl())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_settings_are_checked_when_the_callback_is_made():
+    with pytest.raises(ConfigError, match="--axis must be one of"):
+        DoraAnalysisCallback(axis="rows")
+    with pytest.raises(ConfigError, match="output must be a file name ending in"):
+        DoraAnalysisCallback(output="runs/table.xlsx")
+    assert json.dumps(DoraAnalysisCallback().config.axes) == '["out"]'

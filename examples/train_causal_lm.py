@@ -60,7 +60,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or str(tiny_llama(args.out / "tiny-llama"))
     data = arithmetic(args.out / "train.jsonl")
-    save = ",".join(str(args.steps * k // 4) for k in (1, 2, 3))
+    save = ",".join(sorted({str(max(1, args.steps * k // 4)) for k in (1, 2, 3)}))
     runs = []
     for method, lr in LEARNING_RATES.items():
         run = args.out / method

@@ -45,8 +45,9 @@ def main() -> None:
         transformers.AutoModelForCausalLM.from_pretrained(model_ref),
         peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj"]))
     callback = DoraAnalysisCallback(modules=("q", "v"))  # base: the model's own source
-    common = dict(output_dir=str(args.out / "run"), max_steps=args.steps, save_steps=10,
-                  logging_steps=5, learning_rate=5e-3, per_device_train_batch_size=8,
+    common = dict(output_dir=str(args.out / "run"), max_steps=args.steps,
+                  save_steps=max(1, args.steps // 3), logging_steps=max(1, args.steps // 6),
+                  learning_rate=5e-3, per_device_train_batch_size=8,
                   report_to=["tensorboard"])
     if args.trl:
         import datasets

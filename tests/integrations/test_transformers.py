@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import dora_analysis as da
 from dora_analysis.errors import AnalysisCallbackWarning, ConfigError
@@ -33,7 +34,8 @@ def run_trainer(model, out, callbacks=(), report_to=("tensorboard",), steps=6):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=steps, save_strategy="steps", save_steps=2,
         logging_steps=1, per_device_train_batch_size=2, learning_rate=5e-3, use_cpu=True,
-        seed=0, data_seed=0, report_to=list(report_to), disable_tqdm=True)
+        seed=0, data_seed=0, report_to=list(report_to), disable_tqdm=True,
+        save_only_model=True)  # no optimizer state: faster, and the callback reads weights only
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(),
                                    callbacks=list(callbacks))
     trainer.train()
@@ -69,15 +71,10 @@ def same_table(written, separate) -> None:
             assert a[column].astype(str).tolist() == b[column].astype(str).tolist(), column
 
 
-def test_full_fine_tuning_rows_tensorboard_and_unchanged_training(tmp_path, tiny_llama):
-    llama = transformers.AutoModelForCausalLM.from_pretrained
-    torch.manual_seed(0)
-    plain = run_trainer(llama(tiny_llama), tmp_path / "plain")
-    callback = DoraAnalysisCallback(modules=("q", "v", "down"))
-    torch.manual_seed(0)
-    watched = run_trainer(llama(tiny_llama), tmp_path / "run", [callback])
-    assert losses(watched) == losses(plain) and len(losses(plain)) == 6  # training unchanged
-
+def test_full_fine_tuning_rows_equal_a_separate_analysis_and_tensorboard_has_them(
+        tmp_path, tiny_llama):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    run_trainer(model, tmp_path / "run", [DoraAnalysisCallback(modules=("q", "v", "down"))])
     written = da.read_table(tmp_path / "run" / "dora_analysis.parquet")
     assert sorted(set(written["step"])) == [2, 4, 6]
     same_table(written, da.analyze(tiny_llama, tmp_path / "run", modules=("q", "v", "down")))
@@ -94,6 +91,21 @@ def test_full_fine_tuning_rows_tensorboard_and_unchanged_training(tmp_path, tiny
     r = upto6["delta_d"].corr(upto6["delta_m"])
     assert dict(tb["train/dora/v/pearson_r"])[6] == pytest.approx(r, rel=1e-5)
     assert any("train/loss" == tag for tag in tb)  # next to the loss
+
+
+@pytest.mark.slow
+def test_training_is_the_same_with_and_without_the_callback(tmp_path, tiny_llama):
+    llama = transformers.AutoModelForCausalLM.from_pretrained
+    torch.manual_seed(0)
+    plain = run_trainer(llama(tiny_llama), tmp_path / "plain")
+    torch.manual_seed(0)
+    watched = run_trainer(llama(tiny_llama), tmp_path / "run", [DoraAnalysisCallback()])
+    assert len(losses(plain)) == 6 and losses(watched) == losses(plain)
+    assert (tmp_path / "run" / "dora_analysis.parquet").is_file()
+    for step in (2, 4, 6):  # and the saved weights too
+        a = load_file(str(tmp_path / "plain" / f"checkpoint-{step}" / "model.safetensors"))
+        b = load_file(str(tmp_path / "run" / f"checkpoint-{step}" / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

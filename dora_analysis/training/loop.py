@@ -196,11 +196,13 @@ def save_checkpoint(model: nn.Module, config: TrainConfig, step: int, optimizer,
 
 def load_trainable(model: nn.Module, folder: Path, method: str) -> None:
     """Put a checkpoint's trained weights back into a prepared model."""
-    if method == "ft":
-        state = load_file(str(folder / "model.safetensors"))
-    else:  # PEFT's names are ours behind the prefix
-        saved = load_file(str(folder / "adapter_model.safetensors"))
-        state = {key.removeprefix(PEFT_PREFIX): value for key, value in saved.items()}
+    file = folder / ("model.safetensors" if method == "ft" else "adapter_model.safetensors")
+    if not file.is_file():
+        raise CheckpointFormatError(f"{folder}: no {file.name}; resume a checkpoint of a "
+                                    f"--method {method} run")
+    state = load_file(str(file))
+    if method != "ft":  # PEFT's names are ours behind the prefix
+        state = {key.removeprefix(PEFT_PREFIX): value for key, value in state.items()}
     known = set(unwrap(model).state_dict())
     unknown = sorted(set(state) - known)
     if unknown:

@@ -4,37 +4,23 @@ written once, by rank 0, complete (full shapes, every entry), and a sharded run 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.training.torchrun import torchrun
+
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers")
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-                        "GLOO_SOCKET_IFNAME": "lo"}  # loopback only
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                           str(WORKER), str(out)],
-                          capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(WORKER, str(out))
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     return out, {r["name"]: r for r in ranks[0]}, {r["name"]: r for r in ranks[1]}
 
@@ -80,3 +66,22 @@ def test_a_sharded_run_resumes_to_the_same_weights(runs):
     straight, resumed = rank0["fsdp-dora"], rank0["fsdp-dora-resumed"]
     assert resumed["losses"] == pytest.approx(straight["losses"], rel=1e-5)
     close(straight["weights"], resumed["weights"])
+
+
+def test_dora_train_cli_under_torchrun_with_fsdp(tmp_path, tiny_llama):
+    """The command itself: process group from torchrun, FSDP2, each rank its own batches."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"what is {i} plus {i}?",
+                                          "response": f"it is {2 * i}."}) for i in range(16)))
+    torchrun("-m", "dora_analysis.training.cli", "--task", "causal-lm", "--model",
+             str(tiny_llama), "--data", str(data), "--method", "dora", "--parallel", "fsdp",
+             "--device", "cpu", "--steps", "3", "--save-steps", "2", "--batch-size", "2",
+             "--eval-data", str(data), "--output", str(tmp_path / "run"), "-q")
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint-2", "checkpoint-3", "eval_results.json"]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["config"]["parallel"] == "fsdp" and len(state["log_history"]) == 3
+    adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert adapter["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (
+        8, 32)  # full, gathered from both processes

@@ -211,3 +211,13 @@ def test_bf16_autocast_trains_in_bf16_and_keeps_float32_weights(tmp_path, tiny_l
     assert seen == [torch.bfloat16]
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert cfg.targets == ("q_proj", "v_proj")  # auto resolved, as recorded in adapter_config
+
+
+def test_resuming_a_checkpoint_of_another_method_is_refused(tmp_path):
+    cfg = config(tmp_path, "ft")
+    loop.train(loop.prepare(tiny_bert(), cfg), batch_at, cfg)
+    other = config(tmp_path / "other", "lora")
+    with pytest.raises(da.DoraAnalysisError, match=r"checkpoint-2: no adapter_model.safetensors; "
+                                                   r"resume a checkpoint of a --method lora run"):
+        loop.train(loop.prepare(tiny_bert(), other), batch_at, other,
+                   resume=cfg.output / "checkpoint-2")

@@ -141,12 +141,12 @@ class DoraAnalysisCallback(transformers.TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{step}"
         try:
             rows = self.analyse(folder)
+            self.append(rows, Path(args.output_dir) / self.output, step)
         except Exception as exc:  # an observer: a failed analysis must not end the run
             warnings.warn(AnalysisCallbackWarning(
                 f"{folder}: not analysed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                 "training goes on"), stacklevel=2)
             return
-        self.append(rows, Path(args.output_dir) / self.output, step)
         if self.log:
             trainer = self.trainer if self.trainer is not None else calling_trainer()
             if trainer is None:
@@ -170,7 +170,8 @@ class DoraAnalysisCallback(transformers.TrainerCallback):
         after a resume), rewriting the file atomically."""
         import pandas as pd
 
-        from ..report import read_table, write_table
+        from ..report import write_table
+        from ..tables import read_table
 
         if self.table is None:
             self.table = read_table(path) if path.is_file() else rows.iloc[0:0]

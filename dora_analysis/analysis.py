@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -32,6 +33,7 @@ from .errors import (
     UnmatchedTensorsWarning,
     listing,
 )
+from .executors import run_local
 from .io.base import ANALYSABLE_DTYPES, TensorInfo, TensorSource
 from .io.guard import shown
 from .io.keys import (
@@ -70,6 +72,8 @@ class Job:
     method: str
     """The method after detection (``auto`` resolved from the checkpoint)."""
     pairs: tuple[MatrixPair, ...]
+    adapter: bool = False
+    """The tuned checkpoint is an adapter merged with the base as it is read (closed form)."""
 
     @property
     def numel(self) -> int:
@@ -225,7 +229,13 @@ def compute_pair(base: TensorSource, tuned: TensorSource, pair: MatrixPair,
                  config: AnalysisConfig, workspace: Workspace | None = None
                  ) -> dict[str, dict[str, object]]:
     """Every enabled metric of one matrix pair: axis → column → value."""
-    view = PairView(pair, base, tuned, config, pair_sums(base, tuned, pair, config, workspace))
+    return metric_values(
+        PairView(pair, base, tuned, config, pair_sums(base, tuned, pair, config, workspace)))
+
+
+def metric_values(view: PairView) -> dict[str, dict[str, object]]:
+    """Every enabled metric of one pair's view: axis → column → value."""
+    config = view.config
     metrics = registry.enabled(config)
     per_matrix: dict[str, object] = {}
     for metric in metrics:
@@ -313,10 +323,11 @@ def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None 
                 pairs, mismatches = plan_pairs(base_infos, matrix_infos(src), config, ck.path,
                                                src.transposed, partial=src.partial)
                 method = ck.method if ck.method != "auto" else src.method
+                adapter = src.partial
             problems += [f"{ck.ref}: {m}" for m in mismatches]
             if not pairs and not mismatches:
                 raise TensorMismatchError(_nothing_selected(config, ck, base_infos))
-            jobs.append(Job(ck, method, tuple(pairs)))
+            jobs.append(Job(ck, method, tuple(pairs), adapter))
     if problems and not config.skip_mismatched:
         raise TensorMismatchError(
             f"{len(problems)} tensor(s) differ in shape: {listing(problems)}; is this the "
@@ -329,18 +340,18 @@ def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None 
     return Plan(base_path, tuple(jobs), config)
 
 
-def run_serial(work: Plan) -> list[dict]:
-    """Run every job of a plan in this process, one tuned checkpoint open at a time."""
-    config, options = work.config, work.config.read_options
-    records, workspace = [], Workspace()
-    with open_checkpoint(work.base, options) as base_src, tqdm(
-            total=work.numel, unit="el", unit_scale=True, disable=not config.progress,
-            file=sys.stderr, desc="analysing", leave=False) as bar:
-        for job in work.jobs:
-            with open_checkpoint(job.checkpoint.path, options, base=base_src) as src:
-                records += run_job(job, base_src, src, config, workspace=workspace,
-                                   progress=bar.update)
-    return records
+def run(work: Plan, client: Any = None) -> list[dict]:
+    """Compute a plan: on a Dask cluster when ``client`` is given, else in this process on
+    ``config.workers`` threads (default: every usable core). The rows are the same, bit for bit,
+    in the same order, whichever runs them (see :mod:`dora_analysis.executors`)."""
+    config = work.config
+    with tqdm(total=work.numel, unit="el", unit_scale=True, disable=not config.progress,
+              file=sys.stderr, desc="analysing", leave=False) as bar:
+        if client is not None:
+            from .integrations.dask import run_dask
+
+            return run_dask(work, client, progress=bar.update)
+        return run_local(work, config.workers, progress=bar.update)
 
 
 def analyze(
@@ -350,6 +361,7 @@ def analyze(
     labels: Sequence[str] | None = None,
     methods: Sequence[str] | None = None,
     config: AnalysisConfig | None = None,
+    client: Any = None,
     **settings,
 ) -> pd.DataFrame:
     """Compare tuned checkpoints with their base: one row per (checkpoint, matrix, axis).
@@ -361,7 +373,10 @@ def analyze(
         methods: ``ft``/``lora``/``dora``/``unknown``/``auto``, once or once per reference.
         config: an :class:`AnalysisConfig`; or pass its fields as keywords
             (``axis="in"``, ``modules=("q", "v")``, ``include=r"layers\\.1"``, ``progress=True``),
-            metric switches and settings alike (see :mod:`dora_analysis.metrics`).
+            metric switches and settings alike (see :mod:`dora_analysis.metrics`);
+            ``workers=N`` threads (default: every usable core).
+        client: a ``dask.distributed.Client``: run on its cluster instead (the workers open the
+            checkpoints themselves, by the same paths); the table is the same, bit for bit.
 
     Returns:
         A DataFrame with the columns of :data:`dora_analysis.columns.TABLE_COLUMNS` followed by
@@ -376,7 +391,7 @@ def analyze(
     elif settings:
         raise ConfigError("pass either config= or keyword settings, not both")
     work = plan(base, tuned, labels=labels, methods=methods, config=config)
-    return to_frame(run_serial(work), config)
+    return to_frame(run(work, client), config)
 
 
 def _warn_nonfinite(ck: TunedCheckpoint, pair: MatrixPair, axis: str, values: dict) -> None:

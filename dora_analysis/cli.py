@@ -24,6 +24,7 @@ from .errors import (
     UnmatchedTensorsWarning,
 )
 from .io.guard import path_kind
+from .hardware import usable_cpus
 
 # Only light modules above: --help and argument errors answer without importing torch, pandas,
 # scipy or plotly; run() imports the analysis when there is work to do.
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--materialize", action="store_true",
                    help="merge adapters by forming B·A block by block instead of the closed form "
                    "(same numbers, slower; for checking)")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="threads computing tensors at once (default: every usable core, "
+                   f"{usable_cpus()} here); the table does not depend on it")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on a Dask cluster (tcp://HOST:8786); its workers read the "
+                   "checkpoints by the same paths (needs dora-analysis[dask])")
     p.add_argument("--token", metavar="TOKEN",
                    help="Hugging Face token for private or gated repos (default: HF_TOKEN)")
     add_metric_options(p)
@@ -98,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file messages")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
 
 
 def add_metric_options(parser: argparse.ArgumentParser) -> None:
@@ -147,9 +164,18 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         token=args.token,
         adapter_base=args.adapter_base,
+        workers=args.workers,
         **metric_config(args),
     )
-    table = analyze(args.base, args.tuned, labels=args.label, methods=args.method, config=config)
+    if args.scheduler:
+        from .integrations.dask import connect
+
+        with connect(args.scheduler) as client:
+            table = analyze(args.base, args.tuned, labels=args.label, methods=args.method,
+                            config=config, client=client)
+    else:
+        table = analyze(args.base, args.tuned, labels=args.label, methods=args.method,
+                        config=config)
     correlations = correlate(table)
     write_outputs(table, correlations, **outputs, inputs=inputs)  # all of them, or none
     if not args.quiet:

@@ -8,9 +8,39 @@ from dataclasses import dataclass, field
 from . import metrics as registry
 from .columns import AXES, METHODS
 from .errors import ConfigError
+from .hardware import Cache, caches
 
-#: Elements of one float64 working block; ~32 MiB per buffer, a few buffers live at once.
-DEFAULT_BLOCK_ELEMENTS = 1 << 22
+#: Bytes the kernel touches per element of a block (:func:`dora_analysis.decompose.squared_norms`):
+#: three float64 planes (``w0``, ``wt``, ``wt − w0``) and the two stored rows (≤ 4 bytes each).
+WORKING_BYTES_PER_ELEMENT = 3 * 8 + 2 * 4
+#: Bounds on the block: below, per-call overhead dominates; above, nothing is gained.
+MIN_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS = 1 << 14, 1 << 22
+
+
+def choose_block_elements(cache_list: tuple[Cache, ...] | None = None) -> int:
+    """Elements per working block, from the cache one busy core can count on.
+
+    The working set of a block (:data:`WORKING_BYTES_PER_ELEMENT` per element) should stay in
+    the core's private level-2 cache plus its share of the last-level cache (shared caches are
+    divided among the CPUs sharing them, every core being busy with its own worker), with half
+    of that left to the rest of the process. The result is a power of two within
+    [:data:`MIN_BLOCK_ELEMENTS`, :data:`MAX_BLOCK_ELEMENTS`]; ``benchmarks/bench_kernel.py``
+    times the neighbours of the choice.
+
+    Example:
+        >>> from dora_analysis.hardware import Cache
+        >>> choose_block_elements((Cache(2, 1 << 20, 1), Cache(3, 32 << 20, 2)))
+        262144
+    """
+    levels = [c for c in (cache_list if cache_list is not None else caches()) if c.level >= 2]
+    budget = sum(c.per_cpu for c in levels) // 2
+    elements = max(1, budget // WORKING_BYTES_PER_ELEMENT)
+    block = 1 << (elements.bit_length() - 1)  # round down to a power of two
+    return min(MAX_BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, block))
+
+
+#: Elements of one float64 working block on this machine (see :func:`choose_block_elements`).
+DEFAULT_BLOCK_ELEMENTS = choose_block_elements()
 #: How safetensors rows are read: memory-mapped (the default; the touched file pages count in RSS
 #: as shared page cache) or ``pread`` of exactly the rows' bytes into a private buffer (RSS stays
 #: at the working set).
@@ -36,7 +66,12 @@ class AnalysisConfig:
     skip_mismatched: bool = False
     """Skip (with a warning) tensors whose shapes differ instead of failing."""
     block_elements: int = DEFAULT_BLOCK_ELEMENTS
-    """Elements per float64 working block; bounds memory for any tensor size."""
+    """Elements per float64 working block; bounds memory for any tensor size. The default is
+    chosen from this machine's caches (:func:`choose_block_elements`); a plan carries it to
+    every worker, so a cluster computes with the block of the machine that planned."""
+    workers: int | None = None
+    """Threads computing matrix pairs at once; None: one per usable core. The table does not
+    depend on it (bit for bit)."""
     progress: bool = False
     """Show a progress bar on stderr."""
     io: str = "mmap"
@@ -83,6 +118,10 @@ class AnalysisConfig:
             raise ConfigError(f"--lora-alpha must be positive, got {self.lora_alpha}")
         if self.block_elements < 1:
             raise ConfigError(f"block_elements must be positive, got {self.block_elements}")
+        if self.workers is not None and (isinstance(self.workers, bool)
+                                         or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise ConfigError(f"--workers must be a positive whole number, got {self.workers!r}")
         switches = registry.options()
         unknown = [m for m in self.metrics if m not in switches]
         if unknown:

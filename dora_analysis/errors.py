@@ -56,6 +56,10 @@ class TrainingDataError(DoraAnalysisError, ValueError):
     """Training data that cannot be used: a missing file, missing fields, no examples."""
 
 
+class ClusterError(DoraAnalysisError, ConnectionError):
+    """The Dask cluster cannot be reached, or its workers keep dying."""
+
+
 def listing(items: list[str], limit: int = 8, sep: str = ", ") -> str:
     """Join problem items for one message, all of them up to ``limit``, then "… and N more"."""
     shown = sep.join(items[:limit])

@@ -23,7 +23,9 @@ from .decompose import (
     PairStats,
     VectorSums,
     Workspace,
+    merge_row_ranges,
     rows_per_block,
+    stored_axis,
     summarize,
 )
 from .io.base import TensorInfo, TensorSource
@@ -69,26 +71,60 @@ def read_rows(source: TensorSource, name: str, pair: MatrixPair, start: int, sto
     return source.get_rows(name, start, stop)
 
 
-def row_blocks(base: TensorSource, tuned: TensorSource, pair: MatrixPair, block_elements: int
-               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive stored row blocks of both matrices, each at most ``block_elements`` large."""
+#: Blocks per piece: a pair larger than one piece is streamed (and may be distributed) as
+#: consecutive row ranges of this many blocks, whose sums are merged in row order.
+PIECE_BLOCKS = 512
+
+
+def pieces(pair: MatrixPair, block_elements: int) -> list[tuple[int, int]]:
+    """The stored row ranges ``(start, stop)`` a pair is streamed in, each of whole blocks.
+
+    They depend only on the pair's shape and the block size, never on who runs them, so a pair
+    computed piece by piece on several workers gives the bits of a serial run.
+    """
     rows, cols = pair.matrix_shape
+    step = rows_per_block(cols, block_elements) * PIECE_BLOCKS
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def row_blocks(base: TensorSource, tuned: TensorSource, pair: MatrixPair, block_elements: int,
+               start: int = 0, stop: int | None = None
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive stored row blocks of both matrices (rows ``start:stop``), each at most
+    ``block_elements`` large."""
+    rows, cols = pair.matrix_shape
+    stop = rows if stop is None else stop
     step = rows_per_block(cols, block_elements)
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        yield (read_rows(base, pair.name, pair, start, stop),
-               read_rows(tuned, pair.tuned_name, pair, start, stop))
+    for first in range(start, stop, step):
+        last = min(stop, first + step)
+        yield (read_rows(base, pair.name, pair, first, last),
+               read_rows(tuned, pair.tuned_name, pair, first, last))
+
+
+def piece_sums(base: TensorSource, tuned: TensorSource, pair: MatrixPair,
+               axes: tuple[str, ...], block_elements: int, rows: tuple[int, int],
+               workspace: Workspace | None = None) -> dict[str, VectorSums]:
+    """Per-vector sums for ``axes`` over the stored rows ``rows`` of one pair (one piece)."""
+    start, stop = rows
+    acc = PairAccumulator(stop - start, pair.matrix_shape[1], axes, transposed=pair.transposed,
+                          workspace=workspace)
+    for block0, block_t in row_blocks(base, tuned, pair, block_elements, start, stop):
+        acc.add(block0, block_t)
+    return acc.sums()
+
+
+def merge_pieces(pair: MatrixPair, parts: list[dict[str, VectorSums]]) -> dict[str, VectorSums]:
+    """The sums of a whole pair from those of its :func:`pieces`, in row order."""
+    return {axis: merge_row_ranges([p[axis] for p in parts], stored_axis(axis, pair.transposed))
+            for axis in parts[0]}
 
 
 def stream_sums(base: TensorSource, tuned: TensorSource, pair: MatrixPair,
                 axes: tuple[str, ...], block_elements: int,
                 workspace: Workspace | None = None) -> dict[str, VectorSums]:
     """Per-vector sums for ``axes`` from one streaming pass over both matrices (float64)."""
-    rows, cols = pair.matrix_shape
-    acc = PairAccumulator(rows, cols, axes, transposed=pair.transposed, workspace=workspace)
-    for block0, block_t in row_blocks(base, tuned, pair, block_elements):
-        acc.add(block0, block_t)
-    return acc.sums()
+    return merge_pieces(pair, [piece_sums(base, tuned, pair, axes, block_elements, rows,
+                                          workspace) for rows in pieces(pair, block_elements)])
 
 
 @dataclass

@@ -59,3 +59,20 @@ def write_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int = 2)
     index = folder / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return index
+
+
+#: block_elements that make every matrix of :func:`wide_state` stream one row per block, so that
+#: its two large matrices span several pieces (``dora_analysis.pairs.PIECE_BLOCKS`` rows each).
+WIDE_BLOCK = 12
+
+
+def wide_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Matrices with more rows than one piece holds at :data:`WIDE_BLOCK`: an embedding (output
+    channels are its columns: summed across pieces) and a projection (rows: concatenated), in
+    mixed stored dtypes, plus a small one."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model.embed_tokens.weight": torch.randn(1300, 12, generator=g).bfloat16(),
+        "model.layers.0.mlp.down_proj.weight": (torch.randn(1100, 20, generator=g) / 4).half(),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(24, 16, generator=g) / 4,
+    }

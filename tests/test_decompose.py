@@ -246,3 +246,99 @@ def test_identical_is_exactly_zero_property(shape, seed, axis):
     w0, _ = pair(shape, seed)
     s = compare(w0, w0.clone(), axis=axis)
     assert s.delta_d == 0.0 and s.delta_m == 0.0
+
+
+# --- the kernel's error analysis (module docstring), on stored dtypes -------------------------
+
+STORED = [torch.bfloat16, torch.float16, torch.float32]
+
+
+#: Spacing of stored values relative to the values (geometric middle of the binade's range).
+RELATIVE_ULP = {torch.bfloat16: 2.0**-7.5, torch.float16: 2.0**-10.5, torch.float32: 2.0**-23.5}
+
+
+def one_ulp_steps(w0: torch.Tensor, share: float, seed: int) -> torch.Tensor:
+    """``w0`` with a random ``share`` of its non-zero elements moved by one unit in the last
+    place, up or down at random: the smallest change its dtype can store, so that even bf16 can
+    hold a ΔD of 1e-9 (a sign-coherent step would be mostly radial)."""
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+    g = torch.Generator().manual_seed(seed)
+    raw = w0.view(bits[w0.dtype]).clone()
+    hit = (torch.rand(w0.shape, generator=g) < share) & (w0 != 0)
+    sign = torch.randint(0, 2, w0.shape, generator=g, dtype=raw.dtype) * 2 - 1
+    raw[hit] += sign[hit]
+    return raw.view(w0.dtype)
+
+
+def stored_pair(dtype: torch.dtype, target_dd: float, shape=(96, 1536), seed: int = 11):
+    """A non-square pair in ``dtype`` whose ΔD is near ``target_dd`` (FT-like random steps)."""
+    g = torch.Generator().manual_seed(seed)
+    w0 = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.02).to(dtype)
+    step = (2 * target_dd) ** 0.5  # relative size of a random step with that ΔD
+    if step >= RELATIVE_ULP[dtype]:  # the dtype can hold a dense random step of that size
+        noise = torch.randn(shape, generator=g, dtype=torch.float64)
+        return w0, (w0.double() * (1 + step * noise)).to(dtype)
+    # below its resolution: one-ulp moves on a share of the elements, ΔD ≈ share · ulp² / 2
+    return w0, one_ulp_steps(w0, step**2 / RELATIVE_ULP[dtype] ** 2, seed)
+
+
+@pytest.mark.parametrize("dtype", STORED)
+@pytest.mark.parametrize("target", [1e-6, 1e-9])
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_fine_tuning_sized_changes_meet_the_contract(dtype, target, axis):
+    """ΔD ~1e-6 (full fine-tuning) and ~1e-9 on non-square bf16/fp16/fp32: ≤ 1e-5 relative."""
+    w0, wt = stored_pair(dtype, target)
+    ref_dm, ref_dd = reference(w0.double().numpy(), wt.double().numpy(), axis)
+    assert target / 5 < ref_dd < target * 5, ref_dd  # the regime the test is about
+    for block in (1 << 10, 1 << 14, 1 << 17):
+        ours = compare(w0, wt, axis=axis, block_elements=block)
+        assert_close(ours.delta_d, ref_dd)
+        assert_close(ours.delta_m, ref_dm)
+
+
+@pytest.mark.parametrize("dtype", STORED)
+def test_pure_rescaling_has_no_direction_change(dtype):
+    """A purely radial step: ΔD is 0 to the absolute floor, ΔM exact to the contract."""
+    g = torch.Generator().manual_seed(12)
+    w0 = (torch.randn(40, 300, generator=g) * 0.05).to(dtype)
+    wt = (w0.double() * 2).to(dtype)  # exact in every format: the direction cannot move
+    s = compare(w0, wt)
+    assert abs(s.delta_d) <= 1e-12
+    assert_close(s.delta_m, reference(w0.double().numpy(), wt.double().numpy())[0])
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_per_row_sums_do_not_depend_on_the_block(axis):
+    """Axis ``out`` sums whole rows in every block size: the bits never change."""
+    w0, wt = stored_pair(torch.bfloat16, 1e-6, shape=(64, 700))
+    results = {compare(w0, wt, axis=axis, block_elements=b) for b in (700, 5000, 1 << 16)}
+    if axis == "out":
+        assert len(results) == 1
+    else:  # columns are summed block after block: equal to rounding
+        first = next(iter(results))
+        assert all(r.delta_d == pytest.approx(first.delta_d, rel=1e-13) for r in results)
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 90), seed=seeds,
+       dtype=st.sampled_from(STORED), log_scale=st.floats(-5, -1),
+       axis=st.sampled_from(["out", "in"]))
+def test_stored_dtypes_match_an_independent_float64_reference(rows, cols, seed, dtype,
+                                                              log_scale, axis):
+    g = torch.Generator().manual_seed(seed)
+    w0 = (torch.randn(rows, cols, generator=g, dtype=torch.float64)).to(dtype)
+    wt = (w0.double() + 10**log_scale * torch.randn(rows, cols, generator=g,
+                                                    dtype=torch.float64)).to(dtype)
+    s = compare(w0, wt, axis=axis, block_elements=max(1, rows * cols // 3))
+    ref_dm, ref_dd = reference(w0.double().numpy(), wt.double().numpy(), axis)
+    assert_close(s.delta_d, ref_dd)
+    assert_close(s.delta_m, ref_dm)
+    assert s.delta_d >= 0.0
+
+
+def test_workspace_planes_start_on_cache_lines():
+    from dora_analysis.decompose import Workspace
+
+    x = Workspace().views(7, 13)  # 91 elements: an unaligned size
+    assert x.shape == (3, 7, 13)
+    assert all(x[i].data_ptr() % 64 == x[0].data_ptr() % 64 for i in range(3))

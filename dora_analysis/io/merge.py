@@ -186,7 +186,8 @@ class AdapterSource(TensorSource):
 
     def column_factor(self, name: str) -> torch.Tensor:
         """``m / ||merged column||`` for DoRA normalised along stored columns (one extra pass)."""
-        if self._factor_cache is None or self._factor_cache[0] != name:
+        cached = self._factor_cache  # read once: worker threads may replace it meanwhile
+        if cached is None or cached[0] != name:
             update, transposed = self.targets[name]
             rows, cols = self._base_infos[name].matrix_shape
             sums = None
@@ -198,8 +199,8 @@ class AdapterSource(TensorSource):
                                     stop, transposed)
                 part = block.square().sum(0)
                 sums = part if sums is None else sums + part
-            self._factor_cache = (name, _safe_ratio(update.magnitude, sums.sqrt()))
-        return self._factor_cache[1]
+            cached = self._factor_cache = (name, _safe_ratio(update.magnitude, sums.sqrt()))
+        return cached[1]
 
     def closed_form(self, name: str, block_elements: int) -> VectorSums | None:
         """Axis-``out`` sums in closed form, or None where it does not apply (full weights,

@@ -64,9 +64,11 @@ class DequantizedSource(TensorSource):
 
     def _scale(self, name: str) -> torch.Tensor:
         scheme = self._schemes[name]
-        if name not in self._scales:  # scales are small: (out,), (out, 1) or (out/128, in/128)
-            self._scales = {name: self._inner.get_tensor(scheme.scale_name).to(torch.float32)}
-        return self._scales[name]
+        scale = self._scales.get(name)
+        if scale is None:  # scales are small: (out,), (out, 1) or (out/128, in/128)
+            scale = self._inner.get_tensor(scheme.scale_name).to(torch.float32)
+            self._scales = {name: scale}  # one kept; worker threads may replace it meanwhile
+        return scale
 
     def get_expert_rows(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
         if name in self._schemes:  # scales of quantized experts are not laid out per expert here

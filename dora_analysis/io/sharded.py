@@ -8,6 +8,7 @@ that climbs out with ``..``), and every shard must hold the tensors the index as
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -53,6 +54,7 @@ class ShardedCheckpoint(TensorSource):
         self._weight_map: dict[str, str] = weight_map
         self._open_shard = open_shard
         self._shards: dict[str, TensorSource] = {}
+        self._lock = threading.Lock()  # worker threads open shards on first use
         if local:
             self._check_files()
 
@@ -74,18 +76,19 @@ class ShardedCheckpoint(TensorSource):
 
     def _shard(self, name: str) -> TensorSource:
         file = self._weight_map[name]
-        if file not in self._shards:
-            shard = self._open_shard(self.path.parent / file)
-            listed = [n for n, f in self._weight_map.items() if f == file]
-            absent = sorted(set(listed) - set(shard.keys()))
-            if absent:
-                shard.close()
-                raise CheckpointFormatError(
-                    f"{shown(self.path)}: the index puts {len(absent)} tensor(s) in {file} that "
-                    f"it does not hold ({listing(absent, 3)}); the index and the shards do not "
-                    "match: re-download or re-save the checkpoint")
-            self._shards[file] = shard
-        return self._shards[file]
+        with self._lock:
+            if file not in self._shards:
+                shard = self._open_shard(self.path.parent / file)
+                listed = [n for n, f in self._weight_map.items() if f == file]
+                absent = sorted(set(listed) - set(shard.keys()))
+                if absent:
+                    shard.close()
+                    raise CheckpointFormatError(
+                        f"{shown(self.path)}: the index puts {len(absent)} tensor(s) in {file} "
+                        f"that it does not hold ({listing(absent, 3)}); the index and the shards "
+                        "do not match: re-download or re-save the checkpoint")
+                self._shards[file] = shard
+            return self._shards[file]
 
     def keys(self) -> list[str]:
         return list(self._weight_map)

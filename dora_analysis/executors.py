@@ -1,0 +1,310 @@
+"""Who computes a plan: this process, on every core (threads), or a Dask cluster.
+
+A :class:`~dora_analysis.analysis.Plan` is cut into :class:`Unit` s: one matrix pair, or — for a
+pair larger than one piece (:func:`~dora_analysis.pairs.pieces`) whose metrics all come from the
+streaming pass — one row range of it. Every unit is computed by the same code, with the block
+size fixed in the plan's configuration and one torch thread, so its bits do not depend on which
+worker, thread or machine computed it. Results come back in any order; :class:`Assembler` puts
+them in the plan's order on the caller's thread, merges pieces, emits the warnings and builds the
+rows: the table is bitwise the one of a serial run, row for row.
+
+Memory: each worker holds one :class:`~dora_analysis.decompose.Workspace` (a block of three
+float64 planes, sized to its share of the cache) and the stored rows of the block it reads.
+Metrics that hold whole matrices (cost ``dense``/``svd``) draw on one :class:`MemoryBudget` per
+process — half the memory available when the run starts — so that several workers never hold
+more dense matrices at once than it allows; a unit larger than the whole budget runs alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import metrics as registry
+from .hardware import memory_available, usable_cpus
+
+if TYPE_CHECKING:
+    from .analysis import Job, Plan
+    from .config import AnalysisConfig
+    from .decompose import VectorSums, Workspace
+    from .io.base import TensorSource
+    from .pairs import MatrixPair
+
+Progress = Callable[[int], object]
+
+#: Float64 matrices a dense metric may hold per element of its pair (W0, Wt, ΔW), and the extra
+#: an SVD needs for its factors and workspace.
+DENSE_BYTES_PER_ELEMENT = {"stream": 0, "dense": 3 * 8, "svd": 5 * 8}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: a whole matrix pair, or one row range (piece) of it."""
+
+    job: int
+    """Index of the job (tuned checkpoint) in the plan."""
+    pair: int
+    """Index of the pair in its job."""
+    rows: tuple[int, int] | None = None
+    """The stored rows of a piece, whose sums the caller merges; None: the whole pair, metrics
+    included."""
+
+    def pair_of(self, work: Plan) -> MatrixPair:
+        return work.jobs[self.job].pairs[self.pair]
+
+    def numel(self, work: Plan) -> int:
+        pair = self.pair_of(work)
+        if self.rows is None:
+            return pair.numel
+        return (self.rows[1] - self.rows[0]) * pair.matrix_shape[1]
+
+
+def splittable(job: Job, config: AnalysisConfig) -> bool:
+    """Whether the job's pairs may be computed piece by piece: every enabled metric reads only the
+    streamed sums, and the sums do not come from an adapter's closed form."""
+    return not job.adapter and all(m.cost == "stream" for m in registry.enabled(config))
+
+
+def plan_units(work: Plan) -> list[Unit]:
+    """Every unit of a plan, in table order (job, pair, piece)."""
+    from .pairs import pieces
+
+    out = []
+    for j, job in enumerate(work.jobs):
+        split = splittable(job, work.config)
+        for p, pair in enumerate(job.pairs):
+            ranges = pieces(pair, work.config.block_elements) if split else []
+            out += [Unit(j, p, r) for r in ranges] if len(ranges) > 1 else [Unit(j, p)]
+    return out
+
+
+def unit_memory(unit: Unit, work: Plan) -> int:
+    """Bytes a unit's metrics hold beyond the worker's workspace (dense matrices)."""
+    enabled = registry.enabled(work.config)
+    per_element = max((DENSE_BYTES_PER_ELEMENT.get(m.cost, 0) for m in enabled), default=0)
+    return per_element * unit.pair_of(work).numel
+
+
+def compute_unit(unit: Unit, work: Plan, base: TensorSource, tuned: TensorSource,
+                 workspace: Workspace | None = None) -> Any:
+    """A unit's result: axis → column → value for a whole pair; axis → sums for a piece."""
+    from .analysis import compute_pair
+    from .pairs import piece_sums
+
+    pair, config = unit.pair_of(work), work.config
+    if unit.rows is None:
+        return compute_pair(base, tuned, pair, config, workspace)
+    return piece_sums(base, tuned, pair, config.axes, config.block_elements, unit.rows,
+                      workspace)
+
+
+class Assembler:
+    """Unit results in any order in, table rows in the plan's order out."""
+
+    def __init__(self, work: Plan, units: list[Unit]) -> None:
+        self.work = work
+        self.units = units
+        self._results: dict[Unit, Any] = {}
+
+    def add(self, unit: Unit, result: Any) -> None:
+        self._results[unit] = result
+
+    def records(self) -> list[dict]:
+        """The table's rows, warnings emitted in table order (all units must have been added)."""
+        from .analysis import _row, _warn_nonfinite, metric_values
+        from .pairs import PairView, merge_pieces
+
+        out = []
+        for (j, p), group in _by_pair(self.units):
+            job = self.work.jobs[j]
+            pair = job.pairs[p]
+            if group[0].rows is None:
+                values = self._results[group[0]]
+            else:
+                sums: dict[str, VectorSums] = merge_pieces(pair, [self._results[u] for u in group])
+                values = metric_values(PairView(pair, None, None, self.work.config, sums))
+            for axis, row in values.items():
+                _warn_nonfinite(job.checkpoint, pair, axis, row)
+                out.append(_row(job, pair, axis, row))
+        return out
+
+
+def _by_pair(units: list[Unit]) -> Iterator[tuple[tuple[int, int], list[Unit]]]:
+    group: list[Unit] = []
+    for unit in units:
+        if group and (group[0].job, group[0].pair) != (unit.job, unit.pair):
+            yield (group[0].job, group[0].pair), group
+            group = []
+        group.append(unit)
+    if group:
+        yield (group[0].job, group[0].pair), group
+
+
+class MemoryBudget:
+    """Bytes shared by the workers of one process; :meth:`hold` waits until a unit fits."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        if nbytes <= 0:
+            yield
+            return
+        with self._cond:  # a unit larger than the whole budget waits for an empty budget
+            self._cond.wait_for(lambda: self._used == 0 or self._used + nbytes <= self.total)
+            self._used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= nbytes
+                self._cond.notify_all()
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch with ``n`` intra-op threads (new threads inherit it), restored afterwards.
+
+    One thread per worker keeps each unit's reductions in one fixed order: the same bits on any
+    executor, and no oversubscription when every core already runs a worker.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class JobSources:
+    """The checkpoints a local run reads: the base once, each tuned checkpoint while its units
+    run (opened by the first, closed after the last), shared by the worker threads."""
+
+    def __init__(self, work: Plan, units: list[Unit]) -> None:
+        self.work = work
+        self._remaining: dict[int, int] = {}
+        for unit in units:
+            self._remaining[unit.job] = self._remaining.get(unit.job, 0) + 1
+        self._lock = threading.Lock()
+        self._base: TensorSource | None = None
+        self._tuned: dict[int, TensorSource] = {}
+
+    def acquire(self, job: int) -> tuple[TensorSource, TensorSource]:
+        from .io.open import open_checkpoint
+
+        options = self.work.config.read_options
+        with self._lock:
+            if self._base is None:
+                self._base = open_checkpoint(self.work.base, options)
+            if job not in self._tuned:
+                path = self.work.jobs[job].checkpoint.path
+                self._tuned[job] = open_checkpoint(path, options, base=self._base)
+            return self._base, self._tuned[job]
+
+    def release(self, job: int) -> None:
+        with self._lock:
+            self._remaining[job] -= 1
+            if self._remaining[job] == 0 and job in self._tuned:
+                self._tuned.pop(job).close()
+
+    def close(self) -> None:
+        with self._lock:
+            for src in self._tuned.values():
+                src.close()
+            self._tuned.clear()
+            if self._base is not None:
+                self._base.close()
+                self._base = None
+
+
+def resolve_workers(workers: int | None) -> int:
+    """The number of worker threads: as asked, or one per usable core."""
+    return workers if workers is not None else usable_cpus()
+
+
+def run_local(work: Plan, workers: int | None = None, progress: Progress | None = None
+              ) -> list[dict]:
+    """Compute a plan in this process with ``workers`` threads (default: one per usable core).
+
+    Units are handed out in table order, the largest of each job first, at most a few per
+    worker ahead, so that few tuned checkpoints are open at once; ``workers=1`` computes them
+    one after the other in this thread. The rows are those of :func:`run_serial`, bit for bit.
+    """
+    from .decompose import Workspace
+
+    n = resolve_workers(workers)
+    units = plan_units(work)
+    order = _largest_first_per_job(units, work)
+    assembler = Assembler(work, units)
+    sources = JobSources(work, units)
+    budget = MemoryBudget(memory_available() // 2)
+    local = threading.local()
+
+    def task(unit: Unit) -> Any:
+        workspace = local.__dict__.setdefault("workspace", Workspace())
+        with budget.hold(unit_memory(unit, work)):
+            base, tuned = sources.acquire(unit.job)
+            try:
+                return compute_unit(unit, work, base, tuned, workspace)
+            finally:
+                sources.release(unit.job)
+
+    def done(unit: Unit, result: Any) -> None:
+        assembler.add(unit, result)
+        if progress is not None:
+            progress(unit.numel(work))
+
+    try:
+        with torch_threads(1):
+            if n == 1:
+                for unit in order:
+                    done(unit, task(unit))
+            else:
+                _run_pool(task, order, n, done)
+    finally:
+        sources.close()
+    return assembler.records()
+
+
+def _largest_first_per_job(units: list[Unit], work: Plan) -> list[Unit]:
+    # Longest first balances the workers (a job's big embedding does not start last).
+    return sorted(units, key=lambda u: (u.job, -u.numel(work)))
+
+
+def _run_pool(task: Callable[[Unit], Any], order: list[Unit], workers: int,
+              done: Callable[[Unit, Any], None]) -> None:
+    """Run ``task`` over ``order`` on ``workers`` threads, at most ``2 × workers`` queued ahead;
+    the first error cancels what has not started and is raised here."""
+    pending: dict[Future, Unit] = {}
+    queue = iter(order)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="dora-analysis")
+    try:
+        while True:
+            while len(pending) < 2 * workers:
+                unit = next(queue, None)
+                if unit is None:
+                    break
+                pending[pool.submit(task, unit)] = unit
+            if not pending:
+                break
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done(pending.pop(future), future.result())
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+
+
+def run_serial(work: Plan, progress: Progress | None = None) -> list[dict]:
+    """Compute a plan in this thread, one unit after the other (the reference order)."""
+    return run_local(work, workers=1, progress=progress)

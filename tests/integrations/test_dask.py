@@ -1,0 +1,150 @@
+"""The analysis on a Dask cluster: a LocalCluster of 2 worker processes gives the serial table,
+bit for bit; worker errors and deaths reach the caller as they should."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import dask
+import distributed
+import pandas as pd
+import pytest
+from distributed import Client, LocalCluster, WorkerPlugin
+from safetensors.torch import save_file
+
+import dora_analysis as da
+from dora_analysis import analysis
+from dora_analysis.cli import main
+from dora_analysis.errors import ClusterError, ConfigError
+from dora_analysis.integrations import dask as dask_executor
+from tests.common import WIDE_BLOCK, perturb, wide_state
+
+
+@pytest.fixture(scope="module")
+def client():
+    # Workers fork from a forkserver that has torch and the analysis imported: spawned workers
+    # would each import them (twice the start-up on a 2-core machine).
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        context = distributed.utils.get_mp_context()  # distributed sets its preload once, here
+        context.set_forkserver_preload(["distributed", "numpy", "pandas", "torch",
+                                        "dora_analysis.analysis",
+                                        "dora_analysis.integrations.dask"])
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR)
+    with cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("wide")
+    base = wide_state(0)
+    save_file(base, str(root / "base.safetensors"))
+    save_file(perturb(base, 0.01, seed=1), str(root / "tuned.safetensors"))
+    return root
+
+
+def serial(base, tuned, **settings) -> pd.DataFrame:
+    return da.analyze(base, tuned, workers=1, **settings)
+
+
+CASES = {
+    "pair, both axes": lambda p, w: (p["base"], [p["tuned"]], {"axis": "both"}),
+    "series and shards": lambda p, w: (p["base"], [p["series"], p["sharded"]], {}),
+    "pieces of large pairs": lambda p, w: (w / "base.safetensors", [w / "tuned.safetensors"],
+                                           {"axis": "both", "block_elements": WIDE_BLOCK}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cluster_gives_the_serial_table_bit_for_bit(client, ckpts, wide, case):
+    base, tuned, settings = CASES[case](ckpts, wide)
+    on_cluster = da.analyze(base, tuned, client=client, **settings)
+    pd.testing.assert_frame_equal(on_cluster, serial(base, tuned, **settings), check_exact=True)
+
+
+@pytest.mark.slow  # PEFT makes the adapter: importing transformers dominates
+def test_adapters_on_the_cluster(client, tmp_path):
+    from tests.peft_models import CASES as PEFT
+    from tests.peft_models import make_case
+
+    fn, kwargs = PEFT["dora"]
+    case = make_case(tmp_path, "dora", fn, kwargs)
+    for closed_form in (True, False):
+        on_cluster = da.analyze(case.base, case.adapter, client=client, closed_form=closed_form)
+        pd.testing.assert_frame_equal(
+            on_cluster, serial(case.base, case.adapter, closed_form=closed_form),
+            check_exact=True)
+
+
+def test_cli_scheduler_writes_the_serial_table(client, ckpts, tmp_path, monkeypatch):
+    monkeypatch.chdir(ckpts["root"])  # relative paths: the workers get them made absolute
+    args = ["base.safetensors", "run", "-q", "--axis", "both"]
+    assert main([*args, "-o", str(tmp_path / "serial.csv"), "--workers", "1"]) == 0
+    address = client.scheduler.address
+    assert main([*args, "-o", str(tmp_path / "dask.csv"), "--scheduler", address]) == 0
+    assert (tmp_path / "dask.csv").read_bytes() == (tmp_path / "serial.csv").read_bytes()
+
+
+def test_a_worker_read_error_is_one_error_line(client, ckpts, tmp_path, monkeypatch, capsys):
+    tuned = tmp_path / "tuned.safetensors"
+    tuned.write_bytes(ckpts["tuned"].read_bytes())
+    planned = analysis.plan
+
+    def plan_then_truncate(*args, **kwargs):  # the file changes on shared storage meanwhile
+        work = planned(*args, **kwargs)
+        tuned.write_bytes(tuned.read_bytes()[:-64])
+        return work
+
+    monkeypatch.setattr(analysis, "plan", plan_then_truncate)
+    out = tmp_path / "table.csv"
+    code = main([str(ckpts["base"]), str(tuned), "--scheduler", client.scheduler.address,
+                 "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert len(err) == 1 and err[0].startswith("error: ") and "tuned.safetensors" in err[0]
+    assert "on Dask worker" in err[0]
+
+
+def test_unreachable_scheduler_is_one_error_line(ckpts, monkeypatch, capsys):
+    monkeypatch.setattr(dask_executor, "CONNECT_TIMEOUT_S", 0.5)
+    assert main([str(ckpts["base"]), str(ckpts["tuned"]), "--scheduler",
+                 "tcp://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --scheduler tcp://127.0.0.1:9")
+    with pytest.raises(ClusterError):
+        dask_executor.connect("tcp://127.0.0.1:9", timeout=0.5)
+
+
+def test_without_distributed_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "distributed", None)
+    with pytest.raises(ConfigError, match=r"pip install 'dora-analysis\[dask\]'"):
+        dask_executor.connect("tcp://127.0.0.1:9")
+
+
+class DieOnce(WorkerPlugin):
+    """Kills the worker process running the first unit of an analysis (once per marker file)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if (finish == "executing" and str(key).startswith("dora-analysis-")
+                and not os.path.exists(self.marker)):
+            Path(self.marker).touch()
+            os._exit(1)
+
+
+def test_a_dead_worker_is_replaced_and_its_units_run_again(client, ckpts, tmp_path):
+    """Last in this module: the cluster is one worker short until the nanny restarts it."""
+    marker = tmp_path / "died"
+    client.register_plugin(DieOnce(str(marker)), name="die-once")
+    try:
+        on_cluster = da.analyze(ckpts["base"], ckpts["tuned"], client=client, axis="both")
+    finally:
+        client.unregister_worker_plugin("die-once")
+    assert marker.exists()  # a worker did die mid-run
+    pd.testing.assert_frame_equal(on_cluster, serial(ckpts["base"], ckpts["tuned"], axis="both"),
+                                  check_exact=True)

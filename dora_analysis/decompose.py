@@ -129,6 +129,15 @@ class Workspace:
 
     def __init__(self) -> None:
         self._flat = torch.empty(0, dtype=torch.float64)
+        self._bytes: dict[int, torch.Tensor] = {}
+
+    def read_buffer(self, slot: int, nbytes: int) -> torch.Tensor:
+        """A reusable uint8 buffer of at least ``nbytes`` for the stored rows read into it (one
+        slot per source, so the base's block and the tuned one's coexist)."""
+        buf = self._bytes.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bytes[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
 
     def views(self, rows: int, cols: int) -> torch.Tensor:
         """A ``(3, rows, cols)`` float64 view (contents undefined)."""

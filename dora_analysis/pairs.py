@@ -88,17 +88,26 @@ def pieces(pair: MatrixPair, block_elements: int) -> list[tuple[int, int]]:
 
 
 def row_blocks(base: TensorSource, tuned: TensorSource, pair: MatrixPair, block_elements: int,
-               start: int = 0, stop: int | None = None
+               start: int = 0, stop: int | None = None, workspace: Workspace | None = None,
                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive stored row blocks of both matrices (rows ``start:stop``), each at most
-    ``block_elements`` large."""
+    ``block_elements`` large; with a workspace, read into its reused buffers (each block is
+    valid until the next one is read)."""
     rows, cols = pair.matrix_shape
     stop = rows if stop is None else stop
     step = rows_per_block(cols, block_elements)
+    if workspace is None:
+        for first in range(start, stop, step):
+            last = min(stop, first + step)
+            yield (read_rows(base, pair.name, pair, first, last),
+                   read_rows(tuned, pair.tuned_name, pair, first, last))
+        return
+    nbytes = min(step, stop - start) * cols * 8  # enough for any stored float dtype
+    buffers = workspace.read_buffer(0, nbytes), workspace.read_buffer(1, nbytes)
     for first in range(start, stop, step):
         last = min(stop, first + step)
-        yield (read_rows(base, pair.name, pair, first, last),
-               read_rows(tuned, pair.tuned_name, pair, first, last))
+        yield (base.get_rows_into(pair.name, first, last, buffers[0], pair.expert),
+               tuned.get_rows_into(pair.tuned_name, first, last, buffers[1], pair.expert))
 
 
 def piece_sums(base: TensorSource, tuned: TensorSource, pair: MatrixPair,
@@ -106,9 +115,10 @@ def piece_sums(base: TensorSource, tuned: TensorSource, pair: MatrixPair,
                workspace: Workspace | None = None) -> dict[str, VectorSums]:
     """Per-vector sums for ``axes`` over the stored rows ``rows`` of one pair (one piece)."""
     start, stop = rows
+    workspace = workspace or Workspace()
     acc = PairAccumulator(stop - start, pair.matrix_shape[1], axes, transposed=pair.transposed,
                           workspace=workspace)
-    for block0, block_t in row_blocks(base, tuned, pair, block_elements, start, stop):
+    for block0, block_t in row_blocks(base, tuned, pair, block_elements, start, stop, workspace):
         acc.add(block0, block_t)
     return acc.sums()
 

@@ -90,6 +90,19 @@ class TensorSource(ABC):
         """
         return self.get_rows(name, expert, expert + 1)[0, start:stop]
 
+    def get_rows_into(self, name: str, start: int, stop: int, buffer: torch.Tensor,
+                      expert: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` (of expert ``expert`` of a 3-D MoE tensor, if given), read into
+        ``buffer`` (a uint8 tensor, grown by the caller to the rows' size) where the reader can.
+
+        The rows returned may share memory with ``buffer`` and are valid until it is reused:
+        the analysis reads each block into one reused, cache-resident buffer instead of a fresh
+        allocation. The default ignores ``buffer``.
+        """
+        if expert is not None:
+            return self.get_expert_rows(name, expert, start, stop)
+        return self.get_rows(name, start, stop)
+
     def infos(self) -> dict[str, TensorInfo]:
         """Shape and dtype of every tensor, in stored order (computed once)."""
         cached = self.__dict__.get("_infos_cache")

@@ -76,6 +76,12 @@ class DequantizedSource(TensorSource):
                                         "tensor; dequantize the checkpoint first")
         return self._inner.get_expert_rows(name, expert, start, stop)
 
+    def get_rows_into(self, name: str, start: int, stop: int, buffer: torch.Tensor,
+                      expert: int | None = None) -> torch.Tensor:
+        if name in self._schemes:  # dequantized into a fresh float32 block anyway
+            return super().get_rows_into(name, start, stop, buffer, expert)
+        return self._inner.get_rows_into(name, start, stop, buffer, expert)
+
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         rows = self._inner.get_rows(name, start, stop)
         if name not in self._schemes:

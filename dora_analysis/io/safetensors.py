@@ -104,8 +104,14 @@ class SafetensorsFile(TensorSource):
         return self._read(name, lambda f: f.get_slice(name)[expert, start:stop],
                           lambda: self._pread_rows(name, start, stop, expert))
 
-    def _pread_rows(self, name: str, start: int, stop: int, expert: int | None = None
-                    ) -> torch.Tensor:
+    def get_rows_into(self, name: str, start: int, stop: int, buffer: torch.Tensor,
+                      expert: int | None = None) -> torch.Tensor:
+        index = slice(start, stop) if expert is None else (expert, slice(start, stop))
+        return self._read(name, lambda f: f.get_slice(name)[index],
+                          lambda: self._pread_rows(name, start, stop, expert, buffer))
+
+    def _pread_rows(self, name: str, start: int, stop: int, expert: int | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
         entry, dtype, shape = self._entry(name)
         base_row = 0
         if expert is not None:  # rows of one expert: (E, out, in) seen as (E·out, in)
@@ -113,9 +119,13 @@ class SafetensorsFile(TensorSource):
         stop = min(stop, shape[0])
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         offset = self._data_start + entry["data_offsets"][0] + (base_row + start) * row_bytes
-        data = _pread(self._guard.fd, max(0, stop - start) * row_bytes, offset)
-        if not data:
+        size = max(0, stop - start) * row_bytes
+        if not size:
             return torch.empty((0, *shape[1:]), dtype=dtype)
+        if out is not None and out.numel() >= size:  # a reused buffer: no allocation, no zeroing
+            _pread_into(self._guard.fd, memoryview(out[:size].numpy()), offset)
+            return out[:size].view(dtype).reshape(-1, *shape[1:])
+        data = _pread(self._guard.fd, size, offset)
         return torch.frombuffer(data, dtype=dtype).reshape(-1, *shape[1:])
 
     def close(self) -> None:
@@ -126,10 +136,15 @@ class SafetensorsFile(TensorSource):
 def _pread(fd: int, size: int, offset: int) -> bytearray:
     """Exactly ``size`` bytes at ``offset`` (``pread`` may return fewer than asked)."""
     buffer = bytearray(size)
-    view, done = memoryview(buffer), 0
+    _pread_into(fd, memoryview(buffer), offset)
+    return buffer
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with the bytes at ``offset``."""
+    done, size = 0, len(view)
     while done < size:
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
             raise OSError("unexpected end of file")
         done += n
-    return buffer

@@ -118,6 +118,10 @@ class ShardedCheckpoint(TensorSource):
         counts = [s.bytes_read for s in self._shards.values() if s.bytes_read is not None]
         return sum(counts) if counts else None
 
+    def get_rows_into(self, name: str, start: int, stop: int, buffer: torch.Tensor,
+                      expert: int | None = None) -> torch.Tensor:
+        return self._shard(name).get_rows_into(name, start, stop, buffer, expert)
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()

@@ -21,8 +21,10 @@ measured warm; a shared, noisy machine drifts less between neighbours). Medians 
 
 Columns: ``wall s`` is the whole child process (interpreter start-up to exit, as a user waits
 for it); ``work s`` is the analysis alone (after ``import torch, pandas``), beside ``start s``,
-the start-up and imports; then peak RSS, peak private (anonymous) memory, and the ratios of
-``wall s`` to ``lean`` and to ``io``. Last: the accuracy of the float32 ΔD against ours.
+the start-up and imports; ``CPU s`` the child's user + system time (all threads: on a machine
+shared with other work, wall time well above CPU time / cores means waiting for a core or the
+disk); then peak RSS, peak private (anonymous) memory, and the ratios of ``wall s`` to ``lean``
+and to ``io``. Last: the accuracy of the float32 ΔD against ours.
 """
 
 from __future__ import annotations
@@ -171,8 +173,9 @@ def child(mode: str, base: Path, tuned: Path, started: float) -> None:
         start = time.perf_counter()
         result = method(mode)(base, tuned)
         work = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     result |= {"work_s": work, "start_s": time.time() - started - work,
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
                "peak_anon_mib": anon.peak_kib / 1024, "child_s": time.time() - begin}
     print(json.dumps(result))
 
@@ -188,7 +191,7 @@ def measure(mode: str, base: Path, tuned: Path) -> dict:
 
 
 def medians(runs: list[dict]) -> dict:
-    keys = ("wall_s", "work_s", "start_s", "peak_rss_mib", "peak_anon_mib")
+    keys = ("wall_s", "work_s", "start_s", "cpu_s", "peak_rss_mib", "peak_anon_mib")
     return runs[0] | {k: statistics.median(r[k] for r in runs) for k in keys}
 
 
@@ -206,12 +209,12 @@ def ratio(a: dict, b: dict | None) -> str:
 
 def print_table(res: dict[str, dict]) -> None:
     lean, io = res.get("lean"), res.get("io")
-    print(f"{'method':<14}{'wall s':>8}{'work s':>8}{'start s':>8}{'peak RSS MiB':>14}"
+    print(f"{'method':<14}{'wall s':>8}{'work s':>8}{'start s':>8}{'CPU s':>8}{'peak RSS MiB':>14}"
           f"{'private MiB':>13}{'/ lean':>8}{'/ io':>7}")
     for mode, r in res.items():
         print(f"{mode:<14}{r['wall_s']:>8.2f}{r['work_s']:>8.2f}{r['start_s']:>8.2f}"
-              f"{r['peak_rss_mib']:>14.0f}{r['peak_anon_mib']:>13.0f}{ratio(r, lean):>8}"
-              f"{ratio(r, io):>7}")
+              f"{r['cpu_s']:>8.2f}{r['peak_rss_mib']:>14.0f}{r['peak_anon_mib']:>13.0f}"
+              f"{ratio(r, lean):>8}{ratio(r, io):>7}")
 
 
 def print_targets(res: dict[str, dict]) -> None:

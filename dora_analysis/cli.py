@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip tensors whose shapes differ (e.g. resized embeddings) with a "
                    "warning instead of failing")
     p.add_argument("--io", choices=IO_BACKENDS, default=DEFAULTS.io,
-                   help="read safetensors memory-mapped (default) or with pread into private "
-                   "buffers (RSS then shows only the working set)")
+                   help="read safetensors with pread into reused buffers (default: RSS shows "
+                   "only the working set) or memory-mapped (RSS also counts the page cache)")
     p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
                    help="auto (default): weights as stored for inference (DeepSpeed ZeRO-3 keeps "
                    "none: its fp32 masters, with a note); fp32: DeepSpeed ZeRO's fp32 master "

@@ -41,9 +41,9 @@ def choose_block_elements(cache_list: tuple[Cache, ...] | None = None) -> int:
 
 #: Elements of one float64 working block on this machine (see :func:`choose_block_elements`).
 DEFAULT_BLOCK_ELEMENTS = choose_block_elements()
-#: How safetensors rows are read: memory-mapped (the default; the touched file pages count in RSS
-#: as shared page cache) or ``pread`` of exactly the rows' bytes into a private buffer (RSS stays
-#: at the working set).
+#: How safetensors rows are read: memory-mapped (the touched file pages count in RSS as shared
+#: page cache) or ``pread`` of exactly the rows' bytes into a private buffer (RSS stays at the
+#: working set; the default of the analysis).
 IO_BACKENDS: tuple[str, ...] = ("mmap", "pread")
 #: ``auto``: the weights as stored for inference; ``fp32``: full-precision masters where kept.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32")
@@ -74,9 +74,10 @@ class AnalysisConfig:
     depend on it (bit for bit)."""
     progress: bool = False
     """Show a progress bar on stderr."""
-    io: str = "mmap"
-    """How safetensors are read: ``mmap`` (touched file pages show in RSS as shared page cache)
-    or ``pread`` (into private buffers; RSS stays at the working set)."""
+    io: str = "pread"
+    """How safetensors are read: ``pread`` (each block into a reused buffer of the worker, so
+    RSS stays at the working set; the cheaper of the two, see docs/performance.md) or ``mmap``
+    (memory-mapped; the touched file pages show in RSS as shared page cache)."""
     closed_form: bool = True
     """Adapters: compute axis ``out`` from ``W0 Aᵀ`` and ``A Aᵀ`` instead of materialising B·A."""
     lora_alpha: float | None = None

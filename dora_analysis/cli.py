@@ -23,8 +23,8 @@ from .errors import (
     SkippedFoldersWarning,
     UnmatchedTensorsWarning,
 )
-from .io.guard import path_kind
 from .hardware import usable_cpus
+from .io.guard import path_kind
 
 # Only light modules above: --help and argument errors answer without importing torch, pandas,
 # scipy or plotly; run() imports the analysis when there is work to do.

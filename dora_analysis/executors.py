@@ -8,6 +8,10 @@ worker, thread or machine computed it. Results come back in any order; :class:`A
 them in the plan's order on the caller's thread, merges pieces, emits the warnings and builds the
 rows: the table is bitwise the one of a serial run, row for row.
 
+Readers: a source that declares itself :attr:`~dora_analysis.io.base.TensorSource.thread_safe`
+(local safetensors and torch files) is read by all workers at once; the units of any other
+(remote storage, DCP, DeepSpeed) take turns, one at a time, while units of other jobs go on.
+
 Memory: each worker holds one :class:`~dora_analysis.decompose.Workspace` (a block of three
 float64 planes, sized to its share of the cache) and the stored rows of the block it reads.
 Metrics that hold whole matrices (cost ``dense``/``svd``) draw on one :class:`MemoryBudget` per
@@ -20,7 +24,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
     from .pairs import MatrixPair
 
 Progress = Callable[[int], object]
+_NO_LOCK = nullcontext()
 
 #: Float64 matrices a dense metric may hold per element of its pair (W0, Wt, ΔW), and the extra
 #: an SVD needs for its factors and workspace.
@@ -185,9 +190,26 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def turns(base: TensorSource, tuned: TensorSource, shared: threading.Lock,
+          own: threading.Lock) -> threading.Lock | None:
+    """The lock a unit's reads must hold: none when both sources are thread-safe; ``shared``
+    (one for the whole run) when the base is not; ``own`` (the job's) when only the tuned one is
+    not."""
+    if not base.thread_safe:
+        return shared
+    return None if tuned.thread_safe else own
+
+
+def hint(job: Job, base: TensorSource, tuned: TensorSource) -> None:
+    """Remote readers fetch only the job's tensors, neighbours coalesced into one request."""
+    base.will_read([p.name for p in job.pairs])
+    tuned.will_read([p.tuned_name for p in job.pairs])
+
+
 class JobSources:
     """The checkpoints a local run reads: the base once, each tuned checkpoint while its units
-    run (opened by the first, closed after the last), shared by the worker threads."""
+    run (opened by the first, closed after the last), shared by the worker threads; a source that
+    is not :attr:`~dora_analysis.io.base.TensorSource.thread_safe` is read by one at a time."""
 
     def __init__(self, work: Plan, units: list[Unit]) -> None:
         self.work = work
@@ -196,9 +218,11 @@ class JobSources:
             self._remaining[unit.job] = self._remaining.get(unit.job, 0) + 1
         self._lock = threading.Lock()
         self._base: TensorSource | None = None
-        self._tuned: dict[int, TensorSource] = {}
+        self._tuned: dict[int, tuple[TensorSource, threading.Lock | None]] = {}
+        self._shared_turn = threading.Lock()
 
-    def acquire(self, job: int) -> tuple[TensorSource, TensorSource]:
+    def acquire(self, job: int) -> tuple[TensorSource, TensorSource, threading.Lock | None]:
+        """The sources of a job, and the lock its unit must hold while it reads them (if any)."""
         from .io.open import open_checkpoint
 
         options = self.work.config.read_options
@@ -207,18 +231,23 @@ class JobSources:
                 self._base = open_checkpoint(self.work.base, options)
             if job not in self._tuned:
                 path = self.work.jobs[job].checkpoint.path
-                self._tuned[job] = open_checkpoint(path, options, base=self._base)
-            return self._base, self._tuned[job]
+                tuned = open_checkpoint(path, options, base=self._base)
+                turn = turns(self._base, tuned, self._shared_turn, threading.Lock())
+                with turn or _NO_LOCK:
+                    hint(self.work.jobs[job], self._base, tuned)
+                self._tuned[job] = (tuned, turn)
+            tuned, turn = self._tuned[job]
+            return self._base, tuned, turn
 
     def release(self, job: int) -> None:
         with self._lock:
             self._remaining[job] -= 1
             if self._remaining[job] == 0 and job in self._tuned:
-                self._tuned.pop(job).close()
+                self._tuned.pop(job)[0].close()
 
     def close(self) -> None:
         with self._lock:
-            for src in self._tuned.values():
+            for src, _ in self._tuned.values():
                 src.close()
             self._tuned.clear()
             if self._base is not None:
@@ -235,15 +264,16 @@ def run_local(work: Plan, workers: int | None = None, progress: Progress | None 
               ) -> list[dict]:
     """Compute a plan in this process with ``workers`` threads (default: one per usable core).
 
-    Units are handed out in table order, the largest of each job first, at most a few per
-    worker ahead, so that few tuned checkpoints are open at once; ``workers=1`` computes them
-    one after the other in this thread. The rows are those of :func:`run_serial`, bit for bit.
+    Units are handed out in table order (the order of the tensors in the files: sequential
+    reads, and remote readers' coalesced requests hold), at most two per worker ahead, so that
+    few tuned checkpoints are open at once; large pairs are cut into pieces, so none is much
+    longer than the rest. ``workers=1`` computes them one after the other in this thread. The
+    rows are those of :func:`run_serial`, bit for bit.
     """
     from .decompose import Workspace
 
     n = resolve_workers(workers)
     units = plan_units(work)
-    order = _largest_first_per_job(units, work)
     assembler = Assembler(work, units)
     sources = JobSources(work, units)
     budget = MemoryBudget(memory_available() // 2)
@@ -252,9 +282,10 @@ def run_local(work: Plan, workers: int | None = None, progress: Progress | None 
     def task(unit: Unit) -> Any:
         workspace = local.__dict__.setdefault("workspace", Workspace())
         with budget.hold(unit_memory(unit, work)):
-            base, tuned = sources.acquire(unit.job)
+            base, tuned, turn = sources.acquire(unit.job)
             try:
-                return compute_unit(unit, work, base, tuned, workspace)
+                with turn or _NO_LOCK:
+                    return compute_unit(unit, work, base, tuned, workspace)
             finally:
                 sources.release(unit.job)
 
@@ -266,18 +297,13 @@ def run_local(work: Plan, workers: int | None = None, progress: Progress | None 
     try:
         with torch_threads(1):
             if n == 1:
-                for unit in order:
+                for unit in units:
                     done(unit, task(unit))
             else:
-                _run_pool(task, order, n, done)
+                _run_pool(task, units, n, done)
     finally:
         sources.close()
     return assembler.records()
-
-
-def _largest_first_per_job(units: list[Unit], work: Plan) -> list[Unit]:
-    # Longest first balances the workers (a job's big embedding does not start last).
-    return sorted(units, key=lambda u: (u.job, -u.numel(work)))
 
 
 def _run_pool(task: Callable[[Unit], Any], order: list[Unit], workers: int,

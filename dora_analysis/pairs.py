@@ -72,8 +72,9 @@ def read_rows(source: TensorSource, name: str, pair: MatrixPair, start: int, sto
 
 
 #: Blocks per piece: a pair larger than one piece is streamed (and may be distributed) as
-#: consecutive row ranges of this many blocks, whose sums are merged in row order.
-PIECE_BLOCKS = 512
+#: consecutive row ranges of this many blocks, whose sums are merged in row order. 128 blocks
+#: of 2^18 elements: a LLaMA-7B embedding is 4 pieces, no unit of work much longer than a layer.
+PIECE_BLOCKS = 128
 
 
 def pieces(pair: MatrixPair, block_elements: int) -> list[tuple[int, int]]:

@@ -72,7 +72,7 @@ def wide_state(seed: int = 0) -> dict[str, torch.Tensor]:
     mixed stored dtypes, plus a small one."""
     g = torch.Generator().manual_seed(seed)
     return {
-        "model.embed_tokens.weight": torch.randn(1300, 12, generator=g).bfloat16(),
-        "model.layers.0.mlp.down_proj.weight": (torch.randn(1100, 20, generator=g) / 4).half(),
+        "model.embed_tokens.weight": torch.randn(300, 12, generator=g).bfloat16(),
+        "model.layers.0.mlp.down_proj.weight": (torch.randn(260, 20, generator=g) / 4).half(),
         "model.layers.0.self_attn.q_proj.weight": torch.randn(24, 16, generator=g) / 4,
     }

@@ -33,6 +33,7 @@ import socket
 import threading
 import uuid
 from collections import OrderedDict
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,12 +44,14 @@ from ..executors import (
     Progress,
     Unit,
     compute_unit,
+    hint,
     plan_units,
+    turns,
     unit_memory,
 )
 
 if TYPE_CHECKING:
-    from ..analysis import Plan
+    from ..analysis import Job, Plan
     from ..io.base import TensorSource
     from ..io.open import ReadOptions
 
@@ -93,16 +96,13 @@ def run_dask(work: Plan, client: Any, progress: Progress | None = None) -> list[
     units = plan_units(work)
     run_id = uuid.uuid4().hex
     base = _shared_path(work.base)
-    order = sorted(range(len(units)), key=lambda i: (units[i].job, -units[i].numel(work)))
     shared = client.scatter(work, broadcast=True, hash=False)  # once per worker, not per unit
     futures = client.map(
-        _run_unit,
-        [units[i] for i in order],
-        [_shared_path(work.jobs[units[i].job].checkpoint.path) for i in order],
-        key=[f"dora-analysis-{run_id}-{i}" for i in order], pure=False,
+        _run_unit, units, [_shared_path(work.jobs[u.job].checkpoint.path) for u in units],
+        key=[f"dora-analysis-{run_id}-{i}" for i in range(len(units))], pure=False,
         run_id=run_id, base=base, work=shared,
     )
-    unit_of = {f.key: units[i] for f, i in zip(futures, order, strict=True)}
+    unit_of = {f.key: u for f, u in zip(futures, units, strict=True)}
     assembler = Assembler(work, units)
     try:
         for future in distributed.as_completed(futures):
@@ -131,9 +131,12 @@ class _WorkerSources:
         self._lock = threading.Lock()
         self._open: OrderedDict[tuple, TensorSource] = OrderedDict()
         self._users: dict[tuple, int] = {}
+        self._turns: dict[tuple, threading.Lock | None] = {}
+        self._shared_turns: dict[tuple, threading.Lock] = {}
 
-    def acquire(self, run_id: str, base: str, tuned: str, options: ReadOptions
-                ) -> tuple[tuple, tuple, TensorSource, TensorSource]:
+    def acquire(self, run_id: str, base: str, tuned: str, job: Job, options: ReadOptions
+                ) -> tuple[tuple, tuple, TensorSource, TensorSource, threading.Lock | None]:
+        """The job's sources (opened on first use), and the lock its unit must read under."""
         from ..io.open import open_checkpoint
 
         base_key = (run_id, "base", base, options)
@@ -141,17 +144,23 @@ class _WorkerSources:
         with self._lock:
             if base_key not in self._open:
                 self._open[base_key] = open_checkpoint(base, options)
+                self._shared_turns[base_key] = threading.Lock()
             self._users[base_key] = self._users.get(base_key, 0) + 1
+            base_src = self._open[base_key]
             try:
                 if tuned_key not in self._open:
-                    self._open[tuned_key] = open_checkpoint(tuned, options,
-                                                            base=self._open[base_key])
+                    src = open_checkpoint(tuned, options, base=base_src)
+                    turn = turns(base_src, src, self._shared_turns[base_key], threading.Lock())
+                    with turn or _NO_LOCK:
+                        hint(job, base_src, src)
+                    self._open[tuned_key], self._turns[tuned_key] = src, turn
             except BaseException:
                 self._release(base_key)
                 raise
             self._users[tuned_key] = self._users.get(tuned_key, 0) + 1
             self._open.move_to_end(tuned_key)
-            return base_key, tuned_key, self._open[base_key], self._open[tuned_key]
+            return (base_key, tuned_key, base_src, self._open[tuned_key],
+                    self._turns[tuned_key])
 
     def release(self, *keys: tuple) -> None:
         with self._lock:
@@ -162,6 +171,8 @@ class _WorkerSources:
             idle.sort(key=lambda k: k[1] == "base")
             for key in idle[: max(0, len(idle) - IDLE_SOURCES)]:
                 self._open.pop(key).close()
+                self._turns.pop(key, None)
+                self._shared_turns.pop(key, None)
 
     def _release(self, key: tuple) -> None:
         self._users[key] -= 1
@@ -169,6 +180,7 @@ class _WorkerSources:
             del self._users[key]
 
 
+_NO_LOCK = nullcontext()
 _SOURCES = _WorkerSources()
 _BUDGET: MemoryBudget | None = None
 _BUDGET_LOCK = threading.Lock()
@@ -197,11 +209,13 @@ def _run_unit(unit: Unit, tuned: str, *, run_id: str, base: str, work: Plan) -> 
     workspace = _LOCAL.__dict__.setdefault("workspace", Workspace())
     try:
         with _budget().hold(unit_memory(unit, work)):
-            keys = _SOURCES.acquire(run_id, base, tuned, work.config.read_options)
+            base_key, tuned_key, base_src, tuned_src, turn = _SOURCES.acquire(
+                run_id, base, tuned, work.jobs[unit.job], work.config.read_options)
             try:
-                return compute_unit(unit, work, keys[2], keys[3], workspace)
+                with turn or _NO_LOCK:
+                    return compute_unit(unit, work, base_src, tuned_src, workspace)
             finally:
-                _SOURCES.release(keys[0], keys[1])
+                _SOURCES.release(base_key, tuned_key)
     except DoraAnalysisError as exc:
         if exc.args and isinstance(exc.args[0], str):
             exc.args = (f"{exc.args[0]} (on Dask worker {socket.gethostname()})", *exc.args[1:])

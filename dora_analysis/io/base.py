@@ -66,6 +66,10 @@ class TensorSource(ABC):
     #: True when the source holds only what changed (an adapter): base tensors it lacks are
     #: unchanged, not missing.
     partial: bool = False
+    #: True when several threads may read the source at once (it keeps no state between reads
+    #: that another thread's read could disturb). The analysis's workers share such a source;
+    #: the reads of any other take turns (see :mod:`dora_analysis.executors`).
+    thread_safe: bool = False
 
     @abstractmethod
     def keys(self) -> list[str]:

@@ -121,6 +121,7 @@ class AdapterSource(TensorSource):
                                        heads=lambda: config_heads(base.path))
         self._full = dict(adapter.full_weights)
         self._factor_cache: tuple[str, torch.Tensor] | None = None
+        self.thread_safe = base.thread_safe  # merging keeps no state between reads
 
     def keys(self) -> list[str]:
         return [*self.targets, *self._full]

@@ -49,6 +49,7 @@ class DequantizedSource(TensorSource):
     def __init__(self, inner: TensorSource, schemes: dict[str, Scheme]) -> None:
         self.path = inner.path
         self._inner = inner
+        self.thread_safe = inner.thread_safe
         self._schemes = schemes
         self._scales: dict[str, torch.Tensor] = {}
 

@@ -29,6 +29,8 @@ class SafetensorsFile(TensorSource):
     that the file did not change.
     """
 
+    thread_safe = True  # positional reads (pread, slices of the mapping); no cursor
+
     def __init__(self, path: str | Path, backend: str = "mmap") -> None:
         self.path = Path(path)
         self._file = None

@@ -55,6 +55,8 @@ class ShardedCheckpoint(TensorSource):
         self._open_shard = open_shard
         self._shards: dict[str, TensorSource] = {}
         self._lock = threading.Lock()  # worker threads open shards on first use
+        # local shards are files (safetensors, torch) that threads may read at once
+        self.thread_safe = local
         if local:
             self._check_files()
 

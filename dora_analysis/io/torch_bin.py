@@ -29,6 +29,8 @@ class TorchFile(TensorSource):
 
     WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 
+    thread_safe = True  # the tensors are loaded (or mapped) at open; a read keeps no state
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._guard = GuardedFile(self.path)

@@ -48,7 +48,8 @@ lint: install
 # Scale/speed benchmark on a generated ~1B LLaMA-shaped pair (4 GiB of disk); see docs/performance.md.
 bench: install
 	$(BIN)/python benchmarks/make_llama_pair.py --size 1b --out bench-output/pair-1b
-	$(BIN)/python benchmarks/bench_analyze.py bench-output/pair-1b/base bench-output/pair-1b/tuned
+	$(BIN)/python benchmarks/bench_analyze.py bench-output/pair-1b/base bench-output/pair-1b/tuned \
+		--adapter bench-output/pair-1b/adapter --workers 1,2
 
 clean:
 	rm -rf $(VENV) demo-output reproduction bench-output .pytest_cache build *.egg-info

@@ -96,32 +96,31 @@ def run_io(base: Path, tuned: Path) -> dict:
     return {"bytes": total}
 
 
+def float32_deltas(base: Path, tuned: Path, formula) -> dict:
+    """Both state dicts loaded whole, then ``formula(a, b) -> (ΔM, ΔD)`` on float32 copies."""
+    sd0, sdt = load_both(base, tuned)
+    out = {name: formula(w0.float(), sdt[name].float())
+           for name, w0 in sd0.items() if w0.dim() >= 2}
+    return {"deltas": out}
+
+
 def run_naive(base: Path, tuned: Path) -> dict:
     import torch
 
-    sd0, sdt = load_both(base, tuned)
-    out = {}
-    for name, w0 in sd0.items():
-        if w0.dim() < 2:
-            continue
-        a, b = w0.float(), sdt[name].float()
+    def formula(a, b):
         dm = (b.norm(dim=1) - a.norm(dim=1)).abs().mean().item()
-        dd = (1 - torch.nn.functional.cosine_similarity(a, b, dim=1)).mean().item()
-        out[name] = (dm, dd)
-    return {"deltas": out}
+        return dm, (1 - torch.nn.functional.cosine_similarity(a, b, dim=1)).mean().item()
+
+    return float32_deltas(base, tuned, formula)
 
 
 def run_lean(base: Path, tuned: Path) -> dict:
-    sd0, sdt = load_both(base, tuned)
-    out = {}
-    for name, w0 in sd0.items():
-        if w0.dim() < 2:
-            continue
-        a, b = w0.float(), sdt[name].float()
+    def formula(a, b):
         na, nb = a.norm(dim=1), b.norm(dim=1)
-        dot = (a * b).sum(dim=1)
-        out[name] = ((nb - na).abs().mean().item(), (1 - dot / (na * nb)).mean().item())
-    return {"deltas": out}
+        dot = (a * b).sum(dim=1)  # the cosine as a dot product over the row norms
+        return (nb - na).abs().mean().item(), (1 - dot / (na * nb)).mean().item()
+
+    return float32_deltas(base, tuned, formula)
 
 
 def run_ours(base: Path, tuned: Path, **settings) -> dict:

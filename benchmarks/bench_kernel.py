@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--elements", type=int, default=1 << 25, help="per thread and run")
     parser.add_argument("--axis", default="out", choices=("out", "in", "both"))
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--log2", default="13-21", help="block sizes 2^a .. 2^b")
+    parser.add_argument("--log2", default="14-22", help="block sizes 2^a .. 2^b")
     parser.add_argument("--kernels", action="store_true",
                         help="compare kernels at the chosen block instead (one thread)")
     args = parser.parse_args()

@@ -199,11 +199,11 @@ def test_sources_that_are_not_thread_safe_are_read_one_at_a_time(ckpts, monkeypa
                 inside[0] -= 1
 
     monkeypatch.setattr(SafetensorsFile, "get_rows_into", one_reader)
-    base, tuned = ckpts["base"], [ckpts["tuned"], ckpts["series"]]
-    serial = da.analyze(base, tuned, workers=1, block_elements=64)
+    base, tuned = ckpts["base"], [ckpts["tuned"], ckpts["sharded"]]
+    serial = da.analyze(base, tuned, workers=1, block_elements=256)
     monkeypatch.setattr(SafetensorsFile, "thread_safe", False)
-    assert_same_table(da.analyze(base, tuned, workers=4, block_elements=64), serial)
+    assert_same_table(da.analyze(base, tuned, workers=4, block_elements=256), serial)
     assert most[0] == 1
     monkeypatch.setattr(SafetensorsFile, "thread_safe", True)  # and the check can see overlap
-    assert_same_table(da.analyze(base, tuned, workers=4, block_elements=64), serial)
+    assert_same_table(da.analyze(base, tuned, workers=4, block_elements=256), serial)
     assert most[0] > 1

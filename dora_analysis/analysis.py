@@ -33,7 +33,7 @@ from .errors import (
     UnmatchedTensorsWarning,
     listing,
 )
-from .executors import run_local
+from .executors import hint, run_local, torch_threads
 from .io.base import ANALYSABLE_DTYPES, TensorInfo, TensorSource
 from .io.guard import shown
 from .io.keys import (
@@ -269,18 +269,18 @@ def run_job(job: Job, base: TensorSource, tuned: TensorSource, config: AnalysisC
             ) -> list[dict]:
     """The table rows of one job, in pair then axis order, from already opened sources.
 
-    ``progress(n)`` is called with the number of elements of each pair when it is done.
+    ``progress(n)`` is called with the number of elements of each pair when it is done. Torch
+    runs one thread meanwhile, as every executor does: the same bits as :func:`analyze`.
     """
-    # Remote readers fetch only these tensors, neighbours coalesced into one request.
-    base.will_read([p.name for p in job.pairs])
-    tuned.will_read([p.tuned_name for p in job.pairs])
+    hint(job, base, tuned)  # remote readers fetch only these tensors, neighbours coalesced
     records = []
-    for pair in job.pairs:
-        for axis, values in compute_pair(base, tuned, pair, config, workspace).items():
-            _warn_nonfinite(job.checkpoint, pair, axis, values)
-            records.append(_row(job, pair, axis, values))
-        if progress is not None:
-            progress(pair.numel)
+    with torch_threads(1):
+        for pair in job.pairs:
+            for axis, values in compute_pair(base, tuned, pair, config, workspace).items():
+                _warn_nonfinite(job.checkpoint, pair, axis, values)
+                records.append(_row(job, pair, axis, values))
+            if progress is not None:
+                progress(pair.numel)
     return records
 
 

@@ -10,7 +10,8 @@ rows: the table is bitwise the one of a serial run, row for row.
 
 Readers: a source that declares itself :attr:`~dora_analysis.io.base.TensorSource.thread_safe`
 (local safetensors and torch files) is read by all workers at once; the units of any other
-(remote storage, DCP, DeepSpeed) take turns, one at a time, while units of other jobs go on.
+(remote storage, DCP, DeepSpeed) take turns, one at a time and in table order (:class:`InOrder`),
+while units of other jobs go on.
 
 Memory: each worker holds one :class:`~dora_analysis.decompose.Workspace` (a block of three
 float64 planes, sized to its share of the cache) and the stored rows of the block it reads.
@@ -22,11 +23,12 @@ more dense matrices at once than it allows; a unit larger than the whole budget 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import metrics as registry
 from .hardware import memory_available, usable_cpus
@@ -190,14 +192,46 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def turns(base: TensorSource, tuned: TensorSource, shared: threading.Lock,
-          own: threading.Lock) -> threading.Lock | None:
-    """The lock a unit's reads must hold: none when both sources are thread-safe; ``shared``
-    (one for the whole run) when the base is not; ``own`` (the job's) when only the tuned one is
-    not."""
+T = TypeVar("T")
+
+
+def turns(base: TensorSource, tuned: TensorSource, shared: T, own: Callable[[], T]) -> T | None:
+    """What a unit must hold while it reads: nothing when both sources are thread-safe;
+    ``shared`` (one for the whole run) when the base is not; ``own()`` (the job's) when only the
+    tuned one is not."""
     if not base.thread_safe:
         return shared
-    return None if tuned.thread_safe else own
+    return None if tuned.thread_safe else own()
+
+
+class InOrder:
+    """A turn units take one at a time **in table order** (by their positions in the plan), for
+    sources that keep state between reads: remote readers' coalesced requests and read-ahead,
+    DCP's chunk cache see the order of a serial run."""
+
+    def __init__(self, positions: list[int]) -> None:
+        self._waiting = deque(sorted(positions))
+        self._cond = threading.Condition()
+        self._aborted = False
+
+    @contextmanager
+    def hold(self, position: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._aborted or self._waiting[0] == position)
+            if self._aborted:
+                raise CancelledError("the run stopped")
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._waiting.popleft()
+                self._cond.notify_all()
+
+    def abort(self) -> None:
+        """Wake every unit still waiting (the run failed: the ones before it will not come)."""
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
 
 
 def hint(job: Job, base: TensorSource, tuned: TensorSource) -> None:
@@ -213,16 +247,19 @@ class JobSources:
 
     def __init__(self, work: Plan, units: list[Unit]) -> None:
         self.work = work
-        self._remaining: dict[int, int] = {}
-        for unit in units:
-            self._remaining[unit.job] = self._remaining.get(unit.job, 0) + 1
+        self._positions: dict[int, list[int]] = {}  # job -> positions of its units
+        for position, unit in enumerate(units):
+            self._positions.setdefault(unit.job, []).append(position)
+        self._remaining = {job: len(p) for job, p in self._positions.items()}
         self._lock = threading.Lock()
         self._base: TensorSource | None = None
-        self._tuned: dict[int, tuple[TensorSource, threading.Lock | None]] = {}
-        self._shared_turn = threading.Lock()
+        self._tuned: dict[int, tuple[TensorSource, InOrder | None]] = {}
+        self._shared_turn = InOrder(list(range(len(units))))
+        self._own_turns: list[InOrder] = []
+        self._hinted: set[int] = set()
 
-    def acquire(self, job: int) -> tuple[TensorSource, TensorSource, threading.Lock | None]:
-        """The sources of a job, and the lock its unit must hold while it reads them (if any)."""
+    def acquire(self, job: int) -> tuple[TensorSource, TensorSource, InOrder | None]:
+        """The sources of a job, and the turn its unit must hold while it reads them (if any)."""
         from .io.open import open_checkpoint
 
         options = self.work.config.read_options
@@ -232,12 +269,25 @@ class JobSources:
             if job not in self._tuned:
                 path = self.work.jobs[job].checkpoint.path
                 tuned = open_checkpoint(path, options, base=self._base)
-                turn = turns(self._base, tuned, self._shared_turn, threading.Lock())
-                with turn or _NO_LOCK:
-                    hint(self.work.jobs[job], self._base, tuned)
+                own = InOrder(self._positions[job])
+                turn = turns(self._base, tuned, self._shared_turn, lambda: own)
+                self._own_turns.append(own)
                 self._tuned[job] = (tuned, turn)
             tuned, turn = self._tuned[job]
             return self._base, tuned, turn
+
+    def hint_once(self, job: int, base: TensorSource, tuned: TensorSource) -> None:
+        """Tell the readers what the job reads, once per job (within the unit's turn)."""
+        with self._lock:
+            first = job not in self._hinted
+            self._hinted.add(job)
+        if first:
+            hint(self.work.jobs[job], base, tuned)
+
+    def abort(self) -> None:
+        """Release the units waiting for a turn: the run failed."""
+        for turn in (self._shared_turn, *self._own_turns):
+            turn.abort()
 
     def release(self, job: int) -> None:
         with self._lock:
@@ -279,12 +329,15 @@ def run_local(work: Plan, workers: int | None = None, progress: Progress | None 
     budget = MemoryBudget(memory_available() // 2)
     local = threading.local()
 
+    position = {unit: i for i, unit in enumerate(units)}
+
     def task(unit: Unit) -> Any:
         workspace = local.__dict__.setdefault("workspace", Workspace())
         with budget.hold(unit_memory(unit, work)):
             base, tuned, turn = sources.acquire(unit.job)
             try:
-                with turn or _NO_LOCK:
+                with turn.hold(position[unit]) if turn else _NO_LOCK:
+                    sources.hint_once(unit.job, base, tuned)
                     return compute_unit(unit, work, base, tuned, workspace)
             finally:
                 sources.release(unit.job)
@@ -300,19 +353,21 @@ def run_local(work: Plan, workers: int | None = None, progress: Progress | None 
                 for unit in units:
                     done(unit, task(unit))
             else:
-                _run_pool(task, units, n, done)
+                _run_pool(task, units, n, done, abort=sources.abort)
     finally:
         sources.close()
     return assembler.records()
 
 
 def _run_pool(task: Callable[[Unit], Any], order: list[Unit], workers: int,
-              done: Callable[[Unit, Any], None]) -> None:
-    """Run ``task`` over ``order`` on ``workers`` threads, at most ``2 × workers`` queued ahead;
-    the first error cancels what has not started and is raised here."""
+              done: Callable[[Unit, Any], None], abort: Callable[[], None]) -> None:
+    """Run ``task`` over ``order`` on ``workers`` threads, at most ``2 × workers`` queued ahead
+    (in order: the pool's queue is first in, first out); the first error cancels what has not
+    started, wakes what waits (``abort``) and is raised here."""
     pending: dict[Future, Unit] = {}
     queue = iter(order)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="dora-analysis")
+    failed = True
     try:
         while True:
             while len(pending) < 2 * workers:
@@ -325,9 +380,12 @@ def _run_pool(task: Callable[[Unit], Any], order: list[Unit], workers: int,
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
                 done(pending.pop(future), future.result())
+        failed = False
     finally:
         for future in pending:
             future.cancel()
+        if failed:
+            abort()
         pool.shutdown(wait=True)
 
 

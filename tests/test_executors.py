@@ -183,7 +183,7 @@ class TestMemoryBudget:
 def test_sources_that_are_not_thread_safe_are_read_one_at_a_time(ckpts, monkeypatch):
     from dora_analysis.io.safetensors import SafetensorsFile
 
-    inside, most = [0], [0]
+    inside, most, names = [0], [0], []
     lock = threading.Lock()
     read = SafetensorsFile.get_rows_into
 
@@ -191,6 +191,7 @@ def test_sources_that_are_not_thread_safe_are_read_one_at_a_time(ckpts, monkeypa
         with lock:
             inside[0] += 1
             most[0] = max(most[0], inside[0])
+            names.append((self.path.name, args[0], args[1]))
         try:
             time.sleep(0.001)  # long enough for another thread to come in, if it may
             return read(self, *args, **kwargs)
@@ -201,9 +202,22 @@ def test_sources_that_are_not_thread_safe_are_read_one_at_a_time(ckpts, monkeypa
     monkeypatch.setattr(SafetensorsFile, "get_rows_into", one_reader)
     base, tuned = ckpts["base"], [ckpts["tuned"], ckpts["sharded"]]
     serial = da.analyze(base, tuned, workers=1, block_elements=256)
+    serial_reads, names[:] = list(names), []
     monkeypatch.setattr(SafetensorsFile, "thread_safe", False)
     assert_same_table(da.analyze(base, tuned, workers=4, block_elements=256), serial)
-    assert most[0] == 1
+    assert most[0] == 1 and names == serial_reads  # one at a time, in the serial order
     monkeypatch.setattr(SafetensorsFile, "thread_safe", True)  # and the check can see overlap
     assert_same_table(da.analyze(base, tuned, workers=4, block_elements=256), serial)
     assert most[0] > 1
+
+
+def test_a_failure_releases_the_units_waiting_for_their_turn(ckpts, tmp_path, monkeypatch):
+    from dora_analysis.io.safetensors import SafetensorsFile
+
+    monkeypatch.setattr(SafetensorsFile, "thread_safe", False)
+    tuned = tmp_path / "tuned.safetensors"
+    tuned.write_bytes(ckpts["tuned"].read_bytes())
+    work = plan(ckpts["base"], [ckpts["series"], tuned], config=AnalysisConfig(workers=4))
+    tuned.write_bytes(tuned.read_bytes()[:-100])
+    with pytest.raises(CheckpointFormatError, match="tuned.safetensors"):  # and no hang
+        run_local(work, workers=4)

@@ -150,7 +150,7 @@ class _WorkerSources:
             try:
                 if tuned_key not in self._open:
                     src = open_checkpoint(tuned, options, base=base_src)
-                    turn = turns(base_src, src, self._shared_turns[base_key], threading.Lock())
+                    turn = turns(base_src, src, self._shared_turns[base_key], threading.Lock)
                     with turn or _NO_LOCK:
                         hint(job, base_src, src)
                     self._open[tuned_key], self._turns[tuned_key] = src, turn

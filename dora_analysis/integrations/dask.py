@@ -96,7 +96,9 @@ def run_dask(work: Plan, client: Any, progress: Progress | None = None) -> list[
     units = plan_units(work)
     run_id = uuid.uuid4().hex
     base = _shared_path(work.base)
-    shared = client.scatter(work, broadcast=True, hash=False)  # once per worker, not per unit
+    # The plan goes to the cluster once, as a task that returns it rather than as scattered data:
+    # a task is recomputed when the worker holding its result dies, scattered data is lost.
+    shared = client.submit(_plan, work, key=f"dora-analysis-{run_id}-plan", pure=False)
     futures = client.map(
         _run_unit, units, [_shared_path(work.jobs[u.job].checkpoint.path) for u in units],
         key=[f"dora-analysis-{run_id}-{i}" for i in range(len(units))], pure=False,
@@ -123,6 +125,11 @@ def run_dask(work: Plan, client: Any, progress: Progress | None = None) -> list[
 
 
 # --- on the workers ---------------------------------------------------------------------------
+
+def _plan(work: Plan) -> Plan:
+    """The plan, as a task result the units share (see :func:`run_dask`)."""
+    return work
+
 
 class _WorkerSources:
     """The checkpoints one worker process has open, shared by its threads, per run."""

@@ -41,6 +41,7 @@ import torch
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, UnsafeCheckpointError
 from .base import TensorInfo, TensorSource, reason
+from .guard import GuardedFile, pread_exact
 from .refs import TRAINER_DCP_FOLDERS
 
 METADATA_FILE = ".metadata"
@@ -228,7 +229,7 @@ class DcpCheckpoint(TensorSource):
                     str(storage.relative_path), int(storage.offset), int(storage.length),
                     bool(getattr(storage, "transform_descriptors", None))))
         self._check_files()
-        self._fds: dict[str, int] = {}
+        self._files: dict[str, GuardedFile] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._layouts: dict[_Chunk, int | None] = {}  # chunk → absolute offset of its rows
         self._whole: tuple[object, torch.Tensor] | None = None  # last read by a fallback
@@ -294,9 +295,28 @@ class DcpCheckpoint(TensorSource):
     # -- chunks ------------------------------------------------------------------------------
 
     def _fd(self, file: str) -> int:
-        if file not in self._fds:
-            self._fds[file] = os.open(self.path / file, os.O_RDONLY)
-        return self._fds[file]
+        return self._guarded(file).fd
+
+    def _guarded(self, file: str) -> GuardedFile:
+        """The ``.distcp`` file, opened through the guard against files that change while read
+        (leased for mapping; see :mod:`dora_analysis.io.guard`)."""
+        if file not in self._files:
+            self._files[file] = GuardedFile(self.path / file, lease=self._backend == "mmap")
+        return self._files[file]
+
+    def _mappable(self, file: str) -> bool:
+        """Whether rows of ``file`` may come from its mapping now: only under an unbroken lease.
+        A writer waiting for the lease makes us drop the mapping first, then let it go."""
+        guard = self._guarded(file)
+        if guard.leased and guard.lease_broken():
+            mapped = self._maps.pop(file, None)
+            if mapped is not None:
+                try:
+                    mapped.close()
+                except BufferError:  # only ever viewed inside _chunk_rows, which copies
+                    pass
+            guard.release()
+        return guard.leased
 
     def _chunk_rows(self, name: str, chunk: _Chunk, lo: int, hi: int) -> torch.Tensor:
         """Rows ``lo:hi`` of one chunk, shape ``(hi - lo, *chunk.sizes[1:])``."""
@@ -309,12 +329,20 @@ class DcpCheckpoint(TensorSource):
         if size == 0:
             return torch.empty((hi - lo, *chunk.sizes[1:]), dtype=dtype)
         offset = data_start + lo * row_bytes
-        if self._backend == "pread":
-            buffer = _pread(self._fd(chunk.file), size, offset)
-            flat = torch.frombuffer(buffer, dtype=dtype)
-        else:
+        guard = self._guarded(chunk.file)
+        guard.check()
+        if self._backend == "mmap" and self._mappable(chunk.file):
+            # copied while the lease holds writers off: a view would be read later, unguarded
             flat = torch.frombuffer(self._map(chunk.file), dtype=dtype, offset=offset,
-                                    count=size // dtype.itemsize)
+                                    count=size // dtype.itemsize).clone()
+        else:
+            try:
+                flat = torch.frombuffer(pread_exact(guard.fd, size, offset), dtype=dtype)
+            except OSError as exc:
+                guard.check()  # the file shrank: say so, by name
+                raise CheckpointFormatError(f"{self.path / chunk.file}: cannot read tensor "
+                                            f"'{name}' ({exc})") from None
+        guard.check()
         return flat.reshape(hi - lo, *chunk.sizes[1:])
 
     def _map(self, file: str) -> mmap.mmap:
@@ -407,9 +435,9 @@ class DcpCheckpoint(TensorSource):
             except BufferError:  # a tensor still views it; the map closes when that is freed
                 pass
         self._maps.clear()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for guard in self._files.values():
+            guard.close()
+        self._files.clear()
 
 
 def _refusal(exc: BaseException) -> str:
@@ -429,17 +457,6 @@ def _chunk_of(chunks: list, index):
             return chunk
     raise CheckpointFormatError(f"{METADATA_FILE}: tensor '{index.fqn}' has no chunk at offsets "
                                 f"{list(index.offset)}; copy the checkpoint folder again")
-
-
-def _pread(fd: int, size: int, offset: int) -> bytearray:
-    buffer = bytearray(size)
-    view, done = memoryview(buffer), 0
-    while done < size:  # pread may return fewer bytes than asked
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise CheckpointFormatError(f"unexpected end of file at byte {offset + done}")
-        done += n
-    return buffer
 
 
 def _safe_reader(path: Path):

@@ -107,6 +107,27 @@ def _take_lease(fd: int) -> bool:
     return True
 
 
+def pread_exact(fd: int, size: int, offset: int) -> bytearray:
+    """Exactly ``size`` bytes at ``offset`` (``pread`` may return fewer than asked).
+
+    Raises ``OSError`` at the end of the file: callers check the file's identity to tell a
+    truncation from a corrupt offset.
+    """
+    buffer = bytearray(size)
+    pread_into(fd, memoryview(buffer), offset)
+    return buffer
+
+
+def pread_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with the bytes at ``offset``."""
+    done, size = 0, len(view)
+    while done < size:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        done += n
+
+
 class GuardedFile:
     """One checkpoint file, open read-only, leased where possible, its identity checked.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -14,7 +13,7 @@ from safetensors import safe_open
 
 from ..errors import CheckpointFormatError, DoraAnalysisError
 from .base import SAFETENSORS_DTYPES, TensorInfo, TensorSource, reason
-from .guard import GuardedFile, shown
+from .guard import GuardedFile, pread_exact, pread_into, shown
 
 T = TypeVar("T")
 
@@ -38,8 +37,8 @@ class SafetensorsFile(TensorSource):
         try:
             self._file = safe_open(self._guard.open_path, framework="pt", device="cpu")
             self._keys = list(self._file.keys())
-            header_len = int.from_bytes(_pread(self._guard.fd, 8, 0), "little")
-            self._header = json.loads(_pread(self._guard.fd, header_len, 8))
+            header_len = int.from_bytes(pread_exact(self._guard.fd, 8, 0), "little")
+            self._header = json.loads(pread_exact(self._guard.fd, header_len, 8))
             self._data_start = 8 + header_len
         except Exception as exc:  # the Rust reader raises several types on corrupt input
             self.close()
@@ -97,7 +96,7 @@ class SafetensorsFile(TensorSource):
     def _pread_tensor(self, name: str) -> torch.Tensor:
         entry, dtype, shape = self._entry(name)
         begin, end = entry["data_offsets"]
-        data = _pread(self._guard.fd, end - begin, self._data_start + begin)
+        data = pread_exact(self._guard.fd, end - begin, self._data_start + begin)
         if not data:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).reshape(shape)
@@ -125,28 +124,11 @@ class SafetensorsFile(TensorSource):
         if not size:
             return torch.empty((0, *shape[1:]), dtype=dtype)
         if out is not None and out.numel() >= size:  # a reused buffer: no allocation, no zeroing
-            _pread_into(self._guard.fd, memoryview(out[:size].numpy()), offset)
+            pread_into(self._guard.fd, memoryview(out[:size].numpy()), offset)
             return out[:size].view(dtype).reshape(-1, *shape[1:])
-        data = _pread(self._guard.fd, size, offset)
+        data = pread_exact(self._guard.fd, size, offset)
         return torch.frombuffer(data, dtype=dtype).reshape(-1, *shape[1:])
 
     def close(self) -> None:
         self._file = None  # safe_open releases its mmap when collected
         self._guard.close()
-
-
-def _pread(fd: int, size: int, offset: int) -> bytearray:
-    """Exactly ``size`` bytes at ``offset`` (``pread`` may return fewer than asked)."""
-    buffer = bytearray(size)
-    _pread_into(fd, memoryview(buffer), offset)
-    return buffer
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` with the bytes at ``offset``."""
-    done, size = 0, len(view)
-    while done < size:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise OSError("unexpected end of file")
-        done += n

@@ -321,3 +321,30 @@ def test_fsdp_sharded_peft_adapter_is_explained(ckpts, tmp_path, capsys):
     err = _cli_error([str(ckpts["base"]), str(tmp_path / "run")], capsys,
                      tmp_path / "out" / "t.csv")
     assert "pytorch_model_fsdp_0: holds LoRA adapter factors" in err
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+def test_a_distcp_file_truncated_while_read_is_reported_by_name(tmp_path, backend):
+    """The mapped .distcp file is guarded like a safetensors file: never SIGBUS, an error."""
+    import threading
+    import time
+
+    from dora_analysis.errors import CheckpointChangedError, DoraAnalysisError
+    from dora_analysis.io.dcp import DcpCheckpoint
+
+    folder = save({"w": torch.arange(256 * 16, dtype=torch.float32).reshape(256, 16)},
+                  tmp_path / "dcp")
+    (shard,) = folder.glob("*.distcp")
+    with DcpCheckpoint(folder, backend) as src:
+        expected = src.get_rows("w", 0, 256)
+        writer = threading.Thread(target=lambda: open(shard, "r+b").truncate(200), daemon=True)
+        writer.start()  # waits in open() while the lease is held, never in this thread
+        deadline, error = time.time() + 20, None
+        while error is None and time.time() < deadline:
+            try:
+                assert torch.equal(src.get_rows("w", 0, 256), expected)
+            except DoraAnalysisError as exc:
+                error = exc
+            time.sleep(0.01)
+        writer.join(10)
+    assert isinstance(error, CheckpointChangedError) and str(shard) in str(error)

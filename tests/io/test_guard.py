@@ -4,6 +4,7 @@ and nothing ever ends the process with SIGBUS."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -146,23 +147,30 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_a_file_truncated_under_a_running_analysis_is_an_error_not_sigbus(tmp_path):
-    """dora-analyze in a real process, memory-mapping under a lease: another process truncates
-    the tuned file while it is analysed. One error line, exit 2, no output, base untouched."""
+@pytest.mark.parametrize("io", ["mmap", "pread"])
+def test_a_file_truncated_under_a_running_analysis_is_an_error_not_sigbus(tmp_path, io):
+    """dora-analyze in a real process (memory-mapping under a lease, or with pread): another
+    process truncates the tuned file while it is analysed. One error line, exit 2, no output,
+    base untouched. The analysis is paused (SIGSTOP) once it has the file open, so the
+    truncation always lands mid-run, however fast the machine."""
     big = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(256, 128) for i in range(24)}
     base, tuned = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
     save_file(big, str(base))
     save_file({k: v + 0.01 for k, v in big.items()}, str(tuned))
     base_bytes = base.read_bytes()
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(base), str(tuned), "-q", "-o",
-                             str(tmp_path / "t.csv"), "--html", str(tmp_path / "r.html")],
+                             str(tmp_path / "t.csv"), "--html", str(tmp_path / "r.html"),
+                             "--io", io, "--workers", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and not any(
-            os.path.realpath(f"/proc/{proc.pid}/fd/{fd}") == str(tuned)
-            for fd in _fds(proc.pid)):
-        time.sleep(0.005)  # until the analysis has the tuned file open
-    subprocess.run([sys.executable, "-c", f"open({str(tuned)!r}, 'r+b').truncate(4096)"],
-                   check=True, timeout=60)
+    while proc.poll() is None and str(tuned) not in _open_files(proc.pid):
+        time.sleep(0.001)  # until the analysis has the tuned file open
+    os.kill(proc.pid, signal.SIGSTOP)
+    # The writer waits in open() for a lease to be given up: it runs while the reader resumes.
+    writer = subprocess.Popen([sys.executable, "-c",
+                               f"open({str(tuned)!r}, 'r+b').truncate(4096)"])
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGCONT)
+    assert writer.wait(timeout=60) == 0
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, (proc.returncode, err)  # not -7: SIGBUS
     assert err.strip().splitlines() == [err.strip()] and err.startswith(f"error: {tuned}: "), err
@@ -170,11 +178,19 @@ def test_a_file_truncated_under_a_running_analysis_is_an_error_not_sigbus(tmp_pa
     assert base.read_bytes() == base_bytes
 
 
-def _fds(pid: int) -> list[str]:
+def _open_files(pid: int) -> set[str]:
+    """Paths a process has open now (descriptors may close while they are listed)."""
+    found = set()
     try:
-        return os.listdir(f"/proc/{pid}/fd")
+        fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
-        return []
+        return found
+    for fd in fds:
+        try:
+            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return found
 
 
 @pytest.mark.parametrize("make", ["fifo", "device"])

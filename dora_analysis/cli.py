@@ -14,7 +14,14 @@ from pathlib import Path
 
 from . import __version__
 from . import metrics as registry
-from .config import AXIS_CHOICES, IO_BACKENDS, METHOD_CHOICES, PRECISIONS, AnalysisConfig
+from .config import (
+    AXIS_CHOICES,
+    IO_BACKENDS,
+    METHOD_CHOICES,
+    N_BOOT,
+    PRECISIONS,
+    AnalysisConfig,
+)
 from .console import interrupted, parser, printable, say
 from .errors import (
     AdapterWarning,
@@ -100,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the table: .csv, .json or .parquet")
     p.add_argument("--summary", metavar="FILE",
                    help="write the correlation table: .csv, .json or .parquet")
+    p.add_argument("--n-boot", type=int, default=N_BOOT, metavar="N",
+                   help="bootstrap resamples over layers for the 95%% interval of r "
+                   "(default %(default)s; 0: none)")
     p.add_argument("--html", metavar="FILE",
                    help="write a self-contained HTML report (Figures 2 and 3, tables)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file messages")
@@ -144,6 +154,8 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 def run(args: argparse.Namespace) -> int:
     """Carry out one parsed command; raises :class:`DoraAnalysisError` on bad input."""
+    if args.n_boot < 0:
+        raise DoraAnalysisError(f"--n-boot must be 0 or more, got {args.n_boot}")
     from .analysis import analyze
     from .report import check_outputs, format_summary, write_outputs
     from .stats import correlate
@@ -176,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         table = analyze(args.base, args.tuned, labels=args.label, methods=args.method,
                         config=config)
-    correlations = correlate(table)
+    correlations = correlate(table, n_boot=args.n_boot)
     write_outputs(table, correlations, **outputs, inputs=inputs)  # all of them, or none
     if not args.quiet:
         for path, what in ((args.output, f"{len(table)} rows"),

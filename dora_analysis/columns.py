@@ -39,12 +39,23 @@ SLOPE = "slope"
 INTERCEPT = "intercept"
 MEAN_DELTA_M = "mean_delta_m"
 MEAN_DELTA_D = "mean_delta_d"
+# Diagnostics beside the pooled r (dora_analysis.stats): which variation the r comes from.
+N_STEPS = "n_steps"
+N_LAYERS = "n_layers"
+WITHIN_STEP_R = "within_step_r"
+WITHIN_LAYER_R = "within_layer_r"
+PARTIAL_R = "partial_r"
+R_CI_LOW = "r_ci_low"
+R_CI_HIGH = "r_ci_high"
 
 GROUP_COLUMNS: tuple[str, ...] = (CHECKPOINT, METHOD, MODULE, AXIS)
 STAT_COLUMNS: tuple[str, ...] = (
     N, PEARSON_R, P_VALUE, SPEARMAN_RHO, SLOPE, INTERCEPT, MEAN_DELTA_M, MEAN_DELTA_D,
 )
-CORRELATION_COLUMNS: tuple[str, ...] = (*GROUP_COLUMNS, *STAT_COLUMNS)
+DIAGNOSTIC_COLUMNS: tuple[str, ...] = (
+    N_STEPS, N_LAYERS, WITHIN_STEP_R, WITHIN_LAYER_R, PARTIAL_R, R_CI_LOW, R_CI_HIGH,
+)
+CORRELATION_COLUMNS: tuple[str, ...] = (*GROUP_COLUMNS, *STAT_COLUMNS, *DIAGNOSTIC_COLUMNS)
 
 METHODS: tuple[str, ...] = ("ft", "lora", "dora", "unknown")
 AXES: tuple[str, ...] = ("out", "in")

@@ -48,6 +48,9 @@ IO_BACKENDS: tuple[str, ...] = ("mmap", "pread")
 #: ``auto``: the weights as stored for inference; ``fp32``: full-precision masters where kept.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32")
 
+#: Bootstrap resamples over layers for the interval of r (``correlate(n_boot=)``, ``--n-boot``).
+N_BOOT = 1000
+
 #: ``--axis both`` analyses each matrix along both axes (two rows per matrix).
 AXIS_CHOICES: dict[str, tuple[str, ...]] = {"out": ("out",), "in": ("in",), "both": AXES}
 METHOD_CHOICES: tuple[str, ...] = ("auto", *METHODS)

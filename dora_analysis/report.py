@@ -200,7 +200,8 @@ def _fmt(value: float, spec: str) -> str:
 
 
 def format_summary(table: pd.DataFrame, correlations: pd.DataFrame) -> str:
-    """The CLI's stdout: per checkpoint × module kind, n, mean ΔM, mean ΔD, Pearson r, slope."""
+    """The CLI's stdout: per checkpoint × module kind, n, mean ΔM, mean ΔD, Pearson r with its
+    bootstrap interval over layers, slope, and for a series the within-step r."""
     if correlations.empty:
         return "no weight matrices analysed\n"
     show_axis = correlations[C.AXIS].nunique() > 1
@@ -208,17 +209,22 @@ def format_summary(table: pd.DataFrame, correlations: pd.DataFrame) -> str:
     for label, group in correlations.groupby(C.CHECKPOINT, sort=False):
         rows = table[table[C.CHECKPOINT] == label]
         steps = rows[C.STEP].dropna().unique()
+        series = len(steps) > 1 and C.WITHIN_STEP_R in group
         head = f"{label}  (method: {group[C.METHOD].iloc[0]}"
         head += f", steps: {', '.join(str(int(s)) for s in sorted(steps))})" if len(steps) else ")"
         lines.append(head)
         lines.append(f"  {'module':<12}{'axis  ' if show_axis else ''}{'n':>5}  {'mean ΔM':>11}"
-                     f"  {'mean ΔD':>11}  {'Pearson r':>9}  {'slope':>11}")
+                     f"  {'mean ΔD':>11}  {'Pearson r':>9}  {'95% CI (layers)':>16}"
+                     f"  {'slope':>11}" + (f"  {'within-step r':>13}" if series else ""))
         for _, r in group.iterrows():
             axis = f"{r[C.AXIS]:<6}" if show_axis else ""
+            ci = (f"[{_fmt(r[C.R_CI_LOW], '+.2f')}, {_fmt(r[C.R_CI_HIGH], '+.2f')}]"
+                  if C.R_CI_LOW in r and not math.isnan(r[C.R_CI_LOW]) else "-")
             lines.append(
                 f"  {r[C.MODULE]:<12}{axis}{r[C.N]:>5}  {_fmt(r[C.MEAN_DELTA_M], '11.4e')}"
                 f"  {_fmt(r[C.MEAN_DELTA_D], '11.4e')}  {_fmt(r[C.PEARSON_R], '+9.3f'):>9}"
-                f"  {_fmt(r[C.SLOPE], '+11.4e'):>11}"
+                f"  {ci:>16}  {_fmt(r[C.SLOPE], '+11.4e'):>11}"
+                + (f"  {_fmt(r[C.WITHIN_STEP_R], '+13.3f'):>13}" if series else "")
             )
         lines.append("")
     return "\n".join(lines)

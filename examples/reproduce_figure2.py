@@ -68,6 +68,10 @@ class Setup:
     lr_ft: float = 1e-4
     lr_adapter: float = 1e-3
     warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    """AdamW weight decay on all but biases and norm weights (the DoRA authors' code: 0.01)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (the DoRA authors' VL-BART scripts: 5; 0 = none)."""
     targets: str = "query,value"
 
     def lr(self, method: str) -> float:
@@ -80,7 +84,8 @@ class Setup:
 
 QUICK = Setup(steps=80)
 #: Setup fields that have a command-line override.
-OVERRIDABLE = ("steps", "lr_ft", "lr_adapter", "rank", "alpha")
+OVERRIDABLE = ("steps", "lr_ft", "lr_adapter", "rank", "alpha", "warmup_ratio", "weight_decay",
+               "max_grad_norm")
 
 
 def minilm_dir() -> Path:
@@ -171,6 +176,7 @@ def train_command(method: str, seed: int, setup: Setup, train: Path, heldout: Pa
         "--rank", str(setup.rank), "--alpha", str(setup.alpha), "--dropout", "0",
         "--lr", str(setup.lr(method)), "--steps", str(setup.steps),
         "--warmup", str(round(setup.warmup_ratio * setup.steps)),
+        "--weight-decay", str(setup.weight_decay), "--max-grad-norm", str(setup.max_grad_norm),
         "--batch-size", str(setup.batch_size), "--max-length", str(setup.max_length),
         "--save-steps", ",".join(map(str, setup.save_steps())), "--seed", str(seed),
         "--output", str(out), "-q",
@@ -221,24 +227,14 @@ def spread(values: pd.Series) -> dict:
             "min": values.min(), "max": values.max()}
 
 
-def within_step_correlations(table: pd.DataFrame) -> pd.DataFrame:
-    """Pearson r per run and module after removing each step's mean ΔD and ΔM over layers.
-
-    Not the paper's measure: the pooled r of Figure 2 also contains the common growth of ΔD and
-    ΔM with training time; this one asks only whether, at the same step, the layers that turned
-    more also changed their norms more.
-    """
-    keys = ["checkpoint", "method", "module", "axis", "step"]
-    centred = table.copy()
-    for col in ("delta_d", "delta_m"):
-        centred[col] = table[col] - table.groupby(keys)[col].transform("mean")
-    return da.correlate(centred)
+#: Diagnostics of ``da.correlate`` summarised over seeds, with their headers in summary.md.
+DIAGNOSTICS = {"within_step_r": "within-step r", "within_layer_r": "within-layer r",
+               "partial_r": "partial r (step)"}
 
 
-def correlation_summary(correlations: pd.DataFrame,
-                        within_step: pd.DataFrame | None = None) -> pd.DataFrame:
+def correlation_summary(correlations: pd.DataFrame) -> pd.DataFrame:
     """Per method × module over seeds: Pearson r (mean, std, min, max), Spearman ρ, sign count,
-    and the within-step r (mean, std) when given."""
+    and the mean and std of each diagnostic of ``da.correlate`` present (within-step r …)."""
     rows = []
     for (method, module), g in correlations.groupby(["method", "module"], sort=False):
         r, rho = spread(g["pearson_r"]), spread(g["spearman_rho"])
@@ -250,10 +246,10 @@ def correlation_summary(correlations: pd.DataFrame,
             "negative_seeds": int((g["pearson_r"] < 0).sum()),
             "paper_r": PAPER_R.get((method, module), float("nan")),
         })
-        if within_step is not None:
-            w = within_step[(within_step["method"] == method) & (within_step["module"] == module)]
-            within = spread(w["pearson_r"])
-            rows[-1] |= {"within_step_r_mean": within["mean"], "within_step_r_std": within["std"]}
+        for col in DIAGNOSTICS:
+            if col in g:
+                d = spread(g[col])
+                rows[-1] |= {f"{col}_mean": d["mean"], f"{col}_std": d["std"]}
     return pd.DataFrame(rows)
 
 
@@ -292,18 +288,19 @@ def environment() -> str:
 
 def markdown_summary(corr: pd.DataFrame, acc: pd.DataFrame, setup: Setup, seeds: list[int],
                      env: str = "", sizes: pd.DataFrame | None = None) -> str:
-    within = "within_step_r_mean" in corr
+    shown = [c for c in DIAGNOSTICS if f"{c}_mean" in corr]
     lines = ["| method | module | Pearson r (mean ± std over seeds) | min … max | Spearman ρ "
-             "| seeds with r < 0 | paper (VL-BART) |" + (" within-step r |" if within else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if within else "")]
-    for row in corr.itertuples():
-        paper = "" if pd.isna(row.paper_r) else f"{row.paper_r:+.2f}"
-        lines.append(f"| {row.method} | {row.module} | {pm(row.pearson_r_mean, row.pearson_r_std)}"
-                     f" | {row.pearson_r_min:+.2f} … {row.pearson_r_max:+.2f} "
-                     f"| {pm(row.spearman_rho_mean, row.spearman_rho_std)} "
-                     f"| {row.negative_seeds}/{row.seeds} | {paper} |"
-                     + (f" {pm(row.within_step_r_mean, row.within_step_r_std)} |" if within
-                        else ""))
+             "| seeds with r < 0 | paper (VL-BART) |"
+             + "".join(f" {DIAGNOSTICS[c]} |" for c in shown),
+             "|---|---|---|---|---|---|---|" + "---|" * len(shown)]
+    for row in corr.to_dict("records"):
+        paper = "" if pd.isna(row["paper_r"]) else f"{row['paper_r']:+.2f}"
+        lines.append(f"| {row['method']} | {row['module']} "
+                     f"| {pm(row['pearson_r_mean'], row['pearson_r_std'])}"
+                     f" | {row['pearson_r_min']:+.2f} … {row['pearson_r_max']:+.2f} "
+                     f"| {pm(row['spearman_rho_mean'], row['spearman_rho_std'])} "
+                     f"| {row['negative_seeds']}/{row['seeds']} | {paper} |"
+                     + "".join(f" {pm(row[f'{c}_mean'], row[f'{c}_std'])} |" for c in shown))
     lines += ["", "| method | held-out accuracy (mean ± std) | min … max | majority class |",
               "|---|---|---|---|"]
     for row in acc.itertuples():
@@ -382,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         default = getattr(Setup(), field)
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(default),
                             help=f"override the setup's {field} (default {default})")
+    parser.add_argument("--modules", default="q,v",
+                        help="module kinds to analyse (FT trains all: q,k,v,o,up,down)")
     parser.add_argument("--docs", type=Path,
                         help="also copy the results and write PNG figures here (needs kaleido)")
     args = parser.parse_args(argv)
@@ -416,12 +415,11 @@ def main(argv: list[str] | None = None) -> int:
 
     table = da.analyze(minilm_dir() / "model.safetensors", list(runs.values()),
                        labels=list(runs), methods=[label.split("-")[0] for label in runs],
-                       modules=("q", "v"))
+                       modules=tuple(m for m in args.modules.split(",") if m))
     table["seed"] = seed_of(table["checkpoint"])
     correlations = da.correlate(table)
     correlations["seed"] = seed_of(correlations["checkpoint"])
-    within_step = within_step_correlations(table)
-    corr_summary = correlation_summary(correlations, within_step)
+    corr_summary = correlation_summary(correlations)
     acc_summary = accuracy_summary(evals, majority)
 
     da.write_table(table, out / "table.csv")

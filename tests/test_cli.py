@@ -50,6 +50,20 @@ def test_success_writes_table_and_summary(ckpts, tmp_path, capsys):
     assert f"wrote {out}" in captured.err
 
 
+def test_summary_has_the_diagnostics_and_n_boot_sets_the_interval(ckpts, tmp_path, capsys):
+    summary = tmp_path / "corr.csv"
+    argv = [str(ckpts["base"]), str(ckpts["series"]), "--summary", str(summary), "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "95% CI (layers)" in out and "within-step r" in out
+    corr = pd.read_csv(summary)
+    for col in ("within_step_r", "within_layer_r", "partial_r", "r_ci_low", "r_ci_high"):
+        assert col in corr
+    assert corr["r_ci_low"].notna().any()
+    assert main(argv + ["--n-boot", "0"]) == 0
+    assert pd.read_csv(summary)["r_ci_low"].isna().all()
+
+
 def test_json_output_and_axis(ckpts, tmp_path, capsys):
     out = tmp_path / "t.json"
     assert main([str(ckpts["base"]), str(ckpts["tuned"]), "--axis", "both", "-o", str(out),
@@ -139,6 +153,7 @@ def _bad_inputs(ckpts, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "duplicate label": ([base, tuned, tuned], "distinct --label"),
         "hub offline": ([base, "org/model"], "org/model: not in the local cache"),
         **_second_round(ckpts, tmp),
+        "negative n-boot": ([base, tuned, "--n-boot", "-1"], "--n-boot must be 0 or more"),
     }
 
 
@@ -229,7 +244,8 @@ CASES = ["adapter without weights", "broken adapter config", "adapter for anothe
          "rank mismatch", "invalid rank_pattern regex", "non-numeric alpha_pattern",
          "rank_pattern not an object", "deeply nested adapter config", "index values not strings",
          "index climbing out", "deeply nested index", "index with a missing shard", "FIFO",
-         "device", "over-long input name", "over-long output name", "output is a FIFO"]
+         "device", "over-long input name", "over-long output name", "output is a FIFO",
+         "negative n-boot"]
 
 
 @pytest.mark.parametrize("case", CASES)

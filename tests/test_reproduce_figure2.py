@@ -58,6 +58,13 @@ def test_train_command_follows_the_stated_setup(task):
     differing = {i for i, parts in enumerate(zip(*commands.values(), strict=True))
                  if len(set(parts)) > 1}
     assert {commands["ft"][i - 1] for i in differing} == {"--method", "--lr"}
+    # The DoRA authors' optimiser settings (FT-sign study) reach dora-train.
+    authors = rf.Setup(steps=1280, weight_decay=0.01, max_grad_norm=5.0)
+    args = rf.train_command("ft", 0, authors, train, heldout, Path("out"))
+    args = dict(zip(args[1::2], args[2::2], strict=False))
+    assert (args["--weight-decay"], args["--max-grad-norm"], args["--warmup"]) == ("0.01", "5.0",
+                                                                                   "128")
+    assert args["--save-steps"] == "320,640,960,1280"
 
 
 def test_finished_runs_are_reused_and_changed_commands_or_data_rerun(tmp_path, monkeypatch):
@@ -121,19 +128,23 @@ def test_summaries_over_seeds_by_hand():
     assert "| ft | 0.700 ± 0.141 | 0.600 … 0.800 | 0.250 |" in text
 
 
-def test_within_step_correlation_removes_the_common_growth_with_steps():
+def test_summary_carries_the_diagnostics_over_seeds():
     """ΔD and ΔM both grow with the step (pooled r > 0), but at each step the layers that turn
-    more change their norm less: the within-step r is −1."""
-    rows = [{"checkpoint": "ft-seed0", "method": "ft", "module": "q", "axis": "out",
+    more change their norm less: within-step and partial r are −1, within-layer r +1."""
+    rows = [{"checkpoint": f"ft-seed{seed}", "method": "ft", "module": "q", "axis": "out",
              "step": step, "layer": layer, "delta_d": step + 0.1 * layer,
-             "delta_m": step - 0.1 * layer}
-            for step in (1, 2, 3, 4) for layer in range(6)]
-    table = pd.DataFrame(rows)
-    assert da.correlate(table)["pearson_r"].iloc[0] > 0.9
-    within = rf.within_step_correlations(table)
-    assert within["pearson_r"].iloc[0] == pytest.approx(-1.0)
-    summary = rf.correlation_summary(da.correlate(table), within)
-    assert summary["within_step_r_mean"].iloc[0] == pytest.approx(-1.0)
+             "delta_m": step - 0.1 * layer + 0.01 * seed * layer ** 2}
+            for seed in (0, 1) for step in (1, 2, 3, 4) for layer in range(6)]
+    corr = da.correlate(pd.DataFrame(rows))
+    assert (corr["pearson_r"] > 0.9).all()
+    summary = rf.correlation_summary(corr).iloc[0]
+    assert summary["within_step_r_mean"] == pytest.approx(corr["within_step_r"].mean())
+    assert corr.loc[0, "within_step_r"] == pytest.approx(-1.0)
+    assert summary["partial_r_std"] == pytest.approx(corr["partial_r"].std())
+    assert summary["within_layer_r_mean"] == pytest.approx(1.0)
+    text = rf.markdown_summary(rf.correlation_summary(corr), pd.DataFrame(), rf.Setup(), [0, 1])
+    assert "within-step r | within-layer r | partial r (step) |" in text
+    assert "| +1.00 ± 0.00 |" in text
 
 
 def test_size_summary_is_the_last_step_mean_over_layers():

@@ -89,6 +89,8 @@ class TrainConfig:
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
             (0 <= self.warmup_steps < self.steps, "--warmup must be below --steps"),
             (self.weight_decay >= 0, "--weight-decay must not be negative"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0,
+             "--max-grad-norm must be positive (0 turns clipping off)"),
             (all(0 < s <= self.steps for s in self.save_steps),
              f"--save-steps must lie in 1..{self.steps}"),
             (self.method == "dora" or not self.magnitude_only, "--magnitude-only needs DoRA"),

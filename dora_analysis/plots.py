@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from . import columns as C
-from .stats import correlation, usable_points
+from .stats import correlation, diagnostics, usable_points
 
 #: Marker symbols per training step, in step order (Figure 2 "different markers").
 STEP_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star", "cross",
@@ -54,10 +54,33 @@ def _select(table: pd.DataFrame, module: str | None, axis: str) -> pd.DataFrame:
     return rows if module is None else rows[rows[C.MODULE] == module]
 
 
+def _signed(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:+.2f}"
+
+
+def diagnostics_text(d: dict, *, sep: str = " · ") -> str:
+    """The diagnostics of :func:`dora_analysis.stats.diagnostics` in one short line.
+
+    Example:
+        >>> diagnostics_text({"r_ci_low": -0.1, "r_ci_high": 0.5, "within_step_r": -0.4,
+        ...                   "within_layer_r": 0.9, "partial_r": -0.3, "n_steps": 4})
+        '95% CI [-0.10, +0.50] · within-step -0.40 · within-layer +0.90 · partial -0.30'
+    """
+    parts = []
+    if not math.isnan(d.get(C.R_CI_LOW, math.nan)):
+        parts.append(f"95% CI [{_signed(d[C.R_CI_LOW])}, {_signed(d[C.R_CI_HIGH])}]")
+    if d.get(C.N_STEPS, 1) > 1:  # one step: within-step and partial r are the pooled r
+        parts += [f"within-step {_signed(d[C.WITHIN_STEP_R])}",
+                  f"within-layer {_signed(d[C.WITHIN_LAYER_R])}",
+                  f"partial {_signed(d[C.PARTIAL_R])}"]
+    return sep.join(parts)
+
+
 def _series_title(rows: pd.DataFrame, label: str, r: float) -> str:
     method = rows[C.METHOD].iloc[0]
     r_text = "r = n/a" if math.isnan(r) else f"r = {r:+.2f}"
-    return f"{label} ({method}) · {r_text}"
+    more = diagnostics_text(diagnostics(rows))
+    return f"{label} ({method}) · {r_text}" + (f"<br><sup>{more}</sup>" if more else "")
 
 
 def figure2(table: pd.DataFrame, *, module: str = "q", axis: str = "out",
@@ -128,8 +151,12 @@ def figure2(table: pd.DataFrame, *, module: str = "q", axis: str = "out",
 
 
 def figure3(table: pd.DataFrame, *, modules: tuple[str, ...] = ("q",),
-            axis: str = "out") -> go.Figure:
-    """Figure 3: ΔM (top) and ΔD (bottom) per layer, one line per checkpoint (its last step)."""
+            axis: str = "out", log_y: bool = False) -> go.Figure:
+    """Figure 3: ΔM (top) and ΔD (bottom) per layer, one line per checkpoint (its last step).
+
+    ``log_y`` starts with logarithmic y axes (FT's changes are ~100× smaller than an adapter's and
+    look flat on linear axes); buttons in the figure switch between linear and log.
+    """
     rows = _select(table, None, axis)
     rows = rows[rows[C.MODULE].isin(modules) & rows[C.LAYER].notna()]
     if rows.empty:
@@ -152,16 +179,31 @@ def figure3(table: pd.DataFrame, *, modules: tuple[str, ...] = ("q",),
                     line={"color": color},
                 ), row=row, col=col)
     fig.update_xaxes(title_text="layer", row=2)
-    fig.update_yaxes(exponentformat="e")
+    fig.update_yaxes(exponentformat="e", type="log" if log_y else "linear")
     fig.update_layout(title=f"Per-layer ΔM and ΔD (axis {axis})", template="plotly_white",
-                      height=560, legend={"title": "checkpoint"})
+                      height=560, legend={"title": "checkpoint"},
+                      updatemenus=[y_scale_buttons(fig, log_y)])
     return fig
+
+
+def y_scale_buttons(fig: go.Figure, log_y: bool = False) -> dict:
+    """Plotly buttons that switch every y axis of ``fig`` between linear and log scale."""
+    axes = [name for name in fig.layout if name.startswith("yaxis")]
+
+    def button(kind: str) -> dict:
+        return {"label": f"{kind} y", "method": "relayout",
+                "args": [{f"{a}.type": kind for a in axes}]}
+
+    return {"type": "buttons", "direction": "right", "x": 1.0, "xanchor": "right", "y": 1.12,
+            "yanchor": "bottom", "active": 1 if log_y else 0, "showactive": True,
+            "buttons": [button("linear"), button("log")]}
 
 
 def correlation_figure(correlations: pd.DataFrame) -> go.Figure:
     """The correlation table as a figure (for the report and the dashboard)."""
-    shown = [C.CHECKPOINT, C.METHOD, C.MODULE, C.AXIS, C.N, C.PEARSON_R, C.P_VALUE,
-             C.SPEARMAN_RHO, C.SLOPE]
+    shown = [C.CHECKPOINT, C.METHOD, C.MODULE, C.AXIS, C.N, C.PEARSON_R, C.R_CI_LOW, C.R_CI_HIGH,
+             C.P_VALUE, C.SPEARMAN_RHO, C.SLOPE, C.WITHIN_STEP_R, C.WITHIN_LAYER_R, C.PARTIAL_R]
+    shown = [col for col in shown if col in correlations or col in C.GROUP_COLUMNS]
     cells = []
     for col in shown:
         values = correlations[col] if col in correlations else pd.Series([], dtype=object)

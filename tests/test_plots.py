@@ -38,7 +38,11 @@ def test_figure2_panels_markers_colours_and_fit(table):
     assert len(titles) == 2  # one panel per checkpoint series
     ft = table[(table[C.CHECKPOINT] == "FT") & (table[C.MODULE] == "q")]
     r = stats.pearsonr(ft[C.DELTA_D], ft[C.DELTA_M]).statistic
-    assert f"FT (ft) · r = {r:+.2f}" in titles
+    ft_title = next(t for t in titles if t.startswith("FT "))
+    assert ft_title.startswith(f"FT (ft) · r = {r:+.2f}<br>")
+    d = da.correlate(table).set_index([C.CHECKPOINT, C.MODULE]).loc[("FT", "q")]
+    assert f"within-step {d[C.WITHIN_STEP_R]:+.2f}" in ft_title  # the diagnostics beside r
+    assert f"95% CI [{d[C.R_CI_LOW]:+.2f}, {d[C.R_CI_HIGH]:+.2f}]" in ft_title
     ft_points = [t for t in point_traces(fig) if t.xaxis == "x"]
     assert [t.marker.symbol for t in ft_points] == list(STEP_SYMBOLS[:3])  # steps 10, 20, 30
     assert [t.name for t in ft_points] == ["step 10", "step 20", "step 30"]
@@ -73,6 +77,23 @@ def test_figure2_draws_the_precision_floor(table):
 def test_figure2_without_points_says_so(table):
     fig = figure2(table, module="nonexistent")
     assert not fig.data and "no 'nonexistent' matrices" in fig.layout.annotations[0].text
+
+
+def test_figure3_log_scale_toggle(table):
+    linear, log = figure3(table, modules=("q", "v")), figure3(table, modules=("q", "v"),
+                                                              log_y=True)
+    y_axes = [k for k in log.layout if k.startswith("yaxis")]
+    assert len(y_axes) == 4
+    assert all(log.layout[a].type == "log" for a in y_axes)
+    assert all(linear.layout[a].type == "linear" for a in y_axes)
+    menu = log.layout.updatemenus[0]
+    assert [b.label for b in menu.buttons] == ["linear y", "log y"] and menu.active == 1
+    assert set(menu.buttons[1].args[0]) == {f"{a}.type" for a in y_axes}
+
+
+def test_correlation_figure_shows_the_diagnostics(table):
+    header = correlation_figure(da.correlate(table)).data[0].header.values
+    assert {"pearson_r", "r_ci_low", "r_ci_high", "within_step_r", "partial_r"} <= set(header)
 
 
 def test_figure3_lines_per_checkpoint_and_layer(table):

@@ -47,9 +47,15 @@ st.caption("One point per weight matrix and step; colour = layer, marker = step;
 
 st.header("Figure 3 — per layer")
 fig3_modules = st.multiselect("Module kinds (Figure 3)", modules, default=modules[:3])
-st.plotly_chart(plots.figure3(view, modules=tuple(fig3_modules) or (module,), axis=axis),
-                use_container_width=True)
+log_y = st.toggle("Logarithmic y axes (Figure 3)", value=False,
+                  help="FT's changes are ~100× smaller than an adapter's and look flat on linear "
+                  "axes")
+st.plotly_chart(plots.figure3(view, modules=tuple(fig3_modules) or (module,), axis=axis,
+                              log_y=log_y), use_container_width=True)
 
 st.header("Correlations")
+st.caption("Beside the pooled Pearson r: its 95 % bootstrap interval over layers (r_ci_low, "
+           "r_ci_high), the mean r across layers at one step (within_step_r), across steps of "
+           "one layer (within_layer_r), and r with each step's mean removed (partial_r).")
 st.dataframe(da.correlate(view), hide_index=True, use_container_width=True,
              column_config=_cache.number_formats())

@@ -164,17 +164,21 @@ class PairView:
         """Eqs. 3-4 along this view's axis."""
         return summarize(self.sums())
 
+    def _dense_matrix(self, key: str, source: TensorSource, name: str) -> torch.Tensor:
+        if key not in self._dense:
+            rows, _ = self.pair.matrix_shape
+            w = read_rows(source, name, self.pair, 0, rows).reshape(rows, -1).to(F64)
+            self._dense[key] = w.T if self.pair.transposed else w  # (out, in)
+        return self._dense[key]
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 dense in float64, output channels as rows (read on first call; the tuned weight
+        is not read, so an adapter is not merged)."""
+        return self._dense_matrix("w0", self.base, self.pair.name)
+
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W0, Wt)`` dense in float64, output channels as rows (read on first call)."""
-        if "w0" not in self._dense:
-            rows, _ = self.pair.matrix_shape
-            w0 = read_rows(self.base, self.pair.name, self.pair, 0, rows)
-            wt = read_rows(self.tuned, self.pair.tuned_name, self.pair, 0, rows)
-            w0, wt = (w.reshape(rows, -1).to(F64) for w in (w0, wt))  # (rows, cols)
-            if self.pair.transposed:
-                w0, wt = w0.T, wt.T  # (out, in)
-            self._dense["w0"], self._dense["wt"] = w0, wt
-        return self._dense["w0"], self._dense["wt"]
+        return self.base_weight(), self._dense_matrix("wt", self.tuned, self.pair.tuned_name)
 
     def delta(self) -> torch.Tensor:
         """ΔW = Wt − W0, dense float64, output channels as rows."""
@@ -186,3 +190,9 @@ class PairView:
     def low_rank(self) -> LowRankUpdate | None:
         """ΔW = s·B·A exactly (a LoRA adapter's module), else None."""
         return self.tuned.low_rank(self.pair.tuned_name) if self.pair.expert is None else None
+
+    def adapter_update(self) -> LowRankUpdate | None:
+        """The adapter's stored update of this matrix (LoRA or DoRA), else None."""
+        if self.pair.expert is not None:
+            return None
+        return self.tuned.adapter_update(self.pair.tuned_name)

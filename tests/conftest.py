@@ -18,6 +18,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture(autouse=True)
 def _private_hub_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "hub-cache"))
+    # and the SVD cache of --intruders: never the user's ~/.cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ A reader answers ``keys()`` and ``get_tensor(name)``; ``info`` and ``get_rows`` 
 overrides where the format allows (safetensors reads only the bytes asked for). Everything else a
 caller may ask of a source is declared here with its default, so the analysis never probes a
 reader with ``getattr``: adapters override ``method``, ``partial``, ``transposed``,
-``closed_form`` and ``low_rank``; remote readers take the ``will_read`` hint and report
-``bytes_read``.
+``closed_form``, ``low_rank`` and ``adapter_update``; remote readers take the ``will_read`` hint
+and report ``bytes_read``.
 """
 
 from __future__ import annotations
@@ -125,6 +125,11 @@ class TensorSource(ABC):
 
     def low_rank(self, name: str) -> LowRankUpdate | None:
         """The low-rank update that makes ``name`` from the base (LoRA adapters), or None."""
+        return None
+
+    def adapter_update(self, name: str) -> LowRankUpdate | None:
+        """The adapter's update of ``name`` as stored (LoRA or DoRA, magnitude included), or
+        None for a full checkpoint or a weight the adapter leaves alone (health checks)."""
         return None
 
     def will_read(self, names: Sequence[str]) -> None:  # noqa: B027 - optional hook

@@ -185,6 +185,10 @@ class AdapterSource(TensorSource):
         update = self.targets[name][0]
         return update if update.magnitude is None and update.rank and not update.experts else None
 
+    def adapter_update(self, name: str) -> LowRankUpdate | None:
+        """The update of ``name`` as the adapter stores it (LoRA or DoRA), or None."""
+        return self.targets[name][0] if name in self.targets else None
+
     def column_factor(self, name: str) -> torch.Tensor:
         """``m / ||merged column||`` for DoRA normalised along stored columns (one extra pass)."""
         cached = self._factor_cache  # read once: worker threads may replace it meanwhile

@@ -1,0 +1,121 @@
+"""Health checks: did this matrix train at all? The ``warnings`` column (always computed, from the
+streaming sums and the adapter's own tensors; no extra reads of the weights).
+
+Each check that fires adds its tag; ``warnings`` joins them with ``,`` (empty: nothing to report).
+
+* ``lora_B_zero`` — an adapter module whose ``lora_B`` is all zeros: B starts at zero, so the
+  module never trained (a frozen or mis-targeted adapter; huggingface/peft#793).
+* ``unchanged`` — the tuned matrix equals the base exactly.
+* ``below_precision_floor`` — it differs, but by less than rounding to the stored dtype would:
+  the mean over vectors of ‖Δw‖²/‖w0‖² is at most twice the mean squared relative rounding error
+  ``u²/(8 ln 2)`` of the coarser of the two stored dtypes (unit roundoff ``u``; bf16 2⁻⁸). Such
+  an update is indistinguishable from re-rounding the base (ΔD then sits on the precision floor
+  drawn in Figure 2).
+* ``magnitude_frozen`` — a DoRA adapter whose magnitude vector still equals the base's vector
+  norms (within the rounding of the stored dtypes): the magnitude was never trained
+  (pytorch/torchtune#2250).
+* ``nonfinite`` — NaN/Inf in the weights (also warned by name and counted in
+  ``nonfinite_vectors``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from .base import Column, Metric
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..pairs import PairView
+
+WARNINGS = "warnings"
+LORA_B_ZERO = "lora_B_zero"
+UNCHANGED = "unchanged"
+BELOW_PRECISION_FLOOR = "below_precision_floor"
+MAGNITUDE_FROZEN = "magnitude_frozen"
+NONFINITE = "nonfinite"
+#: Every tag, with the sentence the summaries print for it.
+CHECKS: dict[str, str] = {
+    LORA_B_ZERO: "adapter never trained (lora_B is all zeros)",
+    UNCHANGED: "tuned weights identical to the base",
+    BELOW_PRECISION_FLOOR: "update below the precision floor of the stored dtype",
+    MAGNITUDE_FROZEN: "DoRA magnitude equal to the base norms (never trained)",
+    NONFINITE: "NaN/Inf in the weights",
+}
+SEPARATOR = ","
+
+
+def unit_roundoff(dtype: torch.dtype | str) -> float:
+    """Half the gap between 1 and the next number of a float dtype (bf16: 2⁻⁸); 0 if unknown."""
+    import torch
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return torch.finfo(dtype).eps / 2 if isinstance(dtype, torch.dtype) and \
+        dtype.is_floating_point else 0.0
+
+
+def below_precision_floor(sq0: torch.Tensor, sqd: torch.Tensor, u: float) -> bool:
+    """Whether mean(‖Δw‖²/‖w0‖²) over vectors with a base norm is within twice the expected
+    relative rounding error of one rounding, ``u²/(8 ln 2)``."""
+    valid = sq0 > 0
+    if not bool(valid.any()) or u == 0.0:
+        return False
+    return float((sqd[valid] / sq0[valid]).mean()) <= u * u / (4 * math.log(2))
+
+
+def magnitude_frozen(view: PairView, magnitude: torch.Tensor, axis: str, u: float) -> bool:
+    """Whether DoRA's magnitude equals the base's norms along ``axis`` within rounding."""
+    import torch
+
+    if axis in view.sums_by_axis:
+        norms = view.sums_by_axis[axis].sq0.sqrt()
+    else:  # the magnitude runs along the other axis than the one analysed
+        norms = torch.linalg.vector_norm(view.base_weight(), dim=1 if axis == "out" else 0)
+    m = magnitude.to(torch.float64)
+    # The adapter's stored rounding, the base's, and a float32 norm computed at initialisation.
+    tol = u + 16 * unit_roundoff(torch.float32)
+    return bool(((m - norms).abs() <= tol * norms).all())
+
+
+def health(view: PairView) -> dict[str, str]:
+    """The ``warnings`` of one matrix pair along the view's axis (see the module docstring)."""
+    import torch
+
+    sums = view.sums()
+    tags = []
+    update = view.adapter_update()
+    if update is not None and update.lora_b is not None and update.rank \
+            and not bool(update.lora_b.any()):
+        tags.append(LORA_B_ZERO)
+    finite = torch.isfinite(sums.sq0) & torch.isfinite(sums.sqt) & torch.isfinite(sums.sqd)
+    u = max(unit_roundoff(view.pair.info.dtype), unit_roundoff(view.pair.tuned_dtype))
+    if not bool(finite.all()):
+        tags.append(NONFINITE)
+    elif not bool(sums.sqd.any()):
+        tags.append(UNCHANGED)
+    elif below_precision_floor(sums.sq0, sums.sqd, u):
+        tags.append(BELOW_PRECISION_FLOOR)
+    if update is not None and update.magnitude is not None and magnitude_frozen(
+            view, update.magnitude, update.magnitude_axis,
+            u + unit_roundoff(update.dtype)):
+        tags.append(MAGNITUDE_FROZEN)
+    return {WARNINGS: SEPARATOR.join(tags)}
+
+
+def split(warnings: str | float | None) -> list[str]:
+    """The tags of one ``warnings`` cell (empty, NaN or None: none)."""
+    if not isinstance(warnings, str):
+        return []
+    return [t for t in warnings.split(SEPARATOR) if t]
+
+
+METRIC = Metric(
+    name="health",
+    description="health checks: untrained adapter, unchanged or below-precision update, frozen "
+                "DoRA magnitude, non-finite weights",
+    columns=(Column(WARNINGS, "string", "comma-separated health tags: " + ", ".join(CHECKS)),),
+    compute=health,
+)

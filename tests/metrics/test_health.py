@@ -1,0 +1,107 @@
+"""The warnings column: untrained adapters, unchanged or below-precision updates, frozen DoRA
+magnitudes, non-finite weights — on adapters written by PEFT itself and on real files."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dora_analysis as da
+from dora_analysis import columns as C
+from dora_analysis.metrics import health as h
+
+pm = pytest.importorskip("tests.peft_models")
+peft = pytest.importorskip("peft")
+
+
+def peft_adapter(folder, *, use_dora: bool, train_b: bool, train_magnitude: bool = False):
+    """A PEFT adapter on the tiny Llama, as initialised except for what we 'train'."""
+    folder.mkdir(parents=True)
+    model = pm.tiny_llama()
+    save_file(pm._state(model), str(folder / "base.safetensors"))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                             use_dora=use_dora)
+    peft_model = peft.get_peft_model(model, config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name and train_b:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            if "lora_magnitude_vector" in name and train_magnitude:
+                p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(str(folder / "adapter"))
+    return folder / "base.safetensors", folder / "adapter"
+
+
+def tags(table) -> set[str]:
+    return {t for cell in table[h.WARNINGS] for t in h.split(cell)}
+
+
+def test_untrained_lora_is_flagged(tmp_path):
+    base, adapter = peft_adapter(tmp_path / "a", use_dora=False, train_b=False)
+    table = da.analyze(base, adapter)
+    assert set(table[h.WARNINGS]) == {"lora_B_zero,unchanged"}
+    trained = da.analyze(*peft_adapter(tmp_path / "b", use_dora=False, train_b=True))
+    assert set(trained[h.WARNINGS]) == {""}
+
+
+def test_frozen_and_trained_dora_magnitudes(tmp_path):
+    frozen = da.analyze(*peft_adapter(tmp_path / "a", use_dora=True, train_b=True))
+    assert set(frozen[h.WARNINGS]) == {h.MAGNITUDE_FROZEN}
+    trained = da.analyze(*peft_adapter(tmp_path / "b", use_dora=True, train_b=True,
+                                       train_magnitude=True))
+    assert set(trained[h.WARNINGS]) == {""}
+    untouched = da.analyze(*peft_adapter(tmp_path / "c", use_dora=True, train_b=False))
+    # B = 0: the weights change only by the float32 rounding of PEFT's initial norms.
+    for cell in untouched[h.WARNINGS]:
+        assert {h.LORA_B_ZERO, h.MAGNITUDE_FROZEN} <= set(h.split(cell)) <= {
+            h.LORA_B_ZERO, h.MAGNITUDE_FROZEN, h.BELOW_PRECISION_FLOOR}
+    # Along the input axis too (the magnitude is per output channel: read from W0 itself).
+    both = da.analyze(*peft_adapter(tmp_path / "d", use_dora=True, train_b=True), axis="in")
+    assert set(both[h.WARNINGS]) == {h.MAGNITUDE_FROZEN}
+
+
+def test_precision_floor_unchanged_and_non_finite(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w = {f"layers.{i}.mlp.up_proj.weight": torch.randn(40, 24, generator=g) for i in range(4)}
+    names = list(w)
+    save_file(w, str(tmp_path / "base.safetensors"))
+    tuned = {
+        names[0]: w[names[0]].clone(),                                   # identical
+        names[1]: w[names[1]].to(torch.bfloat16),                        # only re-rounded
+        names[2]: (w[names[2]] + 0.02 * torch.randn(40, 24, generator=g)).to(torch.bfloat16),
+        names[3]: w[names[3]].clone(),
+    }
+    tuned[names[3]][5, 5] = float("inf")
+    tuned = {k: v.to(torch.bfloat16) if k != names[0] else v for k, v in tuned.items()}
+    tuned[names[0]] = w[names[0]].to(torch.bfloat16).float()  # stored fp32, bf16 values
+    save_file({k: v.contiguous() for k, v in tuned.items()}, str(tmp_path / "tuned.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = da.analyze(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors")
+    got = dict(zip(table[C.NAME], table[h.WARNINGS], strict=True))
+    # names[0] holds bf16 values but is stored in fp32: far above the fp32 floor, no tag.
+    assert got == {names[0]: "", names[1]: h.BELOW_PRECISION_FLOOR,
+                   names[2]: "", names[3]: h.NONFINITE}
+    save_file({names[0]: w[names[0]].clone()}, str(tmp_path / "same.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        same = da.analyze(tmp_path / "base.safetensors", tmp_path / "same.safetensors")
+    assert same[h.WARNINGS].tolist() == [h.UNCHANGED]
+
+
+def test_floor_threshold_by_hand():
+    # bf16: u = 2^-8; threshold u²/(4 ln 2) = 2.20e-5 on mean ‖Δw‖²/‖w0‖².
+    u = h.unit_roundoff(torch.bfloat16)
+    assert u == 2.0**-8 and h.unit_roundoff("float32") == 2.0**-24 and h.unit_roundoff("F8") == 0
+    sq0 = torch.tensor([1.0, 4.0], dtype=torch.float64)
+    at = u * u / (4 * 0.6931471805599453)
+    assert h.below_precision_floor(sq0, sq0 * at, u)
+    assert not h.below_precision_floor(sq0, sq0 * at * 1.01, u)
+
+
+def test_split_reads_cells():
+    assert h.split("a,b") == ["a", "b"] and h.split("") == [] and h.split(float("nan")) == []

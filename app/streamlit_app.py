@@ -15,4 +15,5 @@ st.navigation([
     st.Page("views/figures.py", title="Figures", icon=":material/scatter_plot:"),
     st.Page("views/tables.py", title="Tables", icon=":material/table:"),
     st.Page("views/live.py", title="Follow a run", icon=":material/autorenew:", url_path="live"),
+    st.Page("views/drilldown.py", title="Drill-down", icon=":material/zoom_in:"),
 ]).run()

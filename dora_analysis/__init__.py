@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "delta_magnitude": "decompose",
     "direction": "decompose",
     "magnitude": "decompose",
+    "matrix_detail": "drilldown",
     "read_table": "tables",
     "write_html": "report",
     "write_table": "report",
@@ -52,6 +53,7 @@ __all__ = [
     "delta_magnitude",
     "direction",
     "magnitude",
+    "matrix_detail",
     "read_table",
     "write_html",
     "write_table",
@@ -76,6 +78,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first
     from .analysis import analyze
     from .config import AnalysisConfig
     from .decompose import compare, delta_direction, delta_magnitude, direction, magnitude
+    from .drilldown import matrix_detail
     from .errors import DoraAnalysisError
     from .live import analyze_model
     from .report import write_html, write_table

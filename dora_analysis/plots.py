@@ -6,6 +6,12 @@ figures; no file I/O (see :mod:`dora_analysis.report` for the HTML report).
 * :func:`figure3` — ΔM and ΔD per layer as lines, checkpoints overlaid, one column per module kind
   (paper Figures 3 and 8).
 * :func:`correlation_figure` — the correlation table.
+* :func:`metric_figure` — any metric of the registry per layer (spectrum, intruders, tangential
+  fraction …), one panel per column and module kind; :func:`metric_figures` one per metric the
+  table holds.
+* :func:`drilldown_figure` — one matrix in detail (:func:`dora_analysis.matrix_detail`):
+  histograms of the per-vector Δm and 1 − cos, ΔW's singular values against W0's, the intruder
+  test's cosines.
 
 The storage-precision floor of ΔD (:func:`precision_floor`) is drawn so that noise is not read
 as signal: rounding a weight to bf16 alone moves its direction by 1 − cos ≈ 1.4e-6.
@@ -14,6 +20,7 @@ as signal: rounding a weight to bf16 alone moves its direction by 1 − cos ≈ 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,7 +28,12 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from . import columns as C
+from . import metrics as registry
 from .stats import correlation, diagnostics, usable_points
+
+if TYPE_CHECKING:
+    from .drilldown import MatrixDetail
+    from .metrics.base import Metric
 
 #: Marker symbols per training step, in step order (Figure 2 "different markers").
 STEP_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star", "cross",
@@ -211,6 +223,110 @@ def correlation_figure(correlations: pd.DataFrame) -> go.Figure:
     fig = go.Figure(go.Table(header={"values": shown, "fill_color": "#e8e8f0"},
                              cells={"values": cells}))
     fig.update_layout(height=90 + 24 * len(correlations), margin={"t": 20, "b": 10})
+    return fig
+
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def _last_steps(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each checkpoint series' rows at its last step (a single checkpoint: all its rows)."""
+    last = rows[C.STEP].astype("float64").fillna(-1)
+    return rows[last == last.groupby(rows[C.CHECKPOINT]).transform("max")]
+
+
+def metric_figure(table: pd.DataFrame, metric: Metric, *, modules: tuple[str, ...] | None = None,
+                  axis: str = "out", log_y: bool | None = None) -> go.Figure:
+    """One registry metric per layer: a panel per numeric column (rows) and module kind
+    (columns), one line per checkpoint at its last step; log y where the column says so
+    (``log_y`` forces either), with linear/log buttons.
+
+    Example:
+        >>> from dora_analysis.metrics import spectrum
+        >>> table = da.analyze("b/", "t/", spectrum=True)  # doctest: +SKIP
+        >>> fig = metric_figure(table, spectrum.METRIC)  # doctest: +SKIP
+    """
+    cols = [c for c in metric.columns if c.name in table and c.dtype != "string"]
+    rows = table[(table[C.AXIS] == axis) & table[C.LAYER].notna()] if len(table) else table
+    if len(rows):
+        modules = tuple(modules or list(dict.fromkeys(rows[C.MODULE]))[:3])
+        rows = rows[rows[C.MODULE].isin(modules)]
+    if not cols or rows.empty:
+        return _empty(f"no {metric.name} columns for layered matrices (axis {axis}) to plot")
+    rows = _last_steps(rows)
+    fig = make_subplots(rows=len(cols), cols=len(modules), shared_xaxes=True,
+                        vertical_spacing=min(0.08, 0.5 / len(cols)), horizontal_spacing=0.06,
+                        subplot_titles=[f"{m}: {c.name}" for c in cols for m in modules])
+    for i, label in enumerate(dict.fromkeys(rows[C.CHECKPOINT])):
+        for j, module in enumerate(modules, start=1):
+            part = rows[(rows[C.CHECKPOINT] == label) & (rows[C.MODULE] == module)]
+            for k, col in enumerate(cols, start=1):
+                values = pd.to_numeric(part[col.name], errors="coerce").astype("float64")
+                per_layer = values.groupby(part[C.LAYER].astype("float64")).mean()
+                fig.add_trace(go.Scatter(
+                    x=per_layer.index, y=per_layer.to_numpy(), mode="lines+markers", name=label,
+                    legendgroup=label, showlegend=j == 1 and k == 1,
+                    line={"color": PALETTE[i % len(PALETTE)]},
+                    hovertemplate=f"{label}<br>layer %{{x}}<br>{col.name} %{{y:.4g}}"
+                                  "<extra></extra>"), row=k, col=j)
+            for k, col in enumerate(cols, start=1):
+                log = col.log_scale if log_y is None else log_y
+                fig.update_yaxes(type="log" if log else "linear", exponentformat="e",
+                                 row=k, col=j)
+    fig.update_xaxes(title_text="layer", row=len(cols))
+    fig.update_layout(title=f"{metric.name}: {metric.description} — per layer, last step "
+                      f"(axis {axis})",
+                      template="plotly_white", height=140 + 220 * len(cols),
+                      legend={"title": "checkpoint"}, updatemenus=[y_scale_buttons(fig)])
+    return fig
+
+
+def metric_figures(table: pd.DataFrame, *, modules: tuple[str, ...] | None = None,
+                   axis: str = "out") -> list[go.Figure]:
+    """:func:`metric_figure` for every registry metric beyond Eqs. 3-4 whose numeric columns the
+    table holds (tangential fraction, spectrum, intruders …)."""
+    return [metric_figure(table, m, modules=modules, axis=axis) for m in registry.METRICS
+            if m.name != "decomposition"
+            and any(c.name in table and c.dtype != "string" for c in m.columns)]
+
+
+def drilldown_figure(detail: MatrixDetail) -> go.Figure:
+    """One matrix (:class:`dora_analysis.drilldown.MatrixDetail`): histograms of the per-vector
+    Δm = m_t − m_0 and 1 − cos, the singular values of ΔW and W0, the intruder test."""
+    fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.1, vertical_spacing=0.16,
+                        subplot_titles=[
+                            f"Δm = m_t − m_0 per vector (mean |Δm| = ΔM = "
+                            f"{np.nanmean(np.abs(detail.delta_m)):.3e})",
+                            f"1 − cos per vector (mean = ΔD = "
+                            f"{np.nanmean(detail.one_minus_cos):.3e}; log x)",
+                            "singular values: ΔW and W0 (log y)",
+                            "top singular vectors of Wt: best |cos| with W0's"])
+    fig.add_trace(go.Histogram(x=detail.delta_m, nbinsx=60, name="Δm", marker_color=PALETTE[0]),
+                  row=1, col=1)
+    positive = detail.one_minus_cos[detail.one_minus_cos > 0]
+    fig.add_trace(go.Histogram(x=np.log10(positive), nbinsx=60, name="log10(1 − cos)",
+                               marker_color=PALETTE[1]), row=1, col=2)
+    fig.update_xaxes(title_text="m_t − m_0", row=1, col=1)
+    fig.update_xaxes(title_text="log10(1 − cos)", row=1, col=2)
+    for sigma, label, color in ((detail.sigma_delta, "σ(ΔW)", PALETTE[2]),
+                                (detail.sigma_base, "σ(W0)", "#777")):
+        if sigma is not None:
+            fig.add_trace(go.Scatter(x=np.arange(1, len(sigma) + 1), y=sigma, mode="lines",
+                                     name=label, line={"color": color}), row=2, col=1)
+    fig.update_yaxes(type="log", exponentformat="e", row=2, col=1)
+    fig.update_xaxes(title_text="index i", row=2, col=1)
+    if detail.intruder_cos is not None:
+        cos = detail.intruder_cos
+        fig.add_trace(go.Bar(x=np.arange(1, len(cos) + 1), y=cos, name="best |cos|",
+                             marker_color=[PALETTE[1] if c < detail.intruder_eps else PALETTE[0]
+                                           for c in cos]), row=2, col=2)
+        fig.add_hline(y=detail.intruder_eps, line={"dash": "dot", "color": "gray"}, row=2,
+                      col=2, annotation_text=f"ε = {detail.intruder_eps}")
+        fig.update_yaxes(range=[0, 1.05], row=2, col=2)
+        fig.update_xaxes(title_text="singular vector of Wt (red: intruder)", row=2, col=2)
+    fig.update_layout(title=f"{detail.name} — {detail.checkpoint} (axis {detail.axis}"
+                      + (f", expert {detail.expert}" if detail.expert is not None else "") + ")",
+                      template="plotly_white", height=720, showlegend=True, bargap=0.05)
     return fig
 
 

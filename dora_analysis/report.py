@@ -152,8 +152,36 @@ def report_modules(table: pd.DataFrame) -> list[str]:
     return known + [m for m in present if m not in known]
 
 
+def warning_lines(table: pd.DataFrame) -> list[str]:
+    """One line per checkpoint and health check that fired (the ``warnings`` column): what, how
+    many matrices (rows of a series count once per step), and the first names.
+
+    Example:
+        >>> warning_lines(table)  # doctest: +SKIP
+        ['run: adapter never trained (lora_B is all zeros) [lora_B_zero]: 4 matrices (…)']
+    """
+    from .metrics.health import CHECKS, WARNINGS, split
+
+    if WARNINGS not in table or table.empty:
+        return []
+    tags = [split(cell) for cell in table[WARNINGS]]
+    lines = []
+    for label in dict.fromkeys(table[C.CHECKPOINT]):
+        for tag, sentence in CHECKS.items():
+            hit = table[[ck == label and tag in t
+                         for ck, t in zip(table[C.CHECKPOINT], tags, strict=True)]]
+            if hit.empty:
+                continue
+            names = list(dict.fromkeys(hit[C.NAME])) if C.NAME in hit else []
+            shown = ", ".join(names[:3]) + (f" … and {len(names) - 3} more" if len(names) > 3
+                                             else "")
+            lines.append(f"{label}: {sentence} [{tag}]: {len(hit)} row(s) ({shown})")
+    return lines
+
+
 def html_report(table: pd.DataFrame, correlations: pd.DataFrame, *, title: str = "") -> str:
-    """A self-contained HTML page: correlations, Figure 2 per module kind, Figure 3, the table."""
+    """A self-contained HTML page: health warnings, correlations with their diagnostics, Figure 2
+    per module kind, Figure 3, a figure per registry metric the table holds, the table."""
     from . import plots  # plotly is only needed for the report
 
     axes = list(dict.fromkeys(table[C.AXIS])) or ["out"]
@@ -162,10 +190,14 @@ def html_report(table: pd.DataFrame, correlations: pd.DataFrame, *, title: str =
     for axis in axes:
         figures += [plots.figure2(table, module=m, axis=axis) for m in modules]
         figures.append(plots.figure3(table, modules=tuple(modules[:3]) or ("q",), axis=axis))
+        figures += plots.metric_figures(table, modules=tuple(modules[:3]) or None, axis=axis)
     parts = [fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
              for i, fig in enumerate(figures)]
     checkpoints = ", ".join(dict.fromkeys(table[C.CHECKPOINT])) if len(table) else "none"
     heading = title or f"dora-analysis report: {checkpoints}"
+    warned = warning_lines(table)
+    health = ("<h2>Health checks</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>"
+                                                      for w in warned) + "</ul>") if warned else ""
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
         f"<title>{html.escape(heading)}</title>"
@@ -175,7 +207,10 @@ def html_report(table: pd.DataFrame, correlations: pd.DataFrame, *, title: str =
         f"</head><body><h1>{html.escape(heading)}</h1>"
         "<p>ΔM and ΔD per the DoRA paper (Liu et al., ICML 2024), Eqs. 3–4; one point per weight "
         "matrix and training step. The dotted line marks the ΔD that storage rounding alone "
-        "produces.</p>"
+        "produces. Beside each r: its 95 % bootstrap interval over layers, the mean r across "
+        "layers at one step (within-step), across steps of one layer (within-layer), and r with "
+        "each step's mean removed (partial).</p>"
+        + health
         + "\n".join(parts)
         + "<h2>Per-matrix table</h2>"
         + table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
@@ -227,4 +262,7 @@ def format_summary(table: pd.DataFrame, correlations: pd.DataFrame) -> str:
                 + (f"  {_fmt(r[C.WITHIN_STEP_R], '+13.3f'):>13}" if series else "")
             )
         lines.append("")
+    warned = warning_lines(table)
+    if warned:
+        lines += ["health checks (the warnings column):", *(f"  {w}" for w in warned), ""]
     return "\n".join(lines)

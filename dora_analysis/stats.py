@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from . import columns as C
+from . import metrics as registry
 from .config import N_BOOT
 from .errors import ConfigError
 
@@ -225,6 +226,14 @@ def diagnostics(group: pd.DataFrame, *, n_boot: int = N_BOOT,
             C.PARTIAL_R: partial_r(x, y, steps), C.R_CI_LOW: low, C.R_CI_HIGH: high}
 
 
+def summarised_columns(table: pd.DataFrame) -> list[str]:
+    """Numeric metric columns of the registry that ``table`` holds, beyond Eqs. 3-4 and their
+    bookkeeping: what the correlation table reports a group mean of."""
+    return [col.name for metric in registry.METRICS if metric.name != "decomposition"
+            for col in metric.columns
+            if col.dtype in ("float64", "int64", "Int64") and col.name in table]
+
+
 def correlate(table: pd.DataFrame, by: Sequence[str] = C.GROUP_COLUMNS, *,
               n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> pd.DataFrame:
     """The correlation table: one row per group (default: checkpoint × method × module × axis).
@@ -232,7 +241,9 @@ def correlate(table: pd.DataFrame, by: Sequence[str] = C.GROUP_COLUMNS, *,
     Rows with NaN/Inf statistics or non-finite weights are left out of every group. Beside the
     pooled statistics, the diagnostics of :func:`diagnostics` (``within_step_r``,
     ``within_layer_r``, ``partial_r``, ``r_ci_low``/``r_ci_high`` from ``n_boot`` bootstrap
-    resamples over layers with the fixed ``seed``; ``n_boot=0`` leaves the interval NaN).
+    resamples over layers with the fixed ``seed``; ``n_boot=0`` leaves the interval NaN), and
+    the group mean ``mean_<column>`` of every numeric metric column the table holds
+    (:func:`summarised_columns`: ``mean_tangential_fraction``, ``mean_effective_rank`` …).
 
     Example:
         >>> import dora_analysis as da
@@ -246,7 +257,7 @@ def correlate(table: pd.DataFrame, by: Sequence[str] = C.GROUP_COLUMNS, *,
     if missing:
         raise ConfigError(f"the table has no column(s) {', '.join(missing)}; "
                           "pass a table made by dora_analysis.analyze")
-    records = []
+    records, means = [], summarised_columns(table)
     points = usable_points(table)
     for key, group in points.groupby(by, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -255,9 +266,13 @@ def correlate(table: pd.DataFrame, by: Sequence[str] = C.GROUP_COLUMNS, *,
         record[C.MEAN_DELTA_M] = float(group[C.DELTA_M].mean())
         record[C.MEAN_DELTA_D] = float(group[C.DELTA_D].mean())
         record.update(diagnostics(group, n_boot=n_boot, seed=seed))
+        for col in means:
+            values = pd.to_numeric(group[col], errors="coerce").astype("float64")
+            record[f"mean_{col}"] = float(values.mean())
         records.append(record)
     frame = pd.DataFrame.from_records(
-        records, columns=by + list(C.STAT_COLUMNS) + list(C.DIAGNOSTIC_COLUMNS))
+        records, columns=by + list(C.STAT_COLUMNS) + list(C.DIAGNOSTIC_COLUMNS)
+        + [f"mean_{col}" for col in means])
     for col in (C.N, C.N_STEPS, C.N_LAYERS):
         frame[col] = frame[col].astype("int64")
     return frame

@@ -126,3 +126,36 @@ def test_html_report_is_self_contained(table):
     assert text.startswith("<!DOCTYPE html>") and "Plotly.newPlot" in text
     assert "<script src=" not in text  # plotly.js inline, no network needed
     assert "Per-matrix table" in text and "FT (ft)" in text
+
+
+def test_metric_figures_follow_the_registry(ckpts):
+    from dora_analysis.metrics import spectrum
+    from dora_analysis.plots import metric_figure, metric_figures
+
+    table = da.analyze(ckpts["base"], ckpts["series"], labels=["run"], modules=("q", "down"),
+                       spectrum=True, intruders=True)
+    figures = metric_figures(table)
+    titles = [f.layout.title.text for f in figures]
+    assert len(figures) == 3  # tangential fraction, spectrum, intruders (not the warnings text)
+    assert any("tangential" in t for t in titles) and any("intruder" in t for t in titles)
+    fig = metric_figure(table, spectrum.METRIC, modules=("q", "down"))
+    assert len(fig.data) == 7 * 2  # one line per column and module kind (one checkpoint)
+    last = table[(table[C.STEP] == 30) & (table[C.MODULE] == "down")].sort_values(C.LAYER)
+    line = next(t for t in fig.data if t.xaxis == "x2" and t.yaxis == "y2")  # row 1, col 2
+    np.testing.assert_allclose(line.y, last["update_norm"], rtol=1e-12)  # last step per layer
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis7.type == "linear"  # stable rank
+    empty = metric_figure(table.iloc[0:0], spectrum.METRIC)
+    assert "no spectrum columns" in empty.layout.annotations[0].text
+
+
+def test_drilldown_figure(ckpts):
+    from dora_analysis.plots import drilldown_figure
+
+    detail = da.matrix_detail(ckpts["base"], ckpts["tuned"],
+                              "model.layers.0.self_attn.q_proj.weight", intruder_k=4)
+    fig = drilldown_figure(detail)
+    kinds = [t.type for t in fig.data]
+    assert kinds == ["histogram", "histogram", "scatter", "scatter", "bar"]
+    assert list(fig.data[0].x) == pytest.approx(list(detail.delta_m))
+    assert len(fig.data[4].y) == 4 and fig.layout.yaxis3.type == "log"
+    assert "ΔM = " in fig.layout.annotations[0].text

@@ -7,7 +7,7 @@ import pytest
 
 import dora_analysis as da
 from dora_analysis.errors import OutputError
-from dora_analysis.report import atomic_write, check_output_path, format_summary
+from dora_analysis.report import atomic_write, check_output_path, format_summary, html_report
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -59,3 +59,24 @@ def test_summary_text(ckpts):
 
 def test_summary_of_nothing():
     assert "no weight matrices" in format_summary(pd.DataFrame(), pd.DataFrame())
+
+
+def test_summary_and_report_carry_health_warnings_and_metric_figures(ckpts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tuned = load_file(str(ckpts["tuned"]))
+    base = load_file(str(ckpts["base"]))
+    frozen = {k: base[k].clone() if "q_proj" in k else v for k, v in tuned.items()}
+    save_file(frozen, str(tmp_path / "half.safetensors"))
+    table = da.analyze(ckpts["base"], tmp_path / "half.safetensors", labels=["half"],
+                       modules=("q", "v"), spectrum=True)
+    text = format_summary(table, da.correlate(table))
+    assert "health checks (the warnings column):" in text
+    assert ("half: tuned weights identical to the base [unchanged]: 3 row(s) "
+            "(model.layers.0.self_attn.q_proj.weight, model.layers.1.self_attn.q_proj.weight, "
+            "model.layers.2.self_attn.q_proj.weight)") in text
+    page = html_report(table, da.correlate(table))
+    assert "<h2>Health checks</h2>" in page and "[unchanged]" in page
+    assert "effective_rank" in page and "tangential_fraction" in page  # metric figures
+    healthy = da.analyze(ckpts["base"], ckpts["tuned"], modules=("q",))
+    assert "health checks" not in format_summary(healthy, da.correlate(healthy))

@@ -284,3 +284,15 @@ def test_invariants(seed, shift_x, shift_y, scale):
         assert flipped[col] == pytest.approx(-base[col], abs=1e-12)
     assert flipped[C.R_CI_LOW] == pytest.approx(-base[C.R_CI_HIGH], abs=1e-12)
     assert flipped[C.R_CI_HIGH] == pytest.approx(-base[C.R_CI_LOW], abs=1e-12)
+
+
+def test_metric_columns_from_the_registry_are_averaged_per_group(ckpts):
+    table = da.analyze(ckpts["base"], ckpts["series"], modules=("q", "v"), spectrum=True)
+    out = da.correlate(table, n_boot=0)
+    for col in ("tangential_fraction", "effective_rank", "energy_rank_90", "relative_update"):
+        assert f"mean_{col}" in out
+    q = table[table[C.MODULE] == "q"]
+    got = out.set_index(C.MODULE).loc["q"]
+    assert got["mean_tangential_fraction"] == pytest.approx(q["tangential_fraction"].mean())
+    assert got["mean_energy_rank_90"] == pytest.approx(q["energy_rank_90"].astype(float).mean())
+    assert "mean_warnings" not in out and "mean_zero_vectors" not in out

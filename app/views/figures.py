@@ -53,6 +53,15 @@ log_y = st.toggle("Logarithmic y axes (Figure 3)", value=False,
 st.plotly_chart(plots.figure3(view, modules=tuple(fig3_modules) or (module,), axis=axis,
                               log_y=log_y), use_container_width=True)
 
+metric_figures = plots.metric_figures(view, modules=tuple(fig3_modules) or (module,), axis=axis)
+if metric_figures:
+    st.header("Per-layer metrics")
+    st.caption("Every metric of the table beyond ΔM and ΔD, per layer at each checkpoint's last "
+               "step: tangential fraction, the spectrum of ΔW (--spectrum), intruder dimensions "
+               "(--intruders). The **Drill-down** page shows one matrix in detail.")
+    for fig in metric_figures:
+        st.plotly_chart(fig, use_container_width=True)
+
 st.header("Correlations")
 st.caption("Beside the pooled Pearson r: its 95 % bootstrap interval over layers (r_ci_low, "
            "r_ci_high), the mean r across layers at one step (within_step_r), across steps of "

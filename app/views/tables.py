@@ -9,7 +9,7 @@ import streamlit as st
 
 import _cache
 import dora_analysis as da
-from dora_analysis.report import html_report
+from dora_analysis.report import html_report, warning_lines
 
 table = _cache.current_table()
 if table is None:
@@ -17,6 +17,8 @@ if table is None:
     st.stop()
 
 correlations = da.correlate(table)
+for line in warning_lines(table):
+    st.warning(line)
 st.header("Correlation of ΔD and ΔM per checkpoint series and module kind")
 st.dataframe(correlations, hide_index=True, use_container_width=True,
              column_config=_cache.number_formats())

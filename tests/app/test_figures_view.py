@@ -42,3 +42,42 @@ def test_figure3_log_toggle_and_diagnostics(table):
     assert {"within_step_r", "within_layer_r", "partial_r", "r_ci_low", "r_ci_high"} <= columns
     figure2 = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["annotations"]
     assert any("within-step" in a["text"] for a in figure2)
+
+
+def test_figures_page_shows_a_figure_per_metric(ckpts):
+    table = da.analyze(ckpts["base"], ckpts["series"], labels=["FT"], spectrum=True)
+    at = run(table)
+    assert not at.exception
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"]
+              for c in at.get("plotly_chart")[2:]]
+    assert len(titles) == 2 and titles[0].startswith("tangential") and titles[1].startswith(
+        "spectrum")
+
+
+def test_tables_page_lists_health_warnings(ckpts):
+    table = da.analyze(ckpts["base"], ckpts["tuned"], modules=("q",))
+    table.loc[0, "warnings"] = "lora_B_zero,unchanged"
+    at = testing.AppTest.from_file(str(PAGE.with_name("tables.py")), default_timeout=60)
+    at.session_state["table"] = table
+    at.session_state["source"] = "test"
+    at.run()
+    assert not at.exception
+    texts = [w.value for w in at.warning]
+    assert len(texts) == 2 and "lora_B is all zeros" in texts[0]
+
+
+def test_drilldown_page_reads_one_matrix(ckpts):
+    table = da.analyze(ckpts["base"], ckpts["series"], labels=["FT"], modules=("q", "down"))
+    at = testing.AppTest.from_file(str(PAGE.with_name("drilldown.py")), default_timeout=120)
+    at.session_state["table"] = table
+    at.session_state["source"] = "test"
+    at.run()
+    assert not at.exception and "Name the base" in at.info[0].value
+    at.text_input(key="drilldown_base").input(str(ckpts["base"])).run()
+    assert not at.exception and not at.error
+    (chart,) = at.get("plotly_chart")
+    title = json.loads(chart.proto.spec)["layout"]["title"]["text"]
+    assert title.startswith(table["name"].iloc[0]) and "checkpoint-30" in title
+    assert len(at.dataframe[0].value) == table["rows"].iloc[0]  # one row per vector (axis out)
+    at.text_input(key="drilldown_base").input(str(ckpts["root"] / "missing")).run()
+    assert not at.exception and "missing: no such file or folder" in at.error[0].value

@@ -1,0 +1,68 @@
+"""Drill-down: one weight matrix of one checkpoint in detail (dora_analysis.matrix_detail)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app folder, for _cache
+
+import streamlit as st
+
+import _cache
+import dora_analysis as da
+from dora_analysis import plots
+
+table = _cache.current_table()
+if table is None:
+    st.info("No data yet: open the **Data** page to load or analyse checkpoints first.")
+    st.stop()
+
+
+@st.cache_data(show_spinner="Reading the matrix and computing its SVDs…", max_entries=32)
+def detail(base: str, tuned: str, name: str, axis: str, expert: int | None, k: int,
+           eps: float, identity: tuple):
+    del identity  # part of the cache key only: re-saved files are read again
+    return da.matrix_detail(base, tuned, name, axis=axis, expert=expert, intruder_k=k,
+                            intruder_eps=eps)
+
+
+st.header("Drill-down: one matrix")
+st.caption("The per-vector numbers behind one row of the table — Δm = m_t − m_0 (ΔM is the mean "
+           "of |Δm|), 1 − cos (ΔD is its mean) — the singular values of ΔW against W0's, and the "
+           "intruder test (best |cos| of each top singular vector of Wt with W0's).")
+if "ref" not in table or "name" not in table:
+    st.info("This table does not record which files it came from (no ref/name columns).")
+    st.stop()
+
+base = st.text_input("Base checkpoint (the BASE of the analysis)", key="drilldown_base",
+                     placeholder="path/to/base/ or org/model")
+cols = st.columns(4)
+label = cols[0].selectbox("Checkpoint", list(dict.fromkeys(table["checkpoint"])))
+rows = table[table["checkpoint"] == label]
+steps = sorted(int(s) for s in rows["step"].dropna().unique())
+if steps:
+    step = cols[1].selectbox("Step", steps, index=len(steps) - 1)
+    rows = rows[rows["step"] == step]
+name = cols[2].selectbox("Matrix", list(dict.fromkeys(rows["name"])))
+axis = cols[3].radio("Axis", sorted(set(rows["axis"])), horizontal=True)
+row = rows[(rows["name"] == name) & (rows["axis"] == axis)].iloc[0]
+expert = None
+if "expert" in rows and rows["expert"].notna().any():
+    expert = int(st.selectbox("Expert", sorted(int(e) for e in rows["expert"].dropna().unique())))
+k = st.slider("Intruder test: top-k singular vectors", 0, 50, 10)
+eps = st.slider("Intruder test: ε", 0.05, 1.0, 0.5, step=0.05)
+
+if not base.strip():
+    st.info("Name the base checkpoint to read this matrix.")
+    st.stop()
+try:
+    result = detail(base.strip(), str(row["ref"]), name, axis, expert, k, eps,
+                    (_cache.file_identity(base.strip()), _cache.file_identity(str(row["ref"]))))
+except Exception as exc:  # shown in the page, never as a traceback
+    _cache.show_error(exc)
+    st.stop()
+st.plotly_chart(plots.drilldown_figure(result), width="stretch")
+vectors = result.vectors()
+st.dataframe(vectors, hide_index=True, width="stretch",
+             column_config=_cache.number_formats())
+st.download_button("Download the per-vector table (CSV)", vectors.to_csv(index=False),
+                   file_name=f"{name}-{label}-vectors.csv", mime="text/csv")

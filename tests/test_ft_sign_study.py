@@ -63,3 +63,15 @@ def test_runs_of_lists_series_folders(tmp_path):
     (tmp_path / "runs" / "ft-seed0" / "checkpoint-10").mkdir(parents=True)
     (tmp_path / "runs" / "empty").mkdir()
     assert list(study.runs_of(tmp_path)) == ["ft-seed0"]
+
+
+def test_a_saved_table_joins_as_a_baseline_setting(table, tmp_path):
+    old = table[table["setting"] == "control"].drop(
+        columns=["setting", "seed", "delta_m_radial", "delta_m_sideways", "tangential_fraction",
+                 "effective_rank", "energy_rank_90"])
+    old.to_csv(tmp_path / "old.csv", index=False)
+    joined = study.analyse([], [], (tmp_path / "old.csv", "320 steps"))
+    assert set(joined["setting"]) == {"320 steps"} and set(joined["seed"]) == {0, 1}
+    summ = study.summary(joined, study.correlations_of(joined))
+    assert summ["tangential_fraction"].isna().all() and "| 320 steps | ft | q |" in \
+        study.markdown(summ)

@@ -45,6 +45,8 @@ def stdlib_docstrings(path: Path) -> Path:
     (["--steps", "4", "--save-steps", "9"], "--save-steps must lie in 1..4"),
     (["--eval-data", "other.jsonl"], "other.jsonl: label(s) not in the training data: json"),
     (["--eval-data", "none.csv"], "none.csv: no such data file"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be positive (0 turns clipping off)"),
+    (["--weight-decay", "-0.1"], "--weight-decay must not be negative"),
 ])
 def test_bad_input(tmp_path, capsys, argv, message, monkeypatch):
     monkeypatch.chdir(tmp_path)

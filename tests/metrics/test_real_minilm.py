@@ -74,7 +74,7 @@ def test_real_peft_lora_on_minilm_matches_peft_intruder_counts(tmp_path):
         with torch.no_grad():
             for name, p in lora.named_parameters():
                 if "lora_B" in name:  # stand-in for training: strong enough to intrude
-                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+                    p.copy_(0.5 * torch.randn(p.shape, generator=g))
         lora.save_pretrained(str(tmp_path / "adapter"))
         reloaded = peft.PeftModel.from_pretrained(model(), str(tmp_path / "adapter"))
     logged = []

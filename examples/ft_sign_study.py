@@ -28,12 +28,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 import dora_analysis as da
 from dora_analysis.plots import figure2, figure3
+from dora_analysis.stats import pearson_r
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_figure2 import minilm_dir, spread  # noqa: E402
@@ -69,6 +71,11 @@ def analyse(folders: list[Path], labels: list[str],
         table["seed"] = table["checkpoint"].str.extract(r"seed(\d+)$", expand=False).astype(int)
         frames.append(table)
     table = pd.concat(frames, ignore_index=True)
+    # An update direction uncorrelated with w0 (n = vector length) has a radial part a ~ N(0,
+    # ‖Δw‖²/n), so E|a| = ‖Δw‖·√(2/(πn)), while ΔD ≈ ‖Δw‖²/(2ρ²): ΔM ≈ ρ·√(4ΔD/(πn)) follows from
+    # ΔD alone. "iso_dm" is that prediction; ΔM / iso_dm ≈ 1 says the norms changed only as much
+    # as a random direction of the same size changes them.
+    table["iso_dm"] = table["mean_m0"] * np.sqrt(4 * table["delta_d"] / (np.pi * table["cols"]))
     # The radial share of ‖Δw‖² a direction uncorrelated with w0 would have is 1/n (n = vector
     # length): this ratio is 1 for such "isotropic" updates, above 1 when rows were rescaled.
     if "tangential_fraction" in table:
@@ -77,18 +84,20 @@ def analyse(folders: list[Path], labels: list[str],
 
 
 def correlations_of(table: pd.DataFrame) -> pd.DataFrame:
+    """``da.correlate`` per setting, plus ``iso_r``: Pearson r of ΔM with the isotropic
+    prediction ``iso_dm`` over the same points (1 = ΔM is a function of ΔD and the row norms)."""
     frames = []
     for setting, part in table.groupby("setting", sort=False):
         corr = da.correlate(part)
+        if "iso_dm" in part:
+            iso = {key: pearson_r(g["iso_dm"].to_numpy(float), g["delta_m"].to_numpy(float))
+                   for key, g in part.groupby(["checkpoint", "module", "axis"], sort=False)}
+            corr["iso_r"] = [iso.get((c, m, a), float("nan")) for c, m, a in
+                             zip(corr["checkpoint"], corr["module"], corr["axis"], strict=True)]
         corr["setting"] = setting
         corr["seed"] = corr["checkpoint"].str.extract(r"seed(\d+)$", expand=False).astype(int)
         frames.append(corr)
-    table = pd.concat(frames, ignore_index=True)
-    # The radial share of ‖Δw‖² a direction uncorrelated with w0 would have is 1/n (n = vector
-    # length): this ratio is 1 for such "isotropic" updates, above 1 when rows were rescaled.
-    if "tangential_fraction" in table:
-        table["radial_excess"] = (1 - table["tangential_fraction"]) * table["cols"]
-    return table
+    return pd.concat(frames, ignore_index=True)
 
 
 def summary(table: pd.DataFrame, corr: pd.DataFrame) -> pd.DataFrame:
@@ -100,9 +109,10 @@ def summary(table: pd.DataFrame, corr: pd.DataFrame) -> pd.DataFrame:
                                                      sort=False):
         row = {"setting": setting, "method": method, "module": module, "seeds": len(g),
                "negative_seeds": int((g["pearson_r"] < 0).sum())}
-        for col in DIAGNOSTICS:
-            s = spread(g[col])
-            row |= {f"{col}_mean": s["mean"], f"{col}_std": s["std"]}
+        for col in (*DIAGNOSTICS, "iso_r"):
+            if col in g:
+                s = spread(g[col])
+                row |= {f"{col}_mean": s["mean"], f"{col}_std": s["std"]}
         sel = last[(last["setting"] == setting) & (last["method"] == method)
                    & (last["module"] == module)]
         row |= {"delta_d": sel["delta_d"].mean(), "delta_m": sel["delta_m"].mean(),
@@ -114,6 +124,8 @@ def summary(table: pd.DataFrame, corr: pd.DataFrame) -> pd.DataFrame:
                 "sideways_share": (sel["delta_m_sideways"] / sel["delta_m"]).mean()
                 if "delta_m_sideways" in sel else float("nan"),
                 "radial_excess": sel["radial_excess"].mean() if "radial_excess" in sel
+                else float("nan"),
+                "dm_over_iso": (sel["delta_m"] / sel["iso_dm"]).mean() if "iso_dm" in sel
                 else float("nan")}
         rows.append(row)
     return pd.DataFrame(rows)
@@ -132,8 +144,9 @@ def num(value: float, spec: str) -> str:
 def markdown(summ: pd.DataFrame) -> str:
     lines = ["| setting | method | module | pooled r | within-step r | within-layer r | "
              "partial r | 95 % CI (mean) | r < 0 | tangential fraction | radial excess | "
-             "ΔM radial / ΔM | ΔM sideways / ΔM | ΔD, last step | effective rank |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ΔM radial / ΔM | ΔM sideways / ΔM | ΔM / isotropic ΔM | r(ΔM, isotropic ΔM) | "
+             "ΔD, last step | effective rank |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summ.to_dict("records"):
         lines.append(
             f"| {r['setting']} | {r['method']} | {r['module']} "
@@ -144,7 +157,9 @@ def markdown(summ: pd.DataFrame) -> str:
             f"| [{r['r_ci_low_mean']:+.2f}, {r['r_ci_high_mean']:+.2f}] "
             f"| {r['negative_seeds']}/{r['seeds']} | {num(r['tangential_fraction'], '.4f')} "
             f"| {num(r['radial_excess'], '.2f')} | {num(r['radial_share'], '.2f')} "
-            f"| {num(r['sideways_share'], '.2f')} | {r['delta_d']:.1e} "
+            f"| {num(r['sideways_share'], '.2f')} | {num(r['dm_over_iso'], '.2f')} "
+            f"| {pm(r.get('iso_r_mean', float('nan')), r.get('iso_r_std', float('nan')))} "
+            f"| {r['delta_d']:.1e} "
             f"| {num(r['effective_rank'], '.0f')} |")
     return "\n".join(lines) + "\n"
 

@@ -27,6 +27,7 @@ def table():
                     rows.append({
                         "setting": setting, "checkpoint": f"ft-seed{seed}", "method": "ft",
                         "seed": seed, "module": "q", "axis": "out", "step": step,
+                        "rows": 384, "cols": 384,
                         "layer": layer, "name": f"l{layer}.q", "delta_d": dd,
                         "delta_m": 1.5 * dd + 1e-4 * g.random(), "mean_m0": 1.5,
                         "delta_m_radial": 1e-4, "delta_m_sideways": 1.5 * dd,
@@ -75,3 +76,8 @@ def test_a_saved_table_joins_as_a_baseline_setting(table, tmp_path):
     summ = study.summary(joined, study.correlations_of(joined))
     assert summ["tangential_fraction"].isna().all() and "| 320 steps | ft | q |" in \
         study.markdown(summ)
+    # ΔM against the isotropic prediction ρ·√(4ΔD/(πn)): defined, and exact when ΔM is it.
+    assert summ["iso_r_mean"].notna().all()
+    joined["delta_m"] = 1.3 * joined["iso_dm"]
+    iso = study.correlations_of(joined)["iso_r"]
+    assert np.allclose(iso, 1.0)

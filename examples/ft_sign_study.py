@@ -194,6 +194,7 @@ def mechanical_figure(table: pd.DataFrame) -> go.Figure:
                                         "ΔM vs ΔM of the radial part alone"])
     colours = {"ft": "#1f77b4", "lora": "#d62728", "dora": "#2ca02c"}
     symbols = ("circle", "x", "diamond", "square")
+    table = table.dropna(subset=["delta_m_sideways", "delta_m_radial"])  # older tables lack them
     settings = list(dict.fromkeys(table["setting"]))
     for col, part in enumerate(("delta_m_sideways", "delta_m_radial"), start=1):
         for (setting, method), g in table.groupby(["setting", "method"], sort=False):
@@ -208,7 +209,8 @@ def mechanical_figure(table: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", showlegend=False,
                                  line={"dash": "dash", "color": "black"}), row=1, col=col)
         fig.update_xaxes(type="log", exponentformat="e", row=1, col=col, title_text=part)
-    fig.update_yaxes(type="log", exponentformat="e", title_text="ΔM", col=1)
+    fig.update_yaxes(type="log", exponentformat="e")
+    fig.update_yaxes(title_text="ΔM", col=1)
     fig.update_layout(template="plotly_white", height=480, width=1200,
                       title="What ΔM is made of (every matrix and step)")
     return fig

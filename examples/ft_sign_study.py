@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)
-        for name in ("correlations.csv", "summary.csv"):
+        for name in ("table.csv", "correlations.csv", "summary.csv"):
             da.write_table(files[name], args.docs / name)
         (args.docs / "summary.md").write_text(text)
         first = labels[0]

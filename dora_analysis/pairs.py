@@ -192,7 +192,8 @@ class PairView:
         return self.tuned.low_rank(self.pair.tuned_name) if self.pair.expert is None else None
 
     def adapter_update(self) -> LowRankUpdate | None:
-        """The adapter's stored update of this matrix (LoRA or DoRA), else None."""
-        if self.pair.expert is not None:
+        """The adapter's stored update of this matrix (LoRA or DoRA), else None (also for a
+        view of merged pieces, which has no sources: adapters are never split)."""
+        if self.pair.expert is not None or self.tuned is None:
             return None
         return self.tuned.adapter_update(self.pair.tuned_name)

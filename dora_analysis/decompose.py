@@ -338,7 +338,7 @@ def compare(
     Example:
         >>> w0 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
         >>> s = compare(w0, torch.tensor([[0.0, 1.0, 0.0], [0.0, 4.0, 0.0]]))
-        >>> s.delta_d, s.delta_m   # row 0 rotated 90° (1 − cos = 1); row 1 scaled by 2
+        >>> round(s.delta_d, 12), s.delta_m   # row 0 rotated 90° (1 − cos = 1); row 1 scaled by 2
         (0.5, 1.0)
     """
     if w0.shape != wt.shape:
@@ -365,7 +365,7 @@ def delta_direction(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out") -> f
     """Eq. 4: ``ΔD = mean_n (1 − cos(Wt[n], W0[n]))`` (zero-norm and non-finite vectors excluded).
 
     Example:
-        >>> delta_direction(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 5.0]]))
+        >>> round(delta_direction(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 5.0]])), 12)
         1.0
     """
     return compare(w0, wt, axis).delta_d

@@ -21,7 +21,6 @@ resamples whole layers. Every statistic is NaN, never a fake ±1, where it is un
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,23 +58,41 @@ def correlation(delta_d: np.ndarray, delta_m: np.ndarray) -> dict[str, float]:
         >>> round(r["slope"], 2), round(r["pearson_r"], 3)
         (2.25, 0.998)
     """
-    from scipy import stats  # imported here: scipy.stats costs ~1 s at start-up
-
     x, y = np.asarray(delta_d, float), np.asarray(delta_m, float)
     out = {C.N: len(x), C.PEARSON_R: math.nan, C.P_VALUE: math.nan, C.SPEARMAN_RHO: math.nan,
            C.SLOPE: math.nan, C.INTERCEPT: math.nan}
     if len(x) < MIN_POINTS or np.ptp(x) == 0:
         return out
-    fit = stats.linregress(x, y)
-    out[C.SLOPE], out[C.INTERCEPT] = float(fit.slope), float(fit.intercept)
+    xc = x - x.mean()
+    out[C.SLOPE] = float(xc @ (y - y.mean()) / (xc @ xc))
+    out[C.INTERCEPT] = float(y.mean() - out[C.SLOPE] * x.mean())
     if np.ptp(y) == 0:
         return out
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy warns on near-constant input; the NaN says it
-        pearson = stats.pearsonr(x, y)
-        out[C.PEARSON_R], out[C.P_VALUE] = float(pearson.statistic), float(pearson.pvalue)
-        out[C.SPEARMAN_RHO] = float(stats.spearmanr(x, y).statistic)
+    r = pearson_r(x, y)
+    out[C.PEARSON_R], out[C.P_VALUE] = r, pearson_p_value(r, len(x))
+    ranks = (pd.Series(v).rank(method="average").to_numpy() for v in (x, y))
+    out[C.SPEARMAN_RHO] = pearson_r(*ranks)
     return out
+
+
+def pearson_p_value(r: float, n: int) -> float:
+    """Two-sided p-value of Pearson ``r`` from ``n`` points under independence (normal data).
+
+    Under the null hypothesis r follows a beta distribution on [−1, 1] with both shapes
+    ``n/2 − 1``, so ``p = 2·I_{(1−|r|)/2}(n/2 − 1, n/2 − 1)``: the same formula as
+    ``scipy.stats.pearsonr``, through ``scipy.special`` (0.1 s to import; scipy.stats takes ~0.9 s,
+    which every ``dora-analyze`` run would pay).
+
+    Example:
+        >>> round(pearson_p_value(0.5, 10), 4), pearson_p_value(1.0, 5)
+        (0.1411, 0.0)
+    """
+    from scipy.special import betainc
+
+    if math.isnan(r):
+        return math.nan
+    shape = n / 2 - 1
+    return float(2 * betainc(shape, shape, (1 - min(abs(r), 1.0)) / 2))
 
 
 def _centred(v: np.ndarray, scale: float) -> np.ndarray | None:

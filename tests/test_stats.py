@@ -11,7 +11,7 @@ from scipy import stats
 
 import dora_analysis as da
 from dora_analysis import columns as C
-from dora_analysis.stats import correlation
+from dora_analysis.stats import correlation, pearson_p_value
 
 
 def table_from(points: dict[tuple[str, str], list[tuple[float, float]]]) -> pd.DataFrame:
@@ -29,6 +29,56 @@ def test_hand_computed_line():
     assert r[C.PEARSON_R] == pytest.approx(1.0) and r[C.SPEARMAN_RHO] == pytest.approx(1.0)
     assert r[C.SLOPE] == pytest.approx(2.0) and r[C.INTERCEPT] == pytest.approx(1.0)
     assert r[C.N] == 4
+
+
+@pytest.mark.parametrize("n", [3, 4, 6, 24, 200])
+@pytest.mark.parametrize("r", [-1.0, -0.999999, -0.62, -0.05, 0.0, 0.31, 0.83, 0.99999999, 1.0])
+def test_p_value_equals_scipy_stats(n, r):
+    # pearsonr's p from data built to have exactly this r, against our closed form
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n)
+    x = (x - x.mean()) / np.linalg.norm(x - x.mean())
+    z = rng.standard_normal(n)
+    z -= z.mean() + (z @ x) * x
+    z /= np.linalg.norm(z)
+    y = r * x + math.sqrt(max(0.0, 1 - r * r)) * z
+    expected = stats.pearsonr(x, y)
+    got = pearson_p_value(float(expected.statistic), n)
+    if abs(r) < 0.999:
+        assert got == pytest.approx(expected.pvalue, rel=1e-9)
+    else:  # p ~ (1 − |r|)^(n/2 − 1): the last bits of r decide it, both are vanishing
+        assert got < 1e-7 or n <= 4
+        logs = [math.log10(max(v, 1e-300)) for v in (got, expected.pvalue)]
+        assert logs[0] == pytest.approx(logs[1], abs=2)
+
+
+def test_spearman_with_ties_equals_scipy():
+    x = np.array([1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 5.0, 8.0])
+    y = np.array([0.3, 0.1, 0.1, 0.9, 0.4, 0.7, 0.7, 1.2])
+    r = correlation(x, y)
+    assert r[C.SPEARMAN_RHO] == pytest.approx(stats.spearmanr(x, y).statistic, rel=1e-12)
+    fit = stats.linregress(x, y)
+    assert r[C.SLOPE] == pytest.approx(fit.slope, rel=1e-12)
+    assert r[C.INTERCEPT] == pytest.approx(fit.intercept, rel=1e-12)
+
+
+def test_the_command_line_does_not_load_scipy_stats(tmp_path):
+    # scipy.stats costs ~0.9 s to import: a whole dora-analyze run must not pay it
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    w = {f"layers.{i}.q.weight": torch.randn(4, 3) for i in range(3)}
+    save_file(w, tmp_path / "a.safetensors")
+    save_file({k: v + 0.1 for k, v in w.items()}, tmp_path / "b.safetensors")
+    code = ("import sys; from dora_analysis.cli import main; "
+            f"code = main([{str(tmp_path / 'a.safetensors')!r}, {str(tmp_path / 'b.safetensors')!r},"
+            f" '-q', '--summary', {str(tmp_path / 's.csv')!r}]); "
+            "print(code, 'scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["0", "False"], out.stdout + out.stderr
 
 
 def test_matches_numpy_and_scipy():

@@ -5,7 +5,8 @@ imported on first use, so ``dora-train --help`` (and this import) need no torch.
 
 Example:
     >>> from dora_analysis.training import TrainConfig, prepare, train  # doctest: +SKIP
-    >>> model = prepare(model, TrainConfig(method="dora", targets=("query", "value")))
+    >>> config = TrainConfig(method="dora", targets=("query", "value"))  # doctest: +SKIP
+    >>> model = prepare(model, config)  # doctest: +SKIP
 """
 
 from __future__ import annotations

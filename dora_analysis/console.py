@@ -29,6 +29,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
+    from typing import NoReturn
 
 
 def parser(**kwargs) -> argparse.ArgumentParser:
@@ -101,9 +102,32 @@ def run(load_main: Callable[[], Callable[[], int]]) -> int:
                 signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-def analyze() -> int:
-    """Entry point of ``dora-analyze``."""
-    return run(lambda: importlib.import_module("dora_analysis.cli").main)
+def analyze() -> NoReturn:
+    """Entry point of ``dora-analyze``: the run, then a quick exit (:func:`exit_now`)."""
+    exit_now(run(lambda: importlib.import_module("dora_analysis.cli").main))
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` once the run is over and every output is closed.
+
+    The exit handlers registered with :mod:`atexit` run (logging, temporary folders), then the
+    process ends without the interpreter's module-by-module teardown, which takes 0.6–0.9 s
+    once torch is imported — a quarter of a ``dora-analyze`` run on a small model. Nothing of
+    ours is open by then: outputs are written and renamed, worker threads joined, Dask clients
+    closed. Only ``dora-analyze`` does this; ``dora-train`` (process groups, CUDA) exits normally.
+    """
+    import atexit
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that left, or a closed stream: nothing to save
+            pass
+    run_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_handlers is None:  # not CPython: leave it to the interpreter
+        sys.exit(code)
+    run_handlers()
+    os._exit(code)
 
 
 def train() -> int:

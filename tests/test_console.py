@@ -95,3 +95,42 @@ def test_ctrl_c_at_many_moments(ckpts, tmp_path, delay):
 
 def test_sigterm_removes_temporary_files_too(ckpts, tmp_path):
     check_interrupted(*interrupt(ckpts, tmp_path, 1.0, signal.SIGTERM), signum=signal.SIGTERM)
+
+
+QUICK = ("import atexit, pathlib, sys\n"
+         "atexit.register(pathlib.Path(sys.argv.pop(1)).write_text, 'ran')\n"
+         "from dora_analysis.console import analyze\nsys.exit(analyze())")
+
+
+def run_entry(argv, marker, **kwargs):
+    return subprocess.run([sys.executable, "-c", QUICK, str(marker), *argv], text=True,
+                          capture_output=True, timeout=120, **kwargs)
+
+
+def test_the_quick_exit_keeps_outputs_output_and_exit_handlers(ckpts, tmp_path):
+    argv = [str(ckpts["base"]), str(ckpts["tuned"]), "-o", str(tmp_path / "t.csv"),
+            "--summary", str(tmp_path / "s.csv")]
+    done = run_entry(argv, tmp_path / "marker")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "marker").read_text() == "ran"  # atexit handlers still run
+    assert (tmp_path / "t.csv").stat().st_size and (tmp_path / "s.csv").stat().st_size
+    in_process = subprocess.run([sys.executable, "-m", "dora_analysis.cli", *argv[:2]],
+                                text=True, capture_output=True, timeout=120)
+    assert done.stdout.endswith(in_process.stdout) and in_process.stdout  # printed to the end
+
+    failed = run_entry([str(ckpts["base"]), str(tmp_path / "missing.safetensors")],
+                       tmp_path / "marker2")
+    assert failed.returncode == 2 and len(failed.stderr.splitlines()) == 1, failed.stderr
+    assert (tmp_path / "marker2").read_text() == "ran"
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(ckpts, tmp_path):
+    # `dora-analyze … | head -0`: the reader is gone before anything is printed, so printing
+    # the summary meets a closed pipe; exit 0, no traceback, exit handlers still run
+    proc = subprocess.Popen([sys.executable, "-c", QUICK, str(tmp_path / "marker"),
+                             str(ckpts["base"]), str(ckpts["series"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in stderr, stderr
+    assert (tmp_path / "marker").read_text() == "ran"

@@ -73,10 +73,10 @@ def test_the_command_line_does_not_load_scipy_stats(tmp_path):
     w = {f"layers.{i}.q.weight": torch.randn(4, 3) for i in range(3)}
     save_file(w, tmp_path / "a.safetensors")
     save_file({k: v + 0.1 for k, v in w.items()}, tmp_path / "b.safetensors")
+    argv = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "-q",
+            "--summary", str(tmp_path / "s.csv")]
     code = ("import sys; from dora_analysis.cli import main; "
-            f"code = main([{str(tmp_path / 'a.safetensors')!r}, {str(tmp_path / 'b.safetensors')!r},"
-            f" '-q', '--summary', {str(tmp_path / 's.csv')!r}]); "
-            "print(code, 'scipy.stats' in sys.modules)")
+            f"code = main({argv!r}); print(code, 'scipy.stats' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-2:] == ["0", "False"], out.stdout + out.stderr
 

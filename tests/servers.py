@@ -15,6 +15,9 @@ from urllib.parse import unquote, urlsplit
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
+SEND_PIECE = 1 << 20
+
+
 class FileServer:
     """Serves ``root`` on 127.0.0.1 with single-range ``Range`` support.
 
@@ -116,12 +119,17 @@ class FileServer:
                 self.end_headers()
                 if head:
                     return
-                try:
-                    self.wfile.write(data[start:stop])
-                except (BrokenPipeError, ConnectionResetError):
-                    return
-                with server._lock:
-                    server.sent += stop - start
+                body = memoryview(data)[start:stop]
+                # In pieces, each counted once written: a client that stops reading and closes
+                # ends the answer, and `sent` then counts what left before (plus socket buffers).
+                for at in range(0, len(body), SEND_PIECE):
+                    piece = body[at:at + SEND_PIECE]
+                    try:
+                        self.wfile.write(piece)
+                    except (BrokenPipeError, ConnectionResetError):
+                        return
+                    with server._lock:
+                        server.sent += len(piece)
 
             def do_GET(self) -> None:
                 self._answer(head=False)

@@ -3,9 +3,10 @@
 Nothing is downloaded whole. A safetensors file is one header and one byte range per tensor, and
 rows ``a:b`` of a row-major tensor are one contiguous range, so the reader fetches:
 
-1. the header (first 64 KiB, then the rest if it is longer), validated as ``safetensors`` does:
+1. the header (first 16 KiB, then the rest if it is longer), validated as ``safetensors`` does:
    size cap, every dtype known, every shape matching its byte range, ranges contiguous and
-   inside the file;
+   inside the file; once per version of the file in a process (the plan and the run both open
+   it), where the storage names the version by its content (ETag, hash, the Hub's blob id);
 2. only the tensors the analysis selects (``--modules``/``--include``; announced through
    :meth:`~dora_analysis.io.base.TensorSource.will_read`), neighbours coalesced into one request
    of at most :data:`MAX_REQUEST_BYTES` (a gap of unselected bytes is merged only when it is
@@ -74,6 +75,11 @@ MAX_JSON_BYTES = 64 << 20
 MAX_PICKLE_BYTES = 1 << 30
 #: Seconds before a connection or a read is given up (HTTP and S3).
 DEFAULT_TIMEOUT = 60.0
+
+#: Fields of a file's info that change whenever its content does (HTTP, S3, GCS, the Hub).
+CONTENT_IDS = ("ETag", "etag", "Content-MD5", "Digest", "md5Hash", "blob_id")
+#: Parsed safetensors headers kept per file version (the plan and the run open each file).
+HEADER_CACHE_SIZE = 256
 
 #: Extras that provide each scheme's fsspec filesystem.
 EXTRAS = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
@@ -244,8 +250,9 @@ class RemoteFile:
         self._handle = None
         try:
             self.fs, self.fs_path = filesystem(url, token, timeout)
-            if size is None:
-                size = self.fs.info(self.fs_path).get("size")
+            info = {"size": size} if size is not None else self.fs.info(self.fs_path)
+            size = info.get("size")
+            self.version = content_version(url, info)
             if size is None:
                 raise CheckpointFormatError(f"{url}: the server does not report the file's size "
                                             "(no Content-Length); download the file instead")
@@ -286,6 +293,19 @@ class RemoteFile:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def content_version(url: Url, info: dict) -> tuple | None:
+    """What identifies this version of the file's content (URL, size and an ETag, a hash or the
+    Hub's blob id), or None when the storage reports nothing content-derived. A modification time
+    is not enough: a rewrite of the same size within its resolution would go unseen."""
+    for field in CONTENT_IDS:
+        if info.get(field):
+            return (str(url), info.get("size"), field, str(info[field]))
+    lfs = info.get("lfs")
+    if isinstance(lfs, dict) and lfs.get("sha256"):
+        return (str(url), info.get("size"), "sha256", lfs["sha256"])
+    return None
 
 
 def exists(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT) -> bool:
@@ -361,6 +381,10 @@ def parse_header(raw: bytes, data_bytes: int, where: object) -> dict[str, Entry]
     return entries
 
 
+#: file version (:func:`content_version`) → (data start, parsed header); oldest dropped first.
+_HEADERS: dict[tuple, tuple[int, dict[str, Entry]]] = {}
+
+
 class RemoteSafetensors(TensorSource):
     """A safetensors file on remote storage: header, then only the rows asked for."""
 
@@ -379,6 +403,11 @@ class RemoteSafetensors(TensorSource):
             raise
 
     def _read_header(self) -> None:
+        version = self._file.version
+        if version is not None and version in _HEADERS:  # opened before: same bytes, same header
+            self._data_start, self._entries = _HEADERS[version]
+            self._header_requests = self._file.requests
+            return
         size = self._file.size
         if size < 8:
             raise CheckpointFormatError(f"{self.path}: not a safetensors file ({size} bytes)")
@@ -391,6 +420,10 @@ class RemoteSafetensors(TensorSource):
         self._data_start = 8 + n
         self._header_requests = self._file.requests
         self._entries = parse_header(raw, size - self._data_start, self.path)
+        if version is not None:
+            while len(_HEADERS) >= HEADER_CACHE_SIZE:
+                _HEADERS.pop(next(iter(_HEADERS)), None)
+            _HEADERS[version] = (self._data_start, self._entries)
 
     @property
     def bytes_read(self) -> int:

@@ -4,6 +4,7 @@ and a fake Hub endpoint for ``hf://``. Nothing leaves 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 
@@ -16,6 +17,7 @@ import dora_analysis as da
 from dora_analysis import columns as C
 from dora_analysis.cli import main
 from dora_analysis.errors import CheckpointFormatError, CheckpointNotFoundError, ConfigError
+from dora_analysis.io import remote as remote_module
 from dora_analysis.io.open import ReadOptions, open_checkpoint, resolve
 from dora_analysis.io.refs import CheckpointRef
 from dora_analysis.io.remote import RemoteSafetensors, Url
@@ -67,6 +69,7 @@ def same(a: pd.DataFrame, b: pd.DataFrame) -> None:
 
 def test_http_file_equals_local_and_reads_only_selected_tensors(root, server):
     server.reset()
+    remote_module._HEADERS.clear()
     remote = da.analyze(f"{server.url}/base.safetensors", f"{server.url}/tuned.safetensors",
                         modules=("q", "v"))[NUMBERS]
     same(remote, local_table(root, modules=("q", "v")))
@@ -77,9 +80,31 @@ def test_http_file_equals_local_and_reads_only_selected_tensors(root, server):
     assert server.sent <= 1.2 * 2 * selected, (server.sent, selected)
     gets = [r for r in server.requests if r[0] == "GET"]
     headers = [r for r in gets if r[2].startswith("bytes=0-")]
-    # one coalesced q/v request per layer and file; a header per open (the plan and the run
-    # each open both checkpoints: headers only in the plan)
-    assert len(gets) - len(headers) == 2 * 3 and len(headers) <= 4
+    # one coalesced q/v request per layer and file; one header per file, although the plan and
+    # the run each open both (the second open finds it by the file's ETag)
+    assert len(gets) - len(headers) == 2 * 3 and len(headers) == 2
+
+
+def test_a_small_selection_stays_within_the_byte_budget(root, server):
+    server.reset()
+    remote_module._HEADERS.clear()
+    da.analyze(f"{server.url}/base.safetensors", f"{server.url}/tuned.safetensors",
+               modules=("k",))
+    base = big_state(0)
+    selected = sum(base[n].numel() * 4 for n in base if n.endswith("k_proj.weight"))
+    assert server.sent <= 1.2 * 2 * selected, (server.sent, selected)  # 1.22 before the cache
+
+
+def test_a_changed_file_is_read_again_not_served_from_the_header_cache(tmp_path):
+    save_file({"w": torch.ones(4, 3)}, tmp_path / "b.safetensors")
+    save_file({"w": torch.ones(4, 3)}, tmp_path / "t.safetensors")
+    with FileServer(tmp_path) as srv:
+        url = f"{srv.url}/t.safetensors"
+        assert da.analyze(tmp_path / "b.safetensors", url)["delta_m"].tolist() == [0.0]
+        # same URL, new content and a different header layout (another name first)
+        save_file({"a": torch.zeros(2), "w": 2 * torch.ones(4, 3)}, tmp_path / "t.safetensors")
+        table = da.analyze(tmp_path / "b.safetensors", url)
+        assert table["delta_m"].tolist() == pytest.approx([math.sqrt(3.0)])
 
 
 def test_sharded_index_and_folders_remotely(root, server):
@@ -95,11 +120,11 @@ def test_get_rows_is_one_range_and_large_tensors_stream_in_windows(root, server)
     name = "model.layers.1.mlp.up_proj.weight"
     src = RemoteSafetensors(Url(f"{server.url}/base.safetensors"), max_request=100 * 192 * 4)
     with src:
-        header = src.bytes_read
+        header, opened = src.bytes_read, src.requests  # none when an earlier open cached it
         assert torch.equal(src.get_rows(name, 10, 20), state[name][10:20])
-        assert src.requests == 2
+        assert src.requests == opened + 1
         assert torch.equal(src.get_rows(name, 20, 110), state[name][20:110])  # in the window
-        assert src.requests == 2
+        assert src.requests == opened + 1
         assert torch.equal(src.get_tensor(name), state[name])
         # windows of whole rows, at most max_request bytes each: memory stays bounded
         assert src.bytes_read - header <= 384 * 192 * 4 + 100 * 192 * 4

@@ -111,8 +111,12 @@ def expand_tuned(
     for ref, label, method in zip(refs, labels, methods, strict=True):
         path, shown = resolve(ref, token)
         label = label or ref.default_label
+        steps = remote_steps(path, token) if ref.kind == "remote" else []
         if ref.kind == "series":
             out += [TunedCheckpoint(label, method, s, p, str(p)) for s, p in series_steps(path)]
+        elif steps:  # a remote run folder: one checkpoint per checkpoint-N/ or step-N/
+            out += [TunedCheckpoint(label, method, s, u, f"{shown.rstrip('/')}/{u.name}")
+                    for s, u in steps]
         else:
             out.append(TunedCheckpoint(label, method, ref.step, path, shown))
     seen: dict[tuple[str, int | None], str] = {}
@@ -126,6 +130,13 @@ def expand_tuned(
             )
         seen[key] = ck.ref
     return out
+
+
+def remote_steps(url, token: str | None) -> list:
+    """The steps of a remote run folder (``checkpoint-N/``, ``step-N/``), listed through fsspec."""
+    from .io.remote import series_steps as remote_series_steps  # fsspec only when needed
+
+    return remote_series_steps(url, token)
 
 
 def _per_ref(values: Sequence[str] | None, n: int, flag: str, default: str | None) -> list:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import CheckpointFormatError, SkippedFoldersWarning
@@ -39,6 +41,7 @@ _HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 #: URL schemes read in place through fsspec (``dora_analysis.io.remote``).
 REMOTE_SCHEMES = ("hf", "s3", "gs", "gcs", "http", "https")
 _URL = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://", re.IGNORECASE)
+T = TypeVar("T")
 _GENERIC_STEMS = {"model", "pytorch_model", "adapter_model", "consolidated",
                   "diffusion_pytorch_model"}
 
@@ -87,24 +90,34 @@ def series_steps(folder: Path) -> list[tuple[int, Path]]:
     Two subfolders for one step (``checkpoint-10`` and ``checkpoint-010``, or ``step-10`` beside
     ``checkpoint-10``) are an error naming both.
     """
-    steps: dict[int, Path] = {}
-    for child in sorted(folder.iterdir()):
-        match = _STEP_DIR.match(child.name)
-        if not (match and child.is_dir()):
+    return steps_among(folder, ((c.name, c) for c in sorted(folder.iterdir()) if c.is_dir()))
+
+
+def steps_among(folder: object, subfolders: Iterable[tuple[str, T]]) -> list[tuple[int, T]]:
+    """The steps of a series among ``(name, subfolder)`` pairs (a local or a remote folder's),
+    by step; two subfolders for one step are an error naming both."""
+    steps: dict[int, tuple[str, T]] = {}
+    for name, child in subfolders:
+        match = _STEP_DIR.match(name)
+        if not match:
             continue
         step = int(match.group(1))
         if step in steps:
             raise CheckpointFormatError(
-                f"{folder}: two checkpoints for step {step}: {steps[step].name}/ and "
-                f"{child.name}/; move one of them out of the run folder")
-        steps[step] = child
-    return sorted(steps.items())
+                f"{folder}: two checkpoints for step {step}: {steps[step][0]}/ and {name}/; "
+                "move one of them out of the run folder")
+        steps[step] = (name, child)
+    return sorted((step, child) for step, (_, child) in steps.items())
+
+
+def unnumbered(names: Iterable[str]) -> list[str]:
+    """Names like steps of a series but without a step number (``checkpoint-abc``)."""
+    return sorted(n for n in names if _STEP_LIKE.match(n) and not _STEP_DIR.match(n))
 
 
 def unnumbered_steps(folder: Path) -> list[str]:
     """Subfolders named like steps of a series but without a step number (``checkpoint-abc``)."""
-    return sorted(c.name for c in folder.iterdir()
-                  if c.is_dir() and _STEP_LIKE.match(c.name) and not _STEP_DIR.match(c.name))
+    return unnumbered(c.name for c in folder.iterdir() if c.is_dir())
 
 
 @dataclass(frozen=True)

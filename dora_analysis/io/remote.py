@@ -37,13 +37,21 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
-from ..errors import CheckpointFormatError, CheckpointNotFoundError, ConfigError, DoraAnalysisError
+from ..errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    ConfigError,
+    DoraAnalysisError,
+    SkippedFoldersWarning,
+)
 from .adapters import (
     ADAPTER_WEIGHT_FILES,
     adapter_format,
@@ -54,7 +62,7 @@ from .adapters import (
 from .base import SAFETENSORS_DTYPES, TensorInfo, TensorSource
 from .merge import AdapterSource
 from .quant import dequantized
-from .refs import redact_url, remote_scheme
+from .refs import redact_url, remote_scheme, steps_among, unnumbered
 from .sharded import ShardedCheckpoint
 
 log = logging.getLogger("dora_analysis")
@@ -306,6 +314,37 @@ def content_version(url: Url, info: dict) -> tuple | None:
     if isinstance(lfs, dict) and lfs.get("sha256"):
         return (str(url), info.get("size"), "sha256", lfs["sha256"])
     return None
+
+
+def series_steps(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT
+                 ) -> list[tuple[int, Url]]:
+    """The ``checkpoint-N`` / ``step-N`` subfolders of a remote folder as ``(N, url)``, by step;
+    empty for a file, a folder without them, or ``http(s)://`` (which has no listing).
+
+    Example:
+        >>> series_steps(Url("s3://bucket/run"), None)  # doctest: +SKIP
+        [(100, Url('s3://bucket/run/checkpoint-100')), (200, Url('s3://bucket/run/checkpoint-200'))]
+    """
+    if _FILE_NAME.search(url.name) or url.scheme in ("http", "https"):
+        return []
+    fs, path = filesystem(url, token, timeout)
+    try:
+        fs.invalidate_cache(path)  # a run still training gains folders: never a stale listing
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    except Exception as exc:
+        if _status(exc) == 404:
+            return []
+        raise remote_error(url, exc, timeout) from None
+    names = sorted(PurePosixPath(str(e["name"]).rstrip("/")).name for e in entries
+                   if e.get("type") == "directory")
+    skipped = unnumbered(names)
+    if skipped:
+        warnings.warn(f"{url}: subfolder(s) {', '.join(skipped)} skipped: a step of a series is "
+                      "named checkpoint-N or step-N with N a number", SkippedFoldersWarning,
+                      stacklevel=2)
+    return steps_among(url, ((name, url / name) for name in names))
 
 
 def exists(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT) -> bool:

@@ -16,7 +16,12 @@ from safetensors.torch import save_file
 import dora_analysis as da
 from dora_analysis import columns as C
 from dora_analysis.cli import main
-from dora_analysis.errors import CheckpointFormatError, CheckpointNotFoundError, ConfigError
+from dora_analysis.errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    ConfigError,
+    SkippedFoldersWarning,
+)
 from dora_analysis.io import remote as remote_module
 from dora_analysis.io.open import ReadOptions, open_checkpoint, resolve
 from dora_analysis.io.refs import CheckpointRef
@@ -175,6 +180,37 @@ def test_s3_through_moto(root, s3):
         open_checkpoint(resolve(CheckpointRef.parse(f"{s3}/run/nope.safetensors"))[0])
 
 
+def test_a_remote_run_folder_is_a_series(root, s3, tmp_path):
+    # checkpoint-N/ folders on S3 (a Trainer output_dir synced there) are the steps of one run,
+    # as they are locally; checkpoint-abc is skipped with a warning, as it is locally
+    pytest.importorskip("s3fs")
+    import boto3
+
+    run = tmp_path / "run"
+    for step, seed in ((10, 1), (200, 2)):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        save_file(perturb(big_state(0), 0.01 * seed, seed=seed),
+                  str(run / f"checkpoint-{step}" / "model.safetensors"))
+    (run / "checkpoint-abc").mkdir()
+    shutil.copy(root / "tuned.safetensors", run / "checkpoint-abc" / "model.safetensors")
+    client = boto3.client("s3")
+    for file in run.rglob("*.safetensors"):
+        client.upload_file(str(file), "ckpts", f"runs/{file.relative_to(tmp_path)}")
+    with pytest.warns(SkippedFoldersWarning, match="checkpoint-abc"):
+        local = da.analyze(root / "base.safetensors", run, modules=("q",))
+    with pytest.warns(SkippedFoldersWarning, match="checkpoint-abc"):
+        remote = da.analyze(root / "base.safetensors", f"{s3}/runs/run", modules=("q",))
+    same(remote[[C.CHECKPOINT, C.STEP, *NUMBERS]], local[[C.CHECKPOINT, C.STEP, *NUMBERS]])
+    assert sorted(set(remote[C.STEP])) == [10, 200]
+    assert set(remote[C.REF]) == {f"{s3}/runs/run/checkpoint-10", f"{s3}/runs/run/checkpoint-200"}
+
+    client.upload_file(str(run / "checkpoint-10" / "model.safetensors"), "ckpts",
+                       "runs/run/checkpoint-0010/model.safetensors")
+    with pytest.raises(CheckpointFormatError, match="two checkpoints for step 10: "
+                                                    "checkpoint-0010/ and checkpoint-10/"):
+        da.analyze(root / "base.safetensors", f"{s3}/runs/run", modules=("q",))
+
+
 @pytest.fixture
 def fake_hub(root, monkeypatch):
     hub_root = root.parent / (root.name + "-hub")
@@ -202,6 +238,19 @@ def test_hf_urls_through_a_fake_hub(root, fake_hub):
     with pytest.raises(CheckpointNotFoundError, match="hf://org/missing/model.safetensors: "
                                                       "not found"):
         da.analyze("hf://org/missing/model.safetensors", root / "tuned.safetensors")
+
+
+def test_a_hub_run_folder_is_a_series(root, fake_hub):
+    # a Trainer run pushed with its checkpoint-N/ folders (hub_strategy="all_checkpoints")
+    repo = fake_hub.root / "org" / "run"
+    for step in (5, 50):
+        (repo / f"checkpoint-{step}").mkdir(parents=True, exist_ok=True)
+        save_file(perturb(big_state(0), 0.01, seed=step),
+                  str(repo / f"checkpoint-{step}" / "model.safetensors"))
+    local = da.analyze(root / "base.safetensors", repo, modules=("v",))
+    remote = da.analyze(root / "base.safetensors", "hf://org/run", modules=("v",))
+    same(remote[[C.STEP, *NUMBERS]], local[[C.STEP, *NUMBERS]])
+    assert set(remote[C.REF]) == {"hf://org/run/checkpoint-5", "hf://org/run/checkpoint-50"}
 
 
 def test_hf_url_refused_offline(root, monkeypatch):

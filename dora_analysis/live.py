@@ -49,6 +49,18 @@ def open_base(base: Base, config: AnalysisConfig) -> TensorSource:
     return open_checkpoint(path, config.read_options)
 
 
+def refuse_shards(tensors, what: str) -> None:
+    """Stop with advice when ``tensors`` (name, tensor pairs) hold a ``DTensor``: a rank's shard
+    of an FSDP2 / tensor-parallel model, whose norms are not the matrix's."""
+    for name, tensor in tensors:
+        kind = type(tensor)
+        if kind.__name__ == "DTensor" and kind.__module__.startswith("torch.distributed"):
+            raise ConfigError(
+                f"{what}: {name} is a DTensor shard (FSDP2 or tensor parallel), and a shard's "
+                "row norms are not the matrix's; analyse the checkpoint the run saves instead "
+                "(DoraAnalysisCallback does, on the main process), or a model gathered whole")
+
+
 def model_pairs(model_src: TensorSource, base_src: TensorSource, config: AnalysisConfig,
                 label: str) -> list[MatrixPair]:
     """The matrix pairs of a model against its base; every shape problem reported at once."""
@@ -110,6 +122,11 @@ def analyze_model(
     elif settings:
         raise ConfigError("pass either config= or keyword settings, not both")
     check_method(method)
+    refuse_shards(model.named_parameters(), label)
+    if isinstance(base, nn.Module):
+        refuse_shards(base.named_parameters(), "base")
+    elif isinstance(base, Mapping):
+        refuse_shards(base.items(), "base")
     with torch.no_grad(), open_base(base, config) as base_src, \
             open_module(model, base_src, label) as model_src:
         pairs = model_pairs(model_src, base_src, config, label)

@@ -130,3 +130,26 @@ def test_merged_or_several_active_adapters_and_a_wrong_base_are_refused(tmp_path
     ours = prepare(llama(tiny_llama), TrainConfig(method="dora", targets=("q_proj",)))
     with pytest.raises(TensorMismatchError, match="adapter does not fit the base"):
         da.analyze_model(ours, other)
+
+
+def test_a_sharded_model_is_refused_with_advice(tmp_path):
+    # FSDP2 leaves each rank a DTensor shard: its row norms are not the matrix's, so no table
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.distributed import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2))
+        base = copy.deepcopy(model.state_dict())
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(ConfigError, match=r"model: 0\.weight is a DTensor shard .*analyse "
+                                              r"the checkpoint the run saves"):
+            da.analyze_model(model, base)
+        with pytest.raises(ConfigError, match="base: 0.weight is a DTensor shard"):
+            da.analyze_model(torch.nn.Sequential(torch.nn.Linear(6, 4)), model)
+    finally:
+        dist.destroy_process_group()

@@ -154,6 +154,11 @@ def parse_config(text: str | bytes, path) -> dict:
                              fix="re-save the adapter with save_pretrained")
 
 
+def read_config(folder: Path) -> dict:
+    """The ``adapter_config.json`` in ``folder``, as a dict."""
+    return _read_config(folder)
+
+
 def _read_config(folder: Path) -> dict:
     return read_json_object(folder / "adapter_config.json", what="broken adapter config",
                             fix="re-save the adapter with save_pretrained")
@@ -555,6 +560,10 @@ def read_adapter_file(path: Path, tensors: dict, **options) -> Adapter:
 
 def is_adapter_folder(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file()
+
+
+def has_adapter_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ADAPTER_WEIGHT_FILES)
 
 
 def kohya_flat(path: str) -> str:

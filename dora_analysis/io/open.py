@@ -20,14 +20,23 @@ from pathlib import Path
 
 from ..config import IO_BACKENDS
 from ..errors import CheckpointFormatError, ConfigError
-from .adapters import adapter_format, is_adapter_folder, load_tensors, read_adapter_file, read_peft
+from .adapters import (
+    adapter_format,
+    has_adapter_weights,
+    is_adapter_folder,
+    load_tensors,
+    peft_adapter,
+    read_adapter_file,
+    read_config,
+    read_peft,
+)
 from .base import TensorSource
 from .dcp import DcpCheckpoint, find_dcp
 from .deepspeed import find_zero, open_zero
 from .guard import not_found, not_regular, path_kind
 from .merge import AdapterSource
 from .quant import dequantized
-from .refs import CheckpointRef
+from .refs import TRAINER_DCP_FOLDERS, CheckpointRef, step_of
 from .remote import DEFAULT_TIMEOUT, Url, open_remote
 from .safetensors import SafetensorsFile
 from .sharded import ShardedCheckpoint
@@ -136,15 +145,44 @@ def _open_zero(path: Path, options: ReadOptions, base: TensorSource | None) -> T
 
 def _open_dcp(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
     src = DcpCheckpoint(find_dcp(path), options.backend)
-    if any(".lora_A." in k or k.endswith(".lora_A.weight") for k in src.keys()):
-        src.close()
-        # HF Trainer + FSDP SHARDED saves a PEFT model's adapter this way, without its config
+    if not any(".lora_A." in k or ".lora_embedding_A" in k for k in src.keys()):
+        return dequantized(src)
+    with src:  # HF Trainer + FSDP SHARDED_STATE_DICT saves a PEFT model's adapter only, as DCP
+        return _open_dcp_adapter(src, options, base)
+
+
+def _open_dcp_adapter(src: DcpCheckpoint, options: ReadOptions, base: TensorSource | None
+                      ) -> TensorSource:
+    """An adapter saved as DCP (accelerate's ``save_fsdp_model(adapter_only=True)``), merged with
+    ``base`` through the ``adapter_config.json`` of its checkpoint or of the run folder (Trainer
+    writes none into ``checkpoint-N/`` then; the run's final ``save_pretrained`` or a copy does)."""
+    folder = next((f for f in dcp_adapter_config_folders(src.path)
+                   if (f / "adapter_config.json").is_file()), None)
+    if folder is None:
         raise CheckpointFormatError(
             f"{src.path}: holds LoRA adapter factors (lora_A/lora_B) without the "
             "adapter_config.json needed to merge them (an FSDP sharded save of a PEFT model); "
-            "analyse the adapter folder the run saved with save_pretrained, or convert this one "
-            "with `accelerate merge-weights` and put the run's adapter_config.json beside it")
-    return dequantized(src)
+            "copy the run's adapter_config.json into the checkpoint folder or the run folder "
+            "(model.peft_config['default'].save_pretrained(folder) writes it)")
+    if base is None:
+        raise _adapter_as_base(src.path)
+    # accelerate saves {"model": get_peft_model_state_dict(model)}: PEFT's names behind "model."
+    tensors = {k.removeprefix("model.") if k.startswith("model.base_model.") else k:
+               src.get_tensor(k) for k in src.keys()}
+    adapter = peft_adapter(read_config(folder), tensors, folder, src.path,
+                           adapter_base_given=options.adapter_base is not None)
+    return AdapterSource(adapter, base, trained_on=trained_on(options))
+
+
+def dcp_adapter_config_folders(dcp: Path) -> list[Path]:
+    """Where the config of an adapter saved as DCP may lie, nearest first: the DCP folder, the
+    ``checkpoint-N/`` holding it, the run folder holding that."""
+    folders = [dcp]
+    if dcp.name in TRAINER_DCP_FOLDERS:
+        folders.append(dcp.parent)
+    if step_of(folders[-1]) is not None:
+        folders.append(folders[-1].parent)
+    return folders
 
 
 @dataclass(frozen=True)
@@ -162,7 +200,9 @@ class Format:
 
 #: Every format, first match wins.
 FORMATS: list[Format] = [
-    Format("peft-adapter", lambda p: p.is_dir() and is_adapter_folder(p),
+    # a Trainer checkpoint-N/ given the run's adapter_config.json but holding the weights as DCP
+    Format("peft-adapter", lambda p: p.is_dir() and is_adapter_folder(p)
+           and (has_adapter_weights(p) or find_dcp(p) is None),
            lambda p, o, base: _open_adapter_folder(p, o, base), needs_base=True,
            looks_for="adapter_config.json"),
     Format("file", lambda p: p.is_file(), _open_file),

@@ -4,6 +4,7 @@ analysis equal to the one of the same weights in safetensors."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from dora_analysis import analyze
 from dora_analysis.cli import main
-from dora_analysis.errors import UnsafeCheckpointError
+from dora_analysis.errors import CheckpointFormatError, UnsafeCheckpointError
 from dora_analysis.io.dcp import DcpCheckpoint, find_dcp, read_metadata
 from dora_analysis.io.open import ReadOptions, open_checkpoint
 from dora_analysis.io.refs import CheckpointRef
@@ -311,16 +312,62 @@ def test_accelerate_fsdp2_sharded_checkpoints(tmp_path, capsys):
     last = table[table["step"] == 2].reset_index(drop=True)
     assert (last["tuned_name"] == "model." + reference["tuned_name"]).all()
     pd.testing.assert_frame_equal(last[NUMBERS], reference[NUMBERS], check_dtype=False)
+    # the same with PEFT DoRA under FSDP2, saved as HF Trainer does (adapter only, as DCP, the
+    # run's adapter_config.json in the run folder): equal to the adapter gathered after step 2
+    assert main([str(tmp_path / "base"), str(tmp_path / "peft-run"), "-o", str(out), "-q"]) == 0
+    table = pd.read_csv(out)
+    assert sorted(set(table["step"])) == [1, 2] and set(table["method"]) == {"dora"}
+    assert len(set(table["name"])) == 6  # q, v, down of 2 layers
+    reference = analyze(tmp_path / "base", tmp_path / "peft-step2")
+    last = table[table["step"] == 2].reset_index(drop=True)
+    pd.testing.assert_frame_equal(last[NUMBERS], reference[NUMBERS], check_dtype=False)
 
 
-def test_fsdp_sharded_peft_adapter_is_explained(ckpts, tmp_path, capsys):
-    """HF Trainer + FSDP SHARDED saves only the adapter, without its config: no silent nonsense."""
-    q = "base_model.model.model.layers.0.self_attn.q_proj"
-    adapter = {f"{q}.lora_A.weight": torch.ones(2, 16), f"{q}.lora_B.weight": torch.ones(24, 2)}
-    save({"model": adapter}, tmp_path / "run" / "checkpoint-2" / "pytorch_model_fsdp_0")
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+ADAPTER_CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+                  "use_dora": True}
+
+
+def dcp_adapter_run(folder: Path) -> dict[str, torch.Tensor]:
+    """A run folder as HF Trainer + FSDP SHARDED_STATE_DICT leaves a PEFT DoRA model's: the
+    adapter alone as DCP under ``checkpoint-2/pytorch_model_fsdp_0`` (accelerate's
+    ``{"model": get_peft_model_state_dict(model)}``), no config."""
+    g = torch.Generator().manual_seed(3)
+    adapter = {f"{Q}.lora_A.weight": torch.randn(2, 16, generator=g),
+               f"{Q}.lora_B.weight": torch.randn(24, 2, generator=g),
+               f"{Q}.lora_magnitude_vector": 1 + torch.rand(24, generator=g)}
+    save({"model": adapter}, folder / "checkpoint-2" / "pytorch_model_fsdp_0")
+    return adapter
+
+
+def test_fsdp_sharded_peft_adapter_without_config_is_explained(ckpts, tmp_path, capsys):
+    """Without the run's adapter_config.json the factors cannot be merged: no silent nonsense."""
+    dcp_adapter_run(tmp_path / "run")
     err = _cli_error([str(ckpts["base"]), str(tmp_path / "run")], capsys,
                      tmp_path / "out" / "t.csv")
     assert "pytorch_model_fsdp_0: holds LoRA adapter factors" in err
+    assert "copy the run's adapter_config.json into the checkpoint folder or the run folder" in err
+
+
+@pytest.mark.parametrize("config_in", ["run", "checkpoint", "dcp"])
+def test_fsdp_sharded_peft_adapter_with_the_runs_config(ckpts, tmp_path, config_in):
+    """With the config beside it (run folder, checkpoint-N/ or the DCP folder) the DCP adapter
+    reads as the same adapter saved by save_pretrained."""
+    run = tmp_path / "run"
+    adapter = dcp_adapter_run(run)
+    where = {"run": run, "checkpoint": run / "checkpoint-2",
+             "dcp": run / "checkpoint-2" / "pytorch_model_fsdp_0"}[config_in]
+    (where / "adapter_config.json").write_text(json.dumps(ADAPTER_CONFIG))
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(ADAPTER_CONFIG))
+    save_file(adapter, folder / "adapter_model.safetensors")
+    expected = analyze(ckpts["base"], folder)
+    table = analyze(ckpts["base"], run)
+    assert list(table["step"]) == [2] and list(table["method"]) == ["dora"]
+    pd.testing.assert_frame_equal(table[NUMBERS], expected[NUMBERS])
+    with pytest.raises(CheckpointFormatError, match="is an adapter, not a base model"):
+        analyze(run / "checkpoint-2", ckpts["base"])
 
 
 @pytest.mark.parametrize("backend", ["mmap", "pread"])

@@ -45,6 +45,10 @@ UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24,
                  "float64": 2.0**-53}
 
 
+#: The floor is drawn when it is at least this share of the smallest ΔD in a panel.
+FLOOR_SHOWN_ABOVE = 0.01
+
+
 def precision_floor(dtype: str) -> float:
     """ΔD that storage rounding alone produces: ``u² / (16 ln 2)`` for unit roundoff ``u``.
 
@@ -91,7 +95,11 @@ def diagnostics_text(d: dict, *, sep: str = " · ") -> str:
 def _series_title(rows: pd.DataFrame, label: str, r: float) -> str:
     method = rows[C.METHOD].iloc[0]
     r_text = "r = n/a" if math.isnan(r) else f"r = {r:+.2f}"
-    more = diagnostics_text(diagnostics(rows))
+    parts = diagnostics_text(diagnostics(rows)).split(" · ") if len(rows) else []
+    # Two short lines, not one long one: three panels side by side must not overlap.
+    first = [p for p in parts if p.startswith(("95%", "partial"))]
+    second = [p for p in parts if p.startswith("within")]
+    more = "<br>".join(" · ".join(line) for line in (first, second) if line)
     return f"{label} ({method}) · {r_text}" + (f"<br><sup>{more}</sup>" if more else "")
 
 
@@ -111,8 +119,11 @@ def figure2(table: pd.DataFrame, *, module: str = "q", axis: str = "out",
             for label, g in rows.groupby(C.CHECKPOINT, sort=False)}
     n_cols = min(columns, len(labels))
     n_rows = math.ceil(len(labels) / n_cols)
+    height = 140 + 360 * n_rows
+    # ~130 px between rows: a panel's three-line title above, the ΔD axis below.
+    gap = min(130 / (height - 210), 0.9 / max(n_rows - 1, 1))
     fig = make_subplots(rows=n_rows, cols=n_cols, horizontal_spacing=0.08,
-                        vertical_spacing=min(0.12, 0.3 / n_rows),
+                        vertical_spacing=gap,
                         subplot_titles=[_series_title(rows[rows[C.CHECKPOINT] == lab], lab,
                                                       fits[lab][C.PEARSON_R]) for lab in labels])
     layers = rows[C.LAYER].astype("float64")
@@ -145,7 +156,9 @@ def figure2(table: pd.DataFrame, *, module: str = "q", axis: str = "out",
                 name=f"fit {label}", hoverinfo="skip",
             ), row=row, col=col)
         floor = precision_floor(series[C.DTYPE].iloc[0]) if C.DTYPE in series else math.nan
-        if not math.isnan(floor):
+        # A floor far below every point (float32: ~1e-14) says nothing and, drawn at x ≈ 0,
+        # would squeeze the points against the right edge.
+        if not math.isnan(floor) and floor >= FLOOR_SHOWN_ABOVE * series[C.DELTA_D].min():
             fig.add_vline(x=floor, line={"color": "gray", "dash": "dot"}, row=row, col=col,
                           annotation_text=f"{series[C.DTYPE].iloc[0]} floor",
                           annotation_position="top right", annotation_font_size=10)
@@ -157,7 +170,7 @@ def figure2(table: pd.DataFrame, *, module: str = "q", axis: str = "out",
         coloraxis={"colorscale": LAYER_COLORSCALE, "cmin": cmin, "cmax": cmax,
                    "colorbar": {"title": "layer"}},
         legend={"title": "training step", "orientation": "h", "y": -0.2 / n_rows},
-        template="plotly_white", height=120 + 320 * n_rows, margin={"t": 80},
+        template="plotly_white", height=height, margin={"t": 130},
     )
     return fig
 
@@ -313,7 +326,7 @@ def drilldown_figure(detail: MatrixDetail) -> go.Figure:
         if sigma is not None:
             fig.add_trace(go.Scatter(x=np.arange(1, len(sigma) + 1), y=sigma, mode="lines",
                                      name=label, line={"color": color}), row=2, col=1)
-    fig.update_yaxes(type="log", exponentformat="e", row=2, col=1)
+    fig.update_yaxes(type="log", exponentformat="power", dtick=1, row=2, col=1)  # decades only
     fig.update_xaxes(title_text="index i", row=2, col=1)
     if detail.intruder_cos is not None:
         cos = detail.intruder_cos
@@ -321,7 +334,9 @@ def drilldown_figure(detail: MatrixDetail) -> go.Figure:
                              marker_color=[PALETTE[1] if c < detail.intruder_eps else PALETTE[0]
                                            for c in cos]), row=2, col=2)
         fig.add_hline(y=detail.intruder_eps, line={"dash": "dot", "color": "gray"}, row=2,
-                      col=2, annotation_text=f"ε = {detail.intruder_eps}")
+                      col=2, annotation_text=f"ε = {detail.intruder_eps}",
+                      annotation_position="top left",
+                      annotation={"bgcolor": "rgba(255,255,255,0.85)", "font": {"color": "black"}})
         fig.update_yaxes(range=[0, 1.05], row=2, col=2)
         fig.update_xaxes(title_text="singular vector of Wt (red: intruder)", row=2, col=2)
     fig.update_layout(title=f"{detail.name} — {detail.checkpoint} (axis {detail.axis}"

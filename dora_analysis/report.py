@@ -206,10 +206,10 @@ def html_report(table: pd.DataFrame, correlations: pd.DataFrame, *, title: str =
         "table.dataframe td,table.dataframe th{border:1px solid #ccc;padding:2px 6px}</style>"
         f"</head><body><h1>{html.escape(heading)}</h1>"
         "<p>ΔM and ΔD per the DoRA paper (Liu et al., ICML 2024), Eqs. 3–4; one point per weight "
-        "matrix and training step. The dotted line marks the ΔD that storage rounding alone "
-        "produces. Beside each r: its 95 % bootstrap interval over layers, the mean r across "
-        "layers at one step (within-step), across steps of one layer (within-layer), and r with "
-        "each step's mean removed (partial).</p>"
+        "matrix and training step. A dotted line, where it falls near the points, marks the ΔD "
+        "that storage rounding alone produces. Beside each r: its 95 % bootstrap interval over "
+        "layers, the mean r across layers at one step (within-step), across steps of one layer "
+        "(within-layer), and r with each step's mean removed (partial).</p>"
         + health
         + "\n".join(parts)
         + "<h2>Per-matrix table</h2>"

@@ -68,10 +68,19 @@ def test_figure2_wraps_many_series_into_rows(table):
     assert fig.layout.height > figure2(table, module="q").layout.height
 
 
-def test_figure2_draws_the_precision_floor(table):
-    fig = figure2(table, module="v")
-    floors = [s for s in fig.layout.shapes if s.line.dash == "dot"]
-    assert floors and floors[0].x0 == pytest.approx(precision_floor("float32"))
+def floors(fig):
+    return [s for s in fig.layout.shapes if s.line.dash == "dot"]
+
+
+def test_figure2_draws_the_precision_floor_where_it_matters(table):
+    # bf16 weights with an FT-sized ΔD (1e-6): the rounding floor (1.4e-6) is among the points
+    v = table[table[C.MODULE] == "v"]
+    near = v.assign(**{C.DTYPE: "bfloat16", C.DELTA_D: np.linspace(1e-6, 5e-6, len(v))})
+    fig = figure2(near, module="v")
+    assert floors(fig) and floors(fig)[0].x0 == pytest.approx(precision_floor("bfloat16"))
+    # float32's floor (~1e-14) lies far below ΔD ~1e-4: not drawn, the axis is not stretched to 0
+    assert precision_floor("float32") < 1e-2 * v[C.DELTA_D].min()
+    assert not floors(figure2(table, module="v"))
 
 
 def test_figure2_without_points_says_so(table):

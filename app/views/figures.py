@@ -42,8 +42,8 @@ if steps:
 st.header(f"Figure 2 — magnitude vs direction, {module!r} matrices")
 st.plotly_chart(plots.figure2(view, module=module, axis=axis), use_container_width=True)
 st.caption("One point per weight matrix and step; colour = layer, marker = step; dashed line = "
-           "least squares, r = Pearson. The dotted line is the ΔD that storage rounding alone "
-           "produces.")
+           "least squares, r = Pearson. A dotted line, where it falls near the points, is the ΔD "
+           "that storage rounding alone produces.")
 
 st.header("Figure 3 — per layer")
 fig3_modules = st.multiselect("Module kinds (Figure 3)", modules, default=modules[:3])

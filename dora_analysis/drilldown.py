@@ -23,6 +23,7 @@ from .decompose import direction_change
 from .errors import ConfigError, TensorMismatchError
 from .io.open import open_checkpoint
 from .metrics import intruders, linalg
+from .metrics.spectrum import delta_svd
 from .metrics.tangential import tangential_share
 from .pairs import PairView
 
@@ -106,20 +107,14 @@ def matrix_detail(base: str | Path, tuned: str | Path, name: str, *, axis: str =
         sigma_delta = sigma_base = cosines = None
         dev = linalg.resolve_device(device) if spectrum or intruder_k else None
         if spectrum:
-            lora = view.low_rank()
-            if lora is not None:
-                a, b = lora.factors()
-                sigma_delta = linalg.low_rank_svd(b, a, lora.scale)[1].numpy()
-            else:
-                sigma_delta = linalg.dense_svd(view.delta(), dev, vectors=False)[1].numpy()
+            svd = delta_svd(view, dev, vectors=False)
+            sigma_delta = None if svd is None else svd[1].numpy()
             sigma_base = linalg.dense_svd(view.base_weight(), dev, vectors=False)[1].numpy()
         if intruder_k:
             intruders.check_settings(intruder_k, intruder_eps)
-            top = intruders.tuned_top_vectors(view, intruder_k, dev)
-            if top is not None:
-                u0 = intruders.base_left_singular_vectors(
-                    view.base_weight(), pairs[0].name, dev, intruders.cache_dir(svd_cache))
-                cosines = intruders.max_cosines(top, u0).numpy()
+            found = intruders.intruder_cosines(view, intruder_k, dev,
+                                               intruders.cache_dir(svd_cache))
+            cosines = None if found is None else found.numpy()
     valid = (sums.sq0 > 0) & (sums.sqt > 0)
     return MatrixDetail(
         name=name, checkpoint=str(job.checkpoint.ref), axis=axis, expert=expert,

@@ -29,6 +29,7 @@ from plotly.subplots import make_subplots
 
 from . import columns as C
 from . import metrics as registry
+from .metrics.health import rounding_error_sq
 from .stats import correlation, diagnostics, usable_points
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def precision_floor(dtype: str) -> float:
         '1.4e-06'
     """
     u = UNIT_ROUNDOFF.get(str(dtype).removeprefix("torch."))
-    return math.nan if u is None else u * u / (16 * math.log(2))
+    return math.nan if u is None else rounding_error_sq(u) / 2
 
 
 def _select(table: pd.DataFrame, module: str | None, axis: str) -> pd.DataFrame:

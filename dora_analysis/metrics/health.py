@@ -57,13 +57,20 @@ def unit_roundoff(dtype: torch.dtype | str) -> float:
         dtype.is_floating_point else 0.0
 
 
+def rounding_error_sq(u: float) -> float:
+    """Mean squared relative error ``‖δ‖²/‖w‖²`` that rounding a vector once to unit roundoff
+    ``u`` leaves: ``u²/(8 ln 2)`` (uniform error in ±ulp/2 over log-uniform mantissas; nearly
+    all of it perpendicular to the vector, so ΔD's floor is half of it)."""
+    return u * u / (8 * math.log(2))
+
+
 def below_precision_floor(sq0: torch.Tensor, sqd: torch.Tensor, u: float) -> bool:
     """Whether mean(‖Δw‖²/‖w0‖²) over vectors with a base norm is within twice the expected
-    relative rounding error of one rounding, ``u²/(8 ln 2)``."""
+    relative rounding error of one rounding (:func:`rounding_error_sq`)."""
     valid = sq0 > 0
     if not bool(valid.any()) or u == 0.0:
         return False
-    return float((sqd[valid] / sq0[valid]).mean()) <= u * u / (4 * math.log(2))
+    return float((sqd[valid] / sq0[valid]).mean()) <= 2 * rounding_error_sq(u)
 
 
 def magnitude_frozen(view: PairView, magnitude: torch.Tensor, axis: str, u: float) -> bool:

@@ -161,24 +161,30 @@ def tuned_top_vectors(view: PairView, k: int, device: torch.device) -> torch.Ten
     return top_left_singular_vectors(wt, k, device)
 
 
-def intruders(view: PairView) -> dict[str, float | int]:
-    """The ``intruders`` column of one matrix pair (NaN for non-finite weights)."""
+def intruder_cosines(view: PairView, k: int, device: torch.device, cache: Path | None
+                     ) -> torch.Tensor | None:
+    """For each of the top-k left singular vectors of Wt, its best ``|cos|`` with W0's (None
+    when either weight holds NaN/Inf)."""
     import torch
 
+    w0 = view.base_weight()
+    if not bool(torch.isfinite(w0).all()):
+        return None
+    top = tuned_top_vectors(view, k, device)
+    if top is None:
+        return None
+    return max_cosines(top, base_left_singular_vectors(w0, view.pair.name, device, cache))
+
+
+def intruders(view: PairView) -> dict[str, float | int]:
+    """The ``intruders`` column of one matrix pair (NaN for non-finite weights)."""
     from .linalg import resolve_device
 
     k, eps = view.config.setting("intruder_k"), float(view.config.setting("intruder_eps"))
     check_settings(k, eps)
-    device = resolve_device(view.config.setting("device"))
-    w0 = view.base_weight()
-    if not bool(torch.isfinite(w0).all()):
-        return {INTRUDERS: math.nan}
-    top = tuned_top_vectors(view, k, device)
-    if top is None:
-        return {INTRUDERS: math.nan}
-    u0 = base_left_singular_vectors(w0, view.pair.name, device,
-                                    cache_dir(view.config.setting("svd_cache")))
-    return {INTRUDERS: intruder_count(top, u0, eps)}
+    cosines = intruder_cosines(view, k, resolve_device(view.config.setting("device")),
+                               cache_dir(view.config.setting("svd_cache")))
+    return {INTRUDERS: math.nan if cosines is None else int((cosines < eps).sum())}
 
 
 METRIC = Metric(

@@ -87,31 +87,41 @@ def _nan_row() -> dict[str, float]:
                           ENERGY_RANK_90, AMPLIFICATION), math.nan)
 
 
-def spectrum(view: PairView) -> dict[str, float]:
-    """The spectral columns of one matrix pair (see the module docstring)."""
+def delta_svd(view: PairView, device: object, *, vectors: bool = True
+              ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None:
+    """Thin SVD ``(U, S, V)`` of ΔW in float64: exact from the r × r core for a LoRA adapter
+    (``device`` unused), a dense SVD on ``device`` otherwise; None when ΔW holds NaN/Inf."""
     import torch
 
     from .linalg import dense_svd, low_rank_svd, resolve_device
 
-    sums = next(iter(view.sums_by_axis.values()))
-    base_energy = float(sums.sq0.sum())  # ‖W0‖_F², the same along either axis
     lora = view.low_rank()
     if lora is not None:  # ΔW = s·B·A exactly: its SVD from the r × r core
         a, b = lora.factors()
         if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-            return _nan_row()
-        u, s, v = low_rank_svd(b, a, lora.scale)
-        w0, rank = view.base_weight(), lora.rank
-    else:
-        device = resolve_device(view.config.setting("device"))
-        delta = view.delta()
-        if not bool(torch.isfinite(delta).all()):
-            return _nan_row()
-        u, s, v = dense_svd(delta, device)
-        update = view.adapter_update()  # a DoRA adapter: its own rank
-        rank = update.rank if update is not None and update.rank else int(
-            view.config.setting("amplification_rank"))
-        w0 = view.base_weight()
+            return None
+        return low_rank_svd(b, a, lora.scale)
+    device = resolve_device(device)  # a missing GPU is an error before anything is read
+    delta = view.delta()
+    if not bool(torch.isfinite(delta).all()):
+        return None
+    return dense_svd(delta, device, vectors=vectors)
+
+
+def spectrum(view: PairView) -> dict[str, float]:
+    """The spectral columns of one matrix pair (see the module docstring)."""
+    import torch
+
+    sums = next(iter(view.sums_by_axis.values()))
+    base_energy = float(sums.sq0.sum())  # ‖W0‖_F², the same along either axis
+    svd = delta_svd(view, view.config.setting("device"))
+    if svd is None:
+        return _nan_row()
+    u, s, v = svd
+    update = view.low_rank() or view.adapter_update()  # an adapter's ΔW: its own rank
+    rank = update.rank if update is not None and update.rank else int(
+        view.config.setting("amplification_rank"))
+    w0 = view.base_weight()
     out = spectral_summary(s)
     out[RELATIVE_UPDATE] = (out[UPDATE_NORM] / math.sqrt(base_energy) if base_energy > 0
                             else math.nan)

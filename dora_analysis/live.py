@@ -6,6 +6,7 @@ gives for the same weights saved to disk.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from .analysis import (
     Ref,
     TunedCheckpoint,
     _as_ref,
+    check_modules,
+    check_modules_planned,
     matrix_infos,
     plan_pairs,
     run_job,
@@ -67,6 +70,7 @@ def model_pairs(model_src: TensorSource, base_src: TensorSource, config: Analysi
     base_infos = matrix_infos(base_src)
     if not base_infos:
         raise CheckpointFormatError(f"{base_src.path}: holds no floating-point weight matrices")
+    check_modules(config, base_infos, "the base")
     pairs, mismatches = plan_pairs(base_infos, matrix_infos(model_src), config, Path(label),
                                    model_src.transposed, partial=model_src.partial)
     if mismatches and not config.skip_mismatched:
@@ -76,6 +80,7 @@ def model_pairs(model_src: TensorSource, base_src: TensorSource, config: Analysi
     if not pairs:
         raise TensorMismatchError(f"{label}: no weight matrix in common with the base (after the "
                                   "filters); is this the right base?")
+    check_modules_planned(config, [p.name for p in pairs])
     return pairs
 
 
@@ -122,6 +127,11 @@ def analyze_model(
     elif settings:
         raise ConfigError("pass either config= or keyword settings, not both")
     check_method(method)
+    if not isinstance(label, str) or not label:
+        raise ConfigError(f"label must be a non-empty string, got {label!r}")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)
+                             or step < 0):
+        raise ConfigError(f"step must be a whole number ≥ 0 or None, got {step!r}")
     refuse_shards(model.named_parameters(), label)
     if isinstance(base, nn.Module):
         refuse_shards(base.named_parameters(), "base")

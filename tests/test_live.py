@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dora_analysis as da
-from dora_analysis.errors import ConfigError, TensorMismatchError
+from dora_analysis.errors import ConfigError, TensorMismatchError, UnmatchedTensorsWarning
 from dora_analysis.training.config import TrainConfig
 from dora_analysis.training.loop import prepare, save_checkpoint
 
@@ -153,3 +153,22 @@ def test_a_sharded_model_is_refused_with_advice(tmp_path):
             da.analyze_model(torch.nn.Sequential(torch.nn.Linear(6, 4)), model)
     finally:
         dist.destroy_process_group()
+
+
+def test_analyze_model_checks_modules_and_its_own_arguments(tiny_llama):
+    model = peft.get_peft_model(llama(tiny_llama), peft.LoraConfig(
+        r=2, target_modules=["q_proj", "v_proj"]))
+    scramble(model)
+    assert set(da.analyze_model(model, tiny_llama, modules="q_proj")["module"]) == {"q"}
+    with pytest.raises(ConfigError, match=r"^--modules value: no module of the base has that "
+                                          r"kind or name; module kinds present: down, "):
+        da.analyze_model(model, tiny_llama, modules="q,value")
+    with pytest.warns(UnmatchedTensorsWarning, match=r"^--modules k: no rows; .*kinds analysed: "
+                                                     r"q$"):
+        da.analyze_model(model, tiny_llama, modules="q,k")  # the adapter has no k
+    for bad, match in (({"label": ["a"]}, "label must be a non-empty string"),
+                       ({"step": -1}, "step must be a whole number"),
+                       ({"step": "5"}, "step must be a whole number"),
+                       ({"intruders": True, "intruder_k": 0}, "--intruder-k must be a positive")):
+        with pytest.raises(ConfigError, match=match):
+            da.analyze_model(model, tiny_llama, **bad)

@@ -7,6 +7,7 @@ gives for the same weights saved to disk.
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,21 +36,64 @@ from .errors import (
     listing,
 )
 from .io.base import TensorSource
-from .io.memory import StateDictSource, open_module
+from .io.memory import StateDictSource, base_weights, open_module
 from .io.open import open_checkpoint, resolve
 from .pairs import MatrixPair
 
 Base = Ref | nn.Module | Mapping[str, torch.Tensor]
 
 
-def open_base(base: Base, config: AnalysisConfig) -> TensorSource:
-    """The base as a source: a checkpoint reference, a module or a state dict."""
+#: Names of state-dict entries that only a module with injected adapters has.
+INJECTED = re.compile(r"(^|\.)(base_layer|original_module|lora_[AB]|lora_embedding_[AB])\.")
+
+
+def base_tensors(base: Base) -> Mapping[str, torch.Tensor] | None:
+    """The pre-trained tensors of a module — read through adapter layers injected into it in
+    place (:func:`~dora_analysis.io.memory.base_weights`) — or of a state dict; None for a
+    checkpoint reference."""
     if isinstance(base, nn.Module):
-        return StateDictSource(base.state_dict(), f"<{type(base).__name__}>")
+        return base_weights(base)
     if isinstance(base, Mapping):
-        return StateDictSource(base, "<state dict>")
-    path, _ = resolve(_as_ref(base), config.token)
-    return open_checkpoint(path, config.read_options)
+        injected = next((k for k in base if isinstance(k, str) and INJECTED.search(k)), None)
+        if injected is not None:
+            raise ConfigError(
+                f"base: the state dict holds adapter layers ({injected}): it was taken after "
+                "get_peft_model injected them; pass the module itself (its adapter layers are "
+                "read through to the pre-trained weights), or a state dict taken before")
+        return base
+    return None
+
+
+def refuse_trained_base(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Stop when the base holds a weight that the model trains (the same memory): the model was
+    made from the base in place (full fine-tuning, or a head trained in full next to adapters
+    by layers that keep no original), so the base no longer holds that weight's pre-trained
+    values and its change would read as zero."""
+    trained = {p.data_ptr() for p in model.parameters() if p.requires_grad and p.numel()}
+    shared = [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.numel()
+              and t.data_ptr() in trained]
+    if shared:
+        which = (f"{shared[0]} is" if len(shared) == 1
+                 else f"{len(shared)} tensors ({listing(shared)}) are")
+        raise ConfigError(
+            f"base: {which} trained by the model in place (the same memory), so the base no "
+            "longer holds the pre-trained "
+            "values; pass the checkpoint the base was loaded from, or a copy taken before "
+            "training (copy.deepcopy)")
+
+
+def open_base(base: Base, config: AnalysisConfig, model: nn.Module | None = None
+              ) -> TensorSource:
+    """The base as a source: a checkpoint reference, a module or a state dict
+    (:func:`base_tensors`); refused when ``model`` trains a weight of it in place."""
+    tensors = base_tensors(base)
+    if tensors is None:
+        path, _ = resolve(_as_ref(base), config.token)
+        return open_checkpoint(path, config.read_options)
+    if model is not None:
+        refuse_trained_base(model, tensors)
+    label = f"<{type(base).__name__}>" if isinstance(base, nn.Module) else "<state dict>"
+    return StateDictSource(tensors, label)
 
 
 def refuse_shards(tensors, what: str) -> None:
@@ -93,7 +137,8 @@ def check_model(model: nn.Module, base: Base, config: AnalysisConfig | None = No
         >>> check_model(peft_model, "meta-llama/Llama-3.2-1B")  # doctest: +SKIP
     """
     config = config or AnalysisConfig()
-    with open_base(base, config) as base_src, open_module(model, base_src, label) as model_src:
+    with open_base(base, config, model) as base_src, \
+            open_module(model, base_src, label) as model_src:
         model_pairs(model_src, base_src, config, label)
 
 
@@ -137,7 +182,7 @@ def analyze_model(
         refuse_shards(base.named_parameters(), "base")
     elif isinstance(base, Mapping):
         refuse_shards(base.items(), "base")
-    with torch.no_grad(), open_base(base, config) as base_src, \
+    with torch.no_grad(), open_base(base, config, model) as base_src, \
             open_module(model, base_src, label) as model_src:
         pairs = model_pairs(model_src, base_src, config, label)
         resolved = model_src.method if method == "auto" else method

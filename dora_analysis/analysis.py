@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,11 +102,10 @@ def expand_tuned(
     methods: Sequence[str] | None = None, token: str | None = None,
 ) -> list[TunedCheckpoint]:
     """Turn tuned references into checkpoints: a series folder becomes one per ``checkpoint-N``."""
-    refs = [_as_ref(t) for t in tuned]
-    if not refs:
+    if not tuned:
         raise ConfigError("give at least one tuned checkpoint")
-    labels = _per_ref(labels, len(refs), "--label", None)
-    methods = [check_method(m) for m in _per_ref(methods, len(refs), "--method", "auto")]
+    labels, methods = per_ref_settings(labels, methods, len(tuned))
+    refs = [_as_ref(t) for t in tuned]
     out: list[TunedCheckpoint] = []
     for ref, label, method in zip(refs, labels, methods, strict=True):
         path, shown = resolve(ref, token)
@@ -139,11 +138,24 @@ def remote_steps(url, token: str | None) -> list:
     return remote_series_steps(url, token)
 
 
+def per_ref_settings(labels: Sequence[str] | None, methods: Sequence[str] | None, n: int
+                     ) -> tuple[list[str | None], list[str]]:
+    """``--label`` and ``--method`` checked and spread to one per tuned reference."""
+    return (_per_ref(labels, n, "--label", None),
+            [check_method(m) for m in _per_ref(methods, n, "--method", "auto")])
+
+
 def _per_ref(values: Sequence[str] | None, n: int, flag: str, default: str | None) -> list:
+    """One value per tuned reference: a string (or one value) for all, or one each."""
+    if isinstance(values, str):  # one label or method, never read letter by letter
+        values = [values]
     if values is None or len(values) == 0:
         return [default] * n
-    if isinstance(values, str):
-        values = [values]
+    if isinstance(values, bytes | Mapping) or not isinstance(values, Iterable):
+        raise ConfigError(f"{flag} takes a string or a list of strings, got {values!r}")
+    values = list(values)
+    if not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"{flag} takes a string or a list of strings, got {values!r}")
     if len(values) == 1:
         return list(values) * n
     if len(values) != n:
@@ -189,7 +201,7 @@ def plan_pairs(
     shapes = {n: i.shape for n, i in base.items()}
     pairs, mismatches = [], []
     for b, t in alignment.pairs:
-        if is_bias(b) or not config.selects(b, module_kind(b)):
+        if is_bias(b) or not config.selects(b):
             continue
         if base[b].shape != tuned[t].shape:
             hint = " (transposed?)" if base[b].shape == tuned[t].shape[::-1] else ""
@@ -203,9 +215,9 @@ def plan_pairs(
         pairs += _units(b, t, base[b], tuned[t].dtype, transposed)
     # An adapter holds only what it changes: the rest of the base is unchanged, not missing.
     only_b = [] if partial else [n for n in alignment.base_only
-                                 if not is_bias(n) and config.selects(n, module_kind(n))]
+                                 if not is_bias(n) and config.selects(n)]
     only_t = [n for n in alignment.tuned_only
-              if not is_bias(n) and config.selects(n, module_kind(n))]
+              if not is_bias(n) and config.selects(n)]
     if (only_b or only_t) and pairs:
         parts = []
         if only_b:
@@ -320,7 +332,8 @@ def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None 
     """
     config = config or AnalysisConfig()
     tuned_refs = [tuned] if isinstance(tuned, (str, Path, CheckpointRef)) else list(tuned)
-    base_path, _ = resolve(_as_ref(base), config.token)
+    per_ref_settings(labels, methods, max(1, len(tuned_refs)))  # before any file is looked at
+    base_path, base_shown = resolve(_as_ref(base), config.token)
     checkpoints = expand_tuned(tuned_refs, labels, methods, config.token)
     options = config.read_options
     jobs, problems = [], []
@@ -328,6 +341,7 @@ def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None 
         base_infos = matrix_infos(base_src)
         if not base_infos:
             raise CheckpointFormatError(f"{base_path}: holds no floating-point weight matrices")
+        check_modules(config, base_infos, base_shown)
         # One tuned checkpoint open at a time: a long adapter series stays small.
         for ck in checkpoints:
             with open_checkpoint(ck.path, options, base=base_src) as src:
@@ -348,7 +362,35 @@ def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None 
     if problems:
         warnings.warn(f"skipped {len(problems)} tensor(s) of different shape: "
                       f"{listing(problems)}", UnmatchedTensorsWarning, stacklevel=2)
+    check_modules_planned(config, [p.name for job in jobs for p in job.pairs])
     return Plan(base_path, tuple(jobs), config)
+
+
+def check_modules(config: AnalysisConfig, base_names: Iterable[str], base: str) -> None:
+    """Every ``--modules`` entry names a module kind or a module of the base, else a
+    :class:`ConfigError` naming the entries that match nothing and the kinds there are."""
+    names = [n for n in base_names if not is_bias(n)]
+    missing = config.unmatched_modules(names)
+    if missing:
+        kinds = sorted({module_kind(n) for n in names})
+        raise ConfigError(
+            f"--modules {', '.join(missing)}: no module of {base} has that kind or name; "
+            f"module kinds present: {', '.join(kinds)} (a module's own name, such as q_proj, "
+            "works too)")
+
+
+def check_modules_planned(config: AnalysisConfig, planned: Sequence[str]) -> None:
+    """Say which ``--modules`` entries, though modules of the base, select no matrix that will be
+    analysed: no tuned checkpoint changes one (an adapter of other modules), or ``--include``
+    leaves them out. A warning, not an error: those matrices are unchanged, not missing."""
+    unused = config.unmatched_modules(planned)
+    if unused:
+        include = ", or --include leaves them out" if config.include is not None else ""
+        kinds = sorted({module_kind(n) for n in planned})
+        warnings.warn(
+            f"--modules {', '.join(unused)}: no rows; no tuned checkpoint holds such a matrix "
+            f"(an adapter holds only the modules it trains{include}); kinds analysed: "
+            f"{', '.join(kinds)}", UnmatchedTensorsWarning, stacklevel=3)
 
 
 def run(work: Plan, client: Any = None) -> list[dict]:

@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="extend", nargs="+", choices=METHOD_CHOICES,
                    help="fine-tuning method, once for all or once per TUNED (default: auto)")
     p.add_argument("--modules", metavar="KINDS",
-                   help="comma-separated module kinds to keep, e.g. q,v (also k,o,gate,up,down,"
-                   "qkv or a module's own name)")
+                   help="comma-separated modules to keep: kinds (q,k,v,o,gate,up,down,qkv,"
+                   "lm_head …) or the modules' own names (q_proj, query, mlp.down_proj); an "
+                   "entry that matches no module of BASE is an error")
     p.add_argument("--include", metavar="REGEX", help="keep parameter names matching REGEX")
     p.add_argument("--axis", choices=tuple(AXIS_CHOICES), default=DEFAULTS.axis,
                    help="vectors per output channel (out, default, as PEFT), per input feature "
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(**outputs, inputs=inputs)  # before any work
     config = AnalysisConfig(
         axis=args.axis,
-        modules=tuple(args.modules.split(",")) if args.modules is not None else None,
+        modules=args.modules,  # one comma-separated string, split by the config
         include=args.include,
         skip_mismatched=args.skip_mismatched,
         progress=not args.quiet and sys.stderr.isatty(),

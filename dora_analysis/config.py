@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import metrics as registry
 from .columns import AXES, METHODS
 from .errors import ConfigError
 from .hardware import Cache, caches
+from .io.keys import module_kind, module_path
 
 #: Bytes the kernel touches per element of a block (:func:`dora_analysis.decompose.squared_norms`):
 #: three float64 planes (``w0``, ``wt``, ``wt − w0``) and the two stored rows (≤ 4 bytes each).
@@ -63,7 +69,10 @@ class AnalysisConfig:
     axis: str = "out"
     """``out`` (per output channel, as PEFT and the official DoRA code), ``in``, or ``both``."""
     modules: tuple[str, ...] | None = None
-    """Keep only these module kinds (``q``, ``v``, ``down``, ``lm_head`` …); None keeps all."""
+    """Keep only these modules: kinds (``q``, ``v``, ``down``, ``qkv``, ``lm_head`` …) or the
+    modules' own names (``q_proj``, ``query``, ``mlp.down_proj``), as a sequence or one
+    comma-separated string (``"q,v"``); None keeps all. Each entry must match a module of the
+    base (:meth:`unmatched_modules`)."""
     include: str | None = None
     """Keep only parameter names matching this regular expression (``re.search``)."""
     skip_mismatched: bool = False
@@ -101,42 +110,61 @@ class AnalysisConfig:
     _include_re: re.Pattern | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.axis not in AXIS_CHOICES:
+        set_ = object.__setattr__  # frozen: the checks below store normalised values
+        if not isinstance(self.axis, str) or self.axis not in AXIS_CHOICES:
             raise ConfigError(f"--axis must be one of {', '.join(AXIS_CHOICES)}, got {self.axis!r}")
         if self.modules is not None:
-            kinds = tuple(m.strip() for m in self.modules if m.strip())
-            if not kinds:
+            set_(self, "modules", name_list(self.modules, "--modules"))
+            if not self.modules:
                 raise ConfigError("--modules needs at least one module kind, e.g. --modules q,v")
-            object.__setattr__(self, "modules", kinds)
         if self.include is not None:
+            if not isinstance(self.include, str):
+                raise ConfigError(f"--include takes one regular expression, got {self.include!r}")
             try:
-                object.__setattr__(self, "_include_re", re.compile(self.include))
+                set_(self, "_include_re", re.compile(self.include))
             except re.error as exc:
                 raise ConfigError(f"--include is not a valid regular expression: {exc}") from None
-        if self.io not in IO_BACKENDS:
-            raise ConfigError(f"--io must be one of {', '.join(IO_BACKENDS)}, got {self.io!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, "
-                              f"got {self.precision!r}")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ConfigError(f"--lora-alpha must be positive, got {self.lora_alpha}")
-        if self.block_elements < 1:
-            raise ConfigError(f"block_elements must be positive, got {self.block_elements}")
-        if self.workers is not None and (isinstance(self.workers, bool)
-                                         or not isinstance(self.workers, int)
-                                         or self.workers < 1):
+        for flag, value, choices in (("--io", self.io, IO_BACKENDS),
+                                     ("--precision", self.precision, PRECISIONS)):
+            if not isinstance(value, str) or value not in choices:
+                raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+        for name, value in (("skip_mismatched", self.skip_mismatched),
+                            ("progress", self.progress), ("closed_form", self.closed_form)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be True or False, got {value!r}")
+        if self.lora_alpha is not None and (
+                isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, numbers.Real)
+                or not 0 < self.lora_alpha < math.inf):
+            raise ConfigError(f"--lora-alpha must be a positive number, got {self.lora_alpha!r}")
+        if not whole(self.block_elements):
+            raise ConfigError(f"block_elements must be a positive whole number, "
+                              f"got {self.block_elements!r}")
+        if self.workers is not None and not whole(self.workers):
             raise ConfigError(f"--workers must be a positive whole number, got {self.workers!r}")
+        if self.token is not None and not isinstance(self.token, str):
+            raise ConfigError("--token must be a string")  # never echoed: it is a secret
+        if self.adapter_base is not None:
+            if not isinstance(self.adapter_base, str | os.PathLike):
+                raise ConfigError(f"--adapter-base takes one checkpoint reference, "
+                                  f"got {self.adapter_base!r}")
+            set_(self, "adapter_base", os.fspath(self.adapter_base))
+        set_(self, "metrics", name_list(self.metrics, "metrics"))
         switches = registry.options()
         unknown = [m for m in self.metrics if m not in switches]
         if unknown:
             raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; available: "
                               f"{', '.join(switches) or 'none'}")
-        object.__setattr__(self, "metrics", tuple(dict.fromkeys(self.metrics)))
-        known = registry.settings()
-        bad = [n for n, _ in self.metric_settings if n not in known]
-        if bad:
-            raise ConfigError(f"unknown metric setting(s) {', '.join(bad)}; available: "
-                              f"{', '.join(known) or 'none'}")
+        set_(self, "metric_settings", checked_settings(self.metric_settings))
+
+    def unmatched_modules(self, names: Iterable[str]) -> list[str]:
+        """The ``modules`` entries that select none of these parameter names (none when
+        ``modules`` is None): each entry must match something, or it is a typo."""
+        if self.modules is None:
+            return []
+        hit: set[str] = set()
+        for name in names:
+            hit.update(module_entries(name, self.modules))
+        return [m for m in self.modules if m not in hit]
 
     @classmethod
     def from_settings(cls, **settings) -> AnalysisConfig:
@@ -148,8 +176,8 @@ class AnalysisConfig:
             'in'
         """
         switches, known = registry.options(), registry.settings()
-        metrics = list(settings.pop("metrics", ()))
-        values = dict(settings.pop("metric_settings", ()))
+        metrics = list(name_list(settings.pop("metrics", ()), "metrics"))
+        values = dict(setting_pairs(settings.pop("metric_settings", ())))
         for name in [n for n in settings if n in switches or n in known]:
             value = settings.pop(name)
             if name in switches:
@@ -180,11 +208,71 @@ class AnalysisConfig:
     def axes(self) -> tuple[str, ...]:
         return AXIS_CHOICES[self.axis]
 
-    def selects(self, name: str, kind: str) -> bool:
-        """Whether a matrix with this parameter name and module kind is analysed."""
-        if self.modules is not None and kind not in self.modules:
+    def selects(self, name: str) -> bool:
+        """Whether the matrix of this parameter name passes ``modules`` and ``include``."""
+        if self.modules is not None and not any(module_entries(name, self.modules)):
             return False
         return self._include_re is None or bool(self._include_re.search(name))
+
+
+def module_entries(name: str, entries: Iterable[str]) -> Iterator[str]:
+    """The ``--modules`` entries that select parameter ``name``: its module kind
+    (``model.layers.0.self_attn.q_proj.weight`` → ``q``), its module's own name (``q_proj``) or
+    a dotted tail of the module's path (``self_attn.q_proj``).
+
+    Example:
+        >>> list(module_entries("model.layers.0.self_attn.q_proj.weight", ["q", "q_proj", "k"]))
+        ['q', 'q_proj']
+    """
+    kind, path = module_kind(name), module_path(name)
+    return (e for e in entries if e == kind or path == e or path.endswith("." + e))
+
+
+def name_list(value: Any, flag: str) -> tuple[str, ...]:
+    """Names given as one comma-separated string (``"q,v"``) or a sequence of strings, each
+    stripped, empty ones and repeats dropped; anything else is a :class:`ConfigError` (a bare
+    string is never read letter by letter).
+
+    Example:
+        >>> name_list("q, v", "--modules"), name_list(["down"], "--modules")
+        (('q', 'v'), ('down',))
+    """
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, bytes | Mapping) or not isinstance(items, Iterable):
+        raise ConfigError(f"{flag} takes names, as one comma-separated string or a list of "
+                          f"strings, got {value!r}")
+    items = list(items)
+    if not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"{flag} takes names (strings), got {value!r}")
+    names = (n.strip() for item in items for n in item.split(","))
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
+def setting_pairs(value: Any) -> list[tuple[str, object]]:
+    """``metric_settings`` as ``(name, value)`` pairs: a mapping or a sequence of pairs."""
+    pairs = list(value.items()) if isinstance(value, Mapping) else value
+    if isinstance(pairs, str) or not isinstance(pairs, Iterable):
+        raise ConfigError(f"metric_settings takes (name, value) pairs, got {value!r}")
+    pairs = [tuple(p) if isinstance(p, list | tuple) else p for p in pairs]
+    if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
+        raise ConfigError(f"metric_settings takes (name, value) pairs, got {value!r}")
+    return pairs
+
+
+def checked_settings(value: Any) -> tuple[tuple[str, object], ...]:
+    """Metric settings, each checked against its declaration (:class:`~dora_analysis.metrics.
+    Setting`'s ``check``) and normalised; unknown names refused."""
+    pairs, known = setting_pairs(value), registry.settings()
+    bad = [n for n, _ in pairs if n not in known]
+    if bad:
+        raise ConfigError(f"unknown metric setting(s) {', '.join(bad)}; available: "
+                          f"{', '.join(known) or 'none'}")
+    return tuple((name, known[name].validate(v)) for name, v in dict(pairs).items())
+
+
+def whole(value: Any) -> bool:
+    """A positive whole number (not a bool, not a float that happens to be whole)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
 
 
 def check_method(method: str) -> str:

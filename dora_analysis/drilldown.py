@@ -80,9 +80,18 @@ def matrix_detail(base: str | Path, tuned: str | Path, name: str, *, axis: str =
         ...                   "model.layers.3.self_attn.q_proj.weight")
         >>> d.vectors().describe()  # doctest: +SKIP
     """
-    if axis not in ("out", "in"):
+    if not isinstance(axis, str) or axis not in ("out", "in"):
         raise ConfigError(f"axis must be 'out' or 'in', got {axis!r}")
-    config = AnalysisConfig(axis=axis, include=f"^{re.escape(name)}$")
+    if not isinstance(name, str):
+        raise ConfigError(f"name must be one parameter name (a string), got {name!r}")
+    if expert is not None and (isinstance(expert, bool) or not isinstance(expert, int)):
+        raise ConfigError(f"expert must be a whole number or None, got {expert!r}")
+    settings = {"device": device, "svd_cache": svd_cache, "intruder_eps": intruder_eps}
+    if intruder_k != 0:  # 0: no intruder test
+        settings["intruder_k"] = intruder_k
+    config = AnalysisConfig(axis=axis, include=f"^{re.escape(name)}$",
+                            metric_settings=tuple(settings.items()))  # checked there
+    intruder_eps = config.setting("intruder_eps")
     try:
         work = plan(base, tuned, config=config)
     except TensorMismatchError:
@@ -111,7 +120,6 @@ def matrix_detail(base: str | Path, tuned: str | Path, name: str, *, axis: str =
             sigma_delta = None if svd is None else svd[1].numpy()
             sigma_base = linalg.dense_svd(view.base_weight(), dev, vectors=False)[1].numpy()
         if intruder_k:
-            intruders.check_settings(intruder_k, intruder_eps)
             found = intruders.intruder_cosines(view, intruder_k, dev,
                                                intruders.cache_dir(svd_cache))
             cosines = None if found is None else found.numpy()

@@ -6,6 +6,8 @@ gives for the same weights saved to disk.
 
 from __future__ import annotations
 
+import numbers
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from .analysis import (
     Ref,
     TunedCheckpoint,
     _as_ref,
+    check_modules,
+    check_modules_planned,
     matrix_infos,
     plan_pairs,
     run_job,
@@ -32,21 +36,64 @@ from .errors import (
     listing,
 )
 from .io.base import TensorSource
-from .io.memory import StateDictSource, open_module
+from .io.memory import StateDictSource, base_weights, open_module
 from .io.open import open_checkpoint, resolve
 from .pairs import MatrixPair
 
 Base = Ref | nn.Module | Mapping[str, torch.Tensor]
 
 
-def open_base(base: Base, config: AnalysisConfig) -> TensorSource:
-    """The base as a source: a checkpoint reference, a module or a state dict."""
+#: Names of state-dict entries that only a module with injected adapters has.
+INJECTED = re.compile(r"(^|\.)(base_layer|original_module|lora_[AB]|lora_embedding_[AB])\.")
+
+
+def base_tensors(base: Base) -> Mapping[str, torch.Tensor] | None:
+    """The pre-trained tensors of a module — read through adapter layers injected into it in
+    place (:func:`~dora_analysis.io.memory.base_weights`) — or of a state dict; None for a
+    checkpoint reference."""
     if isinstance(base, nn.Module):
-        return StateDictSource(base.state_dict(), f"<{type(base).__name__}>")
+        return base_weights(base)
     if isinstance(base, Mapping):
-        return StateDictSource(base, "<state dict>")
-    path, _ = resolve(_as_ref(base), config.token)
-    return open_checkpoint(path, config.read_options)
+        injected = next((k for k in base if isinstance(k, str) and INJECTED.search(k)), None)
+        if injected is not None:
+            raise ConfigError(
+                f"base: the state dict holds adapter layers ({injected}): it was taken after "
+                "get_peft_model injected them; pass the module itself (its adapter layers are "
+                "read through to the pre-trained weights), or a state dict taken before")
+        return base
+    return None
+
+
+def refuse_trained_base(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Stop when the base holds a weight that the model trains (the same memory): the model was
+    made from the base in place (full fine-tuning, or a head trained in full next to adapters
+    by layers that keep no original), so the base no longer holds that weight's pre-trained
+    values and its change would read as zero."""
+    trained = {p.data_ptr() for p in model.parameters() if p.requires_grad and p.numel()}
+    shared = [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.numel()
+              and t.data_ptr() in trained]
+    if shared:
+        which = (f"{shared[0]} is" if len(shared) == 1
+                 else f"{len(shared)} tensors ({listing(shared)}) are")
+        raise ConfigError(
+            f"base: {which} trained by the model in place (the same memory), so the base no "
+            "longer holds the pre-trained "
+            "values; pass the checkpoint the base was loaded from, or a copy taken before "
+            "training (copy.deepcopy)")
+
+
+def open_base(base: Base, config: AnalysisConfig, model: nn.Module | None = None
+              ) -> TensorSource:
+    """The base as a source: a checkpoint reference, a module or a state dict
+    (:func:`base_tensors`); refused when ``model`` trains a weight of it in place."""
+    tensors = base_tensors(base)
+    if tensors is None:
+        path, _ = resolve(_as_ref(base), config.token)
+        return open_checkpoint(path, config.read_options)
+    if model is not None:
+        refuse_trained_base(model, tensors)
+    label = f"<{type(base).__name__}>" if isinstance(base, nn.Module) else "<state dict>"
+    return StateDictSource(tensors, label)
 
 
 def refuse_shards(tensors, what: str) -> None:
@@ -67,6 +114,7 @@ def model_pairs(model_src: TensorSource, base_src: TensorSource, config: Analysi
     base_infos = matrix_infos(base_src)
     if not base_infos:
         raise CheckpointFormatError(f"{base_src.path}: holds no floating-point weight matrices")
+    check_modules(config, base_infos, "the base")
     pairs, mismatches = plan_pairs(base_infos, matrix_infos(model_src), config, Path(label),
                                    model_src.transposed, partial=model_src.partial)
     if mismatches and not config.skip_mismatched:
@@ -76,6 +124,7 @@ def model_pairs(model_src: TensorSource, base_src: TensorSource, config: Analysi
     if not pairs:
         raise TensorMismatchError(f"{label}: no weight matrix in common with the base (after the "
                                   "filters); is this the right base?")
+    check_modules_planned(config, [p.name for p in pairs])
     return pairs
 
 
@@ -88,7 +137,8 @@ def check_model(model: nn.Module, base: Base, config: AnalysisConfig | None = No
         >>> check_model(peft_model, "meta-llama/Llama-3.2-1B")  # doctest: +SKIP
     """
     config = config or AnalysisConfig()
-    with open_base(base, config) as base_src, open_module(model, base_src, label) as model_src:
+    with open_base(base, config, model) as base_src, \
+            open_module(model, base_src, label) as model_src:
         model_pairs(model_src, base_src, config, label)
 
 
@@ -122,12 +172,17 @@ def analyze_model(
     elif settings:
         raise ConfigError("pass either config= or keyword settings, not both")
     check_method(method)
+    if not isinstance(label, str) or not label:
+        raise ConfigError(f"label must be a non-empty string, got {label!r}")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)
+                             or step < 0):
+        raise ConfigError(f"step must be a whole number ≥ 0 or None, got {step!r}")
     refuse_shards(model.named_parameters(), label)
     if isinstance(base, nn.Module):
         refuse_shards(base.named_parameters(), "base")
     elif isinstance(base, Mapping):
         refuse_shards(base.items(), "base")
-    with torch.no_grad(), open_base(base, config) as base_src, \
+    with torch.no_grad(), open_base(base, config, model) as base_src, \
             open_module(model, base_src, label) as model_src:
         pairs = model_pairs(model_src, base_src, config, label)
         resolved = model_src.method if method == "auto" else method

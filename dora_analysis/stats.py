@@ -21,6 +21,7 @@ resamples whole layers. Every statistic is NaN, never a fake ±1, where it is un
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -253,7 +254,8 @@ def summarised_columns(table: pd.DataFrame) -> list[str]:
 
 def correlate(table: pd.DataFrame, by: Sequence[str] = C.GROUP_COLUMNS, *,
               n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> pd.DataFrame:
-    """The correlation table: one row per group (default: checkpoint × method × module × axis).
+    """The correlation table: one row per group (default: checkpoint × method × module × axis;
+    ``by`` takes column names, or one name as a string).
 
     Rows with NaN/Inf statistics or non-finite weights are left out of every group. Beside the
     pooled statistics, the diagnostics of :func:`diagnostics` (``within_step_r``,
@@ -267,9 +269,11 @@ def correlate(table: pd.DataFrame, by: Sequence[str] = C.GROUP_COLUMNS, *,
         >>> summary = da.correlate(da.analyze("base.safetensors", "run/"))  # doctest: +SKIP
         >>> summary[["checkpoint", "module", "n", "pearson_r", "slope"]]  # doctest: +SKIP
     """
-    by = list(by)
-    if n_boot < 0:
-        raise ConfigError(f"n_boot must be 0 or more, got {n_boot}")
+    by = [by] if isinstance(by, str) else list(by)  # one column name, never its letters
+    if not all(isinstance(c, str) for c in by):
+        raise ConfigError(f"by takes column names, got {by!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 0:
+        raise ConfigError(f"n_boot must be a whole number, 0 or more, got {n_boot!r}")
     missing = [c for c in (*by, C.DELTA_M, C.DELTA_D) if c not in table.columns]
     if missing:
         raise ConfigError(f"the table has no column(s) {', '.join(missing)}; "

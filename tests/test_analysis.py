@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -222,3 +223,147 @@ def test_table_serialises_losslessly(ckpts, tmp_path):
         assert back[C.DELTA_D].tolist() == pytest.approx(table[C.DELTA_D].tolist(), rel=1e-15)
     records = json.loads((tmp_path / "t.json").read_text())
     assert records[0][C.STEP] == 10 and records[0][C.CHECKPOINT] == "run"
+
+
+# -- issue 21, items 3, 11, 13: every input checked before work, strings never read letter by letter
+def _q_adapter(folder):
+    """A PEFT-layout adapter of layer 0's q_proj only (r = 2)."""
+    folder.mkdir()
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    g = torch.Generator().manual_seed(0)
+    save_file({f"{q}.lora_A.weight": torch.randn(2, 16, generator=g),
+               f"{q}.lora_B.weight": torch.randn(24, 2, generator=g)},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 4}')
+    return folder
+
+
+@pytest.mark.parametrize("modules, kinds", [
+    ("down", {"down"}),  # once the o matrices: "d", "o", "w", "n"
+    ("q, v", {"q", "v"}),
+    (["q,v"], {"q", "v"}),
+    ("q_proj", {"q"}),  # a module's own name: the kind q of a LLaMA
+    ("q_proj,v", {"q", "v"}),  # once v only
+    (("self_attn.q_proj", "mlp.down_proj"), {"q", "down"}),  # a tail of the module's path
+    ("lm_head", {"lm_head"}),
+])
+def test_modules_are_kinds_or_module_names_and_a_string_is_one_list(ckpts, modules, kinds):
+    table = da.analyze(ckpts["base"], ckpts["tuned"], modules=modules)
+    per_kind = table[C.MODULE].value_counts().to_dict()
+    assert per_kind == {k: 1 if k == "lm_head" else LAYERS for k in kinds}
+
+
+@pytest.mark.parametrize("modules, named", [
+    ("qkv", "qkv"),  # once q, k and v: the letters of the string
+    ("q,value", "value"),  # once q alone, without a word
+    (["q", "q_prj", "vv"], "q_prj, vv"),
+])
+def test_a_modules_entry_that_matches_nothing_is_an_error_naming_it(ckpts, modules, named):
+    with pytest.raises(ConfigError, match=rf"^--modules {named}: no module of .*base.safetensors "
+                                          r"has that kind or name; module kinds present: down, "
+                                          r"embed_tokens, gate, k, lm_head, o, q, up, v"):
+        da.analyze(ckpts["base"], ckpts["tuned"], modules=modules)
+
+
+def test_a_modules_entry_no_checkpoint_holds_is_named_in_a_warning(ckpts, tmp_path):
+    adapter = _q_adapter(tmp_path / "q_only")
+    with pytest.warns(UnmatchedTensorsWarning, match=r"^--modules k: no rows; no tuned checkpoint "
+                                                     r"holds such a matrix \(an adapter holds "
+                                                     r"only .*kinds analysed: q$"):
+        table = da.analyze(ckpts["base"], adapter, modules="q,k")  # k is unchanged, not missing
+    assert set(table[C.MODULE]) == {"q"}
+    with pytest.warns(UnmatchedTensorsWarning, match=r"^--modules q: .*or --include leaves them "
+                                                     r"out\); kinds analysed: v$"):
+        da.analyze(ckpts["base"], ckpts["tuned"], modules="q,v", include="v_proj")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"modules": 3}, r"--modules takes names, as one comma-separated string or a list"),
+    ({"modules": ["q", 3]}, r"--modules takes names \(strings\)"),
+    ({"modules": " , "}, "--modules needs at least one module kind"),
+    ({"metrics": ["spectrum", None]}, r"metrics takes names \(strings\)"),
+    ({"metrics": "spectrum,colour"}, r"unknown metric\(s\) colour"),
+    ({"metric_settings": "intruder_k"}, r"metric_settings takes \(name, value\) pairs"),
+    ({"include": ["q_proj"]}, "--include takes one regular expression"),
+    ({"axis": ["out"]}, "--axis must be one of out, in, both, got"),
+    ({"io": None}, "--io must be one of"),
+    ({"skip_mismatched": "no"}, "skip_mismatched must be True or False, got 'no'"),
+    ({"lora_alpha": "8"}, "--lora-alpha must be a positive number, got '8'"),
+    ({"lora_alpha": float("inf")}, "--lora-alpha must be a positive number"),
+    ({"block_elements": 1024.0}, "block_elements must be a positive whole number"),
+    ({"adapter_base": ["a", "b"]}, "--adapter-base takes one checkpoint reference"),
+    ({"labels": [1]}, r"--label takes a string or a list of strings, got \[1\]"),
+    ({"methods": {"ft": 1}}, "--method takes a string or a list of strings"),
+    ({"methods": "lora,dora"}, "--method must be one of"),  # one method, never its letters
+])
+def test_every_analyze_argument_is_checked_before_any_work(tmp_path, kwargs, match):
+    # a base that does not exist: the argument is refused before any file is looked at
+    missing = tmp_path / "nothing-here"
+    with pytest.raises(ConfigError, match=match):
+        da.analyze(missing, missing, **kwargs)
+
+
+def test_strings_where_lists_are_taken_mean_one_list(ckpts):
+    table = da.analyze(ckpts["base"], str(ckpts["tuned"]), labels="FT", methods="ft",
+                       metrics="spectrum", modules="q",
+                       metric_settings={"amplification_rank": 2})
+    assert set(table[C.CHECKPOINT]) == {"FT"} and set(table[C.METHOD]) == {"ft"}
+    assert table["amplification"].notna().all()
+    config = da.AnalysisConfig(modules="q,v", metrics="spectrum, intruders",
+                               adapter_base=ckpts["base"])
+    assert (config.modules, config.metrics) == (("q", "v"), ("spectrum", "intruders"))
+    assert config.adapter_base == str(ckpts["base"])
+    assert da.AnalysisConfig.from_settings(metrics="spectrum").metrics == ("spectrum",)
+    by_module = da.correlate(table, by="module")  # one column, not "m", "o", "d" …
+    assert list(by_module.columns[:1]) == ["module"] and by_module["n"].tolist() == [LAYERS]
+    with pytest.raises(ConfigError, match="by takes column names"):
+        da.correlate(table, by=[C.MODULE, 3])
+    with pytest.raises(ConfigError, match="n_boot must be a whole number"):
+        da.correlate(table, n_boot=2.5)
+    with pytest.raises(ConfigError, match="name must be one parameter name"):
+        da.matrix_detail(ckpts["base"], ckpts["tuned"], ["model.layers.0.self_attn.q_proj"])
+
+
+#: Every metric setting with values its declaration refuses (a new setting must be added here).
+BAD_SETTINGS = {
+    "amplification_rank": [0, -5, 2.5, True, "16"],
+    "intruder_k": [0, -1, 1.0, "10"],
+    "intruder_eps": [0, 0.0, 1.5, float("nan"), True, "0.5"],
+    "device": ["tpu", "cuda:x", "cpu:0", 0],
+    "svd_cache": [3, ["folder"]],
+}
+
+
+def test_every_metric_setting_declares_its_valid_values():
+    from dora_analysis import metrics
+
+    assert set(BAD_SETTINGS) == set(metrics.settings())
+    for setting in metrics.settings().values():
+        assert setting.validate(setting.default) == setting.default
+
+
+@pytest.mark.parametrize("name, value", [(n, v) for n, values in BAD_SETTINGS.items()
+                                         for v in values])
+def test_a_metric_setting_out_of_range_is_refused_naming_the_flag(tmp_path, name, value):
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ConfigError, match=rf"^{flag} must be .*, got {re.escape(repr(value))}$"):
+        da.analyze(tmp_path / "missing", tmp_path / "missing", spectrum=True, intruders=True,
+                   **{name: value})
+
+
+def test_amplification_rank_zero_was_nan_and_is_now_an_error(ckpts):
+    with pytest.raises(ConfigError, match="^--amplification-rank must be a positive whole "
+                                          "number, got 0$"):
+        da.analyze(ckpts["base"], ckpts["tuned"], spectrum=True, amplification_rank=0)
+    ok = da.analyze(ckpts["base"], ckpts["tuned"], modules="q", spectrum=True,
+                    amplification_rank=1, intruders=True, intruder_eps=1)
+    assert ok["amplification"].notna().all() and ok["intruders"].notna().all()
+
+
+def test_the_trainer_callback_reads_a_modules_string_as_one_list():
+    pytest.importorskip("transformers")
+    from dora_analysis.integrations.transformers import DoraAnalysisCallback
+
+    assert DoraAnalysisCallback(modules="q,v").config.modules == ("q", "v")
+    with pytest.raises(ConfigError, match="--amplification-rank must be a positive whole"):
+        DoraAnalysisCallback(spectrum=True, amplification_rank=0)

@@ -401,6 +401,52 @@ def test_device_cuda_without_a_gpu_is_one_error_line(ckpts, tmp_path, capsys):
     assert rc == 2 and err == ["error: --device cuda: no CUDA GPU is available here; use "
                                "--device cpu"]
     assert not out.exists()
-    with pytest.raises(SystemExit) as exc:
-        main([str(ckpts["base"]), str(ckpts["tuned"]), "--device", "tpu"])
-    assert exc.value.code == 2 and "--device" in capsys.readouterr().err
+    assert main([str(ckpts["base"]), str(ckpts["tuned"]), "--device", "tpu"]) == 2
+    assert capsys.readouterr().err == ("error: --device must be cpu, cuda or cuda:N, got "
+                                       "'tpu'\n")
+
+
+# -- issue 21, items 11 and 13: --modules entries and metric settings, checked before any work --
+def _rows(ckpts, tmp_path, *args) -> pd.DataFrame:
+    out = tmp_path / "t.csv"
+    assert main([str(ckpts["base"]), str(ckpts["tuned"]), *args, "-o", str(out), "-q"]) == 0
+    return pd.read_csv(out)
+
+
+def test_modules_takes_kinds_and_the_modules_own_names(ckpts, tmp_path, capsys):
+    assert set(_rows(ckpts, tmp_path, "--modules", "q_proj,v")["module"]) == {"q", "v"}
+    assert set(_rows(ckpts, tmp_path, "--modules", "q_proj")["module"]) == {"q"}
+    assert set(_rows(ckpts, tmp_path, "--modules", "mlp.down_proj,lm_head")["module"]) == {
+        "down", "lm_head"}
+    help_text = " ".join(__import__("dora_analysis.cli", fromlist=["x"]).build_parser()
+                         .format_help().split())
+    assert "the modules' own names (q_proj, query, mlp.down_proj)" in help_text
+    capsys.readouterr()
+    assert set(_rows(ckpts, tmp_path, "--modules", "q,k", "--include", "q_proj")["module"]) == {
+        "q"}
+    assert capsys.readouterr().err == (
+        "warning: --modules k: no rows; no tuned checkpoint holds such a matrix (an adapter "
+        "holds only the modules it trains, or --include leaves them out); kinds analysed: q\n")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--modules", "q,value"], "--modules value: no module of {base} has that kind or name; "
+     "module kinds present: down, embed_tokens, gate, k, lm_head, o, q, up, v (a module's own "
+     "name, such as q_proj, works too)"),
+    (["--modules", "qq,q_proj,vv"], "--modules qq, vv: no module of {base}"),
+    (["--spectrum", "--amplification-rank", "0"],
+     "--amplification-rank must be a positive whole number, got 0"),
+    (["--amplification-rank", "-5"],
+     "--amplification-rank must be a positive whole number, got -5"),
+    (["--intruders", "--intruder-k", "0"], "--intruder-k must be a positive whole number, got 0"),
+    (["--intruder-eps", "1.5"], "--intruder-eps must be a number in (0, 1], got 1.5"),
+    (["--intruder-eps", "nan"], "--intruder-eps must be a number in (0, 1], got nan"),
+])
+def test_bad_modules_and_settings_are_one_error_line_before_any_work(ckpts, tmp_path, capsys,
+                                                                     args, line):
+    out = tmp_path / "t.csv"
+    rc = main([str(ckpts["base"]), str(ckpts["tuned"]), *args, "-o", str(out)])
+    lines = capsys.readouterr().err.splitlines()
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {line.format(base=ckpts['base'])}"), lines
+    assert not out.exists()

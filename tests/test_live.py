@@ -5,12 +5,13 @@ embeddings, a classifier trained in full)."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 
 import dora_analysis as da
-from dora_analysis.errors import ConfigError, TensorMismatchError
+from dora_analysis.errors import ConfigError, TensorMismatchError, UnmatchedTensorsWarning
 from dora_analysis.training.config import TrainConfig
 from dora_analysis.training.loop import prepare, save_checkpoint
 
@@ -153,3 +154,91 @@ def test_a_sharded_model_is_refused_with_advice(tmp_path):
             da.analyze_model(torch.nn.Sequential(torch.nn.Linear(6, 4)), model)
     finally:
         dist.destroy_process_group()
+
+
+# -- issue 21, item 15: the base module that PEFT wrapped in place ---------------------------------
+def exactly_the_saved_rows(live, saved) -> None:
+    """Names, rows and every column equal; floats to 1e-12 (both read the same float32 weights)."""
+    key = ["name", "axis"]
+    a = live.drop(columns=PROVENANCE).sort_values(key).reset_index(drop=True)
+    b = saved.drop(columns=PROVENANCE).sort_values(key).reset_index(drop=True)
+    assert list(a.columns) == list(b.columns) and a["name"].tolist() == b["name"].tolist()
+    numeric = [c for c in a.columns if a[c].dtype.kind == "f"]
+    assert a.drop(columns=numeric).equals(b.drop(columns=numeric))
+    for c in numeric:
+        assert a[c].to_numpy() == pytest.approx(b[c].to_numpy(), rel=1e-12, abs=1e-15,
+                                                 nan_ok=True), c
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("given", ["in-place", "copy", "get_base_model", "peft_model"])
+def test_the_base_module_peft_wrapped_in_place_gives_the_saved_table(tmp_path, use_dora, given):
+    # The notebook flow: base = AutoModel...; peft_model = get_peft_model(base, cfg). PEFT injects
+    # into `base` itself: its q_proj becomes a LoRA layer (W0 in base_layer), its lm_head a
+    # ModulesToSaveWrapper (the original beside the trained copy).
+    from tests.peft_models import LLAMA_TARGETS, _randomise, tiny_llama
+
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    copy_of_base = copy.deepcopy(base)
+    model = peft.get_peft_model(base, peft.LoraConfig(
+        r=4, lora_alpha=8, use_dora=use_dora, target_modules=LLAMA_TARGETS,
+        modules_to_save=["lm_head"]))
+    assert "model.layers.0.self_attn.q_proj.base_layer.weight" in base.state_dict()
+    _randomise(model, seed=3)
+    model.save_pretrained(tmp_path / "adapter")
+    module = {"in-place": base, "copy": copy_of_base, "get_base_model": model.get_base_model(),
+              "peft_model": model}
+    saved = da.analyze(tmp_path / "base", tmp_path / "adapter", axis="both", spectrum=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnmatchedTensorsWarning)  # once: lm_head "only in model"
+        live = da.analyze_model(model, module[given], axis="both", spectrum=True)
+    exactly_the_saved_rows(live, saved)
+    assert "lm_head.weight" in set(live["name"])
+    assert set(live["module"]) == {"q", "v", "down", "lm_head"}
+    assert (live[live["module"] == "lm_head"]["delta_d"] > 0).all()  # the trained copy, vs W0
+
+
+def test_a_base_that_no_longer_holds_w0_is_refused(tmp_path):
+    from tests.peft_models import tiny_llama
+
+    base = tiny_llama()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    scramble(model)
+    with pytest.raises(ConfigError, match=r"base: the state dict holds adapter layers \(model\."
+                                          r"layers\.0\.self_attn\.q_proj\.base_layer\.weight\)"):
+        da.analyze_model(model, base.state_dict())
+    merged = copy.deepcopy(model)
+    merged.base_model.model.model.layers[0].self_attn.q_proj.merge()
+    with pytest.raises(ConfigError, match=r"layers\.0\.self_attn\.q_proj: an adapter is merged"):
+        da.analyze_model(model, merged.get_base_model())
+    # this project's layers train modules_to_save in place, keeping no original: the base
+    # module they were injected into no longer holds lm_head's W0 (its change read as zero)
+    ours = tiny_llama()
+    prepare(ours, TrainConfig(method="dora", targets=("q_proj",), modules_to_save=("lm_head",)))
+    with pytest.raises(ConfigError, match=r"^base: lm_head\.weight is trained by the model in "
+                                          r"place .*copy\.deepcopy"):
+        da.analyze_model(ours, ours)
+    full = tiny_llama()  # full fine-tuning in place: every weight
+    with pytest.raises(ConfigError, match=r"^base: \d+ tensors \(model\.embed_tokens\.weight, "
+                                          r".*\) are trained by the model in place"):
+        da.analyze_model(full, full.state_dict())
+
+
+def test_analyze_model_checks_modules_and_its_own_arguments(tiny_llama):
+    model = peft.get_peft_model(llama(tiny_llama), peft.LoraConfig(
+        r=2, target_modules=["q_proj", "v_proj"]))
+    scramble(model)
+    assert set(da.analyze_model(model, tiny_llama, modules="q_proj")["module"]) == {"q"}
+    with pytest.raises(ConfigError, match=r"^--modules value: no module of the base has that "
+                                          r"kind or name; module kinds present: down, "):
+        da.analyze_model(model, tiny_llama, modules="q,value")
+    with pytest.warns(UnmatchedTensorsWarning, match=r"^--modules k: no rows; .*kinds analysed: "
+                                                     r"q$"):
+        da.analyze_model(model, tiny_llama, modules="q,k")  # the adapter has no k
+    for bad, match in (({"label": ["a"]}, "label must be a non-empty string"),
+                       ({"step": -1}, "step must be a whole number"),
+                       ({"step": "5"}, "step must be a whole number"),
+                       ({"intruders": True, "intruder_k": 0}, "--intruder-k must be a positive")):
+        with pytest.raises(ConfigError, match=match):
+            da.analyze_model(model, tiny_llama, **bad)

@@ -88,7 +88,7 @@ class DoraAnalysisCallback(transformers.TrainerCallback):
     Args:
         base: the pre-trained weights (path or Hub id); default: the model's own source
             (PEFT's ``base_model_name_or_path``, else ``model.config._name_or_path``).
-        modules: module kinds to keep (``("q", "v")``); default all.
+        modules: module kinds or names to keep (``("q", "v")`` or ``"q,v"``); default all.
         axis: ``out`` (per output channel, as the paper), ``in`` or ``both``.
         output: the table's file name inside ``output_dir`` (``.parquet``, ``.csv``, ``.json``).
         log: log the per-module summary through the Trainer.
@@ -106,7 +106,7 @@ class DoraAnalysisCallback(transformers.TrainerCallback):
         from ..report import TABLE_WRITERS
 
         self.config = AnalysisConfig.from_settings(
-            axis=axis, modules=None if modules is None else tuple(modules), **settings)
+            axis=axis, modules=modules, **settings)  # a str is a comma-separated list
         if Path(output).suffix.lower() not in TABLE_WRITERS or Path(output).name != output:
             raise ConfigError(f"output must be a file name ending in "
                               f"{', '.join(TABLE_WRITERS)}, got {output!r}")

@@ -155,6 +155,60 @@ def _adapter_name_of_wrapper(wrapper: nn.Module) -> str | None:
     return active[0] if active else None
 
 
+#: Attributes through which an adapter wrapper reaches the module it wraps, unchanged: adapter
+#: layers (PEFT's tuner layers and this project's) hold it as ``base_layer``, PEFT's
+#: ``modules_to_save`` and ``trainable_token_indices`` wrappers as ``original_module``.
+WRAPPED_MODULE = ("original_module", "base_layer")
+
+
+def wrapped_child(module: nn.Module) -> str | None:
+    """The child through which a wrapper reaches the module it wraps (``base_layer``,
+    ``original_module``, or the child holding it); None for a module that wraps nothing."""
+    for attr in WRAPPED_MODULE:
+        inner = getattr(module, attr, None)
+        if isinstance(inner, nn.Module):
+            for name, child in module.named_children():
+                if child is inner or any(m is inner for m in child.modules()):
+                    return name
+    return None
+
+
+def base_weights(module: nn.Module, label: str = "base") -> dict[str, torch.Tensor]:
+    """The pre-trained weights of a module, by the names it had before adapters were injected.
+
+    ``peft.get_peft_model(base, config)`` injects into ``base`` in place: its ``q_proj`` becomes
+    a LoRA layer whose ``base_layer`` holds W0 untouched (the factors and DoRA's magnitude sit
+    beside it), and each ``modules_to_save`` module a wrapper whose ``original_module`` is the
+    frozen original next to the trained copy. Read through those wrappers, the module gives the
+    state dict it had before (``…q_proj.weight``, ``lm_head.weight``; the ``PeftModel`` itself
+    without its ``base_model.model.`` prefix); a module without adapters gives its own state
+    dict. A merged adapter layer holds W0 + ΔW, not W0: refused.
+    """
+    keep: dict[str, str] = {}  # wrapper's path → the child leading to the wrapped module
+    for path, sub in module.named_modules(remove_duplicate=False):
+        child = wrapped_child(sub)
+        if child is None:
+            continue
+        if getattr(sub, "merged", False) is True:
+            raise ConfigError(f"{label}: {path}: an adapter is merged into this layer, so its "
+                              "weight is not the pre-trained one; unmerge it, or pass the base "
+                              "as saved")
+        keep[path] = child
+    weights = {}
+    for key, tensor in module.state_dict().items():
+        path, name = "", []
+        for part in key.split("."):
+            wrapper = path in keep
+            if wrapper and part != keep[path]:
+                break  # the adapter's own tensors: factors, magnitudes, trained copies
+            path = f"{path}.{part}" if path else part
+            if not wrapper:
+                name.append(part)
+        else:
+            weights[_strip(".".join(name))] = tensor  # a PeftModel given as its own base
+    return weights
+
+
 def open_module(model: nn.Module, base: TensorSource, label: str = "<model>") -> TensorSource:
     """A live module as a tuned checkpoint: merged with ``base`` as read if it carries
     adapters, else its own state dict (full weights)."""

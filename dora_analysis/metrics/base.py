@@ -6,9 +6,14 @@ function, so that the command line can list every metric's options without loadi
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..config import AnalysisConfig
@@ -34,6 +39,34 @@ class Column:
     """Values span orders of magnitude: figures plot them on a log axis."""
 
 
+def positive_int(value: Any) -> int:
+    """Check of a count (``--intruder-k``, ``--amplification-rank``): a whole number ≥ 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError("must be a positive whole number")
+    return int(value)
+
+
+def fraction(value: Any) -> float:
+    """Check of a threshold in (0, 1] (``--intruder-eps``); NaN and booleans are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+        raise ValueError("must be a number in (0, 1]")
+    return float(value)
+
+
+def optional_folder(value: Any) -> str | None:
+    """Check of a folder setting: a path, ``'none'`` or None (the setting's own default)."""
+    if value is not None and not isinstance(value, str | os.PathLike):
+        raise ValueError("must be a folder path or 'none'")
+    return None if value is None else os.fspath(value)
+
+
+def any_number(value: Any) -> float:
+    """Check of an unbounded real setting: any finite number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Setting:
     """A parameter of a metric, settable from the library and the command line."""
@@ -43,6 +76,33 @@ class Setting:
     default: Any
     help: str
     type: Callable[[str], Any] = float
+    """Parses the command line's text (argparse's ``type``)."""
+    check: Callable[[Any], Any] = field(kw_only=True)
+    """The valid values: returns the value normalised, or raises ``ValueError`` saying what it
+    must be (``"must be a positive whole number"``); applied to library and command-line values
+    alike by :class:`~dora_analysis.config.AnalysisConfig`, before any work."""
+
+    def __post_init__(self) -> None:
+        self.check(self.default)  # a declaration whose default is out of range fails at import
+
+    @property
+    def flag(self) -> str:
+        """The command-line option: ``--intruder-k`` for ``intruder_k``."""
+        return "--" + self.name.replace("_", "-")
+
+    def validate(self, value: Any) -> Any:
+        """``value`` checked and normalised; :class:`ConfigError` naming the flag otherwise.
+
+        Example:
+            >>> Setting("k", 10, "top k", type=int, check=positive_int).validate(0)
+            Traceback (most recent call last):
+            ...
+            dora_analysis.errors.ConfigError: --k must be a positive whole number, got 0
+        """
+        try:
+            return self.check(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{self.flag} {exc}, got {value!r}") from None
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
-from .base import Column, Metric, Setting
+from .base import Column, Metric, Setting, fraction, optional_folder, positive_int
 from .linalg import DEVICE
 
 if TYPE_CHECKING:
@@ -44,12 +43,12 @@ INTRUDERS = "intruders"
 CACHE_VERSION = "u0-float32-v1"
 
 INTRUDER_K = Setting("intruder_k", 10, "--intruders: how many top singular vectors of the tuned "
-                     "matrix are tested", type=int)
+                     "matrix are tested", type=int, check=positive_int)
 INTRUDER_EPS = Setting("intruder_eps", 0.5, "--intruders: a top vector whose best |cos| with "
-                       "every base singular vector is below this is an intruder")
+                       "every base singular vector is below this is an intruder", check=fraction)
 SVD_CACHE = Setting("svd_cache", None, "folder for cached SVDs of base matrices (--intruders); "
                     "by default $XDG_CACHE_HOME/dora-analysis or ~/.cache/dora-analysis; 'none': "
-                    "no cache", type=str)
+                    "no cache", type=str, check=optional_folder)
 
 
 def cache_dir(setting: str | os.PathLike | None) -> Path | None:
@@ -135,13 +134,6 @@ def intruder_count(u_tuned: torch.Tensor, u_base: torch.Tensor, eps: float) -> i
     return int((max_cosines(u_tuned, u_base) < eps).sum())
 
 
-def check_settings(k: int, eps: float) -> None:
-    if not (isinstance(k, int) and k >= 1):
-        raise ConfigError(f"--intruder-k must be a positive integer, got {k!r}")
-    if not 0 < eps <= 1:
-        raise ConfigError(f"--intruder-eps must lie in (0, 1], got {eps!r}")
-
-
 def tuned_top_vectors(view: PairView, k: int, device: torch.device) -> torch.Tensor | None:
     """The top-k left singular vectors of Wt (None if it holds NaN/Inf)."""
     import torch
@@ -180,8 +172,7 @@ def intruders(view: PairView) -> dict[str, float | int]:
     """The ``intruders`` column of one matrix pair (NaN for non-finite weights)."""
     from .linalg import resolve_device
 
-    k, eps = view.config.setting("intruder_k"), float(view.config.setting("intruder_eps"))
-    check_settings(k, eps)
+    k, eps = view.config.setting("intruder_k"), view.config.setting("intruder_eps")
     cosines = intruder_cosines(view, k, resolve_device(view.config.setting("device")),
                                cache_dir(view.config.setting("svd_cache")))
     return {INTRUDERS: math.nan if cosines is None else int((cosines < eps).sum())}

@@ -24,25 +24,23 @@ DEVICES = ("cpu", "cuda")
 
 
 def device_name(text: str) -> str:
-    """Validate a ``--device`` value: ``cpu``, ``cuda`` or ``cuda:N``."""
-    kind, _, index = text.partition(":")
+    """Check of a ``--device`` value: ``cpu``, ``cuda`` or ``cuda:N`` (whether that GPU is
+    there is asked by :func:`resolve_device`, on the machine that computes)."""
+    kind, _, index = text.partition(":") if isinstance(text, str) else ("", "", "")
     if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
-        raise ValueError(f"--device takes cpu, cuda or cuda:N, got {text!r}")
+        raise ValueError("must be cpu, cuda or cuda:N")
     return text
 
 
 DEVICE = Setting("device", "cpu", "where the SVDs of --spectrum and --intruders run: cpu, cuda "
-                 "or cuda:N (a GPU; float64 there too)", type=device_name)
+                 "or cuda:N (a GPU; float64 there too)", type=str, check=device_name)
 
 
-def resolve_device(text: str) -> torch.device:
+def resolve_device(text: str | torch.device) -> torch.device:
     """The torch device for ``text``; :class:`ConfigError` if it is not there."""
     import torch
 
-    try:
-        name = device_name(str(text))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    name = DEVICE.validate(str(text))  # a torch.device too
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from .base import Column, Metric, Setting
+from .base import Column, Metric, Setting, positive_int
 from .linalg import DEVICE
 
 if TYPE_CHECKING:
@@ -42,7 +42,8 @@ ENERGY = 0.9
 
 AMPLIFICATION_RANK = Setting("amplification_rank", 16, "rank r of the top singular subspace of "
                              "ΔW for --spectrum's amplification when the checkpoint is not an "
-                             "adapter (adapters use their own rank)", type=int)
+                             "adapter (adapters use their own rank)", type=int,
+                             check=positive_int)
 
 
 def spectral_summary(s: torch.Tensor) -> dict[str, float]:

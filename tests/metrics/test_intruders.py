@@ -197,9 +197,9 @@ def test_an_unwritable_cache_warns_and_still_counts(tmp_path, ckpts):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"intruder_k": 0}, "--intruder-k must be a positive integer"),
-    ({"intruder_eps": 0.0}, "--intruder-eps must lie in"),
-    ({"device": "cuda:x"}, "--device takes cpu, cuda or cuda:N"),
+    ({"intruder_k": 0}, "--intruder-k must be a positive whole number, got 0"),
+    ({"intruder_eps": 0.0}, r"--intruder-eps must be a number in \(0, 1\], got 0.0"),
+    ({"device": "cuda:x"}, "--device must be cpu, cuda or cuda:N, got .cuda:x."),
 ])
 def test_bad_settings_are_refused(ckpts, settings, message):
     with pytest.raises(da.DoraAnalysisError, match=message):

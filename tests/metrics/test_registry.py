@@ -10,7 +10,7 @@ from dora_analysis import metrics
 from dora_analysis.analysis import table_columns
 from dora_analysis.config import AnalysisConfig
 from dora_analysis.errors import ConfigError
-from dora_analysis.metrics.base import Column, Metric, Setting
+from dora_analysis.metrics.base import Column, Metric, Setting, any_number
 
 
 def test_always_on_metrics_fill_the_contract_columns(ckpts):
@@ -31,7 +31,7 @@ def test_the_table_follows_the_registry(monkeypatch, ckpts):
 
     extra = Metric("aspect", "rows per column", (Column("aspect", "float64", "rows/cols"),),
                    rows_over_cols, option="aspect", per_axis=False,
-                   settings=(Setting("scale", 1.0, "multiplier"),))
+                   settings=(Setting("scale", 1.0, "multiplier", check=any_number),))
     monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, extra))
     plain = da.analyze(ckpts["base"], ckpts["tuned"], modules=("q",))
     assert "aspect" not in plain
@@ -62,7 +62,8 @@ def test_the_command_line_offers_each_metric_switch_and_setting(monkeypatch, ckp
 
     extra = Metric("aspect", "rows per column", (Column("aspect", "float64", "rows/cols"),),
                    lambda view: {"aspect": view.config.setting("scale")}, option="aspect",
-                   per_axis=False, cost="dense", settings=(Setting("scale", 1.0, "multiplier"),))
+                   per_axis=False, cost="dense",
+                   settings=(Setting("scale", 1.0, "multiplier", check=any_number),))
     monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, extra))
     help_text = build_parser().format_help()
     assert "--aspect" in help_text and "--scale VALUE" in help_text and "default: 1.0" in help_text

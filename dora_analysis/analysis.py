@@ -26,6 +26,7 @@ from . import metrics as registry
 from .config import AnalysisConfig, check_method
 from .decompose import Workspace
 from .errors import (
+    AdapterWarning,
     CheckpointFormatError,
     ConfigError,
     NonFiniteWeightWarning,
@@ -214,8 +215,10 @@ def plan_pairs(
             transposed = (stored_in_out(b) if hint is None else hint) and len(base[b].shape) == 2
         pairs += _units(b, t, base[b], tuned[t].dtype, transposed)
     # An adapter holds only what it changes: the rest of the base is unchanged, not missing.
-    only_b = [] if partial else [n for n in alignment.base_only
-                                 if not is_bias(n) and config.selects(n)]
+    # An alias (a base's tied lm_head) that the tuned checkpoint does not save is the tensor
+    # it shares, not a missing one.
+    only_b = [] if partial else [n for n in alignment.base_only if base[n].alias_of is None
+                                 and not is_bias(n) and config.selects(n)]
     only_t = [n for n in alignment.tuned_only
               if not is_bias(n) and config.selects(n)]
     if (only_b or only_t) and pairs:
@@ -345,6 +348,8 @@ def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None 
         # One tuned checkpoint open at a time: a long adapter series stays small.
         for ck in checkpoints:
             with open_checkpoint(ck.path, options, base=base_src) as src:
+                for note in src.notes:  # once per run: the run's own openings stay quiet
+                    warnings.warn(note, AdapterWarning, stacklevel=2)
                 pairs, mismatches = plan_pairs(base_infos, matrix_infos(src), config, ck.path,
                                                src.transposed, partial=src.partial)
                 method = ck.method if ck.method != "auto" else src.method

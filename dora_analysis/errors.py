@@ -28,6 +28,11 @@ class CheckpointChangedError(CheckpointFormatError):
     """A checkpoint file was truncated, rewritten, replaced or deleted while it was being read."""
 
 
+class UnsupportedAdapterError(CheckpointFormatError):
+    """An adapter whose merge this reader does not implement (a PEFT type, or a ``LoraConfig``
+    field away from its default): refused by name, never read as something else."""
+
+
 class TensorMismatchError(DoraAnalysisError, ValueError):
     """Base and tuned checkpoints disagree (shapes, or no common weight matrices).
 

@@ -13,9 +13,11 @@ Formats (detected from the tensor names; see :data:`ADAPTER_FORMATS`):
 
 * ``peft`` — ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``):
   ``<module>.lora_A.weight`` (r, in), ``lora_B.weight`` (out, r), ``lora_magnitude_vector`` (DoRA),
-  embeddings ``lora_embedding_A`` (r, num_embeddings) / ``lora_embedding_B`` (dim, r); honours
-  ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern`` (PEFT's matching rule),
-  ``fan_in_fan_out``, ``use_dora``; ``modules_to_save`` weights are full fine-tuned weights.
+  embeddings ``lora_embedding_A`` (r, num_embeddings) / ``lora_embedding_B`` (dim, r); KaSA's
+  ``lora_diag``, BD-LoRA's block-diagonal factors and trainable tokens'
+  ``trainable_tokens_delta`` too. What each field of ``adapter_config.json`` does is one table,
+  :data:`~dora_analysis.io.peft_config.LORA_FIELDS` (honoured, ignored, or refused by name);
+  ``modules_to_save`` weights are full fine-tuned weights.
 * ``nvlabs`` — the official DoRA code: ``lora_A``/``lora_B`` plus ``weight_m_wdecomp.weight``
   (out, 1), scaling ``lora_alpha / r`` from its ``adapter_config.json``; a module with only
   ``weight_m_wdecomp`` is magnitude-only (paper Table 6): ``W' = m · W0 / ||W0||``.
@@ -34,7 +36,6 @@ import dataclasses
 import json
 import math
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,10 @@ from pathlib import Path
 import torch
 
 from ..decompose import Axis
-from ..errors import AdapterWarning, CheckpointFormatError, ConfigError
+from ..errors import CheckpointFormatError, ConfigError, UnsupportedAdapterError
 from .guard import shown
 from .jsonfile import parse_json_object, read_json_object
+from .peft_config import LoraSettings, check_peft_type, finite_positive, lora_settings
 from .safetensors import SafetensorsFile
 from .torch_bin import TorchFile
 
@@ -65,16 +67,32 @@ class LowRankUpdate:
     """DoRA magnitude, float64, one entry per vector along ``magnitude_axis``."""
     magnitude_axis: Axis = "out"
     stored_in_out: bool = False
-    """The base weight is stored ``(in, out)`` (``Conv1D`` with fan_in_fan_out, embeddings)."""
+    """The base weight is stored ``(in, out)`` (embeddings; ``Conv1D`` in a live model)."""
+    fan_in_fan_out: bool = False
+    """PEFT's ``fan_in_fan_out``: stored ``(in, out)`` where the factors fit that way round."""
     dtype: torch.dtype = torch.float32
     """Stored dtype of the adapter tensors."""
     experts: int = 0
     """PEFT ``target_parameters`` on a 3-D MoE tensor: the number of experts whose factors are
     stacked in ``lora_a`` ``(r·E, in)`` and ``lora_b`` ``(out, r·E)``; 0 for an ordinary weight."""
+    truncate_base: int = 0
+    """KaSA: the base's smallest singular components dropped before the update is added
+    (``W' = W0 − U_d S_d V_dᵀ + s·B·A``, ``d`` = this many); resolved against the base by
+    :func:`~dora_analysis.io.merge.kasa_update`."""
+    token_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    """PEFT ``trainable_token_indices``: ``(ids, rows)`` — stored rows ``ids`` of the weight are
+    replaced by ``rows`` ``(len(ids), cols)``."""
 
     @property
     def rank(self) -> int:
         return 0 if self.lora_a is None else self.lora_a.shape[0]
+
+    @property
+    def exact_low_rank(self) -> bool:
+        """Whether ΔW against the base is ``scale · B @ A`` alone (no magnitude, no base
+        truncation, no replaced rows)."""
+        return (self.magnitude is None and self.rank > 0 and not self.experts
+                and not self.truncate_base and self.token_rows is None)
 
     def expert_factors(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_e, B_e)`` of one expert, float64, ``(r, in)`` and ``(out, r)``.
@@ -118,6 +136,9 @@ class Adapter:
     target_parameters: tuple[str, ...] = ()
     """PEFT ``target_parameters``: parameters adapted directly (MoE expert tensors), whose
     modules are named by their owner plus one ``.base_layer`` per nesting level."""
+    notes: list[str] = field(default_factory=list)
+    """What the reader noticed that changes how the numbers read (``use_dora`` without
+    magnitudes …): warned once per run by the analysis's plan, not on every opening."""
 
     @property
     def method(self) -> str:
@@ -168,85 +189,27 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(F64)
 
 
-def pattern_value(patterns: dict, module: str, default):
-    """PEFT's ``rank_pattern``/``alpha_pattern`` rule: the first key matching the module path's end.
-
-    Example:
-        >>> pattern_value({"q_proj": 16}, "model.layers.0.self_attn.q_proj", 8)
-        16
-    """
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _positive_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
-
-
 def _config_number(config: dict, key: str, folder: Path) -> float:
-    value = config.get(key)
-    if not _positive_number(value):
+    value = finite_positive(config.get(key))
+    if value is None:
         raise CheckpointFormatError(f"{shown(folder / 'adapter_config.json')}: '{key}' must be a "
-                                    f"positive number, got {value!r}"[:300])
+                                    f"finite positive number, got {config.get(key)!r:.80}")
     return value
 
 
-def _config_patterns(config: dict, key: str, folder: Path) -> dict[str, float]:
-    """``rank_pattern``/``alpha_pattern``, checked: regular expressions to positive numbers."""
-    patterns = config.get(key) or {}
-    where = f"{shown(folder / 'adapter_config.json')}: '{key}'"
-    if not isinstance(patterns, dict):
-        raise CheckpointFormatError(f"{where} must be an object from module-name pattern to "
-                                    f"number, got {type(patterns).__name__}")
-    for pattern, value in patterns.items():
-        try:
-            re.compile(rf"(.*\.)?({pattern})$")
-        except (re.error, RecursionError, OverflowError) as exc:
-            raise CheckpointFormatError(f"{where} has an invalid regular expression "
-                                        f"{pattern!r:.80} ({exc}); fix or remove it") from None
-        if not _positive_number(value):
-            raise CheckpointFormatError(f"{where} gives {pattern!r:.80} the value {value!r:.80}; "
-                                        "it must be a positive number")
-    return patterns
-
-
-def _peft_scale(config: dict, module: str, rank: int, folder: Path) -> float:
-    r = pattern_value(_config_patterns(config, "rank_pattern", folder), module,
-                      _config_number(config, "r", folder))
-    alpha = pattern_value(_config_patterns(config, "alpha_pattern", folder), module,
-                          _config_number(config, "lora_alpha", folder))
-    if r != rank:
-        raise CheckpointFormatError(
-            f"{folder}: module '{module}' has rank {rank} in its weights but r = {r} in "
-            "adapter_config.json (rank_pattern); the config does not belong to these weights"
-        )
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
-def _target_parameters(config: dict, folder) -> tuple[str, ...]:
-    targets = config.get("target_parameters") or []
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise CheckpointFormatError(f"{folder}: 'target_parameters' in adapter_config.json must "
-                                    f"be a list of parameter names, got {targets!r}")
-    return tuple(targets)
-
-
-def _rank(config: dict, module: str, a: torch.Tensor) -> int:
-    """The rank of one module: A's rows, or ``r`` when A stacks ``r`` rows per MoE expert."""
-    rows = a.shape[0]
-    if config.get("target_parameters"):
-        r = pattern_value(config.get("rank_pattern") or {}, module, config.get("r"))
-        if isinstance(r, int) and r > 0 and rows % r == 0:
-            return r
-    return rows
-
-
 _PEFT_KEY = re.compile(
-    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
-    r"lora_magnitude_vector(?:\.weight)?|weight_m_wdecomp\.weight)$"
+    r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
+    r"lora_magnitude_vector(?:\.weight)?|weight_m_wdecomp\.weight|lora_diag|lora_B\.bias|"
+    r"token_adapter\.trainable_tokens_delta|lora_velora_embed|lora_monteclora_sampler\..+)$"
 )
+#: Adapter tensors PEFT saves that do not enter the merged weight matrices: part → why.
+PEFT_UNMERGED_PARTS: dict[str, str] = {
+    "lora_B.bias": "lora_bias: changes only the layer's bias",
+    "lora_velora_embed": "VeLoRA: training-time activation compression",
+    "lora_monteclora_sampler": "MonteCLoRA: training-time sampler",
+}
+#: A name part that marks a tensor as an adapter's own (not a ``modules_to_save`` copy).
+_ADAPTER_PART = re.compile(r"(^|\.)(lora_|token_adapter\.)")
 
 
 def _group(tensors: dict[str, torch.Tensor], pattern: re.Pattern) -> tuple[dict, dict]:
@@ -344,51 +307,134 @@ def read_peft(folder: Path, adapter_base_given: bool = False, **_) -> Adapter:
 def peft_adapter(config: dict, tensors: dict[str, torch.Tensor], folder, weights,
                  adapter_base_given: bool = False) -> Adapter:
     """A PEFT (or official DoRA) adapter from its config and tensors; ``folder`` and ``weights``
-    (local paths or remote URLs) name it in messages."""
-    _check_init(config, folder, adapter_base_given)
-    peft_type = str(config.get("peft_type", "LORA")).upper()
+    (local paths or remote URLs) name it in messages.
+
+    Every config field is checked first (:mod:`~dora_analysis.io.peft_config`); every tensor is
+    a factor of an adapted module, a part PEFT does not merge into weight matrices
+    (:data:`PEFT_UNMERGED_PARTS`), a saved base copy, or a ``modules_to_save`` weight — an
+    adapter tensor of any other kind is refused by name.
+    """
+    where = shown(folder / "adapter_config.json")
+    peft_type = check_peft_type(config, where)
     if peft_type == "DORA" or any(k.endswith("weight_m_wdecomp.weight") for k in tensors):
         return _read_nvlabs(folder, config, tensors)
-    if peft_type != "LORA":
-        raise CheckpointFormatError(f"{folder}: PEFT adapter type {peft_type} is not supported "
-                                    "(only LoRA and DoRA adapters can be analysed)")
+    settings = lora_settings(config, where)
+    _check_init(config, folder, adapter_base_given)
     modules, rest = _group(tensors, _PEFT_KEY)
-    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     updates = {}
     for module, parts in modules.items():
-        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-        names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
-        a, b = _pair_or_error(parts, *names, module, weights)
-        if a is None:
-            raise CheckpointFormatError(f"{weights}: module '{module}' has a magnitude but no "
-                                        "lora_A/lora_B")
-        a2, b2 = _as_2d_factors(a, b, names, module, weights)
-        magnitude = parts.get("lora_magnitude_vector")
-        updates[module] = LowRankUpdate(
-            lora_a=a2, lora_b=b2, scale=_peft_scale(config, module, _rank(config, module, a2),
-                                                    folder),
-            magnitude=None if magnitude is None else _f64(magnitude).flatten(),
-            stored_in_out=embedding or fan_in_fan_out, dtype=a.dtype,
-        )
+        update = _peft_update(module, parts, settings, weights, where)
+        if update is not None:
+            updates[module] = update
     if not updates:
         raise CheckpointFormatError(f"{weights}: no lora_A/lora_B tensors found")
-    if config.get("use_dora") and all(u.magnitude is None for u in updates.values()):
-        warnings.warn(
-            f"{weights}: adapter_config.json says use_dora but the weights hold no "
-            "lora_magnitude_vector (Megatron-Bridge's PEFT export wrote such files); it is read as "
-            "LoRA, so the numbers are not those of the trained DoRA model",
-            AdapterWarning, stacklevel=2)
     # Saved base copies (embedding layers saved alongside) are not changes; the rest are
     # modules_to_save, trained in full.
     full = {k: v for k, v in rest.items() if ".base_layer." not in k}
+    unknown = sorted(k for k in full if _ADAPTER_PART.search(k))
+    if unknown:
+        raise UnsupportedAdapterError(
+            f"{weights}: adapter tensor(s) of a kind this reader does not merge "
+            f"({', '.join(unknown[:3])}{' …' if len(unknown) > 3 else ''}); merge the adapter "
+            "with PEFT (model.merge_and_unload()) and analyse the saved merged weights")
     adapter = Adapter("peft", folder, updates, full,
                       base_model=config.get("base_model_name_or_path"),
-                      target_parameters=_target_parameters(config, folder))
+                      target_parameters=settings.target_parameters)
+    if settings.use_dora and adapter.method != "dora":
+        adapter.notes.append(
+            f"{weights}: adapter_config.json says use_dora but the weights hold no "
+            "lora_magnitude_vector (Megatron-Bridge's PEFT export wrote such files); it is read as "
+            "LoRA, so the numbers are not those of the trained DoRA model")
     if "use_dora" not in config and adapter.method == "dora":
         # PEFT always writes use_dora; DoRA magnitudes without it come from torchtune's PEFT
         # export, which permutes q/k lora_B to Hugging Face's RoPE row order but not magnitude.
         adapter.base_order = meta_rope_to_hf(("magnitude",), always=True)
     return adapter
+
+
+def _peft_update(module: str, parts: dict[str, torch.Tensor], settings: LoraSettings, weights,
+                 where: str) -> LowRankUpdate | None:
+    """One module's update from its saved parts; None when it saves only parts PEFT does not
+    merge into the weight (:data:`PEFT_UNMERGED_PARTS`)."""
+    parts = {p: t for p, t in parts.items() if not p.startswith(tuple(PEFT_UNMERGED_PARTS))}
+    tokens = parts.pop("token_adapter.trainable_tokens_delta", None)
+    if tokens is not None:
+        if parts:
+            raise CheckpointFormatError(f"{weights}: module '{module}' saves both LoRA tensors "
+                                        "and trainable token rows (PEFT writes either)")
+        return _token_update(module, tokens, settings, weights, where)
+    if not parts:
+        return None
+    embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    a, b = _pair_or_error(parts, *names, module, weights)
+    if a is None:
+        raise CheckpointFormatError(f"{weights}: module '{module}' has "
+                                    f"{' and '.join(sorted(parts))} but no lora_A/lora_B")
+    a, b = _block_diagonal(module, a, b, settings, weights)
+    a2, b2 = _as_2d_factors(a, b, names, module, weights)
+    rank = a2.shape[0]
+    if settings.target_parameters and rank % settings.rank(module) == 0:
+        rank = settings.rank(module)  # A stacks r rows per MoE expert
+    magnitude = parts.get("lora_magnitude_vector")
+    update = LowRankUpdate(
+        lora_a=a2, lora_b=b2, scale=settings.scale(module, rank, where),
+        magnitude=None if magnitude is None else _f64(magnitude).flatten(),
+        stored_in_out=embedding, fan_in_fan_out=settings.fan_in_fan_out, dtype=a.dtype)
+    return _kasa(module, update, parts.get("lora_diag"), settings, weights)
+
+
+def _block_diagonal(module: str, a: torch.Tensor, b: torch.Tensor, settings: LoraSettings,
+                    weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """BD-LoRA saves a block-diagonal factor as its ``nblocks`` blocks stacked: A ``(r, in/n)``
+    or B ``(out, r/n)``; the factor is those blocks on the diagonal (PEFT's
+    ``weight_as_blockdiagonal_matrix``)."""
+    bd = settings.block_diagonal
+    which = None if bd is None else bd.factor(module)
+    if which is None:
+        return a, b
+    blocks = a if which == "A" else b
+    if blocks.dim() != 2 or blocks.shape[0] % bd.nblocks:
+        raise CheckpointFormatError(
+            f"{weights}: module '{module}': a block-diagonal lora_{which} (use_bdlora) of shape "
+            f"{list(blocks.shape)} does not split into nblocks = {bd.nblocks} row blocks")
+    full = torch.block_diag(*torch.chunk(blocks.detach(), bd.nblocks, dim=0))
+    return (full, b) if which == "A" else (a, full)
+
+
+def _kasa(module: str, update: LowRankUpdate, diag: torch.Tensor | None, settings: LoraSettings,
+          weights) -> LowRankUpdate:
+    """KaSA: ``ΔW = s · B @ diag(lora_diag) @ A`` on a base truncated by its ``r`` smallest
+    singular components (PEFT's ``KasaLinearVariant``); the diagonal is folded into B."""
+    if diag is None and not settings.kasa:
+        return update
+    if diag is None or not settings.kasa:
+        has = "kasa_config but no lora_diag" if diag is None else "lora_diag but no kasa_config"
+        raise CheckpointFormatError(f"{weights}: module '{module}' has {has}; the config does "
+                                    "not belong to these weights")
+    if update.magnitude is not None or update.stored_in_out or diag.numel() != update.rank:
+        raise CheckpointFormatError(
+            f"{weights}: module '{module}': KaSA's lora_diag ({diag.numel()} values) fits only a "
+            f"linear layer's rank-{update.rank} factors without a DoRA magnitude")
+    update.lora_b = update.lora_b.to(F64) * _f64(diag).flatten()[None, :]  # (out, r) · diag
+    update.truncate_base = update.rank
+    return update
+
+
+def _token_update(module: str, rows: torch.Tensor, settings: LoraSettings, weights,
+                  where: str) -> LowRankUpdate:
+    """PEFT's trainable tokens: the saved rows replace rows ``ids`` of the weight."""
+    ids = settings.tokens(module, where)
+    if rows.dim() != 2 or rows.shape[0] != len(ids):
+        raise CheckpointFormatError(
+            f"{weights}: '{module}' saves {list(rows.shape)} trainable token rows for "
+            f"{len(ids)} token ids in trainable_token_indices; the config does not belong to "
+            "these weights")
+    if len(set(ids)) != len(ids):
+        raise CheckpointFormatError(f"{where}: trainable_token_indices of '{module}' repeats a "
+                                    "token id; PEFT's merge would be ambiguous")
+    return LowRankUpdate(None, None, 1.0, token_rows=(torch.tensor(ids), rows.detach()),
+                         dtype=rows.dtype)
 
 
 def _read_nvlabs(folder: Path, config: dict, tensors: dict) -> Adapter:

@@ -41,6 +41,9 @@ class TensorInfo:
 
     shape: tuple[int, ...]
     dtype: torch.dtype | str  # a str for stored dtypes torch does not analyse (``"F8_E4M3"``)
+    alias_of: str | None = None
+    """The stored tensor this name shares (a tied ``lm_head`` of a base: its input embedding);
+    an alias no other checkpoint has is not reported as missing."""
 
     @property
     def numel(self) -> int:
@@ -70,6 +73,9 @@ class TensorSource(ABC):
     #: that another thread's read could disturb). The analysis's workers share such a source;
     #: the reads of any other take turns (see :mod:`dora_analysis.executors`).
     thread_safe: bool = False
+    #: What the reader noticed that changes how the numbers read (an adapter's config that
+    #: disagrees with its weights …): warned once per run, by the plan that opens every source.
+    notes: tuple[str, ...] = ()
 
     @abstractmethod
     def keys(self) -> list[str]:

@@ -92,6 +92,7 @@ def layer_update(module: nn.Module, where: str) -> LowRankUpdate | None:
         raise ConfigError(f"{where}: the adapter is merged into the base weight; unmerge it "
                           "first (or analyse the merged model against the base as full weights)")
     adapter = _adapter_name(module, where)
+    _check_variant(module, adapter, where)
     found = _factors(module, adapter)
     if found is None:
         return None
@@ -105,6 +106,24 @@ def layer_update(module: nn.Module, where: str) -> LowRankUpdate | None:
         float(scaling),
         None if magnitude is None else magnitude.detach().to(F64).flatten().cpu(),
         stored_in_out=stored_in_out, dtype=a.dtype)
+
+
+#: PEFT layer variants whose merge is ``W0 + s·B·A`` (or DoRA's, read from the magnitude):
+#: anything else (KaSA, BD-LoRA, aLoRA, Arrow …) is refused here rather than read as plain LoRA.
+PLAIN_VARIANTS = frozenset({
+    "DoraLinearVariant", "DoraEmbeddingVariant", "DoraConv1dVariant", "DoraConv2dVariant",
+    "DoraConv3dVariant", "MiCALinearVariant", "MiCAEmbeddingVariant", "VeloraLinearVariant",
+    "MontecloraLinearVariant",
+})
+
+
+def _check_variant(module: nn.Module, adapter: str | None, where: str) -> None:
+    variant = getattr(module, "lora_variant", {}).get(adapter) if adapter is not None else None
+    if variant is not None and type(variant).__name__ not in PLAIN_VARIANTS:
+        raise ConfigError(
+            f"{where}: a PEFT {type(variant).__name__} layer is not read from memory; save the "
+            "adapter (save_pretrained) and analyse the folder, which merges what PEFT saves "
+            "(see docs/adapters.md)")
 
 
 def _strip(name: str) -> str:

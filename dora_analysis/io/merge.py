@@ -14,15 +14,18 @@ in float64, at the cost of an (out × r) product instead of an (out × in) one.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import Callable
 
 import torch
 
 from ..decompose import VectorSums, as_matrix, rows_per_block
-from ..errors import TensorMismatchError, listing
+from ..errors import CheckpointFormatError, TensorMismatchError, listing
 from .adapters import Adapter, LowRankUpdate, config_heads, kohya_flat, strip_kohya_prefix
 from .base import TensorInfo, TensorSource
 from .keys import align_names, module_path, stored_in_out, strip_wrappers
+from .tied import OUTPUT_HEAD
 
 F64 = torch.float64
 
@@ -53,7 +56,41 @@ def merged_rows(
             rows = rows * _safe_ratio(update.magnitude[start:stop], norms)[:, None]
         else:
             rows = rows * column_factor[None, :]
+    if update.token_rows is not None:  # trainable tokens: stored rows replaced (index_copy)
+        ids, values = update.token_rows
+        inside = (ids >= start) & (ids < stop)
+        if bool(inside.any()):
+            rows = rows.clone()
+            rows[ids[inside] - start] = values[inside].to(F64).reshape(int(inside.sum()), -1)
     return rows
+
+
+def kasa_update(update: LowRankUpdate, w0: torch.Tensor) -> LowRankUpdate:
+    """KaSA's update as one low-rank update of the untouched base ``w0`` (out, in), float64.
+
+    PEFT's ``KasaLinearVariant`` replaces the base by its SVD truncated to ``k − d`` components
+    (``k = min(out, in)``, ``d`` = :attr:`~LowRankUpdate.truncate_base`), then adds
+    ``s · B @ diag(lora_diag) @ A``; so ``W' − W0 = s · [B·diag | −U_d S_d / s] @ [A ; V_dᵀ]``, a
+    rank ``r + d`` update (the diagonal is already in ``lora_b``).
+    """
+    k, d = min(w0.shape), update.truncate_base
+    if d >= k:
+        raise CheckpointFormatError(f"KaSA needs r = {d} below min(out, in) = {k}: the adapter "
+                                    "does not fit this base")
+    u, sv, vh = torch.linalg.svd(w0, full_matrices=False)  # (out, k), (k,), (k, in)
+    a = torch.cat([update.lora_a.to(F64), vh[k - d:]])  # (r + d, in)
+    b = torch.cat([update.lora_b.to(F64), -(u[:, k - d:] * sv[k - d:]) / update.scale], dim=1)
+    return dataclasses.replace(update, lora_a=a, lora_b=b, truncate_base=0)
+
+
+def flipped(update: LowRankUpdate) -> LowRankUpdate:
+    """The same ΔW for the other orientation of its stored tensor (a tied ``lm_head`` seen as
+    the embedding it shares): ``(s·B·A)ᵀ = s·Aᵀ·Bᵀ``, the magnitude along the other axis."""
+    a, b = update.lora_a, update.lora_b
+    return dataclasses.replace(
+        update, lora_a=None if b is None else b.T, lora_b=None if a is None else a.T,
+        magnitude_axis="in" if update.magnitude_axis == "out" else "out",
+        stored_in_out=not update.stored_in_out, fan_in_fan_out=False)
 
 
 def _magnitude_on_stored_rows(update: LowRankUpdate, transposed: bool) -> bool:
@@ -121,7 +158,22 @@ class AdapterSource(TensorSource):
                                        heads=lambda: config_heads(base.path))
         self._full = dict(adapter.full_weights)
         self._factor_cache: tuple[str, torch.Tensor] | None = None
+        self._resolved: dict[str, LowRankUpdate] = {}  # KaSA: the update against this base
+        self._lock = threading.Lock()
+        self.notes = tuple(adapter.notes)
         self.thread_safe = base.thread_safe  # merging keeps no state between reads
+
+    def _target(self, name: str) -> tuple[LowRankUpdate, bool]:
+        """``(update, transposed)`` of an adapted weight, resolved against the base where the
+        update depends on it (KaSA's truncation: one SVD of the base weight, once)."""
+        update, transposed = self.targets[name]
+        if not update.truncate_base:
+            return update, transposed
+        with self._lock:
+            if name not in self._resolved:
+                w0 = as_matrix(self.base.get_tensor(name)).to(F64)
+                self._resolved[name] = kasa_update(update, w0)
+            return self._resolved[name], transposed
 
     def keys(self) -> list[str]:
         return [*self.targets, *self._full]
@@ -141,7 +193,7 @@ class AdapterSource(TensorSource):
     def get_expert_rows(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
         if name not in self.targets:
             return self._full[name][expert, start:stop]
-        update, transposed = self.targets[name]
+        update, transposed = self._target(name)
         rows = self.base.get_expert_rows(name, expert, start, stop).to(F64)  # (stop-start, cols)
         if not update.experts:
             raise TensorMismatchError(f"{self.path}: '{name}' is a 3-D tensor but its adapter "
@@ -158,7 +210,7 @@ class AdapterSource(TensorSource):
             rows = self._base_infos[name].shape[1]
             return torch.stack([self.get_expert_rows(name, e, 0, rows)
                                 for e in range(start, min(stop, self._base_infos[name].shape[0]))])
-        update, transposed = self.targets[name]
+        update, transposed = self._target(name)
         rows = _stored_rows(self.base, name, start, stop)
         factor = None
         if update.magnitude is not None and not _magnitude_on_stored_rows(update, transposed):
@@ -167,6 +219,7 @@ class AdapterSource(TensorSource):
 
     def close(self) -> None:
         self.targets, self._full, self._factor_cache = {}, {}, None  # the adapter's tensors
+        self._resolved = {}
         if self._own_base:
             self.base.close()
 
@@ -182,8 +235,8 @@ class AdapterSource(TensorSource):
         """The update of ``name`` when it is exactly ``s·B·A`` (LoRA, no DoRA magnitude)."""
         if name not in self.targets or self._own_base:
             return None
-        update = self.targets[name][0]
-        return update if update.magnitude is None and update.rank and not update.experts else None
+        update = self._target(name)[0]
+        return update if update.exact_low_rank else None
 
     def adapter_update(self, name: str) -> LowRankUpdate | None:
         """The update of ``name`` as the adapter stores it (LoRA or DoRA), or None."""
@@ -193,7 +246,7 @@ class AdapterSource(TensorSource):
         """``m / ||merged column||`` for DoRA normalised along stored columns (one extra pass)."""
         cached = self._factor_cache  # read once: worker threads may replace it meanwhile
         if cached is None or cached[0] != name:
-            update, transposed = self.targets[name]
+            update, transposed = self._target(name)
             rows, cols = self._base_infos[name].matrix_shape
             sums = None
             step = rows_per_block(cols)
@@ -212,8 +265,9 @@ class AdapterSource(TensorSource):
         magnitude per input feature)."""
         if name not in self.targets or self._own_base:
             return None
-        update, transposed = self.targets[name]
-        if update.magnitude is not None and update.magnitude_axis != "out":
+        update, transposed = self._target(name)
+        if update.magnitude is not None and update.magnitude_axis != "out" \
+                or update.token_rows is not None:
             return None
         return closed_form_sums(update, self.base, name, self._base_infos[name], transposed,
                                 block_elements)
@@ -277,6 +331,74 @@ def parameter_targets(adapter: Adapter, base_infos: dict[str, TensorInfo]
     return targets
 
 
+_TIED_HINT = (" (if BASE ties lm_head to its input embedding, keep BASE's config.json beside it: "
+              "PEFT merges such a LoRA into the shared embedding)")
+
+
+def _transposed(update: LowRankUpdate, base_name: str, info: TensorInfo) -> bool:
+    """Whether the weight is stored ``(in, out)``: embeddings and ``Conv1D`` always (as PEFT,
+    whatever ``fan_in_fan_out`` says); elsewhere ``fan_in_fan_out`` where the factors fit the
+    transposed weight (PEFT forces it off for ``nn.Linear``)."""
+    if update.stored_in_out or stored_in_out(base_name):
+        return True
+    if not update.fan_in_fan_out:
+        return False
+    rows, cols = info.matrix_shape
+    return update.shape() != (rows, cols) or rows == cols
+
+
+def _misfit(module: str, update: LowRankUpdate, base_name: str, info: TensorInfo,
+            transposed: bool) -> str | None:
+    """Why ``update`` cannot apply to base weight ``base_name``, or None."""
+    expected = _peft_shape(info, transposed)
+    got = update.shape()
+    n_mag = expected[0] if update.magnitude_axis == "out" else expected[1]
+    if got is not None and got != expected:
+        return f"'{module}': adapter {list(got)} vs base {base_name} {list(expected)}"
+    if update.magnitude is not None and update.magnitude.numel() != n_mag:
+        return (f"'{module}': magnitude of {update.magnitude.numel()} vs base {base_name} with "
+                f"{n_mag} vectors")
+    if update.truncate_base and (transposed or len(info.shape) != 2):
+        return f"'{module}': KaSA adapts linear weights only, not {base_name} {list(info.shape)}"
+    if update.token_rows is not None:
+        ids, rows = update.token_rows
+        n_rows, n_cols = info.matrix_shape
+        if rows.shape[1] != n_cols or bool(((ids < 0) | (ids >= n_rows)).any()):
+            return (f"'{module}': trainable token rows {list(rows.shape)} for ids "
+                    f"{int(ids.min())}…{int(ids.max())} do not fit {base_name} "
+                    f"{list(info.shape)}")
+    return None
+
+
+def _share_tied(targets: dict[str, tuple[LowRankUpdate, bool]], base_infos: dict[str, TensorInfo],
+                adapter: Adapter) -> list[str]:
+    """Add, for each adapted weight that shares its tensor with another base name (a tied
+    ``lm_head`` and its embedding), the same change under that name, seen in its orientation:
+    merged into the shared tensor, both change (PEFT's ``merge_and_unload``). A name with a saved
+    copy of its own (``modules_to_save``) keeps it. Returns the weights adapted twice."""
+    saved = {strip_wrappers(name) for name in adapter.full_weights}
+    problems = []
+    for name, (update, transposed) in list(targets.items()):
+        partners = [n for n, i in base_infos.items() if i.alias_of == name]
+        partners += [base_infos[name].alias_of] if base_infos[name].alias_of else []
+        for partner in partners:
+            if strip_wrappers(partner) in saved:
+                continue
+            if partner in targets and name < partner:
+                problems.append(
+                    f"'{name}' and '{partner}' share one tensor and both carry an update (PEFT "
+                    "0.21's merge adds both, with ensure_weight_tying the same one twice): no "
+                    "single weight stands for the trained model; adapt one of the two only")
+            elif partner not in targets:
+                if update.truncate_base:
+                    problems.append(f"'{name}': KaSA on a weight shared with '{partner}' (tied) "
+                                    "is not supported")
+                    continue
+                turned = stored_in_out(partner)
+                targets[partner] = (update if turned == transposed else flipped(update), turned)
+    return problems
+
+
 def resolve_targets(
     adapter: Adapter, base_infos: dict[str, TensorInfo],
     heads: Callable[[], tuple[int, int]] = lambda: (1, 1),
@@ -306,23 +428,22 @@ def resolve_targets(
             candidates[kohya if kohya else names[-1] + ".weight"] = module
     alignment = align_names(list(base_infos), list(candidates))
     resolved = {b: candidates[t] for b, t in alignment.pairs}
-    problems = [f"'{candidates[t]}' has no weight in the base" for t in alignment.tuned_only]
+    problems = [f"'{candidates[t]}' has no weight in the base"
+                + (_TIED_HINT if module_path(OUTPUT_HEAD) in candidates[t].split(".") else "")
+                for t in alignment.tuned_only]
     targets = dict(by_parameter)
     for base_name, module in resolved.items():
         update = adapter.base_order(module, base_name, adapter.updates[module], heads)
-        transposed = update.stored_in_out or stored_in_out(base_name)
         info = base_infos[base_name]
-        expected = _peft_shape(info, transposed)
-        got = update.shape()
-        n_mag = expected[0] if update.magnitude_axis == "out" else expected[1]
-        if got is not None and got != expected:
-            problems.append(f"'{module}': adapter {list(got)} vs base {base_name} "
-                            f"{list(expected)}")
-        elif update.magnitude is not None and update.magnitude.numel() != n_mag:
-            problems.append(f"'{module}': magnitude of {update.magnitude.numel()} vs base "
-                            f"{base_name} with {n_mag} vectors")
+        transposed = _transposed(update, base_name, info)
+        problem = _misfit(module, update, base_name, info, transposed)
+        if problem:
+            problems.append(problem)
         else:
             targets[base_name] = (update, transposed)
+    shared = _share_tied(targets, base_infos, adapter) if not problems else []
+    if shared:
+        raise TensorMismatchError(f"{adapter.path}: {listing(shared, sep='; ')}", shared)
     if problems:
         raise TensorMismatchError(
             f"{adapter.path}: adapter does not fit the base ({len(problems)} module(s)): "

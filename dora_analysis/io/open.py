@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +37,11 @@ from .deepspeed import find_zero, open_zero
 from .guard import not_found, not_regular, path_kind
 from .merge import AdapterSource
 from .quant import dequantized
-from .refs import TRAINER_DCP_FOLDERS, CheckpointRef, step_of
+from .refs import TRAINER_DCP_FOLDERS, CheckpointRef, series_steps, step_of
 from .remote import DEFAULT_TIMEOUT, Url, open_remote
 from .safetensors import SafetensorsFile
 from .sharded import ShardedCheckpoint
+from .tied import with_tied_heads
 from .torch_bin import TorchFile
 
 log = logging.getLogger("dora_analysis")
@@ -78,19 +80,49 @@ FILE_SUFFIXES: dict[str, Opener] = {
     ".pth": lambda p, o: TorchFile(p),
 }
 
-#: Files that make a folder a model checkpoint, in order of preference.
+#: Files that make a folder a model checkpoint, in order of preference. transformers' weight
+#: variants (``save_pretrained(variant="fp16")``) insert ``.<variant>`` before the last suffix:
+#: ``model.fp16.safetensors``, ``model.safetensors.index.fp16.json``.
 FOLDER_FILES: tuple[str, ...] = (
     "model.safetensors",
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+#: A shard index, plain or of a variant: ``<stem>.<format suffix>.index[.<variant>].json``.
+_SHARD = re.compile(r"-\d+-of-\d+$")
+_INDEX = re.compile(r"^.+?(?P<suffix>\.[A-Za-z0-9]+)\.index(?:\.[\w-]+)?\.json$")
+
+
+def variant_name(file: str, variant: str) -> str:
+    """transformers' name of ``file`` for a weight variant.
+
+    Example:
+        >>> variant_name("model.safetensors.index.json", "fp16")
+        'model.safetensors.index.fp16.json'
+    """
+    stem, _, suffix = file.rpartition(".")
+    return f"{stem}.{variant}.{suffix}"
+
+
+def folder_variants(path: Path) -> dict[str, Path]:
+    """The weight variants a folder holds (``fp16`` → its preferred file), by name."""
+    found: dict[str, Path] = {}
+    for file in FOLDER_FILES:
+        stem, _, suffix = file.rpartition(".")
+        for candidate in sorted(path.glob(f"{stem}.*.{suffix}")):
+            variant = candidate.name[len(stem) + 1: -len(suffix) - 1]
+            if candidate.is_file() and re.fullmatch(r"[\w-]+", variant) \
+                    and not _SHARD.search(variant):  # model.fp16-00001-of-00002.safetensors
+                found.setdefault(variant, candidate)
+    return found
 
 
 def open_file(path: Path, options: ReadOptions = ReadOptions()) -> TensorSource:
     """One checkpoint file (or a shard index), chosen by suffix; no dequantization."""
-    if path.name.endswith(".index.json"):
-        inner = FILE_SUFFIXES.get(Path(path.name[: -len(".index.json")]).suffix)
+    index = _INDEX.match(path.name)
+    if index:
+        inner = FILE_SUFFIXES.get(index.group("suffix"))
         if inner is not None:
             return ShardedCheckpoint(path, lambda shard: inner(shard, options))
     opener = FILE_SUFFIXES.get(path.suffix)
@@ -104,8 +136,11 @@ def _model_folder_file(path: Path) -> Path | None:
     for file in FOLDER_FILES:
         if (path / file).is_file():
             return path / file
+    variants = folder_variants(path)
+    if len(variants) == 1:  # several (fp16 and bf16): the user says which
+        return next(iter(variants.values()))
     singles = sorted(p for p in path.glob("*.safetensors") if p.is_file())
-    return singles[0] if len(singles) == 1 else None
+    return singles[0] if len(singles) == 1 and not variants else None
 
 
 def trained_on(options: ReadOptions) -> TensorSource | None:
@@ -210,7 +245,8 @@ FORMATS: list[Format] = [
     Format("deepspeed-zero", lambda p: find_zero(p) is not None, _open_zero,
            looks_for="global_stepN/ with *_model_states.pt or a 'latest' file (DeepSpeed)"),
     Format("model-folder", lambda p: p.is_dir() and _model_folder_file(p) is not None,
-           _open_model_folder, looks_for=", ".join(FOLDER_FILES) + ", a single *.safetensors"),
+           _open_model_folder, looks_for=", ".join(FOLDER_FILES) + " (or a variant's: "
+           "model.fp16.safetensors …), a single *.safetensors"),
     Format("dcp", lambda p: find_dcp(p) is not None, _open_dcp,
            looks_for=".metadata + *.distcp (DCP; also in pytorch_model_fsdp_0/)"),
 ]
@@ -240,11 +276,31 @@ def open_checkpoint(path: str | Path | Url, options: ReadOptions = ReadOptions()
         if fmt.detect(path):
             if fmt.needs_base and base is None:
                 raise _adapter_as_base(path)
-            return fmt.open(path, options, base)
+            source = fmt.open(path, options, base)
+            # a base (opened on its own) gets its tied lm_head back as an alias
+            return source if base is not None else with_tied_heads(source, path)
+    raise _no_checkpoint(path)
+
+
+def _no_checkpoint(path: Path) -> CheckpointFormatError:
+    """Why a folder holds no checkpoint, and what to give instead."""
+    steps = series_steps(path)
+    if steps:
+        names = ", ".join(p.name for _, p in steps[:3]) + (" …" if len(steps) > 3 else "")
+        return CheckpointFormatError(
+            f"{path}: a training run folder ({len(steps)} checkpoints: {names}), not one "
+            "checkpoint; a run is a series of tuned checkpoints — as BASE give the pre-trained "
+            f"weights, or one checkpoint of the run such as {steps[0][1]}")
+    variants = folder_variants(path)
+    if len(variants) > 1:
+        files = ", ".join(p.name for p in variants.values())
+        return CheckpointFormatError(
+            f"{path}: holds {len(variants)} variants of the weights ({files}); give the one to "
+            f"read as a file, e.g. {next(iter(variants.values()))}")
     expected = "; ".join(f.looks_for for f in FORMATS if f.looks_for)
     singles = len([p for p in path.glob("*.safetensors") if p.is_file()])
     found = f"{singles} .safetensors files and no index" if singles else "none of them"
-    raise CheckpointFormatError(f"{path}: no checkpoint found (looked for {expected}; {found})")
+    return CheckpointFormatError(f"{path}: no checkpoint found (looked for {expected}; {found})")
 
 
 def open_source(path: str | Path, backend: str = "mmap") -> TensorSource:

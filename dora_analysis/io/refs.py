@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import CheckpointFormatError, SkippedFoldersWarning
-from .guard import not_found, not_regular, path_kind
+from ..errors import CheckpointFormatError, CheckpointNotFoundError, SkippedFoldersWarning
+from .guard import not_found, not_regular, path_kind, shown
 
 #: Subfolders that make a folder a training series, one checkpoint per step N: HF Trainer's
 #: ``checkpoint-N`` and torchtitan's ``step-N``.
@@ -120,6 +120,21 @@ def unnumbered_steps(folder: Path) -> list[str]:
     return unnumbered(c.name for c in folder.iterdir() if c.is_dir())
 
 
+def missing_in_folder(path: Path) -> CheckpointNotFoundError:
+    """A path shaped like a Hub id (``ft/checkpoint-3``) whose folder exists here: a local path
+    that is missing, never a Hub repo; the error lists what the folder holds (a mistyped step is
+    the usual cause)."""
+    error = not_found(path)
+    try:
+        names = sorted(c.name for c in path.parent.iterdir() if not c.name.startswith("."))
+    except OSError:
+        names = []
+    held = f"{shown(path.parent)}/ holds {', '.join(names[:8])}{' …' if len(names) > 8 else ''}; "
+    return CheckpointNotFoundError(f"{error} ({held if names else ''}the folder "
+                                   f"{shown(path.parent)}/ exists here, so it is not read as a "
+                                   "Hugging Face Hub repo id)")
+
+
 @dataclass(frozen=True)
 class CheckpointRef:
     """One parsed reference to a checkpoint, a training series, or a Hub repository."""
@@ -158,6 +173,8 @@ class CheckpointRef:
         if kind == "other":
             raise not_regular(path)
         if _HUB_REPO.match(text) and not text.startswith((".", "/", "~")):
+            if path_kind(path.parent) == "folder":
+                raise missing_in_folder(path)  # ft/checkpoint-3 with ft/ here: local, not Hub
             repo, _, revision = text.partition("@")
             return cls(text, "hub", repo=repo, revision=revision or None)
         raise not_found(text)

@@ -3,8 +3,10 @@ streaming sums and the adapter's own tensors; no extra reads of the weights).
 
 Each check that fires adds its tag; ``warnings`` joins them with ``,`` (empty: nothing to report).
 
-* ``lora_B_zero`` — an adapter module whose ``lora_B`` is all zeros: B starts at zero, so the
-  module never trained (a frozen or mis-targeted adapter; huggingface/peft#793).
+* ``lora_B_zero`` — an adapter module whose ``lora_B`` is all zeros and that has no trained
+  DoRA magnitude either: B starts at zero, so the module never trained (a frozen or mis-targeted
+  adapter; huggingface/peft#793). A DoRA module whose magnitude moved while B stayed zero is
+  magnitude-only by design (paper Table 6, ``dora-train --magnitude-only``): it trained.
 * ``unchanged`` — the tuned matrix equals the base exactly.
 * ``below_precision_floor`` — it differs, but by less than rounding to the stored dtype would:
   the mean over vectors of ‖Δw‖²/‖w0‖² is at most twice the mean squared relative rounding error
@@ -94,20 +96,20 @@ def health(view: PairView) -> dict[str, str]:
     sums = view.sums()
     tags = []
     update = view.adapter_update()
-    if update is not None and update.lora_b is not None and update.rank \
-            and not bool(update.lora_b.any()):
-        tags.append(LORA_B_ZERO)
-    finite = torch.isfinite(sums.sq0) & torch.isfinite(sums.sqt) & torch.isfinite(sums.sqd)
     u = max(unit_roundoff(view.pair.info.dtype), unit_roundoff(view.pair.tuned_dtype))
+    frozen = update is not None and update.magnitude is not None and magnitude_frozen(
+        view, update.magnitude, update.magnitude_axis, u + unit_roundoff(update.dtype))
+    if update is not None and update.lora_b is not None and update.rank \
+            and not bool(update.lora_b.any()) and (update.magnitude is None or frozen):
+        tags.append(LORA_B_ZERO)  # with a trained magnitude: magnitude-only, not untrained
+    finite = torch.isfinite(sums.sq0) & torch.isfinite(sums.sqt) & torch.isfinite(sums.sqd)
     if not bool(finite.all()):
         tags.append(NONFINITE)
     elif not bool(sums.sqd.any()):
         tags.append(UNCHANGED)
     elif below_precision_floor(sums.sq0, sums.sqd, u):
         tags.append(BELOW_PRECISION_FLOOR)
-    if update is not None and update.magnitude is not None and magnitude_frozen(
-            view, update.magnitude, update.magnitude_axis,
-            u + unit_roundoff(update.dtype)):
+    if frozen:
         tags.append(MAGNITUDE_FROZEN)
     return {WARNINGS: SEPARATOR.join(tags)}
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import dora_analysis as da
 from dora_analysis import columns as C
 from dora_analysis.errors import CheckpointFormatError, ConfigError, TensorMismatchError
-from dora_analysis.io.adapters import pattern_value
+from dora_analysis.io.peft_config import pattern_value
 
 Q, DOWN = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"  # (24, 16), (16, 40)
 
@@ -134,6 +134,8 @@ PEFT_CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
                "base_model_name_or_path": "other/model"}
 GOOD = {f"base_model.model.{Q}.lora_A.weight": rand(4, 16, seed=1),
         f"base_model.model.{Q}.lora_B.weight": rand(24, 4, seed=2)}
+SQUARE = {f"base_model.model.{Q}.lora_A.weight": rand(4, 24, seed=1),  # a transposed B·A fits
+          f"base_model.model.{Q}.lora_B.weight": rand(24, 4, seed=2)}
 
 
 def test_adapter_without_weights(ckpts, tmp_path):
@@ -148,7 +150,7 @@ def test_broken_adapter_config(ckpts, tmp_path):
     with pytest.raises(CheckpointFormatError, match="broken adapter config"):
         da.analyze(ckpts["base"], folder)
     (folder / "adapter_config.json").write_text(json.dumps({"r": 4}))
-    with pytest.raises(CheckpointFormatError, match="'lora_alpha' must be a positive number"):
+    with pytest.raises(CheckpointFormatError, match="'lora_alpha' is missing"):
         da.analyze(ckpts["base"], folder)
 
 
@@ -362,3 +364,197 @@ def test_torchtune_dora_agrees_with_torchtune_merge(adapter, tmp_path):
     assert set(ours[C.NAME]) == set(ref[C.NAME]) and len(ours) == len(ref) == 2 * 7 * 2
     assert set(ours[C.METHOD]) == {"dora"}
     _agree(ours, ref, rel=1e-4)
+
+
+# --- every LoraConfig field: honoured, ignored or refused by name ------------------------------
+
+def test_every_lora_config_field_has_a_rule():
+    """A field PEFT adds to LoraConfig fails here until it is honoured, ignored (with the reason
+    it cannot change the merged weight) or refused."""
+    import dataclasses
+
+    from dora_analysis.io.peft_config import LORA_FIELDS
+
+    peft = pytest.importorskip("peft")
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert fields - set(LORA_FIELDS) == set(), "LoraConfig fields without a rule"
+    assert set(LORA_FIELDS) - fields == set(), "rules for fields LoraConfig no longer has"
+
+
+def test_docs_table_lists_every_field_as_the_reader_treats_it():
+    import re
+    from pathlib import Path
+
+    from dora_analysis.io.peft_config import LORA_FIELDS
+
+    doc = (Path(__file__).parents[2] / "docs" / "adapters.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (honoured|ignored|refused) \|", doc, re.MULTILINE))
+    assert rows == {name: rule.treatment for name, rule in LORA_FIELDS.items()}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("use_qalora", True), ("alora_invocation_tokens", [5, 6]), ("arrow_config", {}),
+    ("layer_replication", [[0, 2], [1, 2]]),
+])
+def test_refused_fields_are_named(ckpts, tmp_path, field, value):
+    from dora_analysis.errors import UnsupportedAdapterError
+
+    folder = write_peft_like(tmp_path / "a", PEFT_CONFIG | {field: value}, GOOD)
+    with pytest.raises(UnsupportedAdapterError, match=rf"'{field}' = .* is not supported"):
+        da.analyze(ckpts["base"], folder)
+
+
+@pytest.mark.parametrize("field, unset", [
+    ("use_qalora", False), ("alora_invocation_tokens", None), ("arrow_config", None),
+    ("layer_replication", []), ("layer_replication", None),
+])
+def test_refused_fields_at_their_default_are_read(ckpts, tmp_path, field, unset):
+    folder = write_peft_like(tmp_path / "a", PEFT_CONFIG | {field: unset}, GOOD)
+    assert len(da.analyze(ckpts["base"], folder)) == 1
+
+
+@pytest.mark.parametrize("config", [
+    {"layer_replication": [[0, 2], [1, 2]]},
+    {"alora_invocation_tokens": [5], "task_type": "CAUSAL_LM"},
+])
+def test_refused_fields_on_adapters_peft_wrote(tmp_path, config):
+    import warnings
+
+    from dora_analysis.errors import UnsupportedAdapterError
+
+    pm = pytest.importorskip("tests.peft_models")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        case = pm.make_case(tmp_path, "refused", pm.tiny_llama,
+                            {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **config},
+                            merge=False)
+    field = next(k for k in config if k != "task_type")
+    with pytest.raises(UnsupportedAdapterError, match=f"'{field}'"):
+        da.analyze(case.base, case.adapter)
+
+
+@pytest.mark.parametrize("field", ["use_rslora", "fan_in_fan_out", "use_dora",
+                                   "ensure_weight_tying", "use_qalora"])
+@pytest.mark.parametrize("value", ["false", "true", 0, 1])
+def test_booleans_must_be_json_booleans(ckpts, tmp_path, field, value):
+    """PEFT reads any non-empty string as true ("false" included): refused, never guessed."""
+    folder = write_peft_like(tmp_path / "a", PEFT_CONFIG | {field: value}, GOOD)
+    with pytest.raises(CheckpointFormatError, match=rf"'{field}' must be true or false, got "):
+        da.analyze(ckpts["base"], folder)
+
+
+def test_string_false_no_longer_changes_the_numbers(ckpts, tmp_path, capsys):
+    """The reported defect: "use_rslora": "false" gave α/√r, "fan_in_fan_out": "false" a
+    transposed B·A. Now one error line, and JSON false reads as plain LoRA."""
+    from dora_analysis.cli import main
+
+    base = tmp_path / "square.safetensors"  # (24, 24): a transposed B·A fits it as well
+    save_file({Q + ".weight": rand(24, 24, seed=9)}, str(base))
+    for field in ("use_rslora", "fan_in_fan_out"):
+        folder = write_peft_like(tmp_path / field, PEFT_CONFIG | {field: "false"}, SQUARE)
+        assert main([str(base), str(folder), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and f"'{field}'" in err
+    plain = da.analyze(base, write_peft_like(tmp_path / "p", PEFT_CONFIG, SQUARE))
+    false = da.analyze(base, write_peft_like(
+        tmp_path / "f", PEFT_CONFIG | {"use_rslora": False, "fan_in_fan_out": False}, SQUARE))
+    assert false[C.DELTA_D].tolist() == plain[C.DELTA_D].tolist()
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"lora_alpha": 10**400}, "'lora_alpha' must be a finite positive number, got 1000"),
+    ({"lora_alpha": float("inf")}, "'lora_alpha' must be a finite positive number"),
+    ({"lora_alpha": "8"}, "'lora_alpha' must be a finite positive number, got '8'"),
+    ({"r": 10**9}, "rank 4 in its weights but r = 1000000000 by 'r' in adapter_config.json"),
+    ({"r": 4.0}, "'r' must be a positive integer"),
+    ({"rank_pattern": {"q_proj": 2}}, "rank 4 in its weights but r = 2 by rank_pattern"),
+    ({"alpha_pattern": {"q_proj": 10**400}}, "'alpha_pattern' gives 'q_proj' the value"),
+    ({"init_lora_weights": "xavier"}, "'init_lora_weights' must be true, false or one of"),
+    ({"use_bdlora": {"nblocks": 0}}, "'use_bdlora' must be null or an object"),
+    ({"trainable_token_indices": ["a"]}, "'trainable_token_indices' must be a list of token"),
+])
+def test_config_numbers_and_types_give_one_error_line(ckpts, tmp_path, capsys, config, message):
+    from dora_analysis.cli import main
+
+    folder = write_peft_like(tmp_path / "a", PEFT_CONFIG | config, GOOD)
+    assert main([str(ckpts["base"]), str(folder), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+
+
+def test_unknown_fields_are_refused_unless_empty(ckpts, tmp_path):
+    from dora_analysis.errors import UnsupportedAdapterError
+
+    folder = write_peft_like(tmp_path / "a", PEFT_CONFIG | {"use_newlora": True}, GOOD)
+    with pytest.raises(UnsupportedAdapterError, match="field 'use_newlora' = True is not one of"):
+        da.analyze(ckpts["base"], folder)
+    for i, empty in enumerate((None, False, [], {})):
+        folder = write_peft_like(tmp_path / f"e{i}", PEFT_CONFIG | {"use_newlora": empty}, GOOD)
+        assert len(da.analyze(ckpts["base"], folder)) == 1
+
+
+def test_unknown_adapter_tensors_are_refused(ckpts, tmp_path):
+    from dora_analysis.errors import UnsupportedAdapterError
+
+    odd = GOOD | {f"base_model.model.{Q}.lora_gate.weight": rand(4, 4, seed=5)}
+    folder = write_peft_like(tmp_path / "a", PEFT_CONFIG, odd)
+    with pytest.raises(UnsupportedAdapterError, match=r"lora_gate\.weight"):
+        da.analyze(ckpts["base"], folder)
+
+
+def test_kasa_diagonal_needs_its_config(ckpts, tmp_path):
+    """A lora_diag without kasa_config (or the reverse) is not guessed."""
+    diag = {f"base_model.model.{Q}.lora_diag": rand(4, seed=3)}
+    folder = write_peft_like(tmp_path / "a", PEFT_CONFIG, GOOD | diag)
+    with pytest.raises(CheckpointFormatError, match="lora_diag but no kasa_config"):
+        da.analyze(ckpts["base"], folder)
+    folder = write_peft_like(tmp_path / "b", PEFT_CONFIG | {"kasa_config": {}}, GOOD)
+    with pytest.raises(CheckpointFormatError, match="kasa_config but no lora_diag"):
+        da.analyze(ckpts["base"], folder)
+
+
+def test_every_other_peft_type_is_refused_by_name(ckpts, tmp_path):
+    from dora_analysis.errors import UnsupportedAdapterError
+
+    peft = pytest.importorskip("peft")
+    for i, peft_type in enumerate(t.value for t in peft.PeftType if t.value != "LORA"):
+        folder = write_peft_like(tmp_path / f"t{i}", PEFT_CONFIG | {"peft_type": peft_type}, GOOD)
+        with pytest.raises(UnsupportedAdapterError, match=f"adapter type {peft_type} is not"):
+            da.analyze(ckpts["base"], folder)
+
+
+@pytest.mark.parametrize("make", ["IA3Config", "LoHaConfig", "LoKrConfig", "AdaLoraConfig",
+                                  "VeraConfig", "OFTConfig"])
+def test_other_tuners_peft_wrote_are_refused_by_name(tmp_path, make):
+    import warnings
+
+    from dora_analysis.errors import UnsupportedAdapterError
+
+    peft = pytest.importorskip("peft")
+    pm = pytest.importorskip("tests.peft_models")
+    model = pm.tiny_llama()
+    save_file(pm._state(model), str(tmp_path / "base.safetensors"))
+    kwargs = {"target_modules": ["q_proj", "v_proj"]}
+    if make == "AdaLoraConfig":
+        kwargs["total_step"] = 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(model, getattr(peft, make)(**kwargs)).save_pretrained(
+            str(tmp_path / "adapter"))
+    peft_type = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"]
+    with pytest.raises(UnsupportedAdapterError, match=f"adapter type {peft_type} is not"):
+        da.analyze(tmp_path / "base.safetensors", tmp_path / "adapter")
+
+
+def test_dora_without_magnitudes_is_warned_once_per_run(ckpts, tmp_path, capsys):
+    """Planning and running both open the adapter; the warning comes once (it came twice)."""
+    from dora_analysis.cli import main
+
+    prefix = "base_model.model."
+    folder = write_peft_like(
+        tmp_path / "bridge", {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True},
+        {prefix + Q + ".lora_A.weight": rand(4, 16, seed=1),
+         prefix + Q + ".lora_B.weight": rand(24, 4, seed=2)})
+    assert main([str(ckpts["base"]), str(folder), "--quiet"]) == 0
+    assert capsys.readouterr().err.count("says use_dora") == 1

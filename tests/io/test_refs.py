@@ -109,3 +109,51 @@ def test_steps_and_labels_of_inner_folders(tmp_path, path, step, label):
     (tmp_path / path).mkdir(parents=True)
     ref = CheckpointRef.parse(str(tmp_path / path))
     assert (ref.kind, ref.step, ref.default_label) == ("folder", step, label)
+
+
+def test_missing_local_path_is_never_sent_to_the_hub(tmp_path, monkeypatch, ckpts, capsys):
+    """``ft/checkpoint-3`` when ``ft/`` is here: a missing local path (listing what ``ft/``
+    holds), not a Hub repo id reported as a cache miss."""
+    _run(tmp_path, "checkpoint-1", "checkpoint-2")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointNotFoundError, match=r"run/checkpoint-3: no such file or folder "
+                                                      r"\(run/ holds checkpoint-1, checkpoint-2"):
+        CheckpointRef.parse("run/checkpoint-3")
+    assert CheckpointRef.parse("org/name").kind == "hub"  # no org/ here: a Hub id as before
+    assert main([str(ckpts["base"]), "run/checkpoint-3", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run/checkpoint-3: no such file") and err.count("\n") == 1
+    assert "HF_HUB" not in err and "cache" not in err
+
+
+def test_run_folder_as_base_names_a_checkpoint(ckpts, capsys):
+    assert main([str(ckpts["series"]), str(ckpts["tuned"]), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "a training run folder (3 checkpoints: checkpoint-10, checkpoint-20, checkpoint-30)" \
+        in err and str(ckpts["series"] / "checkpoint-10") in err
+
+
+def test_sharded_variant_checkpoints(ckpts, tmp_path):
+    """transformers' ``save_pretrained(variant="fp16")``: ``model.safetensors.index.fp16.json``
+    with ``model.fp16-0000N-of-0000M.safetensors`` shards, or one ``model.fp16.safetensors``;
+    read like the plain names (the folder, or the index itself). Two variants: say which."""
+    import dora_analysis as da
+    from dora_analysis import columns as C
+
+    pm = pytest.importorskip("tests.peft_models")
+    base, tuned = pm.tiny_llama(0), pm.tiny_llama(1)
+    base.save_pretrained(str(tmp_path / "base"))
+    tuned.save_pretrained(str(tmp_path / "plain"))
+    tuned.save_pretrained(str(tmp_path / "sharded"), variant="fp16", max_shard_size="20KB")
+    tuned.save_pretrained(str(tmp_path / "single"), variant="bf16")
+    assert (tmp_path / "sharded" / "model.safetensors.index.fp16.json").is_file()
+    ref = da.analyze(tmp_path / "base", tmp_path / "plain")
+    for tuned_ref in (tmp_path / "sharded", tmp_path / "sharded" /
+                      "model.safetensors.index.fp16.json", tmp_path / "single"):
+        table = da.analyze(tmp_path / "base", tuned_ref)
+        assert table[C.DELTA_D].tolist() == ref[C.DELTA_D].tolist()
+    for f in (tmp_path / "single").iterdir():
+        shutil.copy(f, tmp_path / "sharded")
+    with pytest.raises(CheckpointFormatError, match="holds 2 variants of the weights"):
+        da.analyze(tmp_path / "base", tmp_path / "sharded")

@@ -105,3 +105,40 @@ def test_floor_threshold_by_hand():
 
 def test_split_reads_cells():
     assert h.split("a,b") == ["a", "b"] and h.split("") == [] and h.split(float("nan")) == []
+
+
+def test_magnitude_only_dora_is_not_untrained(tmp_path):
+    """A DoRA module whose magnitude trained while lora_B stayed zero (magnitude-only, paper
+    Table 6; dora-train --magnitude-only) changed its weights: no lora_B_zero, no warning."""
+    table = da.analyze(*peft_adapter(tmp_path / "a", use_dora=True, train_b=False,
+                                     train_magnitude=True))
+    assert set(table[h.WARNINGS]) == {""}
+    assert (table[C.DELTA_M] > 1e-3).all()
+
+
+def test_magnitude_only_modules_of_dora_train(tmp_path):
+    """The same through this project's trainer: magnitude-only targets save lora_B = 0."""
+    import json
+
+    from dora_analysis.training.config import TrainConfig
+    from dora_analysis.training.inject import inject_adapters
+    from dora_analysis.training.loop import checkpoint_weights, peft_adapter_config
+
+    model = pm.tiny_llama()
+    save_file(pm._state(model), str(tmp_path / "base.safetensors"))
+    inject_adapters(model, targets=["q_proj", "down_proj"], method="dora", rank=4, alpha=8,
+                    magnitude_only=["q_proj"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # q: the magnitude only; down: magnitude and lora_B
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    config = TrainConfig(method="dora", targets=("q_proj", "down_proj"), rank=4, alpha=8,
+                         magnitude_only=("q_proj",), output=tmp_path / "out")
+    (tmp_path / "adapter").mkdir()
+    save_file(checkpoint_weights(model, config), str(tmp_path / "adapter" /
+                                                     "adapter_model.safetensors"))
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        json.dumps(peft_adapter_config(config)))
+    table = da.analyze(tmp_path / "base.safetensors", tmp_path / "adapter")
+    q = table[table[C.MODULE] == "q"]
+    assert len(q) == 2 and set(q[h.WARNINGS]) == {""} and (q[C.DELTA_M] > 1e-4).all()

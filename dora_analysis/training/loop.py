@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointFormatError, ConfigError
+from .accumulation import LossUnits, accumulate, label_units
 from .config import TrainConfig
 from .distributed import (
     gathered_state,
@@ -224,12 +225,17 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfig, *,
-          loss_fn: LossFn = hf_loss, resume: Path | None = None, evaluate: EvalFn | None = None,
+          loss_fn: LossFn = hf_loss, loss_units: LossUnits | None = None,
+          resume: Path | None = None, evaluate: EvalFn | None = None,
           progress: bool = False) -> TrainResult:
     """Fine-tune a prepared model (see :func:`prepare`) and save checkpoints at ``save_steps``.
 
     ``batch_at(i)`` returns micro-batch ``i`` (on any device: it is moved to the model's); step
-    ``s`` uses micro-batches ``s·grad_accum … s·grad_accum + grad_accum − 1``. Under
+    ``s`` uses micro-batches ``s·grad_accum … s·grad_accum + grad_accum − 1``. ``loss_fn``
+    returns a micro-batch's mean loss over ``loss_units(batch)`` units (default
+    :func:`.accumulation.label_units`: the labels a ``transformers`` model's loss counts, else the
+    rows); micro-batches are weighted by their units, so accumulation gives the gradient of one
+    big batch (see :mod:`.accumulation`) and ``TrainResult.losses`` are means per unit. Under
     ``torchrun``, wrap the prepared model (:func:`.distributed.wrap`) and give each rank its own
     ``batch_at``; rank 0 saves. ``evaluate(model)``, if given, runs in eval mode without
     gradients before each save (on every rank: a sharded model needs them all); its metrics go
@@ -260,14 +266,19 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfi
     model.train()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.method,
                disable=not progress or not is_main_process())
+    units = loss_units or label_units(model)
+
+    def forward(batch: Batch) -> torch.Tensor:
+        with autocast(precision, device):
+            return loss_fn(model, batch)
+
+    def backward(loss: torch.Tensor) -> None:
+        scaler.scale(loss).backward()
+
     for step in bar:
-        total = 0.0
-        for micro in range(config.grad_accum):
-            batch = to_device(batch_at(step * config.grad_accum + micro), device)
-            with autocast(precision, device):
-                loss = loss_fn(model, batch)
-            scaler.scale(loss / config.grad_accum).backward()
-            total += float(loss.detach()) / config.grad_accum
+        batches = [to_device(batch_at(step * config.grad_accum + micro), device)
+                   for micro in range(config.grad_accum)]
+        total = accumulate(batches, forward, units, backward, device, step)
         scaler.unscale_(optimizer)
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)

@@ -4,7 +4,8 @@ the loop in :mod:`.loop`, devices and ``torchrun`` in :mod:`.runtime` and :mod:`
 
 Nothing heavy is imported before ``run``: ``dora-train --help`` answers without torch.
 
-Exit codes: 0 success, 2 bad input (one ``error: …`` line on stderr), 130 interrupted.
+Exit codes: 0 success, 2 bad input (one ``error: …`` line on stderr), 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM), 129 hung up (SIGHUP).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..console import parser
+from ..console import interrupted, parser
 from ..errors import ConfigError, DoraAnalysisError, TruncationWarning
 from .config import DEVICES, DTYPES, METHODS, PARALLEL, TASKS, TrainConfig, canonical_dtype
 
@@ -252,11 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     except DoraAnalysisError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted (the last saved checkpoint can be resumed with --resume)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM/SIGHUP through the console entry
+        return interrupted(exc, "the last saved checkpoint can be resumed with --resume")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # torchrun -m dora_analysis.training.cli: signals as dora-train's
+    from ..console import train
+
+    sys.exit(train())

@@ -1,8 +1,9 @@
 """Every input of ``dora-train`` checked before the work starts, in one place.
 
 :func:`check_arguments` runs before anything heavy is loaded: the flags (:class:`TrainConfig`),
-the run folder (:mod:`.runfolder`), the checkpoint to resume (:mod:`.resume`: its files, and its
-settings against the flags) and the data files (read and checked by the task, field by field).
+``--model`` (a folder with ``config.json``, or a Hub id), the run folder (:mod:`.runfolder`), the
+checkpoint to resume (:mod:`.resume`: its files, and its settings against the flags) and the
+data files (read and checked by the task, field by field).
 :func:`check_model` runs on the model's config and tokenizer, before the data is tokenized and
 the weights are loaded: ``--max-length`` against the model's positions, the padding the task
 needs. What only the model in hand can tell — which modules ``--targets`` and
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import ConfigError
 from .config import TrainConfig
@@ -58,6 +61,23 @@ def build_config(args: argparse.Namespace, modules_to_save=(), extra=None) -> Tr
     )
 
 
+#: What ``from_pretrained`` takes for a Hub repository: ``name`` or ``org/name``.
+HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")
+
+
+def check_model_reference(model: str) -> None:
+    """``--model`` is a model folder with a ``config.json``, or could be a Hub id."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        raise ConfigError(f"{model}: a file, not a model folder; give the folder that holds "
+                          "config.json, the weights and the tokenizer")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(f"{model}: no config.json; give a transformers model folder "
+                          "(config.json, weights and tokenizer files) or a Hub id")
+    if not path.exists() and not HUB_ID.fullmatch(model):
+        raise ConfigError(f"{model}: no such model folder (nor a Hub id such as org/name)")
+
+
 @dataclass
 class Checked:
     """What :func:`check_arguments` found: the settings, the task with its data read and
@@ -74,6 +94,7 @@ def check_arguments(args: argparse.Namespace) -> Checked:
     from .tasks import TASKS
 
     build_config(args)  # the flags alone, before any file is read
+    check_model_reference(args.model)
     if args.task == "seq-cls" and args.text_field == args.label_field:
         raise ConfigError(f"--text-field and --label-field both name '{args.text_field}'; the "
                           "text and the label are two fields")

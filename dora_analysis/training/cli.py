@@ -158,10 +158,6 @@ def load_model_files(transformers, args: argparse.Namespace):
         what = "tokenizer"
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        local = Path(args.model)
-        if what == "config" and local.is_dir() and not (local / "config.json").is_file():
-            raise ConfigError(f"{args.model}: no config.json; give a transformers model folder "
-                              "(config.json, weights and tokenizer files) or a Hub id") from None
         raise ConfigError(f"{args.model}: cannot load the {what} "
                           f"({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
     special = len(set(tokenizer.all_special_ids))

@@ -99,14 +99,26 @@ def test_labels_one_and_one_point_zero_are_one_class(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "labels.json").read_text()) == ["0", "1"]
 
 
-# -- refused once the model's config and tokenizer are read ------------------------------------
-def test_a_model_folder_without_config_or_tokenizer(tmp_path, capsys):
+def test_a_model_that_is_no_folder_with_config_is_refused_before_loading(tmp_path, capsys,
+                                                                          no_model_loading):
     data = classification(tmp_path)
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(MINILM / "model.safetensors", bare)
     assert "bare: no config.json; give a transformers model folder" in one_error(
         capsys, seq_cls(tmp_path, data, "--model", str(bare)))
+    assert "model.safetensors: a file, not a model folder; give the folder that holds" in (
+        one_error(capsys, seq_cls(tmp_path, data, "--model", str(bare / "model.safetensors"))))
+    assert "./nope: no such model folder (nor a Hub id such as org/name)" in one_error(
+        capsys, seq_cls(tmp_path, data, "--model", "./nope"))
+
+
+# -- refused once the model's config and tokenizer are read ------------------------------------
+def test_a_model_folder_without_tokenizer_files(tmp_path, capsys):
+    data = classification(tmp_path)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(MINILM / "model.safetensors", bare)
     shutil.copy(MINILM / "config.json", bare)
     assert "bare: the tokenizer has no vocabulary beyond its 5 special tokens" in one_error(
         capsys, seq_cls(tmp_path, data, "--model", str(bare)))

@@ -24,6 +24,10 @@ from .config import TrainConfig
 from .resume import Checkpoint, check_resumable, read_checkpoint
 from .runfolder import claim
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # tasks import torch: only when the arguments are checked
+    from .tasks import CausalLanguageModelling, SequenceClassification
+
 #: Float flags that must be finite (``inf`` and ``nan`` pass argparse's ``float``).
 FINITE = {"alpha": "--alpha", "dropout": "--dropout", "lr": "--lr",
           "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm"}
@@ -84,7 +88,7 @@ class Checked:
     checked, and the checkpoint to resume (or None)."""
 
     config: TrainConfig
-    task: object
+    task: SequenceClassification | CausalLanguageModelling
     resume: Checkpoint | None
 
 

@@ -71,10 +71,11 @@ def replicas() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def summed_over_processes(values: torch.Tensor) -> torch.Tensor:
-    """``values`` summed over every process (a collective; unchanged in a single process)."""
+def summed_over_processes(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``values`` summed over every process, through ``device`` (NCCL needs the GPU); a
+    collective, and ``values`` unchanged in a single process."""
     if replicas() > 1:
-        values = values.clone()
+        values = values.to(device, copy=True)
         torch.distributed.all_reduce(values)
     return values
 
@@ -86,8 +87,9 @@ def accumulate(batches: Sequence[Batch], forward: Callable[[Batch], torch.Tensor
     of the step's units over all processes; returns the step's mean loss per unit (over all
     processes).
 
-    ``forward(batch)`` returns the micro-batch's mean loss, ``backward(loss)`` runs the backward
-    pass (through a gradient scaler, say); ``device`` is where the collectives run.
+    ``forward(batch)`` returns the micro-batch's mean loss (moving it to the model's device),
+    ``backward(loss)`` runs the backward pass (through a gradient scaler, say); ``device`` is
+    where the collectives run.
 
     Example:
         >>> accumulate(batches, lambda b: model(**b).loss, label_units(model),
@@ -97,8 +99,8 @@ def accumulate(batches: Sequence[Batch], forward: Callable[[Batch], torch.Tensor
     empty = [i for i, n in enumerate(counts) if n == 0]
     # one collective for the total and for "some process has an empty micro-batch", so that
     # every process raises together instead of leaving the others waiting
-    total, empties = summed_over_processes(
-        torch.tensor([sum(counts), len(empty)], device=device)).tolist()
+    total, empties = summed_over_processes(torch.tensor([sum(counts), len(empty)]),
+                                           device).tolist()
     if empties:
         where = (f"micro-batch {empty[0]} of step {step + 1}" if empty else
                  f"a micro-batch of step {step + 1} on another process")
@@ -110,4 +112,4 @@ def accumulate(batches: Sequence[Batch], forward: Callable[[Batch], torch.Tensor
         loss = forward(batch)
         backward(loss * (count * scale))
         loss_sum += loss.detach().float() * count
-    return float(summed_over_processes(loss_sum)) / total
+    return float(summed_over_processes(loss_sum, device)) / total

@@ -280,7 +280,8 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfi
                disable=not progress or not is_main_process())
     units = loss_units or label_units(model)
 
-    def forward(batch: Batch) -> torch.Tensor:
+    def forward(batch: Batch) -> torch.Tensor:  # one micro-batch on the device at a time
+        batch = to_device(batch, device)
         with autocast(precision, device):
             return loss_fn(model, batch)
 
@@ -288,8 +289,8 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfi
         scaler.scale(loss).backward()
 
     for step in bar:
-        batches = [to_device(batch_at(step * config.grad_accum + micro), device)
-                   for micro in range(config.grad_accum)]
+        # counted where batch_at made them (the CPU, for dora-train): no device sync
+        batches = [batch_at(step * config.grad_accum + micro) for micro in range(config.grad_accum)]
         total = accumulate(batches, forward, units, backward, device, step)
         scaler.unscale_(optimizer)
         if config.max_grad_norm:

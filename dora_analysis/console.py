@@ -74,11 +74,13 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
-def interrupted(exc: KeyboardInterrupt) -> int:
-    """Report an interrupt on one line; the exit code the shell uses for that signal."""
+def interrupted(exc: KeyboardInterrupt, hint: str = "") -> int:
+    """Report an interrupt on one line (``hint``: what the user can do next, appended); the exit
+    code the shell uses for that signal."""
     signum = getattr(exc, "signum", signal.SIGINT)
     name = signal.Signals(signum).name
-    say("error: interrupted" if signum == signal.SIGINT else f"error: terminated ({name})")
+    what = "error: interrupted" if signum == signal.SIGINT else f"error: terminated ({name})"
+    say(f"{what}; {hint}" if hint else what)
     return 128 + signum
 
 

@@ -93,3 +93,11 @@ class TruncationWarning(UserWarning):
 
 class AnalysisCallbackWarning(UserWarning):
     """The analysis inside a training run was skipped for a checkpoint; training goes on."""
+
+
+class RunFolderWarning(UserWarning):
+    """``--overwrite`` deleted the outputs of an earlier run from a run folder."""
+
+
+class ResumeWarning(UserWarning):
+    """A resumed run goes on with training settings other than those it was saved with."""

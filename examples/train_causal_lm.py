@@ -68,7 +68,7 @@ def main() -> None:
                         "--model", model, "--data", str(data), "--method", method, "--lr", lr,
                         "--steps", str(args.steps), "--save-steps", save, "--batch-size", "8",
                         "--max-length", "64", "--device", args.device, "--output", str(run),
-                        "-q"], check=True)
+                        "--overwrite", "-q"], check=True)  # a rerun replaces the earlier runs
         runs.append(run)
     table = da.analyze(model, runs, labels=list(LEARNING_RATES), methods=list(LEARNING_RATES),
                        modules=("q", "v"))

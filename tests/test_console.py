@@ -134,3 +134,51 @@ def test_a_reader_that_leaves_early_is_not_an_error(ckpts, tmp_path):
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in stderr, stderr
     assert (tmp_path / "marker").read_text() == "ran"
+
+
+# -- dora-train: a real process, a real signal, while it trains ---------------------------------
+TRAIN_ENTRY = "import sys\nfrom dora_analysis.console import train\nsys.exit(train())"
+
+
+def signal_training(tiny_llama, tmp_path, signum, entry=("-c", TRAIN_ENTRY)):
+    """Start dora-train (causal LM, a checkpoint at every step, endless steps); once
+    checkpoint-1 is saved, send ``signum``; return exit code, stderr and the run folder."""
+    import json
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"what is {i}?", "response": f"{i}."})
+                              for i in range(8)))
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, *entry, "--task", "causal-lm", "--model", str(tiny_llama),
+         "--data", str(data), "--method", "lora", "--steps", "100000",
+         "--save-steps", ",".join(map(str, range(1, 200))), "--batch-size", "2", "--device",
+         "cpu", "--output", str(out), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint-1").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stderr, out
+
+
+@pytest.mark.parametrize("signum, message", [
+    (signal.SIGTERM, "error: terminated (SIGTERM); the last saved checkpoint can be resumed"),
+    (signal.SIGINT, "error: interrupted; the last saved checkpoint can be resumed"),
+])
+def test_dora_train_signals_end_with_one_line_and_the_signals_exit_code(tiny_llama, tmp_path,
+                                                                        signum, message):
+    rc, stderr, out = signal_training(tiny_llama, tmp_path, signum)
+    assert rc == 128 + signum, stderr
+    assert len(stderr.splitlines()) == 1 and stderr.startswith(message), stderr
+    assert not list(out.glob(".*.tmp"))  # a save cut short leaves nothing behind
+
+
+@pytest.mark.slow
+def test_dora_train_under_python_m_handles_sigterm_too(tiny_llama, tmp_path):
+    """``torchrun -m dora_analysis.training.cli`` sends SIGTERM to its workers on failure."""
+    rc, stderr, _ = signal_training(tiny_llama, tmp_path, signal.SIGTERM,
+                                    entry=("-m", "dora_analysis.training.cli"))
+    assert rc == 143 and "error: terminated (SIGTERM)" in stderr, stderr

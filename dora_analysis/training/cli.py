@@ -4,19 +4,26 @@ the loop in :mod:`.loop`, devices and ``torchrun`` in :mod:`.runtime` and :mod:`
 
 Nothing heavy is imported before ``run``: ``dora-train --help`` answers without torch.
 
-Exit codes: 0 success, 2 bad input (one ``error: …`` line on stderr), 130 interrupted.
+Exit codes: 0 success, 2 bad input (one ``error: …`` line on stderr), 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM), 129 hung up (SIGHUP).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
 
-from ..console import parser
-from ..errors import ConfigError, DoraAnalysisError, TruncationWarning
+from ..console import interrupted, parser
+from ..errors import (
+    ConfigError,
+    DoraAnalysisError,
+    ResumeWarning,
+    RunFolderWarning,
+    TruncationWarning,
+)
+from .checks import check_arguments, check_model
 from .config import DEVICES, DTYPES, METHODS, PARALLEL, TASKS, TrainConfig, canonical_dtype
 
 DESCRIPTION = """\
@@ -45,7 +52,10 @@ examples:
 
 With --eval-data, every saved checkpoint is scored on held-out examples (seq-cls: accuracy and
 cross-entropy; causal-lm: cross-entropy per target token and perplexity) in
-checkpoint-N/eval_results.json; OUTPUT/eval_results.json lists all saved steps."""
+checkpoint-N/eval_results.json; OUTPUT/eval_results.json lists all saved steps.
+
+OUTPUT holds one run: a new run refuses a folder holding another run's checkpoints (or
+eval_results.json), --overwrite deletes them; --resume OUTPUT/checkpoint-N continues a run."""
 
 
 def has_default(action: argparse.Action) -> bool:
@@ -130,61 +140,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: ddp (a full replica per process) or fsdp (FSDP2, "
                    "parameters sharded across processes)")
     p.add_argument("--resume", metavar="DIR", type=Path,
-                   help="a checkpoint-N folder of this run to continue")
+                   help="a checkpoint-N folder to continue, with the settings it was saved "
+                   "with (in --output: the later checkpoints there must go, see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what --output holds of an earlier run (checkpoint-N folders, "
+                   "eval_results.json; resuming: the checkpoints after the resumed step) "
+                   "instead of refusing to mix two runs in one folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
+def load_model_files(transformers, args: argparse.Namespace):
+    """The model's config and tokenizer (small files: the weights come later)."""
+    what = "config"
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"{flag} takes comma-separated integers, got {text!r}") from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-def build_config(args: argparse.Namespace, modules_to_save=(), extra=None) -> TrainConfig:
-    """The :class:`TrainConfig` the flags describe (validated)."""
-    if args.max_length < 2:
-        raise ConfigError("--max-length must be at least 2")
-    if args.resume is not None and not (args.resume / "trainer_state.json").is_file():
-        raise ConfigError(f"--resume {args.resume}: not a checkpoint folder of dora-train "
-                          "(no trainer_state.json)")
-    return TrainConfig(
-        method=args.method, targets=_names(args.targets),
-        magnitude_only=_names(args.magnitude_only), rank=args.rank, alpha=args.alpha,
-        dropout=args.dropout, rslora=args.rslora, detach_norm=not args.full_norm_gradient,
-        modules_to_save=tuple(modules_to_save), lr=args.lr, steps=args.steps,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_steps=args.warmup,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
-        seed=args.seed, save_steps=_ints(args.save_steps, "--save-steps"), output=args.output,
-        device=args.device, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-        parallel=args.parallel, extra=dict(extra or {}),
-    )
+        hf_config = transformers.AutoConfig.from_pretrained(args.model)
+        what = "tokenizer"
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{args.model}: cannot load the {what} "
+                          f"({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
+    special = len(set(tokenizer.all_special_ids))
+    if len(tokenizer) <= special:  # transformers builds an empty one when the files are missing
+        raise ConfigError(f"{args.model}: the tokenizer has no vocabulary beyond its {special} "
+                          "special tokens (its files are missing?); copy the base model's "
+                          "tokenizer files into the folder")
+    return hf_config, tokenizer
 
 
 def load_model(transformers, task, args: argparse.Namespace):
-    """Tokenizer and model of ``--model`` for the task, weights in float32."""
+    """The model of ``--model`` for the task, weights in float32."""
     import torch
 
     # transformers 5 loads a checkpoint's own dtype by default; training keeps float32 masters.
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
         auto = getattr(transformers, task.auto_class)
-        model = auto.from_pretrained(args.model, **task.model_kwargs(),
-                                     **{dtype_kw: torch.float32})
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{args.model}: cannot load the model ({str(exc).splitlines()[0]})"
-                          ) from None
-    return tokenizer, model
+        return auto.from_pretrained(args.model, **task.model_kwargs(),
+                                    **{dtype_kw: torch.float32})
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{args.model}: cannot load the model "
+                          f"({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    build_config(args)  # every flag checked before anything is loaded
+    checked = check_arguments(args)  # flags, --output, --resume, data: before anything loads
+    config, task = checked.config, checked.task
     try:
         import transformers
     except ImportError:
@@ -194,9 +195,8 @@ def run(args: argparse.Namespace) -> int:
 
     from .data import for_rank
     from .distributed import place
-    from .loop import collect_evals, prepare, train
+    from .loop import prepare, train
     from .runtime import start, stop
-    from .tasks import TASKS as TASK_CLASSES
 
     # A new classification head is expected to be untrained: keep transformers' notes quiet.
     transformers.logging.set_verbosity_error()
@@ -204,13 +204,12 @@ def run(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     runtime = start(args.device)
     try:
-        task = TASK_CLASSES[args.task](args)
-        config = build_config(args, task.modules_to_save, {
-            "task_type": task.peft_task_type, "base_model_name_or_path": args.model,
-            **task.extra()})
-        torch.manual_seed(args.seed)
-        tokenizer, model = load_model(transformers, task, args)
+        hf_config, tokenizer = load_model_files(transformers, args)
+        check_model(args, task, hf_config, tokenizer)
         batch_at, evaluate = task.batches(tokenizer, config.batch_size, config.seed)
+        torch.manual_seed(args.seed)
+        model = load_model(transformers, task, args)
+        task.fit_model(model, tokenizer)
         batch_at = for_rank(batch_at, runtime.rank, runtime.world_size)
         model = place(prepare(model, config), config.parallel, runtime)
         if runtime.is_main:
@@ -228,9 +227,6 @@ def run(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in metrics.items() if k != "step")
         print(f"step {metrics['step']}: held-out {shown}", file=sys.stderr)
-    if evaluate is not None:
-        (args.output / "eval_results.json").write_text(
-            json.dumps(collect_evals(args.output), indent=1))
     print(f"final loss {result.losses[-1]:.4f} after {config.steps} steps on "
           f"{runtime.device} ({runtime.world_size} process(es)); analyse with:\n"
           f"  dora-analyze {args.model} {args.output}", file=sys.stderr)
@@ -246,17 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("always", TruncationWarning)
+            for category in (TruncationWarning, RunFolderWarning, ResumeWarning):
+                warnings.simplefilter("always", category)
             warnings.showwarning = _print_warning
             return run(args)
     except DoraAnalysisError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted (the last saved checkpoint can be resumed with --resume)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM/SIGHUP through the console entry
+        return interrupted(exc, "the last saved checkpoint can be resumed with --resume")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # torchrun -m dora_analysis.training.cli: signals as dora-train's
+    from ..console import train
+
+    sys.exit(train())

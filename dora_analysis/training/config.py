@@ -61,6 +61,10 @@ class TrainConfig:
     save_steps: tuple[int, ...] = ()
     """Steps after which ``OUTPUT/checkpoint-N/`` is written; the last step always is."""
     output: Path | None = None
+    """The run folder, for ``checkpoint-N/`` (one run per folder: see :mod:`.runfolder`)."""
+    overwrite: bool = False
+    """Delete the outputs of an earlier run in ``output`` (for a resumed run: its checkpoints
+    after the resumed step) instead of refusing to mix them with this run's."""
     device: str = "auto"
     """``auto`` (CUDA, else Apple MPS, else CPU), ``cpu``, ``cuda`` or ``mps``."""
     dtype: str = "auto"
@@ -87,7 +91,8 @@ class TrainConfig:
             (self.steps >= 1, "--steps must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
-            (0 <= self.warmup_steps < self.steps, "--warmup must be below --steps"),
+            (self.warmup_steps >= 0, "--warmup must not be negative"),
+            (self.warmup_steps < self.steps, "--warmup must be below --steps"),
             (self.weight_decay >= 0, "--weight-decay must not be negative"),
             (self.max_grad_norm is None or self.max_grad_norm > 0,
              "--max-grad-norm must be positive (0 turns clipping off)"),

@@ -1,8 +1,6 @@
-"""Training data: reading example files, tokenizing them for each task, and batching.
+"""Training data: tokenizing the checked records of :mod:`.records` for each task, and batching.
 
-Sequence classification reads ``text``/``label`` rows from JSONL or CSV. Causal language
-modelling reads JSONL, one example per line, in one of three shapes (told apart by the fields of
-the first line, then required of every line):
+Causal language modelling reads JSONL, one example per line, in one of three shapes:
 
 * ``{"prompt": …, "response": …}``: the loss covers the response (and the end-of-sequence
   token) only; the prompt is context.
@@ -17,7 +15,6 @@ lines.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,8 +23,11 @@ from pathlib import Path
 import torch
 
 from ..errors import TrainingDataError, TruncationWarning, listing
+from .records import Record, read_causal
 
 IGNORE = -100  # the label the cross-entropy of transformers models ignores
+Tokenized = tuple[list[int], list[int]]
+"""An example's token ids and labels."""
 
 
 # -- batching ------------------------------------------------------------------------------
@@ -50,36 +50,6 @@ def for_rank(batch_at: Callable[[int], dict], rank: int, world_size: int):
 
 
 # -- sequence classification ---------------------------------------------------------------
-def read_examples(path: Path, text_field: str, label_field: str,
-                  min_labels: int = 2) -> tuple[list[str], list[str]]:
-    """Texts and labels from a JSONL (one object per line) or CSV file."""
-    import pandas as pd
-
-    if not path.is_file():
-        raise TrainingDataError(f"{path}: no such data file")
-    suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".csv"):
-        raise TrainingDataError(f"{path}: data must be .jsonl or .csv")
-    if path.stat().st_size == 0:
-        raise TrainingDataError(f"{path}: the file is empty")
-    try:
-        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_json(
-            path, lines=suffix == ".jsonl")
-    except ValueError as exc:
-        raise TrainingDataError(f"{path}: cannot be read ({str(exc).splitlines()[0]})") from None
-    missing = [f for f in (text_field, label_field) if f not in frame.columns]
-    if missing:
-        raise TrainingDataError(f"{path}: no field(s) {', '.join(missing)} (fields: "
-                                f"{', '.join(map(str, frame.columns))}); use --text-field and "
-                                "--label-field")
-    frame = frame.dropna(subset=[text_field, label_field])
-    labels = frame[label_field].astype(str).tolist()
-    if len(set(labels)) < min_labels:
-        raise TrainingDataError(f"{path}: needs at least {min_labels} distinct label(s) in "
-                                f"'{label_field}'")
-    return frame[text_field].astype(str).tolist(), labels
-
-
 def classification_batches(encodings: dict, label_ids: torch.Tensor, batch_size: int, seed: int):
     """``batch_at(i)`` over pre-padded classification encodings."""
     indices_at = shuffled_batches(len(label_ids), batch_size, seed)
@@ -101,78 +71,8 @@ class Example:
     line: int
 
 
-#: The JSONL shapes, by the fields they need (the first that a line has wins).
-CAUSAL_FORMATS: dict[str, tuple[str, ...]] = {
-    "prompt-response": ("prompt", "response"),
-    "messages": ("messages",),
-    "text": ("text",),
-}
 FALLBACK_CHAT = "{role}: {content}\n"
 """How a conversation is written for a tokenizer without a chat template (one line a message)."""
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """``(line number, object)`` for every non-blank line of a JSONL file."""
-    if not path.is_file():
-        raise TrainingDataError(f"{path}: no such data file")
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        raise TrainingDataError(f"{path}: causal-lm data must be .jsonl (one JSON object a line)")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrainingDataError(f"{path}: line {number} is not JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise TrainingDataError(f"{path}: line {number} is not a JSON object")
-            records.append((number, record))
-    if not records:
-        raise TrainingDataError(f"{path}: no examples (the file is empty)")
-    return records
-
-
-def causal_format(records: Sequence[tuple[int, dict]], path: Path) -> str:
-    """The shape of a causal-LM file, checked on every line."""
-    first = records[0][1]
-    kind = next((k for k, fields in CAUSAL_FORMATS.items() if all(f in first for f in fields)),
-                None)
-    shapes = "; ".join(" + ".join(fields) for fields in CAUSAL_FORMATS.values())
-    if kind is None:
-        partial = [f"{' and '.join(f for f in fields if f in first)} but no "
-                   f"{' and '.join(f for f in fields if f not in first)}"
-                   for fields in CAUSAL_FORMATS.values() if any(f in first for f in fields)]
-        found = partial[0] if partial else "fields " + (", ".join(first) or "none")
-        raise TrainingDataError(f"{path}: line {records[0][0]} has {found}; each line needs "
-                                f"one of: {shapes}")
-    problems = []
-    for number, record in records:
-        for name in CAUSAL_FORMATS[kind]:
-            problem = _field_problem(name, record.get(name))
-            if problem:
-                problems.append(f"line {number} ({problem})")
-    if problems:
-        raise TrainingDataError(f"{path}: {len(problems)} line(s) unusable as "
-                                f"{' + '.join(CAUSAL_FORMATS[kind])}: {listing(problems, 5)}")
-    return kind
-
-
-def _field_problem(name: str, value) -> str | None:
-    """What is wrong with one field of a causal-LM line, or None."""
-    if name != "messages":
-        if not isinstance(value, str):
-            return f"{name} missing or not a string"
-        return f"{name} empty" if value == "" and name != "prompt" else None
-    if not isinstance(value, list) or not value:
-        return "messages missing or not a list"
-    if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-               and isinstance(m.get("content"), str) for m in value):
-        return "each message needs a string role and content"
-    if not any(m["role"] == "assistant" for m in value):
-        return "no assistant message to learn from"
-    return None
 
 
 def _ends(tokenizer) -> tuple[list[int], list[int]]:
@@ -185,11 +85,11 @@ def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
-def tokenize_prompt_response(tokenizer, records: list[dict]) -> list[tuple[list[int], list[int]]]:
+def tokenize_prompt_response(tokenizer, records: Sequence[Record]) -> list[Tokenized]:
     """``[bos] prompt response [eos]``; labels on the response and eos."""
     bos, eos = _ends(tokenizer)
-    prompts = _ids(tokenizer, [r["prompt"] for r in records])
-    responses = _ids(tokenizer, [r["response"] for r in records])
+    prompts = _ids(tokenizer, [r["prompt"] for _, r in records])
+    responses = _ids(tokenizer, [r["response"] for _, r in records])
     out = []
     for prompt, response in zip(prompts, responses, strict=True):
         context, target = bos + prompt, response + eos
@@ -197,11 +97,11 @@ def tokenize_prompt_response(tokenizer, records: list[dict]) -> list[tuple[list[
     return out
 
 
-def tokenize_text(tokenizer, records: list[dict]) -> list[tuple[list[int], list[int]]]:
+def tokenize_text(tokenizer, records: Sequence[Record]) -> list[Tokenized]:
     """``[bos] text [eos]``; labels on every token."""
     bos, eos = _ends(tokenizer)
     out = []
-    for ids in _ids(tokenizer, [r["text"] for r in records]):
+    for ids in _ids(tokenizer, [r["text"] for _, r in records]):
         out.append((bos + ids + eos, [IGNORE] * len(bos) + ids + eos))
     return out
 
@@ -215,8 +115,14 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, i
         if templated:
             if not part and not reply_next:
                 return ""
-            return tokenizer.apply_chat_template(part, tokenize=False,
-                                                 add_generation_prompt=reply_next)
+            try:
+                return tokenizer.apply_chat_template(part, tokenize=False,
+                                                     add_generation_prompt=reply_next)
+            except Exception as exc:  # a template is code of its own: it can raise anything
+                first = (str(exc).splitlines() or [""])[0]
+                raise TrainingDataError(f"the tokenizer's chat template fails on this "
+                                        f"conversation ({type(exc).__name__}: {first}); fix "
+                                        "the conversation or the template") from None
         text = "".join(FALLBACK_CHAT.format(role=m["role"], content=m["content"]) for m in part)
         return text + ("assistant: " if reply_next else "")
 
@@ -234,13 +140,16 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, i
     return full, spans, templated
 
 
-def tokenize_messages(tokenizer, records: list[dict]) -> list[tuple[list[int], list[int]]]:
+def tokenize_messages(tokenizer, records: Sequence[Record]) -> list[Tokenized]:
     """Chat-templated conversations; labels on the tokens of assistant replies."""
     bos, eos = _ends(tokenizer)
     out = []
-    for record in records:
+    for number, record in records:
         messages = record["messages"]
-        text, spans, templated = render_chat(tokenizer, messages)
+        try:
+            text, spans, templated = render_chat(tokenizer, messages)
+        except TrainingDataError as exc:
+            raise TrainingDataError(f"line {number}: {exc}") from None
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(encoded["input_ids"])
         labels = [tok if any(s <= start < e for s, e in spans) else IGNORE
@@ -271,11 +180,18 @@ def fit(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], 
 
 
 def encode_causal(path: Path, tokenizer, max_length: int) -> list[Example]:
-    """Read and tokenize a causal-LM JSONL file (see the module docstring)."""
-    records = read_jsonl(path)
-    kind = causal_format(records, path)
+    """Read, check and tokenize a causal-LM JSONL file (see the module docstring)."""
+    kind, records = read_causal(path)
+    return encode_records(path, kind, records, tokenizer, max_length)
+
+
+def encode_records(path: Path, kind: str, records: Sequence[Record], tokenizer,
+                   max_length: int) -> list[Example]:
+    """Tokenize the checked records of a causal-LM file of shape ``kind`` (:func:`read_causal`);
+    a conversation the chat template cannot render, or a line left without a target, is an
+    error naming the line."""
     try:
-        tokenized = CAUSAL_TOKENIZERS[kind](tokenizer, [r for _, r in records])
+        tokenized = CAUSAL_TOKENIZERS[kind](tokenizer, records)
     except TrainingDataError as exc:
         raise TrainingDataError(f"{path}: {exc}") from None
     examples, cut = [], []
@@ -283,7 +199,7 @@ def encode_causal(path: Path, tokenizer, max_length: int) -> list[Example]:
         if len(ids) > max_length:
             cut.append(f"{number}")
             ids, labels = fit(ids, labels, max_length)
-        if all(label == IGNORE for label in labels):
+        if all(label == IGNORE for label in labels[1:]):  # position 0 predicts nothing
             raise TrainingDataError(f"{path}: line {number} has no token to learn from")
         examples.append(Example(ids, labels, number))
     if cut:

@@ -54,6 +54,28 @@ def resolve_targets(model: nn.Module, targets: Iterable[str]) -> tuple[str, ...]
     return tuple(dict.fromkeys(picked)) + rest
 
 
+def check_names(model: nn.Module, chosen: list[str], targets: tuple[str, ...],
+                magnitude_only: list[str], modules_to_save: tuple[str, ...]) -> None:
+    """Every target name adapts some module, every magnitude-only name one of those, and no
+    target is a module trained in full (``modules_to_save``); else a :class:`ConfigError`."""
+    unmatched = [t for t in targets if not any(matches(name, (t,)) for name in chosen)]
+    if unmatched:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if n and adapter_classes(m) is not None})
+        which = "matches" if len(unmatched) == 1 else "match"
+        raise ConfigError(f"--targets {','.join(unmatched)} {which} no adaptable module "
+                          f"({ADAPTABLE}); such modules here end in: {', '.join(kinds)}")
+    not_targets = [m for m in magnitude_only if not any(matches(name, (m,)) for name in chosen)]
+    if not_targets:
+        raise ConfigError(f"--magnitude-only {','.join(not_targets)}: no targeted module has "
+                          f"that name (--targets {','.join(targets)}); it picks targets that "
+                          "train only their magnitude")
+    saved_in_full = [name for name in chosen if matches(name, modules_to_save)]
+    if saved_in_full:
+        raise ConfigError(f"--targets {','.join(targets)} includes {', '.join(saved_in_full)}, "
+                          "which is trained in full (a new head); leave it out of --targets")
+
+
 def inject_adapters(
     model: nn.Module, *, targets: Iterable[str], method: str, rank: int, alpha: float,
     dropout: float = 0.0, rslora: bool = False, detach_norm: bool = True,
@@ -83,11 +105,7 @@ def inject_adapters(
     if unsupported:
         raise ConfigError(f"--targets {','.join(targets)} matches modules that cannot take "
                           f"adapters: {', '.join(unsupported[:5])}; adaptable: {ADAPTABLE}")
-    if not chosen:
-        kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                        if n and adapter_classes(m) is not None})
-        raise ConfigError(f"no adaptable module ({ADAPTABLE}) matches --targets "
-                          f"{','.join(targets)}; such modules here end in: {', '.join(kinds)}")
+    check_names(model, chosen, targets, magnitude_only, tuple(modules_to_save))
     for param in model.parameters():
         param.requires_grad_(False)
     for name in chosen:

@@ -4,10 +4,12 @@
 for ``transformers`` models, so ``from_pretrained`` loads it); for LoRA/DoRA a PEFT adapter
 folder (``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's names), plus what
 resuming needs (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt``, ``trainer_state.json``)
-and, when an evaluation is given, ``eval_results.json``. Each checkpoint is written into a
-temporary folder and renamed into place, so an interrupted run never leaves a half-written
-checkpoint. Data order is a function of the step (``batch_at(i)``), so a resumed run sees the
-same batches and ends with the same weights.
+and, when an evaluation is given, ``eval_results.json`` (``OUTPUT/eval_results.json`` lists
+every saved step's, rewritten after each save). One run per folder: a new run refuses a folder
+holding another run's outputs, a resumed one the checkpoints after its step (see
+:mod:`.runfolder`). Each checkpoint is written into a temporary folder and renamed into place,
+so an interrupted run never leaves a half-written checkpoint. Data order is a function of the
+step (``batch_at(i)``), so a resumed run sees the same batches and ends with the same weights.
 
 The batches are moved to the model's device; forward and backward run under autocast in the
 configured precision. Under ``torchrun`` (see :mod:`.distributed`) every process runs this loop on
@@ -28,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointFormatError, ConfigError
+from ..errors import CheckpointFormatError, ConfigError, listing
+from .accumulation import LossUnits, accumulate, label_units
 from .config import TrainConfig
 from .distributed import (
     gathered_state,
@@ -39,6 +42,8 @@ from .distributed import (
     unwrap,
 )
 from .inject import PEFT_PREFIX, inject_adapters, is_adapter_entry, uses_fan_in_fan_out
+from .resume import WEIGHTS, check_resumable, read_checkpoint
+from .runfolder import claim, write_evals
 from .runtime import autocast, autocast_dtype, model_device
 
 Batch = dict
@@ -195,26 +200,28 @@ def save_checkpoint(model: nn.Module, config: TrainConfig, step: int, optimizer,
 
 
 def load_trainable(model: nn.Module, folder: Path, method: str) -> None:
-    """Put a checkpoint's trained weights back into a prepared model."""
-    file = folder / ("model.safetensors" if method == "ft" else "adapter_model.safetensors")
+    """Put a checkpoint's trained weights back into a prepared model: every trained tensor of
+    the model, each of its shape, and nothing else."""
+    file = folder / WEIGHTS[method]
     if not file.is_file():
         raise CheckpointFormatError(f"{folder}: no {file.name}; resume a checkpoint of a "
                                     f"--method {method} run")
     state = load_file(str(file))
     if method != "ft":  # PEFT's names are ours behind the prefix
         state = {key.removeprefix(PEFT_PREFIX): value for key, value in state.items()}
-    known = set(unwrap(model).state_dict())
-    unknown = sorted(set(state) - known)
-    if unknown:
-        raise CheckpointFormatError(f"{folder}: checkpoint tensor(s) with no place in this "
-                                    f"model: {', '.join(unknown[:5])}")
+    inner = unwrap(model)
+    shapes = {name: tuple(t.shape) for name, t in inner.state_dict().items()}
+    trained = [name for name, p in inner.named_parameters() if p.requires_grad]
+    problems = [f"{name} (no place in this model)" for name in sorted(set(state) - set(shapes))]
+    problems += [f"{name} {list(t.shape)} (this model: {list(shapes[name])})"
+                 for name, t in sorted(state.items())
+                 if name in shapes and tuple(t.shape) != shapes[name]]
+    problems += [f"{name} (missing)" for name in trained if name not in state]
+    if problems:
+        raise CheckpointFormatError(f"{folder}: {len(problems)} tensor(s) do not fit the model "
+                                    f"being trained: {listing(problems, 4)}; resume a "
+                                    "checkpoint saved with the same settings")
     load_model_entries(model, state)
-
-
-def collect_evals(output: Path) -> list[dict]:
-    """The ``eval_results.json`` of every ``checkpoint-N`` in a run, by step."""
-    found = [json.loads(p.read_text()) for p in output.glob("checkpoint-*/eval_results.json")]
-    return sorted(found, key=lambda e: e["step"])
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -224,12 +231,17 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfig, *,
-          loss_fn: LossFn = hf_loss, resume: Path | None = None, evaluate: EvalFn | None = None,
+          loss_fn: LossFn = hf_loss, loss_units: LossUnits | None = None,
+          resume: Path | None = None, evaluate: EvalFn | None = None,
           progress: bool = False) -> TrainResult:
     """Fine-tune a prepared model (see :func:`prepare`) and save checkpoints at ``save_steps``.
 
     ``batch_at(i)`` returns micro-batch ``i`` (on any device: it is moved to the model's); step
-    ``s`` uses micro-batches ``s·grad_accum … s·grad_accum + grad_accum − 1``. Under
+    ``s`` uses micro-batches ``s·grad_accum … s·grad_accum + grad_accum − 1``. ``loss_fn``
+    returns a micro-batch's mean loss over ``loss_units(batch)`` units (default
+    :func:`.accumulation.label_units`: the labels a ``transformers`` model's loss counts, else the
+    rows); micro-batches are weighted by their units, so accumulation gives the gradient of one
+    big batch (see :mod:`.accumulation`) and ``TrainResult.losses`` are means per unit. Under
     ``torchrun``, wrap the prepared model (:func:`.distributed.wrap`) and give each rank its own
     ``batch_at``; rank 0 saves. ``evaluate(model)``, if given, runs in eval mode without
     gradients before each save (on every rank: a sharded model needs them all); its metrics go
@@ -249,9 +261,15 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfi
     # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     result, start = TrainResult(), 0
+    checkpoint = None
     if resume is not None:
-        state = json.loads((resume / "trainer_state.json").read_text())
-        start, result.losses = state["global_step"], list(state["log_history"])
+        checkpoint = read_checkpoint(resume)
+        check_resumable(config, checkpoint)
+        start, result.losses = checkpoint.step, list(checkpoint.losses)
+    if config.output is not None:
+        claim(config.output, resume, start, overwrite=config.overwrite,
+              delete=is_main_process())
+    if checkpoint is not None:
         load_trainable(model, resume, config.method)
         load_optimizer_state(model, optimizer,
                              torch.load(resume / "optimizer.pt", weights_only=True))
@@ -260,14 +278,20 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfi
     model.train()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=config.method,
                disable=not progress or not is_main_process())
+    units = loss_units or label_units(model)
+
+    def forward(batch: Batch) -> torch.Tensor:  # one micro-batch on the device at a time
+        batch = to_device(batch, device)
+        with autocast(precision, device):
+            return loss_fn(model, batch)
+
+    def backward(loss: torch.Tensor) -> None:
+        scaler.scale(loss).backward()
+
     for step in bar:
-        total = 0.0
-        for micro in range(config.grad_accum):
-            batch = to_device(batch_at(step * config.grad_accum + micro), device)
-            with autocast(precision, device):
-                loss = loss_fn(model, batch)
-            scaler.scale(loss / config.grad_accum).backward()
-            total += float(loss.detach()) / config.grad_accum
+        # counted where batch_at made them (the CPU, for dora-train): no device sync
+        batches = [batch_at(step * config.grad_accum + micro) for micro in range(config.grad_accum)]
+        total = accumulate(batches, forward, units, backward, device, step)
         scaler.unscale_(optimizer)
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -286,6 +310,8 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfi
                                     result.losses, metrics)
             if saved is not None:
                 result.checkpoints.append(saved)
+                if metrics is not None:
+                    write_evals(config.output)
     return result
 
 

@@ -1,8 +1,9 @@
 """What ``dora-train`` can train: one class per task, chosen by ``--task`` from :data:`TASKS`.
 
-A task names the ``transformers`` auto class and PEFT task type, reads its data, and turns it
-into ``batch_at(i)`` and an optional held-out evaluation. Adding a task is one class and one
-registry entry.
+A task names the ``transformers`` auto class and PEFT task type, reads and checks its data
+files when it is made (before any model is loaded), fits the tokenizer and the model to its
+batches, and turns the data into ``batch_at(i)`` and an optional held-out evaluation. Adding a
+task is one class and one registry entry.
 """
 
 from __future__ import annotations
@@ -15,16 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import TrainingDataError
-from .data import (
-    IGNORE,
-    causal_batches,
-    classification_batches,
-    collate,
-    encode_causal,
-    pad_id,
-    read_examples,
-)
+from ..errors import ConfigError, TrainingDataError
+from .data import IGNORE, causal_batches, classification_batches, collate, encode_records, pad_id
+from .records import read_causal, read_classification
 from .runtime import model_device
 
 
@@ -39,13 +33,13 @@ class SequenceClassification:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.texts, labels = read_examples(args.data, args.text_field, args.label_field)
+        self.texts, labels = read_classification(args.data, args.text_field, args.label_field)
         self.names = sorted(set(labels))
         self.label_ids = torch.tensor([self.names.index(label) for label in labels])
         self.heldout = None
         if args.eval_data is not None:
-            self.heldout = read_examples(args.eval_data, args.text_field, args.label_field,
-                                         min_labels=1)
+            self.heldout = read_classification(args.eval_data, args.text_field,
+                                               args.label_field, min_labels=1)
             unknown = sorted(set(self.heldout[1]) - set(self.names))
             if unknown:
                 raise TrainingDataError(f"{args.eval_data}: label(s) not in the training data: "
@@ -60,6 +54,22 @@ class SequenceClassification:
 
     def write_run_files(self, output: Path) -> None:
         (output / "labels.json").write_text(json.dumps(self.names))
+
+    def fit_tokenizer(self, tokenizer) -> None:
+        """Batches are padded: a tokenizer without a pad token pads with end-of-sequence (as
+        is usual for decoders)."""
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ConfigError(f"{self.args.model}: the tokenizer has neither a padding nor "
+                                  "an end-of-sequence token to pad batches with; add a "
+                                  "pad_token to its tokenizer_config.json")
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def fit_model(self, model, tokenizer) -> None:
+        """A decoder classifies at its last token that is not padding, found by the config's
+        ``pad_token_id``: without one, the tokenizer's (transformers would refuse batches)."""
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
 
     def _encode(self, tokenizer, texts: list[str]) -> dict:
         return dict(tokenizer(texts, truncation=True, max_length=self.args.max_length,
@@ -88,9 +98,8 @@ class CausalLanguageModelling:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        for path in (args.data, args.eval_data):
-            if path is not None and not path.is_file():
-                raise TrainingDataError(f"{path}: no such data file")
+        self.data = read_causal(args.data)
+        self.heldout = None if args.eval_data is None else read_causal(args.eval_data)
 
     def model_kwargs(self) -> dict:
         return {}
@@ -101,13 +110,20 @@ class CausalLanguageModelling:
     def write_run_files(self, output: Path) -> None:
         pass
 
+    def fit_tokenizer(self, tokenizer) -> None:
+        pass  # padding falls back to end-of-sequence (see data.pad_id): never attended
+
+    def fit_model(self, model, tokenizer) -> None:
+        pass
+
     def batches(self, tokenizer, batch_size: int, seed: int):
         """``(batch_at, evaluate or None)``; examples tokenized once, batches padded each."""
         pad = pad_id(tokenizer)
-        examples = encode_causal(self.args.data, tokenizer, self.args.max_length)
+        examples = encode_records(self.args.data, *self.data, tokenizer, self.args.max_length)
         evaluate = None
-        if self.args.eval_data is not None:
-            heldout = encode_causal(self.args.eval_data, tokenizer, self.args.max_length)
+        if self.heldout is not None:
+            heldout = encode_records(self.args.eval_data, *self.heldout, tokenizer,
+                                     self.args.max_length)
             evaluate = token_loss_eval([collate(heldout[i : i + 16], pad)
                                         for i in range(0, len(heldout), 16)])
         return causal_batches(examples, pad, batch_size, seed), evaluate

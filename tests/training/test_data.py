@@ -158,3 +158,49 @@ def test_every_example_once_per_epoch_and_the_order_fixed_by_the_seed():
     assert indices_at(1) == shuffled_batches(10, 4, seed=3)(1)
     assert indices_at(0) != shuffled_batches(10, 4, seed=4)(0)
     assert torch.is_tensor(torch.tensor(indices_at(5)))
+
+
+# -- reading the files (records.py) ---------------------------------------------------------------
+def test_classification_rows_from_csv_keep_their_text_and_name_their_lines(tmp_path):
+    from dora_analysis.training.records import read_classification
+
+    data = tmp_path / "d.csv"
+    data.write_text('text,label\n"two\nlines, quoted",pos\n007,neg\nshort\n', encoding="utf-8")
+    with pytest.raises(TrainingDataError, match=r"d.csv: 1 row\(s\) unusable: line 5 \(label "
+                                                r"missing\)"):
+        read_classification(data, "text", "label")
+    data.write_text('text,label\n"two\nlines, quoted",pos\n007,neg\n', encoding="utf-8")
+    # CSV text stays text: 007 is not read as the number 7
+    assert read_classification(data, "text", "label") == (["two\nlines, quoted", "007"],
+                                                          ["pos", "neg"])
+
+
+def test_a_json_array_is_told_apart_from_jsonl(tmp_path):
+    from dora_analysis.training.records import read_classification
+
+    data = tmp_path / "d.json"
+    data.write_text('[\n {"text": "a", "label": 1}\n]\n')
+    with pytest.raises(TrainingDataError, match="d.json: a JSON array; give one JSON object a "
+                                                r"line \(JSONL\)"):
+        read_classification(data, "text", "label")
+
+
+@pytest.mark.parametrize("value, name", [(1, "1"), (1.0, "1"), ("pos", "pos"), (True, "True"),
+                                         (0.5, None), (float("nan"), None), ([1], None),
+                                         ("", None), (None, None)])
+def test_label_names(value, name):
+    from dora_analysis.training.records import label_name
+
+    assert label_name(value) == name
+
+
+def test_a_line_whose_only_target_is_the_first_token_is_refused(tmp_path, tokenizer):
+    """Position 0 predicts nothing (the model shifts labels by one): no target there."""
+    data = write(tmp_path / "d.jsonl", [{"text": "hello"}])
+    bare = transformers.AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    bare.bos_token, bare.eos_token = None, None
+    bare.bos_token_id = bare.eos_token_id = None
+    ids = bare("hello", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1
+    with pytest.raises(TrainingDataError, match="line 1 has no token to learn from"):
+        encode_causal(data, bare, 32)

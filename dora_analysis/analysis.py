@@ -105,8 +105,8 @@ def expand_tuned(
     refs = [_as_ref(t) for t in tuned]
     if not refs:
         raise ConfigError("give at least one tuned checkpoint")
-    labels = _per_ref(labels, len(refs), "--label", None)
-    methods = [check_method(m) for m in _per_ref(methods, len(refs), "--method", "auto")]
+    labels = per_reference(labels, len(refs), "--label", None)
+    methods = [check_method(m) for m in per_reference(methods, len(refs), "--method", "auto")]
     out: list[TunedCheckpoint] = []
     for ref, label, method in zip(refs, labels, methods, strict=True):
         path, shown = resolve(ref, token)
@@ -139,7 +139,14 @@ def remote_steps(url, token: str | None) -> list:
     return remote_series_steps(url, token)
 
 
-def _per_ref(values: Sequence[str] | None, n: int, flag: str, default: str | None) -> list:
+def per_reference(values: Sequence[str] | None, n: int, flag: str, default: str | None) -> list:
+    """One value per tuned reference, as ``--label`` and ``--method`` take them: none (each gets
+    ``default``), one (for all) or exactly one per reference; anything else is a ConfigError.
+
+    Example:
+        >>> per_reference(["FT"], 2, "--label", None)
+        ['FT', 'FT']
+    """
     if values is None or len(values) == 0:
         return [default] * n
     if isinstance(values, str):

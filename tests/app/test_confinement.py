@@ -84,20 +84,21 @@ def page(name: str, **state) -> testing.AppTest:
     return at.run()
 
 
-def data_page(base: str, tuned: str) -> testing.AppTest:
-    at = page("data.py")
-    at.text_input[0].input(base)
-    at.text_area[0].input(tuned)
-    next(b for b in at.button if b.label == "Run analysis").click()
+def submit(name: str, button: str, typed: dict[tuple[str, int], str]) -> testing.AppTest:
+    """Page ``name`` with text typed into its widgets (kind, index), then ``button`` pressed."""
+    at = page(name)
+    for (kind, index), text in typed.items():
+        getattr(at, kind)[index].input(text)
+    next(b for b in at.button if b.label == button).click()
     return at.run()
+
+
+def data_page(base: str, tuned: str) -> testing.AppTest:
+    return submit("data.py", "Run analysis", {("text_input", 0): base, ("text_area", 0): tuned})
 
 
 def follow_page(run: str, base: str) -> testing.AppTest:
-    at = page("live.py")
-    at.text_input[0].input(run)
-    at.text_input[1].input(base)
-    next(b for b in at.button if b.label == "Follow").click()
-    return at.run()
+    return submit("live.py", "Follow", {("text_input", 0): run, ("text_input", 1): base})
 
 
 def inside_table(ckpts, root: Path, ref: str):

@@ -175,8 +175,8 @@ class UploadedAdapter(Readable):
 
 
 def uploaded_adapter(files) -> UploadedAdapter:
-    """Uploaded adapter files (adapter_config.json + weights), checked, kept in this session
-    while a table that uses them is loaded (see :func:`table_source`)."""
+    """Uploaded adapter files (adapter_config.json + weights), checked; :func:`set_table` keeps
+    them in the session while a table that uses them is loaded (see :func:`table_source`)."""
     names = [f.name for f in files]
     unknown = sorted(set(names) - set(ADAPTER_UPLOADS))
     if unknown or "adapter_config.json" not in names or len(set(names)) != len(names):
@@ -191,9 +191,7 @@ def uploaded_adapter(files) -> UploadedAdapter:
     digest = hashlib.sha256()
     for name, data in contents:
         digest.update(name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
-    adapter = UploadedAdapter(f"{UPLOAD_PREFIX}{digest.hexdigest()[:16]}", contents)
-    st.session_state.setdefault(UPLOADS_KEY, {})[adapter.ref] = adapter
-    return adapter
+    return UploadedAdapter(f"{UPLOAD_PREFIX}{digest.hexdigest()[:16]}", contents)
 
 
 def table_source(access: _access.Access, ref: str) -> Readable:
@@ -222,13 +220,15 @@ def access() -> _access.Access:
     return _access.current(st.get_option("server.address"))
 
 
-def set_table(table: pd.DataFrame, source: str) -> None:
-    """Make ``table`` the session's table; uploads it does not use are let go."""
+def set_table(table: pd.DataFrame, source: str,
+              uploads: Sequence[UploadedAdapter] = ()) -> None:
+    """Make ``table`` the session's table, keeping the uploads it was analysed from (and no
+    other: memory holds only what the table can be drilled into)."""
     st.session_state[TABLE_KEY] = table
     st.session_state[SOURCE_KEY] = source
     used = set(table[C.REF].astype(str)) if C.REF in table else set()
-    uploads = st.session_state.get(UPLOADS_KEY, {})
-    st.session_state[UPLOADS_KEY] = {ref: a for ref, a in uploads.items() if ref in used}
+    held = {**st.session_state.get(UPLOADS_KEY, {}), **{a.ref: a for a in uploads}}
+    st.session_state[UPLOADS_KEY] = {ref: a for ref, a in held.items() if ref in used}
 
 
 def current_table() -> pd.DataFrame | None:

@@ -73,9 +73,9 @@ if submitted:
         base_ref = access.resolve(base)
         labels = per_reference([line.strip() for line in labels_text.splitlines()
                                 if line.strip()], len(tuned), "--label", None)
-        if uploads:
-            tuned.append(_cache.uploaded_adapter(uploads))
-            labels.append(_cache.UPLOAD_LABEL)
+        adapters = [_cache.uploaded_adapter(uploads)] if uploads else []
+        tuned += adapters
+        labels += [_cache.UPLOAD_LABEL] * len(adapters)
         _cache.check_tuned(tuned, labels, method)  # the CLI's checks: one label per series …
         modules = tuple(m.strip() for m in modules_text.split(",") if m.strip()) or None
         progress = st.progress(0.0, text="starting…")
@@ -85,7 +85,8 @@ if submitted:
                               text=f"analysing {label or source.ref} ({i + 1}/{len(tuned)})")
             frames.append(_cache.analyze(base_ref, source, label or "", method, axis, modules))
         progress.progress(1.0, text="done")
-        _cache.set_table(pd.concat(frames, ignore_index=True), f"analysis of {base.strip()}")
+        _cache.set_table(pd.concat(frames, ignore_index=True), f"analysis of {base.strip()}",
+                         uploads=adapters)
         st.rerun()
     except Exception as exc:  # shown in the page, never as a traceback
         _cache.show_error(exc)

@@ -339,3 +339,19 @@ def test_drilldown_numbers_keep_their_digits(ckpts):
     for column in ("one_minus_cos", "m0", "mt", "tangential_share"):
         assert config[column]["type_config"]["format"] == "%.4g", column
     assert config["delta_m"]["type_config"]["format"] == "%.3e"
+
+
+def test_an_upload_whose_analysis_fails_is_not_held(ckpts, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    other = tmp_path / "other.safetensors"  # a base the adapter does not fit
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(7, 5)}, str(other))
+    at = run("views/data.py")
+    at.text_input[0].input(str(other))
+    at.file_uploader[0].set_value(adapter_files())
+    next(b for b in at.button if b.label == "Run analysis").click()
+    at.run()
+    assert not at.exception and at.error
+    assert "uploads" not in at.session_state and "table" not in at.session_state

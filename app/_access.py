@@ -15,6 +15,11 @@
 
 Checked once, before reading: someone who can change the data root's own files meanwhile (a link
 swapped between the check and the read) is trusted, as the owner of the root.
+
+:meth:`Access.resolve` is the only way from a string a visitor typed (or a ``ref`` read from a
+loaded table) to a :class:`Readable`, and the app's readers (``_cache``, ``_live``) take nothing
+else: a page cannot hand the library an unchecked path (``tests/app/test_confinement.py`` tries
+every page with paths outside the root and scans ``views/`` for direct reads).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import ipaddress
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import dora_analysis as da
@@ -55,6 +61,32 @@ def is_loopback(address: str | None) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+@dataclass(frozen=True)
+class Readable:
+    """A reference this dashboard has checked and may hand to the library.
+
+    Made by :meth:`Access.resolve` for what a visitor typed, and by the app itself for the
+    server's own files (an upload, a checkpoint folder inside a run folder just checked); pages
+    never make one.
+    """
+
+    ref: str
+    """What the library reads: a path, or a Hub id where those are allowed."""
+
+    @contextmanager
+    def opened(self) -> Iterator[str]:
+        """The reference to read, for the duration of the ``with`` block."""
+        yield self.ref
+
+
+def require(source: object) -> Readable:
+    """``source`` itself if it passed the access check; refuses anything else (a bug in a page)."""
+    if not isinstance(source, Readable):
+        raise TypeError(f"{source!r} has not been through the dashboard's access check; "
+                        "get it from Access.resolve")
+    return source
 
 
 def _inside(path: str, root: str) -> bool:
@@ -102,11 +134,14 @@ class Access:
                     f"paths are off (name one with {ROOT_ENV}). Demo data and uploads work.")
         return None
 
-    def resolve(self, text: str) -> str:
-        """The reference the library should read for what a visitor typed.
+    def resolve(self, text: str) -> Readable:
+        """The reference the library should read for what a visitor typed (or a table names).
 
         Raises :class:`AccessError` for anything this dashboard does not serve.
         """
+        return Readable(self._reference(str(text)))
+
+    def _reference(self, text: str) -> str:
         text = text.strip()
         if not text:
             raise AccessError("give a path (or a Hub id)")

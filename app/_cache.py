@@ -4,19 +4,25 @@ streamlit).
 Analyses are cached by the *identity* of the files they read — path, size and modification time of
 every checkpoint file — so editing or re-saving a checkpoint invalidates the cache, the same
 analysis asked twice is instant, and a run that is still being written is re-read only where it
-changed. Uploads live in a private temporary folder (mode 0700) that is emptied after each
-analysis and removed when the server exits.
+changed. Every function here that reads takes :class:`_access.Readable` references only (what
+passed the access check), never a string. Uploads live in this session's memory while the table
+that uses them is loaded (the Drill-down page reads them again) and on disk, in a private
+temporary folder (mode 0700), only while they are read; that folder is removed when the server
+exits.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
+import hashlib
 import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +30,8 @@ import streamlit as st
 
 import _access
 import dora_analysis as da
+from _access import Readable, require
+from dora_analysis import columns as C
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / "demo-output"
@@ -36,7 +44,11 @@ TRAINER_STATE = {"optimizer.pt", "scheduler.pt", "training_args.bin", "trainer_s
                  "rng_state.pth"}
 TABLE_KEY = "table"
 SOURCE_KEY = "source"
+UPLOADS_KEY = "uploads"
 ADAPTER_UPLOADS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+#: How an uploaded adapter is named in the table's ``ref`` column (and found again by it).
+UPLOAD_PREFIX = "upload:"
+UPLOAD_LABEL = "uploaded adapter"
 
 
 def _stat(path: Path) -> tuple[str, int, int] | None:
@@ -59,19 +71,57 @@ def file_identity(ref: str) -> tuple:
     return tuple(i for i in map(_stat, files) if i is not None)
 
 
+def identity(source: Readable) -> tuple:
+    """The cache key of what ``source`` reads: its files' identity, an upload's content digest."""
+    return (source.ref,) if isinstance(source, UploadedAdapter) else file_identity(source.ref)
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
-def _analyze(base: str, tuned: str, label: str, method: str, axis: str,
-             modules: tuple[str, ...] | None, identity: tuple) -> pd.DataFrame:
-    del identity  # part of the cache key only
-    return da.analyze(base, tuned, labels=[label] if label else None, methods=[method],
-                      axis=axis, modules=modules)
+def _analyze(label: str, method: str, axis: str, modules: tuple[str, ...] | None,
+             identity: tuple, _base: Readable, _tuned: Readable) -> pd.DataFrame:
+    # ``identity`` is the cache key; the underscored sources are not hashed by streamlit.
+    with _base.opened() as base, _tuned.opened() as tuned:
+        table = da.analyze(base, tuned, labels=[label] if label else None, methods=[method],
+                           axis=axis, modules=modules)
+    if isinstance(_tuned, UploadedAdapter):  # not the temporary folder, gone by now
+        table[C.REF] = _tuned.ref
+    return table
 
 
-def analyze(base: str, tuned: str, label: str, method: str, axis: str,
+def analyze(base: Readable, tuned: Readable, label: str, method: str, axis: str,
             modules: tuple[str, ...] | None) -> pd.DataFrame:
     """One tuned reference against its base, cached by file identity."""
-    identity = (file_identity(base), file_identity(tuned))
-    return _analyze(base, tuned, label, method, axis, modules, identity)
+    key = (identity(require(base)), identity(require(tuned)))
+    return _analyze(label, method, axis, modules, key, base, tuned)
+
+
+def check_tuned(tuned: Sequence[Readable], labels: Sequence[str | None], method: str) -> None:
+    """The checks ``dora-analyze`` makes of its TUNED references and ``--label``s, with its
+    messages (two references with one label at one step are refused, …), before any work."""
+    from dora_analysis.analysis import expand_tuned
+
+    with ExitStack() as stack:
+        refs = [stack.enter_context(require(t).opened()) for t in tuned]
+        expand_tuned(refs, list(labels), [method])
+
+
+@st.cache_data(show_spinner="Reading the matrix and computing its SVDs…", max_entries=32)
+def _matrix_detail(name: str, axis: str, expert: int | None, k: int, eps: float,
+                   identity: tuple, _base: Readable, _tuned: Readable):
+    with _base.opened() as base, _tuned.opened() as tuned:
+        detail = da.matrix_detail(base, tuned, name, axis=axis, expert=expert, intruder_k=k,
+                                  intruder_eps=eps)
+    if isinstance(_tuned, UploadedAdapter):  # not the temporary folder, gone by now
+        detail = dataclasses.replace(detail, checkpoint=_tuned.ref)
+    return detail
+
+
+def matrix_detail(base: Readable, tuned: Readable, name: str, *, axis: str,
+                  expert: int | None, k: int, eps: float):
+    """:func:`dora_analysis.matrix_detail`, cached by file identity (re-saved files are read
+    again)."""
+    key = (identity(require(base)), identity(require(tuned)))
+    return _matrix_detail(name, axis, expert, k, eps, key, base, tuned)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -80,9 +130,9 @@ def _read_table(path: str, identity: tuple) -> pd.DataFrame:
     return da.read_table(path)
 
 
-def read_table_file(path: str) -> pd.DataFrame:
+def read_table_file(source: Readable) -> pd.DataFrame:
     """A table file, re-read only when its size or modification time changed."""
-    return _read_table(path, file_identity(path))
+    return _read_table(require(source).ref, file_identity(source.ref))
 
 
 def read_uploaded_table(name: str, data: bytes) -> pd.DataFrame:
@@ -107,10 +157,26 @@ def upload_limit() -> int:
     return int(st.get_option("server.maxUploadSize")) << 20
 
 
-@contextmanager
-def uploaded_adapter(files) -> Iterator[Path]:
-    """Uploaded adapter files (adapter_config.json + weights) as a folder, for the duration of
-    the ``with`` block; nothing of them stays on the server afterwards."""
+@dataclass(frozen=True, eq=False)
+class UploadedAdapter(Readable):
+    """An adapter uploaded in this session: its files in memory, on disk only while read."""
+
+    files: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
+
+    @contextmanager
+    def opened(self) -> Iterator[str]:
+        folder = Path(tempfile.mkdtemp(prefix="adapter-", dir=upload_root()))
+        try:
+            for name, data in self.files:
+                (folder / name).write_bytes(data)
+            yield str(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def uploaded_adapter(files) -> UploadedAdapter:
+    """Uploaded adapter files (adapter_config.json + weights), checked; :func:`set_table` keeps
+    them in the session while a table that uses them is loaded (see :func:`table_source`)."""
     names = [f.name for f in files]
     unknown = sorted(set(names) - set(ADAPTER_UPLOADS))
     if unknown or "adapter_config.json" not in names or len(set(names)) != len(names):
@@ -121,13 +187,24 @@ def uploaded_adapter(files) -> Iterator[Path]:
     if total > upload_limit():
         raise da.DoraAnalysisError(f"the upload is {total >> 20} MiB, more than this dashboard "
                                    f"takes ({upload_limit() >> 20} MiB); give a path instead")
-    folder = Path(tempfile.mkdtemp(prefix="adapter-", dir=upload_root()))
-    try:
-        for f in files:
-            (folder / f.name).write_bytes(f.getvalue())
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    contents = tuple(sorted((f.name, f.getvalue()) for f in files))
+    digest = hashlib.sha256()
+    for name, data in contents:
+        digest.update(name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+    return UploadedAdapter(f"{UPLOAD_PREFIX}{digest.hexdigest()[:16]}", contents)
+
+
+def table_source(access: _access.Access, ref: str) -> Readable:
+    """What a table's ``ref`` names, for reading it again: an adapter uploaded in this session,
+    else the path or Hub id through the access check."""
+    if ref.startswith(UPLOAD_PREFIX):
+        adapter = st.session_state.get(UPLOADS_KEY, {}).get(ref)
+        if adapter is None:
+            raise da.DoraAnalysisError(
+                "this row's adapter was uploaded, and uploads are kept only in the session that "
+                "analysed them, while its table is loaded; upload it again on the Data page")
+        return adapter
+    return access.resolve(ref)
 
 
 def demo_table() -> tuple[pd.DataFrame, str]:
@@ -143,9 +220,15 @@ def access() -> _access.Access:
     return _access.current(st.get_option("server.address"))
 
 
-def set_table(table: pd.DataFrame, source: str) -> None:
+def set_table(table: pd.DataFrame, source: str,
+              uploads: Sequence[UploadedAdapter] = ()) -> None:
+    """Make ``table`` the session's table, keeping the uploads it was analysed from (and no
+    other: memory holds only what the table can be drilled into)."""
     st.session_state[TABLE_KEY] = table
     st.session_state[SOURCE_KEY] = source
+    used = set(table[C.REF].astype(str)) if C.REF in table else set()
+    held = {**st.session_state.get(UPLOADS_KEY, {}), **{a.ref: a for a in uploads}}
+    st.session_state[UPLOADS_KEY] = {ref: a for ref, a in held.items() if ref in used}
 
 
 def current_table() -> pd.DataFrame | None:
@@ -161,10 +244,14 @@ def current_table() -> pd.DataFrame | None:
 
 
 def number_formats() -> dict:
-    """Scientific notation for the small numbers (ΔM, ΔD, p-values) in st.dataframe."""
+    """Scientific notation for the small numbers (ΔM, ΔD, p-values) in st.dataframe; four
+    significant digits for the drill-down's per-vector numbers (``%g``: scientific where small,
+    so 1 − cos ≈ 3e-4 keeps its digits)."""
     columns = ("delta_m", "delta_d", "mean_m0", "p_value", "slope", "intercept", "mean_delta_m",
                "mean_delta_d")
-    return {c: st.column_config.NumberColumn(format="%.3e") for c in columns}
+    formats = {c: st.column_config.NumberColumn(format="%.3e") for c in columns}
+    vectors = ("m0", "mt", "one_minus_cos", "tangential_share")
+    return formats | {c: st.column_config.NumberColumn(format="%.4g") for c in vectors}
 
 
 def show_error(exc: BaseException) -> None:

@@ -142,12 +142,19 @@ def remote_steps(url, token: str | None) -> list:
 def per_ref_settings(labels: Sequence[str] | None, methods: Sequence[str] | None, n: int
                      ) -> tuple[list[str | None], list[str]]:
     """``--label`` and ``--method`` checked and spread to one per tuned reference."""
-    return (_per_ref(labels, n, "--label", None),
-            [check_method(m) for m in _per_ref(methods, n, "--method", "auto")])
+    return (per_reference(labels, n, "--label", None),
+            [check_method(m) for m in per_reference(methods, n, "--method", "auto")])
 
 
-def _per_ref(values: Sequence[str] | None, n: int, flag: str, default: str | None) -> list:
-    """One value per tuned reference: a string (or one value) for all, or one each."""
+def per_reference(values: Sequence[str] | None, n: int, flag: str, default: str | None) -> list:
+    """One value per tuned reference, as ``--label`` and ``--method`` take them: none (each gets
+    ``default``), a string or one value (for all) or exactly one per reference; anything else is
+    a ConfigError.
+
+    Example:
+        >>> per_reference(["FT"], 2, "--label", None)
+        ['FT', 'FT']
+    """
     if isinstance(values, str):  # one label or method, never read letter by letter
         values = [values]
     if values is None or len(values) == 0:

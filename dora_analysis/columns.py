@@ -23,6 +23,9 @@ MEAN_M0 = "mean_m0"
 DTYPE = "dtype"
 TUNED_NAME = "tuned_name"
 REF = "ref"
+#: The training run a row belongs to (tables a training callback appends to; see
+#: dora_analysis.integrations.transformers): a table never pools two runs' rows.
+RUN = "run"
 
 TABLE_COLUMNS: tuple[str, ...] = (
     CHECKPOINT, METHOD, STEP, NAME, LAYER, MODULE, ROWS, COLS, AXIS,

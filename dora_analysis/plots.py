@@ -9,6 +9,7 @@ figures; no file I/O (see :mod:`dora_analysis.report` for the HTML report).
 * :func:`metric_figure` — any metric of the registry per layer (spectrum, intruders, tangential
   fraction …), one panel per column and module kind; :func:`metric_figures` one per metric the
   table holds.
+* :func:`step_trend` — mean ΔM and ΔD per training step and module kind (a run being followed).
 * :func:`drilldown_figure` — one matrix in detail (:func:`dora_analysis.matrix_detail`):
   histograms of the per-vector Δm and 1 − cos, ΔW's singular values against W0's, the intruder
   test's cosines.
@@ -48,6 +49,33 @@ UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24,
 
 #: The floor is drawn when it is at least this share of the smallest ΔD in a panel.
 FLOOR_SHOWN_ABOVE = 0.01
+#: Pixels above the panels of a figure with linear/log buttons: its title (two lines) at the
+#: top, the buttons below it, and the panels' own titles below them — none over another.
+HEADER_PX = 120
+FOOTER_PX = 60
+#: Whole-number axes (layers, steps) tick every value up to this many, else a round stride.
+MAX_LISTED_TICKS = 12
+
+
+def integer_ticks(values) -> dict:
+    """Axis (or colour bar) settings that tick whole numbers only, for layers and steps: each
+    value when there are few, else a stride of 1, 2 or 5 × 10^k (never 0.2 of a layer).
+
+    Example:
+        >>> integer_ticks([0, 1])
+        {'tickmode': 'array', 'tickvals': [0, 1]}
+        >>> integer_ticks(range(32))["dtick"]
+        5
+    """
+    numbers = sorted({int(v) for v in values if not pd.isna(v)})
+    if not numbers:
+        return {}
+    if len(numbers) <= MAX_LISTED_TICKS:
+        return {"tickmode": "array", "tickvals": numbers}
+    rough = (numbers[-1] - numbers[0]) / (MAX_LISTED_TICKS - 2)
+    decade = 10 ** math.floor(math.log10(rough))
+    stride = next(m * decade for m in (1, 2, 5, 10) if m * decade >= rough)
+    return {"tickmode": "linear", "tick0": 0, "dtick": max(1, int(stride))}
 
 
 def precision_floor(dtype: str) -> float:
@@ -169,7 +197,7 @@ def figure2(table: pd.DataFrame, *, module: str = "q", axis: str = "out",
     fig.update_layout(
         title=f"Magnitude vs direction updates of {module!r} matrices (axis {axis})",
         coloraxis={"colorscale": LAYER_COLORSCALE, "cmin": cmin, "cmax": cmax,
-                   "colorbar": {"title": "layer"}},
+                   "colorbar": {"title": "layer", **integer_ticks(layers)}},
         legend={"title": "training step", "orientation": "h", "y": -0.2 / n_rows},
         template="plotly_white", height=height, margin={"t": 130},
     )
@@ -204,25 +232,40 @@ def figure3(table: pd.DataFrame, *, modules: tuple[str, ...] = ("q",),
                     legendgroup=label, showlegend=row == 1 and col == 1,
                     line={"color": color},
                 ), row=row, col=col)
+    fig.update_xaxes(**integer_ticks(rows[C.LAYER]))
     fig.update_xaxes(title_text="layer", row=2)
     fig.update_yaxes(exponentformat="e", type="log" if log_y else "linear")
-    fig.update_layout(title=f"Per-layer ΔM and ΔD (axis {axis})", template="plotly_white",
-                      height=560, legend={"title": "checkpoint"},
-                      updatemenus=[y_scale_buttons(fig, log_y)])
+    fig.update_layout(template="plotly_white", legend={"title": "checkpoint"})
+    with_header(fig, f"Per-layer ΔM and ΔD (axis {axis})",
+                "each checkpoint at its last step", height=620, log_y=log_y)
     return fig
 
 
-def y_scale_buttons(fig: go.Figure, log_y: bool = False) -> dict:
-    """Plotly buttons that switch every y axis of ``fig`` between linear and log scale."""
+def with_header(fig: go.Figure, title: str, subtitle: str, *, height: int,
+                log_y: bool = False) -> None:
+    """Title (bold line, smaller second line) at the top left, linear/log buttons under it at
+    the right, and the panels below both: the buttons never cover a title."""
+    panels_px = height - HEADER_PX - FOOTER_PX
+    fig.update_layout(
+        height=height, margin={"t": HEADER_PX, "b": FOOTER_PX},
+        title={"text": f"<b>{title}</b><br><sup>{subtitle}</sup>", "x": 0, "xref": "paper",
+               "xanchor": "left", "y": 1, "yref": "container", "yanchor": "top",
+               "pad": {"t": 14}},
+        updatemenus=[y_scale_buttons(fig, log_y, y=1 + 34 / panels_px)])
+
+
+def y_scale_buttons(fig: go.Figure, log_y: bool = False, *, y: float = 1.12) -> dict:
+    """Plotly buttons that switch every y axis of ``fig`` between linear and log scale, their
+    bottom edge at ``y`` (paper coordinates)."""
     axes = [name for name in fig.layout if name.startswith("yaxis")]
 
     def button(kind: str) -> dict:
         return {"label": f"{kind} y", "method": "relayout",
                 "args": [{f"{a}.type": kind for a in axes}]}
 
-    return {"type": "buttons", "direction": "right", "x": 1.0, "xanchor": "right", "y": 1.12,
+    return {"type": "buttons", "direction": "right", "x": 1.0, "xanchor": "right", "y": y,
             "yanchor": "bottom", "active": 1 if log_y else 0, "showactive": True,
-            "buttons": [button("linear"), button("log")]}
+            "pad": {"t": 0, "b": 0}, "buttons": [button("linear"), button("log")]}
 
 
 def correlation_figure(correlations: pd.DataFrame) -> go.Figure:
@@ -269,7 +312,7 @@ def metric_figure(table: pd.DataFrame, metric: Metric, *, modules: tuple[str, ..
         return _empty(f"no {metric.name} columns for layered matrices (axis {axis}) to plot")
     rows = _last_steps(rows)
     fig = make_subplots(rows=len(cols), cols=len(modules), shared_xaxes=True,
-                        vertical_spacing=min(0.08, 0.5 / len(cols)), horizontal_spacing=0.06,
+                        vertical_spacing=min(0.1, 0.6 / len(cols)), horizontal_spacing=0.06,
                         subplot_titles=[f"{m}: {c.name}" for c in cols for m in modules])
     for i, label in enumerate(dict.fromkeys(rows[C.CHECKPOINT])):
         for j, module in enumerate(modules, start=1):
@@ -287,11 +330,11 @@ def metric_figure(table: pd.DataFrame, metric: Metric, *, modules: tuple[str, ..
                 log = col.log_scale if log_y is None else log_y
                 fig.update_yaxes(type="log" if log else "linear", exponentformat="e",
                                  row=k, col=j)
+    fig.update_xaxes(**integer_ticks(rows[C.LAYER]))
     fig.update_xaxes(title_text="layer", row=len(cols))
-    fig.update_layout(title=f"{metric.name}: {metric.description} — per layer, last step "
-                      f"(axis {axis})",
-                      template="plotly_white", height=140 + 220 * len(cols),
-                      legend={"title": "checkpoint"}, updatemenus=[y_scale_buttons(fig)])
+    fig.update_layout(template="plotly_white", legend={"title": "checkpoint"})
+    with_header(fig, f"{metric.name} — per layer, last step (axis {axis})", metric.description,
+                height=HEADER_PX + FOOTER_PX + 60 + 230 * len(cols))
     return fig
 
 
@@ -302,6 +345,35 @@ def metric_figures(table: pd.DataFrame, *, modules: tuple[str, ...] | None = Non
     return [metric_figure(table, m, modules=modules, axis=axis) for m in registry.METRICS
             if m.name != "decomposition"
             and any(c.name in table and c.dtype != "string" for c in m.columns)]
+
+
+def step_trend(table: pd.DataFrame, *, axis: str = "out") -> go.Figure:
+    """Mean ΔM (left) and ΔD (right) per training step, one line per module kind, with markers:
+    a run followed from its first checkpoint shows that step's values.
+
+    Example:
+        >>> fig = step_trend(da.read_table("run/dora_analysis.parquet"))  # doctest: +SKIP
+    """
+    rows = _select(table, None, axis)
+    rows = rows[rows[C.STEP].notna()]
+    if rows.empty:
+        return _empty(f"no rows with a training step (axis {axis}) to plot")
+    means = rows.groupby([C.MODULE, C.STEP], sort=True)[[C.DELTA_M, C.DELTA_D]].mean()
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=["mean ΔM per step", "mean ΔD per step"])
+    for i, module in enumerate(dict.fromkeys(means.index.get_level_values(C.MODULE))):
+        part = means.loc[module]
+        for col, metric in ((1, C.DELTA_M), (2, C.DELTA_D)):
+            fig.add_trace(go.Scatter(
+                x=part.index.astype("int64"), y=part[metric], mode="lines+markers", name=module,
+                legendgroup=module, showlegend=col == 1, line={"color": PALETTE[i % len(PALETTE)]},
+                hovertemplate=f"{module}<br>step %{{x}}<br>{metric} %{{y:.4g}}<extra></extra>",
+            ), row=1, col=col)
+    fig.update_xaxes(title_text="step", **integer_ticks(rows[C.STEP]))
+    fig.update_yaxes(exponentformat="e")
+    fig.update_layout(template="plotly_white", height=380, legend={"title": "module kind"},
+                      margin={"t": 50})
+    return fig
 
 
 def drilldown_figure(detail: MatrixDetail) -> go.Figure:

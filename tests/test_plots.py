@@ -169,3 +169,57 @@ def test_drilldown_figure(ckpts):
     assert list(fig.data[0].x) == pytest.approx(list(detail.delta_m))
     assert len(fig.data[4].y) == 4 and fig.layout.yaxis3.type == "log"
     assert "ΔM = " in fig.layout.annotations[0].text
+
+
+def two_layers(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table[C.LAYER] < 2]
+
+
+def test_layer_axes_tick_whole_layers(table, ckpts):
+    """A 2-layer model gets ticks 0 and 1 (not 0, 0.2 … 1): Figure 2's colour bar, Figure 3's
+    and the metric figures' layer axes."""
+    from dora_analysis.plots import metric_figures
+
+    small = two_layers(table)
+    assert figure2(small, module="q").layout.coloraxis.colorbar.tickvals == (0, 1)
+    fig3 = figure3(small, modules=("q", "v"))
+    assert {fig3.layout[a].tickvals for a in fig3.layout if a.startswith("xaxis")} == {(0, 1)}
+    for fig in metric_figures(small):
+        assert {fig.layout[a].tickvals for a in fig.layout if a.startswith("xaxis")} == {(0, 1)}
+    from dora_analysis.plots import integer_ticks
+
+    many = integer_ticks(range(80))
+    assert many == {"tickmode": "linear", "tick0": 0, "dtick": 10}
+    assert integer_ticks([]) == {} and integer_ticks([3.0, np.nan]) == {"tickmode": "array",
+                                                                        "tickvals": [3]}
+
+
+def test_scale_buttons_sit_between_the_title_and_the_panel_titles(table):
+    """The linear/log buttons must not cover the figure's or a panel's title (they did)."""
+    from dora_analysis.plots import FOOTER_PX, HEADER_PX, metric_figures
+
+    button_px = 28  # a plotly button's height at the default font
+    for fig in [figure3(table, modules=("q", "v")), *metric_figures(table)]:
+        layout = fig.layout
+        assert layout.margin.t == HEADER_PX and layout.title.yref == "container"
+        panels_px = layout.height - HEADER_PX - FOOTER_PX
+        bottom = (layout.updatemenus[0].y - 1) * panels_px  # px above the top panels
+        assert layout.updatemenus[0].yanchor == "bottom"
+        assert bottom >= 30  # clear of the panel titles (one 16 px line right above a panel)
+        title_px = layout.title.pad.t + 2 * 20  # two lines from the top of the figure
+        assert HEADER_PX - bottom - button_px >= title_px  # below the figure's title
+
+
+def test_step_trend_shows_a_single_step(table):
+    from dora_analysis.plots import step_trend
+
+    one = table[(table[C.CHECKPOINT] == "FT") & (table[C.STEP] == 10)]
+    fig = step_trend(one)
+    assert len(fig.data) == 2 * one[C.MODULE].nunique()  # ΔM and ΔD per module kind
+    assert all(list(t.x) == [10] and "markers" in t.mode for t in fig.data)
+    q = one[(one[C.MODULE] == "q") & (one[C.AXIS] == "out")]
+    first = next(t for t in fig.data if t.name == "q" and t.xaxis == "x")
+    assert first.y[0] == pytest.approx(q[C.DELTA_M].mean())
+    assert fig.layout.xaxis.tickvals == (10,)
+    assert "no rows with a training step" in step_trend(
+        table[table[C.STEP].isna()]).layout.annotations[0].text

@@ -1,11 +1,11 @@
 """Data: load the demo, analyse checkpoints (paths, Hub ids, uploaded adapters), open a table.
 
-Typed references go through :mod:`_access` (a data root confines them when one is named);
-uploaded adapters exist on the server only while they are analysed.
+Typed references go through :mod:`_access` (a data root confines them when one is named) and
+are read as ``dora-analyze`` reads its TUNED arguments, with its ``--label`` rules; uploaded
+adapters stay in the session's memory while their table is loaded, on disk only while read.
 """
 
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app folder, for _cache
@@ -15,6 +15,7 @@ import streamlit as st
 
 import _cache
 import dora_analysis as da
+from dora_analysis.analysis import per_reference
 
 st.title("dora-analysis")
 st.caption("How fine-tuning moved your weights, in magnitude (ΔM) and direction (ΔD) — "
@@ -46,9 +47,13 @@ if access.describe():
     st.info(access.describe())
 with st.form("analyse"):
     base = st.text_input("Base checkpoint", placeholder="path/to/base/ or org/model@revision")
-    tuned_text = st.text_area(
-        "Tuned checkpoints, one per line (optionally `label = reference`)",
-        placeholder="FT = runs/ft\nDoRA = runs/dora/   (a folder of checkpoint-N/ is a series)")
+    left, right = st.columns([3, 1])
+    tuned_text = left.text_area(
+        "Tuned checkpoints, one reference per line (as dora-analyze's TUNED)",
+        placeholder="runs/ft\nruns/dora/   (a folder of checkpoint-N/ is a series)")
+    labels_text = right.text_area(
+        "Labels (as --label)", placeholder="FT\nDoRA",
+        help="one per reference, or one for all; empty: each from its path")
     uploads = st.file_uploader("…or upload a small adapter (adapter_config.json + weights)",
                                accept_multiple_files=True,
                                type=["json", "safetensors", "bin"])
@@ -60,26 +65,28 @@ with st.form("analyse"):
 
 if submitted:
     try:
-        refs = []
-        for line in tuned_text.splitlines():
-            if line.strip():
-                label, _, ref = line.partition("=") if "=" in line else ("", "", line)
-                refs.append((label.strip(), access.resolve(ref)))
-        if not base.strip() or not (refs or uploads):
+        # A line is one reference, whatever it holds ('=' included), as on the command line.
+        lines = [line.strip() for line in tuned_text.splitlines() if line.strip()]
+        if not base.strip() or not (lines or uploads):
             raise da.DoraAnalysisError("give a base checkpoint and at least one tuned checkpoint")
+        tuned = [access.resolve(line) for line in lines]
         base_ref = access.resolve(base)
+        labels = per_reference([line.strip() for line in labels_text.splitlines()
+                                if line.strip()], len(tuned), "--label", None)
+        adapters = [_cache.uploaded_adapter(uploads)] if uploads else []
+        tuned += adapters
+        labels += [_cache.UPLOAD_LABEL] * len(adapters)
+        _cache.check_tuned(tuned, labels, method)  # the CLI's checks: one label per series …
         modules = tuple(m.strip() for m in modules_text.split(",") if m.strip()) or None
-        with _cache.uploaded_adapter(uploads) if uploads else nullcontext() as adapter:
-            if adapter is not None:
-                refs.append(("uploaded adapter", str(adapter)))
-            progress = st.progress(0.0, text="starting…")
-            frames = []
-            for i, (label, ref) in enumerate(refs):
-                progress.progress(i / len(refs),
-                                  text=f"analysing {label or ref} ({i + 1}/{len(refs)})")
-                frames.append(_cache.analyze(base_ref, ref, label, method, axis, modules))
-            progress.progress(1.0, text="done")
-        _cache.set_table(pd.concat(frames, ignore_index=True), f"analysis of {base.strip()}")
+        progress = st.progress(0.0, text="starting…")
+        frames = []
+        for i, (source, label) in enumerate(zip(tuned, labels, strict=True)):
+            progress.progress(i / len(tuned),
+                              text=f"analysing {label or source.ref} ({i + 1}/{len(tuned)})")
+            frames.append(_cache.analyze(base_ref, source, label or "", method, axis, modules))
+        progress.progress(1.0, text="done")
+        _cache.set_table(pd.concat(frames, ignore_index=True), f"analysis of {base.strip()}",
+                         uploads=adapters)
         st.rerun()
     except Exception as exc:  # shown in the page, never as a traceback
         _cache.show_error(exc)

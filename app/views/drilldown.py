@@ -1,4 +1,9 @@
-"""Drill-down: one weight matrix of one checkpoint in detail (dora_analysis.matrix_detail)."""
+"""Drill-down: one weight matrix of one checkpoint in detail (dora_analysis.matrix_detail).
+
+The base a visitor types and the ``ref`` of the chosen row (a loaded table may name any path) are
+both read through the access check, as on every page; an adapter uploaded in this session is
+read from the session.
+"""
 
 import sys
 from pathlib import Path
@@ -15,15 +20,11 @@ table = _cache.current_table()
 if table is None:
     st.info("No data yet: open the **Data** page to load or analyse checkpoints first.")
     st.stop()
-
-
-@st.cache_data(show_spinner="Reading the matrix and computing its SVDs…", max_entries=32)
-def detail(base: str, tuned: str, name: str, axis: str, expert: int | None, k: int,
-           eps: float, identity: tuple):
-    del identity  # part of the cache key only: re-saved files are read again
-    return da.matrix_detail(base, tuned, name, axis=axis, expert=expert, intruder_k=k,
-                            intruder_eps=eps)
-
+try:
+    access = _cache.access()
+except da.DoraAnalysisError as exc:  # a data root that is not a folder: nothing is read
+    _cache.show_error(exc)
+    st.stop()
 
 st.header("Drill-down: one matrix")
 st.caption("The per-vector numbers behind one row of the table — Δm = m_t − m_0 (ΔM is the mean "
@@ -51,12 +52,15 @@ if "expert" in rows and rows["expert"].notna().any():
 k = st.slider("Intruder test: top-k singular vectors", 0, 50, 10)
 eps = st.slider("Intruder test: ε", 0.05, 1.0, 0.5, step=0.05)
 
+if access.describe():
+    st.info(access.describe())
 if not base.strip():
     st.info("Name the base checkpoint to read this matrix.")
     st.stop()
 try:
-    result = detail(base.strip(), str(row["ref"]), name, axis, expert, k, eps,
-                    (_cache.file_identity(base.strip()), _cache.file_identity(str(row["ref"]))))
+    tuned = _cache.table_source(access, str(row["ref"]))
+    result = _cache.matrix_detail(access.resolve(base), tuned, name, axis=axis, expert=expert,
+                                  k=k, eps=eps)
 except Exception as exc:  # shown in the page, never as a traceback
     _cache.show_error(exc)
     st.stop()

@@ -1,5 +1,6 @@
 """Follow a run: a training run that is still being written, refreshed as checkpoints or rows
-appear (only the new checkpoints are analysed)."""
+appear (only the new checkpoints are analysed; those the trainer deletes keep their rows). The
+run folder and the base go through the access check at every refresh."""
 
 import sys
 import time
@@ -12,8 +13,16 @@ import streamlit as st
 import _cache
 import _live
 import dora_analysis as da
+from dora_analysis import columns as C
+from dora_analysis import plots
 
 FOLLOW_KEY = "follow"
+ROWS_KEY = "follow_rows"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
 
 st.title("Follow a run")
 st.caption("Open a training run while it is written: a folder of `checkpoint-N/` (analysed "
@@ -41,14 +50,27 @@ with st.form("follow_form"):
     started = st.form_submit_button("Follow", type="primary")
 
 if started:
-    try:
+    try:  # checked now, for the message; and again at every refresh (new checkpoints included)
+        access.resolve(run)
+        if base.strip():
+            access.resolve(base)
         st.session_state[FOLLOW_KEY] = {
-            "run": access.resolve(run), "base": access.resolve(base) if base.strip() else "",
-            "method": method, "axis": axis, "every": int(every),
+            "run": run, "base": base, "method": method, "axis": axis, "every": int(every),
             "modules": tuple(m.strip() for m in modules_text.split(",") if m.strip()) or None,
         }
     except da.DoraAnalysisError as exc:
+        st.session_state.pop(FOLLOW_KEY, None)
         _cache.show_error(exc)
+
+
+def memory(key: tuple) -> _live.RunRows:
+    """The rows already read of this run with these settings (kept across refreshes, so that
+    checkpoints the trainer deletes keep their rows)."""
+    kept = st.session_state.get(ROWS_KEY)
+    if kept is None or kept.key != key:
+        kept = st.session_state[ROWS_KEY] = _live.RunRows(key)
+    return kept
+
 
 settings = st.session_state.get(FOLLOW_KEY)
 if settings:
@@ -58,9 +80,12 @@ if settings:
     @st.fragment(run_every=settings["every"] if live else None)
     def panel() -> None:
         try:
-            snap = _live.follow(settings["run"], settings["base"], method=settings["method"],
-                                axis=settings["axis"], modules=settings["modules"],
-                                previous=st.session_state.get(_cache.TABLE_KEY))
+            run = access.resolve(settings["run"])
+            base = access.resolve(settings["base"]) if settings["base"].strip() else None
+            key = (run.ref, base and base.ref, settings["method"], settings["axis"],
+                   settings["modules"])
+            snap = _live.follow(run, base, method=settings["method"], axis=settings["axis"],
+                                modules=settings["modules"], memory=memory(key))
         except Exception as exc:  # shown in the page, never as a traceback
             _cache.show_error(exc)
             return
@@ -73,11 +98,12 @@ if settings:
         _cache.set_table(snap.table, f"{snap.source} (followed)")
         steps = snap.steps
         st.success(f"{snap.source}: {len(snap.table)} rows, "
-                   + (f"{len(steps)} steps (last {steps[-1]}), " if steps else "")
+                   + (f"{plural(len(steps), 'step')} (last {steps[-1]}), " if steps else "")
                    + f"read at {time.strftime('%H:%M:%S')}.")
-        left, right = st.columns(2)
-        for col, value, title in ((left, "delta_m", "mean ΔM"), (right, "delta_d", "mean ΔD")):
-            col.markdown(f"**{title} per step, by module kind**")
-            col.line_chart(_live.trend(snap.table, value))
+        if _live.rotated_note(snap.rotated):
+            st.caption(_live.rotated_note(snap.rotated))
+        axes = set(snap.table[C.AXIS])
+        shown = settings["axis"] if settings["axis"] in axes else sorted(axes)[0]
+        st.plotly_chart(plots.step_trend(snap.table, axis=shown), width="stretch")
 
     panel()

@@ -17,23 +17,72 @@ Only the main process works; the callback reads files and never touches the mode
 optimizer or the data, so training is the same with and without it (tested). A base that does
 not fit the model is an error when training starts; a checkpoint that cannot be analysed is an
 :class:`~dora_analysis.errors.AnalysisCallbackWarning` and training goes on.
+
+**One table, one run.** Every row carries the run it belongs to (column ``run``), and the run id
+is saved in each checkpoint's ``trainer_state.json`` (the callback is an ``ExportableState``).
+When training starts, a table already in ``output_dir`` is kept only if the run resumes from a
+checkpoint of that same run — then its rows after the resumed step are dropped (they belong to the
+history being replaced). Otherwise (a new run, or a resume from another run's checkpoint) the old
+table is moved aside to ``dora_analysis.<its run>.parquet``, named in a warning, and this run
+starts a new table: two runs' rows are never pooled into one Pearson r.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
+import numbers
+import secrets
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import transformers
+from transformers.trainer_callback import ExportableState
 
 from .. import columns as C
 from ..config import AnalysisConfig
 from ..errors import AnalysisCallbackWarning, ConfigError, DoraAnalysisError
 
 PEFT_BASE_ATTRIBUTE = "base_model_name_or_path"
+log = logging.getLogger(__name__)
+
+
+def new_run_id() -> str:
+    """A run id that sorts by start time: ``20261201-142233-3f9a1c``."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def plain(name: str, value):
+    """``value`` as JSON (the Trainer saves the callback's settings in its checkpoints)."""
+    if isinstance(value, (str, bool)) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):  # numpy's too: JSON takes Python's only
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [plain(name, v) for v in value]
+    raise ConfigError(f"DoraAnalysisCallback: {name}={value!r} is not a plain value (text, "
+                      "number, bool or a list of them); the Trainer saves these settings in its "
+                      "checkpoints")
+
+
+def set_aside(path: Path, runs: list[str]) -> Path:
+    """Move an earlier run's table out of the way, beside it, under a name that says whose."""
+    tag = runs[0] if len(runs) == 1 else time.strftime(
+        "before-%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    aside = path.with_name(f"{path.stem}.{tag}{path.suffix}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.stem}.{tag}-{n}{path.suffix}")
+    path.rename(aside)
+    return aside
 
 
 def default_base(model) -> str | None:
@@ -82,7 +131,7 @@ def module_summary(rows, history) -> dict[str, float]:
     return logs
 
 
-class DoraAnalysisCallback(transformers.TrainerCallback):
+class DoraAnalysisCallback(transformers.TrainerCallback, ExportableState):
     """Analyse each checkpoint as it is saved; log ΔM, ΔD and their correlation.
 
     Args:
@@ -93,7 +142,8 @@ class DoraAnalysisCallback(transformers.TrainerCallback):
         output: the table's file name inside ``output_dir`` (``.parquet``, ``.csv``, ``.json``).
         log: log the per-module summary through the Trainer.
         trainer: the Trainer, if it cannot be found from the calling event.
-        settings: other :class:`~dora_analysis.AnalysisConfig` fields (``include=…``).
+        settings: other :class:`~dora_analysis.AnalysisConfig` fields (``include=…``), plain
+            values (they are saved in the checkpoints' ``trainer_state.json``; ``token`` is not).
 
     Example:
         >>> trainer = SFTTrainer(model=..., args=..., train_dataset=...,  # doctest: +SKIP
@@ -112,11 +162,25 @@ class DoraAnalysisCallback(transformers.TrainerCallback):
                               f"{', '.join(TABLE_WRITERS)}, got {output!r}")
         self.base = None if base is None else str(base)
         self.output, self.log, self.trainer = output, log, trainer
-        self.table = None  # every row so far
+        self.table = None  # every row of this run so far
+        self.run_id: str | None = None
+        given = {"base": self.base, "modules": modules, "axis": axis, "output": output,
+                 "log": log, **{k: v for k, v in settings.items() if k != "token"}}
+        self.arguments = {k: plain(k, v) for k, v in given.items()}
+
+    def state(self) -> dict:
+        """What the Trainer saves in each checkpoint's ``trainer_state.json`` (and, with
+        ``restore_callback_states_from_checkpoint``, rebuilds the callback from): the settings
+        and the run this callback's table belongs to."""
+        return {"args": self.arguments, "attributes": {"run_id": self.run_id}}
 
     # -- events ---------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        """Resolve the base and check that it fits the model, before the first step."""
+        """Resolve the base and check that it fits the model, before the first step; then
+        decide which table this run writes (see the module notes)."""
+        # A checkpoint saved without this callback has no entry for it, and the Trainer's
+        # save would fail on the missing key.
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         if not state.is_world_process_zero:
             return
         if self.base is None:
@@ -133,6 +197,7 @@ class DoraAnalysisCallback(transformers.TrainerCallback):
                               f"being trained: {str(exc).splitlines()[0]}") from None
         if self.trainer is None:
             self.trainer = calling_trainer()
+        self.start_table(Path(args.output_dir) / self.output, state)
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or self.base is None:
@@ -141,6 +206,8 @@ class DoraAnalysisCallback(transformers.TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{step}"
         try:
             rows = self.analyse(folder)
+            if self.run_id is None:  # on_train_begin did not run (a hand-driven callback)
+                self.start_table(Path(args.output_dir) / self.output, state)
             self.append(rows, Path(args.output_dir) / self.output, step)
         except Exception as exc:  # an observer: a failed analysis must not end the run
             warnings.warn(AnalysisCallbackWarning(
@@ -165,16 +232,58 @@ class DoraAnalysisCallback(transformers.TrainerCallback):
 
         return analyze(self.base, folder, config=self.config)
 
-    def append(self, rows, path: Path, step: int) -> None:
-        """Add one checkpoint's rows to the run's table (rows of the same step are replaced, as
-        after a resume), rewriting the file atomically."""
-        import pandas as pd
+    def resumed_run(self, state) -> str | None:
+        """The run a resumed Trainer continues, as its checkpoint's ``trainer_state.json``
+        recorded it (None for a new run, or a checkpoint saved without this callback)."""
+        if not state.global_step:
+            return None
+        entries = (state.stateful_callbacks or {}).get(type(self).__name__)
+        entries = entries if isinstance(entries, list) else [entries]
+        for entry in entries:
+            if isinstance(entry, dict) and entry.get("args", {}).get("output") == self.output:
+                return entry.get("attributes", {}).get("run_id")
+        return None
 
+    def start_table(self, path: Path, state) -> None:
+        """This run's table: the rows of the run being resumed up to its step, or a new one
+        (an earlier run's table moved aside, with a warning)."""
+        from ..errors import TableFormatError
         from ..report import write_table
         from ..tables import read_table
 
-        if self.table is None:
-            self.table = read_table(path) if path.is_file() else rows.iloc[0:0]
-        kept = self.table[self.table[C.STEP] != step]
+        resumed = self.resumed_run(state)
+        self.run_id = resumed or new_run_id()
+        self.table = None
+        if not path.is_file():
+            return
+        try:
+            old = read_table(path)
+        except TableFormatError:
+            old = None
+        runs = [] if old is None or C.RUN not in old else list(dict.fromkeys(old[C.RUN]))
+        if resumed is not None and runs == [resumed]:
+            self.table = old[old[C.STEP].isna() | (old[C.STEP] <= state.global_step)]
+            if len(self.table) < len(old):
+                dropped = sorted(set(old[C.STEP].dropna()) - set(self.table[C.STEP].dropna()))
+                log.info("%s: rows of steps %s dropped (after the resumed step %d)", path,
+                         ", ".join(map(str, dropped)), state.global_step)
+                write_table(self.table, path)
+            return
+        aside = set_aside(path, runs)
+        why = (f"not of the run resumed from step {state.global_step}" if state.global_step
+               else "training started anew")
+        warnings.warn(AnalysisCallbackWarning(
+            f"{path} held another run's rows ({why}): moved to {aside.name}; this run starts a "
+            "new table"), stacklevel=3)
+
+    def append(self, rows, path: Path, step: int) -> None:
+        """Add one checkpoint's rows, marked with this run, to the run's table (rows of the same
+        step are replaced), rewriting the file atomically."""
+        import pandas as pd
+
+        from ..report import write_table
+
+        rows = rows.assign(**{C.RUN: self.run_id})
+        kept = self.table[self.table[C.STEP] != step] if self.table is not None else rows[:0]
         self.table = pd.concat([kept, rows], ignore_index=True) if len(kept) else rows
         write_table(self.table, path)

@@ -43,8 +43,8 @@ def test_loopback_addresses(address, loopback):
 def test_local_use_reads_what_the_cli_reads(ckpts):
     access = Access.from_settings("127.0.0.1", env={}, argv=[])
     assert not access.confined and access.describe() is None
-    assert access.resolve(f" {ckpts['base']} ") == str(ckpts["base"])
-    assert access.resolve("org/model@main") == "org/model@main"
+    assert access.resolve(f" {ckpts['base']} ").ref == str(ckpts["base"])
+    assert access.resolve("org/model@main").ref == "org/model@main"
     with pytest.raises(AccessError, match="give a path"):
         access.resolve("  ")  # not the server's working folder
 
@@ -52,10 +52,10 @@ def test_local_use_reads_what_the_cli_reads(ckpts):
 def test_paths_inside_the_root(root):
     access = Access.from_settings("0.0.0.0", env={"DORA_DASHBOARD_ROOT": str(root)})
     assert access.confined and access.served
-    assert access.resolve("base.safetensors") == str(root / "base.safetensors")
-    assert access.resolve(str(root / "run")) == str(root / "run")  # absolute, inside
-    assert access.resolve("run/inner.safetensors") == str(root / "base.safetensors")
-    assert access.resolve("run/../base.safetensors") == str(root / "base.safetensors")
+    assert access.resolve("base.safetensors").ref == str(root / "base.safetensors")
+    assert access.resolve(str(root / "run")).ref == str(root / "run")  # absolute, inside
+    assert access.resolve("run/inner.safetensors").ref == str(root / "base.safetensors")
+    assert access.resolve("run/../base.safetensors").ref == str(root / "base.safetensors")
 
 
 @pytest.mark.parametrize("typed", [
@@ -83,7 +83,7 @@ def test_hub_ids_only_where_the_owner_allows(root):
         confined.resolve("org/model@main")
     allowed = Access.from_settings("0.0.0.0", env={"DORA_DASHBOARD_ROOT": str(root),
                                                    "DORA_DASHBOARD_HUB": "1"})
-    assert allowed.resolve("org/model@main") == "org/model@main"
+    assert allowed.resolve("org/model@main").ref == "org/model@main"
 
 
 def test_served_without_a_root_reads_no_typed_path(ckpts):

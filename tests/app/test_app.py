@@ -40,7 +40,8 @@ def test_data_page_runs_an_analysis(ckpts, monkeypatch):
     monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
     at = run("views/data.py")
     at.text_input[0].input(str(ckpts["base"]))
-    at.text_area[0].input(f"FT = {ckpts['series']}\n{ckpts['tuned']}")
+    at.text_area[0].input(f"{ckpts['series']}\n{ckpts['tuned']}")
+    at.text_area[1].input("FT\ntuned")  # --label, one per reference
     at.text_input[1].input("q,v")
     next(b for b in at.button if b.label == "Run analysis").click()
     at.run()
@@ -63,7 +64,8 @@ def test_data_page_analyses_a_dcp_folder(ckpts, tmp_path, monkeypatch):
                  checkpoint_id=tmp_path / "run" / "checkpoint-5" / "pytorch_model_fsdp_0")
     at = run("views/data.py")
     at.text_input[0].input(str(ckpts["base"]))
-    at.text_area[0].input(f"FSDP = {tmp_path / 'run'}")
+    at.text_area[0].input(str(tmp_path / "run"))
+    at.text_area[1].input("FSDP")
     next(b for b in at.button if b.label == "Run analysis").click()
     at.run()
     assert not at.exception and not at.error
@@ -234,3 +236,122 @@ def test_the_upload_folder_is_removed_when_the_server_exits(tmp_path):
     folder = Path(proc.stdout.strip().splitlines()[-1])
     assert folder.parent == tmp_path and folder.name.startswith("dora-dashboard-")
     assert not folder.exists()
+
+
+def analyse(base, tuned: str, labels: str = ""):
+    at = run("views/data.py")
+    at.text_input[0].input(str(base))
+    at.text_area[0].input(tuned)
+    at.text_area[1].input(labels)
+    next(b for b in at.button if b.label == "Run analysis").click()
+    return at.run()
+
+
+def test_a_line_is_one_reference_even_with_an_equals_sign(ckpts, tmp_path, monkeypatch):
+    """A run folder named lr=1e-2 is a path, as on the command line (not 'label = path')."""
+    import shutil
+
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    run_dir = tmp_path / "sweep" / "lr=1e-2"
+    shutil.copytree(ckpts["series"], run_dir)
+    at = analyse(ckpts["base"], str(run_dir))
+    assert not at.exception and not at.error
+    table = at.session_state["table"]
+    cli = da.analyze(ckpts["base"], str(run_dir), modules=("q", "v"))
+    assert set(table["checkpoint"]) == set(cli["checkpoint"]) == {"lr=1e-2"}
+    assert sorted(set(table["step"])) == [10, 20, 30]
+
+
+@pytest.mark.parametrize("labels", ["X\nX", "X", ""])
+def test_two_references_with_one_label_are_refused_as_the_cli_refuses(ckpts, tmp_path,
+                                                                      monkeypatch, labels):
+    """Given the same label (twice, once for all, or derived from two folders named alike),
+    two series would merge into one: refused with dora-analyze's own message."""
+    import shutil
+
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    runs = [tmp_path / "a" / "run", tmp_path / "b" / "run"]
+    for folder in runs:
+        shutil.copytree(ckpts["series"], folder)
+    given = labels.split("\n") if labels else None
+    with pytest.raises(da.DoraAnalysisError) as cli:
+        da.analyze(ckpts["base"], [str(r) for r in runs], labels=given)
+    at = analyse(ckpts["base"], "\n".join(map(str, runs)), labels)
+    assert not at.exception and [e.value for e in at.error] == [str(cli.value)]
+    assert "give each a distinct --label" in str(cli.value)
+    assert "table" not in at.session_state
+
+
+def test_labels_count_as_on_the_command_line(ckpts, monkeypatch):
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    at = analyse(ckpts["base"], f"{ckpts['tuned']}\n{ckpts['bin']}\n{ckpts['sharded']}", "A\nB")
+    assert at.error[0].value == ("--label was given 2 times for 3 tuned checkpoints; give it "
+                                 "once (for all) or once per checkpoint")
+    at = analyse(ckpts["base"], f"{ckpts['tuned']}\n{ckpts['series']}", "A\nB")
+    assert not at.error and set(at.session_state["table"]["checkpoint"]) == {"A", "B"}
+
+
+def drill_into_upload(at, ckpts, **keep):
+    """The Drill-down page in the session that analysed an upload (``keep``: state to carry)."""
+    drill = testing.AppTest.from_file(str(APP / "views" / "drilldown.py"), default_timeout=120)
+    for key in ("table", "source", *keep):
+        drill.session_state[key] = at.session_state[key]
+    drill.run()
+    drill.text_input(key="drilldown_base").input(str(ckpts["base"])).run()
+    return drill
+
+
+def test_an_uploaded_adapter_can_be_drilled_into(ckpts, monkeypatch):
+    import sys
+
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    at = upload_and_run(ckpts, adapter_files())
+    table = at.session_state["table"]
+    assert set(table["ref"]) == {next(iter(at.session_state["uploads"]))}  # upload:<digest>
+    drill = drill_into_upload(at, ckpts, uploads=True)
+    assert not drill.exception and not drill.error
+    (chart,) = drill.get("plotly_chart")
+    assert "upload:" in __import__("json").loads(chart.proto.spec)["layout"]["title"]["text"]
+    row = table[table["name"] == drill.selectbox[1].value].iloc[0]
+    vectors = drill.dataframe[0].value
+    assert abs(vectors["delta_m"]).mean() == pytest.approx(row["delta_m"], rel=1e-9)
+    assert list(sys.modules["_cache"].upload_root().iterdir()) == []  # on disk only while read
+
+
+def test_a_drilled_upload_no_longer_held_says_so(ckpts, monkeypatch):
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    at = upload_and_run(ckpts, adapter_files())
+    drill = drill_into_upload(at, ckpts)  # another session: the upload is not there
+    assert not drill.exception
+    assert "this row's adapter was uploaded" in drill.error[0].value
+    assert "upload it again on the Data page" in drill.error[0].value
+
+
+def test_drilldown_numbers_keep_their_digits(ckpts):
+    """1 − cos ≈ 3e-4 shown with four significant digits, not as 0.0003."""
+    table = da.analyze(ckpts["base"], ckpts["tuned"], modules=("q",))
+    at = testing.AppTest.from_file(str(APP / "views" / "drilldown.py"), default_timeout=120)
+    at.session_state["table"] = table
+    at.session_state["source"] = "test"
+    at.run()
+    at.text_input(key="drilldown_base").input(str(ckpts["base"])).run()
+    config = __import__("json").loads(at.dataframe[0].proto.columns)
+    for column in ("one_minus_cos", "m0", "mt", "tangential_share"):
+        assert config[column]["type_config"]["format"] == "%.4g", column
+    assert config["delta_m"]["type_config"]["format"] == "%.3e"
+
+
+def test_an_upload_whose_analysis_fails_is_not_held(ckpts, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
+    other = tmp_path / "other.safetensors"  # a base the adapter does not fit
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(7, 5)}, str(other))
+    at = run("views/data.py")
+    at.text_input[0].input(str(other))
+    at.file_uploader[0].set_value(adapter_files())
+    next(b for b in at.button if b.label == "Run analysis").click()
+    at.run()
+    assert not at.exception and at.error
+    assert "uploads" not in at.session_state and "table" not in at.session_state

@@ -160,6 +160,7 @@ def test_an_upload_leaves_nothing_on_the_server(server, browser, temp, tmp_path)
     browser.get(server.url + "/")
     page_text(browser, "Analyse checkpoints")
     fill(browser, "Base checkpoint", str(base))
+    wait_for(browser, "return document.querySelector(\"input[type='file']\")")  # drawn last
     upload = browser.find_element("css selector", "input[type='file']")
     upload.send_keys("\n".join(str(tmp_path / n) for n, _, _ in adapter_files()))
     page_text(browser, "adapter_config.json")

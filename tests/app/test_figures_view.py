@@ -50,7 +50,8 @@ def test_figures_page_shows_a_figure_per_metric(ckpts):
     assert not at.exception
     titles = [json.loads(c.proto.spec)["layout"]["title"]["text"]
               for c in at.get("plotly_chart")[2:]]
-    assert [t.split(":")[0] for t in titles] == ["tangential", "delta_m_split", "spectrum"]
+    assert [t.removeprefix("<b>").split(" ")[0] for t in titles] == [
+        "tangential", "delta_m_split", "spectrum"]
 
 
 def test_tables_page_lists_health_warnings(ckpts):

@@ -123,3 +123,117 @@ def test_paths_are_confined_here_too(ckpts, tmp_path, calls, monkeypatch):
     at = follow(ckpts["series"], "base.safetensors")
     assert "no such file or folder under the data root" in at.error[0].value
     assert "table" not in at.session_state
+
+
+def mark_saved(folder: Path) -> Path:
+    """The file a Hugging Face Trainer writes last into checkpoint-N/: the save is complete."""
+    (folder / "trainer_state.json").write_text('{"global_step": 0}')
+    return folder
+
+
+def decoded(values) -> list:
+    """Plotly's JSON arrays, plain or base64-packed (``{"dtype": …, "bdata": …}``)."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(values, dict):
+        return np.frombuffer(base64.b64decode(values["bdata"]), values["dtype"]).tolist()
+    return list(values)
+
+
+def test_one_step_shows_its_values(ckpts, tmp_path, calls):
+    import plotly.io
+
+    add_checkpoint(tmp_path / "run", 10)
+    at = follow(tmp_path / "run", str(ckpts["base"]))
+    assert not at.exception and not at.error
+    assert "1 step (last 10)" in at.success[0].value
+    (chart,) = at.get("plotly_chart")
+    traces = plotly.io.from_json(chart.proto.spec).data
+    assert len(traces) == 4  # q and v, ΔM and ΔD: one point each, drawn as a marker
+    assert all(decoded(t.x) == [10] and "markers" in t.mode for t in traces)
+
+
+def test_rotated_checkpoints_keep_their_rows(ckpts, tmp_path, calls):
+    import shutil
+
+    run = tmp_path / "run"
+    for step in (10, 20):
+        add_checkpoint(run, step)
+    at = follow(run, str(ckpts["base"]))
+    assert steps(at) == [10, 20]
+    shutil.rmtree(run / "checkpoint-10")  # save_total_limit=2: the trainer deletes the oldest
+    add_checkpoint(run, 30)
+    at.run()
+    assert not at.error and steps(at) == [10, 20, 30]
+    assert "checkpoint-10: no longer in the run folder (rotated away" in at.caption[-1].value
+    assert "3 steps (last 30)" in at.success[0].value
+    assert sorted(calls) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+
+
+def test_a_rewritten_checkpoint_drops_the_rotated_rows_after_it(ckpts, tmp_path, calls):
+    """A run restarted in the same folder: its checkpoint-10 replaces the old one, and the old
+    run's rotated steps 20 and 30 are not the new run's."""
+    import shutil
+
+    run = tmp_path / "run"
+    for step in (10, 20, 30):
+        add_checkpoint(run, step)
+    at = follow(run, str(ckpts["base"]))
+    for step in (10, 20, 30):
+        shutil.rmtree(run / f"checkpoint-{step}")
+    folder = run / "checkpoint-10"
+    folder.mkdir()
+    save_file(perturb(llama_state(0), 0.5, seed=99), str(folder / "model.safetensors"))
+    at.run()
+    assert not at.error and steps(at) == [10]
+    assert not at.caption or "rotated" not in at.caption[-1].value
+
+
+@pytest.mark.parametrize("trainer", [True, False])
+def test_a_wrong_base_is_an_error_at_once_not_a_checkpoint_being_written(ckpts, tmp_path,
+                                                                         calls, trainer):
+    other = tmp_path / "other.safetensors"
+    save_file({k: v[:, :-1].contiguous() if v.ndim == 2 else v
+               for k, v in llama_state(0).items()}, str(other))
+    run = tmp_path / "run"
+    for step in (10, 20):  # just saved: younger than STILL_WRITING_S
+        folder = add_checkpoint(run, step)
+        if trainer:
+            mark_saved(folder)
+    at = follow(run, str(other))
+    assert not at.exception and not at.info
+    assert len(at.error) == 2 and all("differ in shape" in e.value for e in at.error)
+    assert "table" not in at.session_state
+
+
+def test_a_trainer_checkpoint_without_its_state_file_is_still_being_written(ckpts, tmp_path,
+                                                                            calls):
+    run = tmp_path / "run"
+    mark_saved(add_checkpoint(run, 10))
+    folder = run / "checkpoint-20"  # the adapter's weights are there, its config not yet
+    folder.mkdir()
+    save_file({"base_model.model.x.lora_A.weight": llama_state(0)["lm_head.weight"]},
+              str(folder / "adapter_model.safetensors"))
+    at = follow(run, str(ckpts["base"]))
+    assert not at.error and steps(at) == [10]
+    assert at.info[-1].value == "checkpoint-20 is still being written; retrying"
+
+
+def test_being_written_needs_a_recent_change(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(PAGE.parents[1]))
+    import _live
+
+    folder = add_checkpoint(tmp_path / "run", 10, half=True)
+    from dora_analysis.errors import CheckpointFormatError, TensorMismatchError
+
+    now = time.time()
+    assert _live.being_written(folder, CheckpointFormatError("x"), trainer_run=False, now=now)
+    assert not _live.being_written(folder, TensorMismatchError("x"), trainer_run=False, now=now)
+    assert not _live.being_written(folder, CheckpointFormatError("x"), trainer_run=False,
+                                   now=now + _live.STILL_WRITING_S + 1)
+    mark_saved(folder)
+    assert not _live.being_written(folder, CheckpointFormatError("x"), trainer_run=True, now=now)

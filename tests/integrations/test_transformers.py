@@ -30,15 +30,16 @@ def dataset(n: int = 12, length: int = 10) -> list[dict]:
     return rows
 
 
-def run_trainer(model, out, callbacks=(), report_to=("tensorboard",), steps=6):
+def run_trainer(model, out, callbacks=(), report_to=("tensorboard",), steps=6, resume=None,
+                **options):
+    settings = {"save_only_model": True} | options  # no optimizer state unless resumed from
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=steps, save_strategy="steps", save_steps=2,
         logging_steps=1, per_device_train_batch_size=2, learning_rate=5e-3, use_cpu=True,
-        seed=0, data_seed=0, report_to=list(report_to), disable_tqdm=True,
-        save_only_model=True)  # no optimizer state: faster, and the callback reads weights only
+        seed=0, data_seed=0, report_to=list(report_to), disable_tqdm=True, **settings)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(),
                                    callbacks=list(callbacks))
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -60,7 +61,8 @@ def scalars(folder) -> dict[str, list[tuple[int, float]]]:
 
 def same_table(written, separate) -> None:
     keys = ["step", "name", "axis"]
-    a = written.sort_values(keys).reset_index(drop=True)
+    assert written["run"].nunique() == 1  # the run the rows belong to
+    a = written.drop(columns="run").sort_values(keys).reset_index(drop=True)
     b = separate.sort_values(keys).reset_index(drop=True)
     assert list(a.columns) == list(b.columns) and len(a) == len(b) > 0
     for column in a.columns:
@@ -195,3 +197,94 @@ def test_settings_are_checked_when_the_callback_is_made():
     with pytest.raises(ConfigError, match="output must be a file name ending in"):
         DoraAnalysisCallback(output="runs/table.xlsx")
     assert json.dumps(DoraAnalysisCallback().config.axes) == '["out"]'
+
+
+def logged(trainer, tag: str) -> dict[int, float]:
+    return {e["step"]: e[tag] for e in trainer.state.log_history if tag in e}
+
+
+def test_a_new_run_in_the_same_folder_starts_a_new_table(tmp_path, tiny_llama):
+    """An earlier run's rows are not pooled into this run's Pearson r: its table is moved
+    aside (named in a warning) and this run's table holds its own rows only."""
+    llama = transformers.AutoModelForCausalLM.from_pretrained
+    out = tmp_path / "run"
+    run_trainer(llama(tiny_llama), out, [DoraAnalysisCallback(modules=("q", "v"))],
+                report_to=(), steps=4)
+    first = da.read_table(out / "dora_analysis.parquet")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a shorter run: the earlier step 4 would stay behind
+        trainer = run_trainer(llama(tiny_llama), out, [DoraAnalysisCallback(modules=("q", "v"))],
+                              report_to=(), steps=2)
+    second = da.read_table(out / "dora_analysis.parquet")
+    assert sorted(set(second["step"])) == [2] and len(second) == len(first) // 2
+    (first_run,) = set(first["run"])
+    moved = out / f"dora_analysis.{first_run}.parquet"
+    messages = [str(w.message) for w in caught if w.category is AnalysisCallbackWarning]
+    assert messages == [f"{out / 'dora_analysis.parquet'} held another run's rows (training "
+                        f"started anew): moved to {moved.name}; this run starts a new table"]
+    assert set(second["run"]) != {first_run} and second["run"].nunique() == 1
+    assert da.read_table(moved).equals(first)  # kept aside, unchanged
+    # r of this run's rows only: two layers at one step are too few for one (pooled with the
+    # earlier run's step 4, there was an r)
+    assert "dora/q/delta_m" in trainer.state.log_history[-2]
+    assert logged(trainer, "dora/q/pearson_r") == {}
+
+
+def test_a_resumed_run_keeps_its_rows_up_to_the_resumed_step(tmp_path, tiny_llama):
+    llama = transformers.AutoModelForCausalLM.from_pretrained
+    out = tmp_path / "run"
+    run_trainer(llama(tiny_llama), out, [DoraAnalysisCallback(modules=("q",))], report_to=(),
+                steps=4, save_only_model=False)
+    before = da.read_table(out / "dora_analysis.parquet")
+    assert sorted(set(before["step"])) == [2, 4]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # resumed from step 2 and stopped at 3: the old step 4 is another history
+        run_trainer(llama(tiny_llama), out, [DoraAnalysisCallback(modules=("q",))],
+                    report_to=(), steps=3, resume=str(out / "checkpoint-2"),
+                    save_only_model=False)
+    assert not [w for w in caught if w.category is AnalysisCallbackWarning]
+    after = da.read_table(out / "dora_analysis.parquet")
+    assert sorted(set(after["step"])) == [2, 3]
+    assert set(after["run"]) == set(before["run"])  # the same run, continued
+    kept = after[after["step"] == 2].reset_index(drop=True)
+    assert kept.equals(before[before["step"] == 2].reset_index(drop=True))
+    assert not list(out.glob("dora_analysis.*.parquet"))
+
+
+@pytest.mark.slow
+def test_a_resume_from_another_runs_checkpoint_starts_a_new_table(tmp_path, tiny_llama):
+    """The table in output_dir is run A's; training resumes from run B's checkpoint (saved in
+    another folder, without the callback): A's rows are moved aside."""
+    llama = transformers.AutoModelForCausalLM.from_pretrained
+    out = tmp_path / "run"
+    run_trainer(llama(tiny_llama), out, [DoraAnalysisCallback(modules=("q",))], report_to=(),
+                steps=2)
+    run_trainer(llama(tiny_llama), tmp_path / "other", report_to=(), steps=4,
+                save_only_model=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_trainer(llama(tiny_llama), out, [DoraAnalysisCallback(modules=("q",))],
+                    report_to=(), steps=6, resume=str(tmp_path / "other" / "checkpoint-4"),
+                    save_only_model=False, restore_callback_states_from_checkpoint=True)
+    assert any("not of the run resumed from step 4" in str(w.message) for w in caught)
+    assert sorted(set(da.read_table(out / "dora_analysis.parquet")["step"])) == [6]
+    assert len(list(out.glob("dora_analysis.*.parquet"))) == 1
+
+
+def test_the_run_and_the_settings_are_saved_in_the_checkpoints(tmp_path, tiny_llama):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    callback = DoraAnalysisCallback(modules=("q",), include="layers", token="secret")
+    run_trainer(model, tmp_path / "run", [callback], report_to=(), steps=2)
+    saved = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    entry = saved["stateful_callbacks"]["DoraAnalysisCallback"]
+    assert entry["attributes"] == {"run_id": callback.run_id}
+    assert entry["args"]["modules"] == ["q"] and entry["args"]["include"] == "layers"
+    assert "secret" not in json.dumps(saved)  # a token is never written into a checkpoint
+    rebuilt = DoraAnalysisCallback(**entry["args"])  # as restore_callback_states… does
+    assert rebuilt.config == DoraAnalysisCallback(modules=("q",), include="layers").config
+    from dora_analysis.integrations.transformers import plain
+
+    assert json.dumps(plain("workers", __import__("numpy").int64(2))) == "2"
+    with pytest.raises(ConfigError, match="adapter_base=.* is not a plain value"):
+        plain("adapter_base", object())

@@ -157,12 +157,14 @@ def per_reference(values: Sequence[str] | None, n: int, flag: str, default: str 
     """
     if isinstance(values, str):  # one label or method, never read letter by letter
         values = [values]
-    if values is None or len(values) == 0:
+    if values is None:
         return [default] * n
     if isinstance(values, bytes | Mapping) or not isinstance(values, Iterable):
         raise ConfigError(f"{flag} takes a string or a list of strings, got {values!r}")
     values = list(values)
-    if not all(isinstance(v, str) for v in values):
+    if not values:
+        return [default] * n
+    if not all(v is None or isinstance(v, str) for v in values):  # None: the default
         raise ConfigError(f"{flag} takes a string or a list of strings, got {values!r}")
     if len(values) == 1:
         return list(values) * n

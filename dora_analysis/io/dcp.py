@@ -147,6 +147,43 @@ def find_dcp(path: Path) -> Path | None:
     return None
 
 
+#: The key under which a wrapper of the training state (PyTorch's DCP recipe: ``{"app":
+#: AppState(model, optimizer)}`` whose ``state_dict()`` is ``{"model": …, "optim": …}``) keeps
+#: the model.
+WRAPPED_MODEL_KEY = "model"
+
+
+def model_names(metadata) -> dict[str, str]:
+    """The model's tensors in a DCP save, as ``our name → fqn in the checkpoint``.
+
+    The save's path of keys to each tensor (``planner_data``) tells the model from the training
+    state beside it (:data:`NON_MODEL_ROOTS`, at any level above the tensor). The model is kept
+    at the top level (torchtitan), under ``model`` (accelerate, torchtune: ``model.<fqn>``,
+    named as stored), or under ``model`` inside one wrapper (the DCP recipe's ``app.model.<fqn>``,
+    named ``model.<fqn>`` like accelerate's, so that both align with a base alike).
+
+    Example:
+        >>> model_names(read_metadata(Path("app-state")))  # doctest: +SKIP
+        {'model.net1.weight': 'app.model.net1.weight', ...}
+    """
+    planner = getattr(metadata, "planner_data", None) or {}
+    names: dict[str, str] = {}
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if getattr(entry, "chunks", None) is None:  # BytesStorageMetadata: a pickled value
+            continue
+        path = planner.get(fqn)
+        path = tuple(path) if isinstance(path, (tuple, list)) and path else (fqn.split(".")[0], fqn)
+        if any(key in NON_MODEL_ROOTS for key in path[:-1] if isinstance(key, str)):
+            continue
+        wrapped = len(path) >= 3 and path[1] == WRAPPED_MODEL_KEY
+        names[fqn] = (f"{WRAPPED_MODEL_KEY}." + ".".join(str(k) for k in path[2:])
+                      if wrapped else fqn)
+    ours = list(names.values())
+    if len(set(ours)) != len(ours):  # renaming would merge two tensors: keep the stored names
+        return {fqn: fqn for fqn in names}
+    return {name: fqn for fqn, name in names.items()}
+
+
 @dataclass(frozen=True)
 class _Chunk:
     """One stored piece of a tensor: where it sits in the tensor and in which file."""
@@ -210,21 +247,17 @@ class DcpCheckpoint(TensorSource):
         self._backend = backend
         metadata = read_metadata(self.path)
         self._infos: dict[str, TensorInfo] = {}
-        planner = getattr(metadata, "planner_data", None) or {}
-        for fqn, entry in metadata.state_dict_metadata.items():
-            chunks = getattr(entry, "chunks", None)
-            if chunks is None:  # BytesStorageMetadata: a pickled Python value, not a tensor
-                continue
-            root = planner[fqn][0] if isinstance(planner.get(fqn), tuple) else fqn.split(".")[0]
-            if root in NON_MODEL_ROOTS:
-                continue
-            self._infos[fqn] = TensorInfo(tuple(int(s) for s in entry.size),
-                                          entry.properties.dtype)
-        self._chunks: dict[str, list[_Chunk]] = {fqn: [] for fqn in self._infos}
+        self._stored = model_names(metadata)  # our name → the fqn in the checkpoint
+        for name, fqn in self._stored.items():
+            entry = metadata.state_dict_metadata[fqn]
+            self._infos[name] = TensorInfo(tuple(int(s) for s in entry.size),
+                                           entry.properties.dtype)
+        ours = {fqn: name for name, fqn in self._stored.items()}
+        self._chunks: dict[str, list[_Chunk]] = {name: [] for name in self._infos}
         for index, storage in metadata.storage_data.items():
-            if index.fqn in self._chunks:
+            if index.fqn in ours:
                 chunk_md = _chunk_of(metadata.state_dict_metadata[index.fqn].chunks, index)
-                self._chunks[index.fqn].append(_Chunk(
+                self._chunks[ours[index.fqn]].append(_Chunk(
                     tuple(int(o) for o in chunk_md.offsets), tuple(int(s) for s in chunk_md.sizes),
                     str(storage.relative_path), int(storage.offset), int(storage.length),
                     bool(getattr(storage, "transform_descriptors", None))))
@@ -418,14 +451,15 @@ class DcpCheckpoint(TensorSource):
         import torch.distributed.checkpoint as dcp
 
         info = self._infos[name]
-        target = {name: torch.empty(info.shape, dtype=info.dtype)}
+        fqn = self._stored[name]
+        target = {fqn: torch.empty(info.shape, dtype=info.dtype)}
         try:
             dcp.load(target, storage_reader=_safe_reader(self.path), no_dist=True)
         except Exception as exc:  # extension or I/O failures surface as several types
             raise CheckpointFormatError(f"{self.path}: cannot read tensor '{name}' "
                                         f"({reason(exc).splitlines()[0]})") from None
-        self._whole = (name, target[name])
-        return target[name]
+        self._whole = (name, target[fqn])
+        return target[fqn]
 
     def close(self) -> None:
         self._whole = None

@@ -41,7 +41,7 @@ import torch
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, UnsafeCheckpointError
 from .base import TensorInfo, TensorSource, reason
-from .guard import GuardedFile, pread_exact
+from .guard import GuardedFile, confined, pread_exact
 from .refs import TRAINER_DCP_FOLDERS
 
 METADATA_FILE = ".metadata"
@@ -99,7 +99,7 @@ def read_metadata(folder: Path):
         >>> md = read_metadata(Path("ckpt"))  # doctest: +SKIP
         >>> sorted(md.state_dict_metadata)[:2]  # doctest: +SKIP
     """
-    path = folder / METADATA_FILE
+    path = confined(folder, METADATA_FILE, named_by=folder)
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -143,7 +143,7 @@ def find_dcp(path: Path) -> Path | None:
         return path
     for name in TRAINER_DCP_FOLDERS:
         if is_dcp_folder(path / name):
-            return path / name
+            return confined(path, name, named_by=path)
     return None
 
 
@@ -277,6 +277,8 @@ class DcpCheckpoint(TensorSource):
                     f"shape {list(self._infos[fqn].shape)}; copy the checkpoint folder again")
             for c in chunks:
                 needed[c.file] = max(needed.get(c.file, 0), c.start + c.length)
+        for file in needed:  # before anything is looked up: nothing outside is ever touched
+            confined(self.path, file, named_by=self.path / METADATA_FILE)
         missing = sorted(f for f in needed if not (self.path / f).is_file())
         if missing:
             raise CheckpointNotFoundError(

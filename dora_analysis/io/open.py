@@ -33,7 +33,7 @@ from .adapters import (
 from .base import TensorSource
 from .dcp import DcpCheckpoint, find_dcp
 from .deepspeed import find_zero, open_zero
-from .guard import not_found, not_regular, path_kind
+from .guard import confined, not_found, not_regular, path_kind
 from .merge import AdapterSource
 from .quant import dequantized
 from .refs import TRAINER_DCP_FOLDERS, CheckpointRef, step_of
@@ -101,11 +101,12 @@ def open_file(path: Path, options: ReadOptions = ReadOptions()) -> TensorSource:
 
 
 def _model_folder_file(path: Path) -> Path | None:
+    """The weights file of a model folder (never a link out of it: see ``guard.confined``)."""
     for file in FOLDER_FILES:
         if (path / file).is_file():
-            return path / file
+            return confined(path, file, named_by=path)
     singles = sorted(p for p in path.glob("*.safetensors") if p.is_file())
-    return singles[0] if len(singles) == 1 else None
+    return confined(path, singles[0].name, named_by=path) if len(singles) == 1 else None
 
 
 def trained_on(options: ReadOptions) -> TensorSource | None:

@@ -331,7 +331,7 @@ def _raw_file(path, header: dict, data: bytes, declared: int | None = None):
     ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None,
      "8 bytes for shape"),
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, None,
-     "starts at 4, expected 0"),
+     r"has offsets \[4, 8\], expected a start at 0"),
     ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, 1 << 40,
      "header of"),
     (["not", "an", "object"], b"", None, "not a JSON object"),

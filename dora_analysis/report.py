@@ -7,6 +7,7 @@ them. Tables are read back by :mod:`dora_analysis.tables`.
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import math
@@ -20,10 +21,12 @@ from . import columns as C
 from .atomic import Writer, write_all
 from .errors import OutputError
 from .io.guard import path_kind, shown
+from .tables import JSON_INFINITIES
 
 #: Table formats by file suffix: adding one means adding a line here.
 TABLE_WRITERS: dict[str, Callable[[pd.DataFrame, Path], None]] = {
-    ".csv": lambda df, p: df.to_csv(p, index=False),
+    # text quoted: a bare carriage return in a label would otherwise end the row
+    ".csv": lambda df, p: df.to_csv(p, index=False, quoting=csv.QUOTE_NONNUMERIC),
     ".json": lambda df, p: _write_json_records(df, p),
     ".parquet": lambda df, p: df.to_parquet(p, index=False),
 }
@@ -31,8 +34,11 @@ TABLE_WRITERS: dict[str, Callable[[pd.DataFrame, Path], None]] = {
 
 def _write_json_records(frame: pd.DataFrame, path: Path) -> None:
     # pandas' to_json rounds floats to 10 digits; json.dumps keeps the shortest exact repr.
-    records = frame.astype(object).where(frame.notna(), None).to_dict("records")
-    path.write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")
+    # JSON has no infinities: they are written as the strings of JSON_INFINITIES, NaN/NA as null.
+    names = {v: k for k, v in JSON_INFINITIES.items()}
+    records = [{k: names[v] if isinstance(v, float) and math.isinf(v) else v for k, v in r.items()}
+               for r in frame.astype(object).where(frame.notna(), None).to_dict("records")]
+    path.write_text(json.dumps(records, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 
 
 HTML_SUFFIXES = (".html", ".htm")

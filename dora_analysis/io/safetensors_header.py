@@ -153,7 +153,7 @@ def parse_header(header: str | bytes | bytearray, data_bytes: int, where: object
 
 
 def _invalid(where: object, why: str) -> CheckpointFormatError:
-    return CheckpointFormatError(f"{shown(where)}: not a valid safetensors file ({why}); "
+    return CheckpointFormatError(f"{shown(where)}: not a readable safetensors file ({why}); "
                                  "re-download or re-save it")
 
 

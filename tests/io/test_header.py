@@ -206,8 +206,8 @@ def test_what_the_library_refuses_and_accepts(served, text, data, accepted):
 
 def test_a_refusal_names_the_file_and_the_reason(tmp_path, served):
     raw = b'{"w":{"dtype":"F32","shape":[true,4096],"data_offsets":[0,4]}}'
-    with pytest.raises(CheckpointFormatError, match=r"m.safetensors: not a readable safetensors file "
-                                                    r"\(tensor 'w' has an invalid shape"):
+    with pytest.raises(CheckpointFormatError, match=r"m.safetensors: not a readable safetensors "
+                                                    r"file \(tensor 'w' has an invalid shape"):
         parse_header(raw, 4, tmp_path / "m.safetensors")
 
 

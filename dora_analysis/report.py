@@ -63,6 +63,11 @@ def check_output_path(
                           + ", ".join(suffixes))
     folder = path.parent if str(path.parent) else Path(".")
     if path_kind(folder) != "folder":
+        # the nearest part of the path that exists says why: a file where a folder should be
+        there = next((p for p in (folder, *folder.parents) if path_kind(p) is not None), None)
+        if there is not None and path_kind(there) != "folder":
+            raise OutputError(f"{shown(path)}: '{shown(there)}' is a file, not a folder; "
+                              "choose an output path in a folder")
         raise OutputError(f"{shown(path)}: folder '{shown(folder)}' does not exist (or is "
                           "unreachable); create it first")
     size, limit = len(os.fsencode(path.name)), _name_max(folder)

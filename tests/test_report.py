@@ -80,3 +80,10 @@ def test_summary_and_report_carry_health_warnings_and_metric_figures(ckpts, tmp_
     assert "effective_rank" in page and "tangential_fraction" in page  # metric figures
     healthy = da.analyze(ckpts["base"], ckpts["tuned"], modules=("q",))
     assert "health checks" not in format_summary(healthy, da.correlate(healthy))
+
+
+@pytest.mark.parametrize("under", ["tuned.safetensors/x.csv", "tuned.safetensors/sub/x.csv"])
+def test_output_under_a_file_says_so(tmp_path, under):
+    (tmp_path / "tuned.safetensors").write_bytes(b"x")
+    with pytest.raises(OutputError, match=r"tuned.safetensors' is a file, not a folder"):
+        check_output_path(tmp_path / under)

@@ -31,11 +31,13 @@ Messages never show credentials (:func:`~dora_analysis.io.refs.redact_url`).
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import logging
 import os
 import re
+import socket
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
@@ -172,9 +174,36 @@ def _scrub(text: str) -> str:
     return re.sub(r"\?[^\s'\"]*", "", text).splitlines()[0][:200] if text else ""
 
 
+def _unreachable(url: Url, exc: BaseException) -> str | None:
+    """Why the server could not be reached at all, if that is what happened: fsspec's HTTP
+    filesystem reports a refused connection or an unknown host as FileNotFoundError (a 404)."""
+    parts = urlsplit(url.url)
+    where = parts.hostname or "the server"
+    try:
+        where += f":{parts.port}" if parts.port else ""
+    except ValueError:
+        pass
+    for e in _chain(exc):
+        if isinstance(e, ConnectionRefusedError) or getattr(e, "errno", None) == errno.ECONNREFUSED:
+            return (f"connection refused by {where}; check the host and port, and that the "
+                    "server is running")
+        if isinstance(e, socket.gaierror) or "DNSError" in type(e).__name__:
+            return f"cannot resolve the host name {parts.hostname}; check it and the network"
+        if isinstance(e, ConnectionError) or "Connect" in type(e).__name__:
+            return f"cannot connect to {where} ({_scrub(str(e)) or type(e).__name__})"
+    return None
+
+
 def remote_error(url: Url, exc: BaseException, timeout: float | None = None) -> DoraAnalysisError:
     """One clear error for a failed remote read: the URL (no credentials) and the status."""
     status = _status(exc)
+    if _is_timeout(exc):
+        after = f" after {timeout:g} s" if timeout else ""
+        return CheckpointNotFoundError(f"{url}: timed out{after}; check the network or the "
+                                       "server, or download the file and give its local path")
+    unreachable = _unreachable(url, exc) if status is None else None
+    if unreachable:
+        return CheckpointNotFoundError(f"{url}: {unreachable}")
     if status == 404 or (status is None and isinstance(exc, FileNotFoundError)):
         return CheckpointNotFoundError(f"{url}: not found (HTTP 404); check the bucket, "
                                        "repository, revision and path")
@@ -183,10 +212,6 @@ def remote_error(url: Url, exc: BaseException, timeout: float | None = None) -> 
             f"{url}: access denied (HTTP {status or 403}); check the credentials for "
             f"{url.scheme}:// (HF_TOKEN or --token, AWS_* variables, gcloud credentials) or "
             "the URL's signature")
-    if _is_timeout(exc):
-        after = f" after {timeout:g} s" if timeout else ""
-        return CheckpointNotFoundError(f"{url}: timed out{after}; check the network or the "
-                                       "server, or download the file and give its local path")
     if isinstance(exc, ValueError) and "range" in str(exc).lower():
         return CheckpointFormatError(
             f"{url}: the server does not support HTTP range requests, so tensors cannot be read "
@@ -328,10 +353,8 @@ def series_steps(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT
     try:
         fs.invalidate_cache(path)  # a run still training gains folders: never a stale listing
         entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
     except Exception as exc:
-        if _status(exc) == 404:
+        if _absent(url, exc):
             return []
         raise remote_error(url, exc, timeout) from None
     names = sorted(PurePosixPath(str(e["name"]).rstrip("/")).name for e in entries
@@ -347,14 +370,19 @@ def series_steps(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT
 def exists(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT) -> bool:
     """Whether ``url`` names a file (``False`` for a 404)."""
     fs, path = filesystem(url, token, timeout)
-    try:
-        return bool(fs.isfile(path))
-    except FileNotFoundError:
-        return False
+    try:  # not fs.isfile: it answers False for a server that cannot be reached
+        return fs.info(path).get("type") == "file"
     except Exception as exc:
-        if _status(exc) == 404:
+        if _absent(url, exc):
             return False
         raise remote_error(url, exc, timeout) from None
+
+
+def _absent(url: Url, exc: BaseException) -> bool:
+    """A genuine "no such file" (HTTP 404), not a server that could not be reached."""
+    status = _status(exc)
+    return status == 404 or (status is None and isinstance(exc, FileNotFoundError)
+                             and not _is_timeout(exc) and _unreachable(url, exc) is None)
 
 
 # --- safetensors ------------------------------------------------------------------------------

@@ -251,6 +251,9 @@ def format_summary(table: pd.DataFrame, correlations: pd.DataFrame) -> str:
     if correlations.empty:
         return "no weight matrices analysed\n"
     show_axis = correlations[C.AXIS].nunique() > 1
+    # columns as wide as their longest value: long module names (position_embeddings) line up
+    module_width = max(12, *(len(str(m)) + 2 for m in correlations[C.MODULE]))
+    n_width = max(5, *(len(str(n)) for n in correlations[C.N]))
     lines = []
     for label, group in correlations.groupby(C.CHECKPOINT, sort=False):
         rows = table[table[C.CHECKPOINT] == label]
@@ -259,7 +262,8 @@ def format_summary(table: pd.DataFrame, correlations: pd.DataFrame) -> str:
         head = f"{label}  (method: {group[C.METHOD].iloc[0]}"
         head += f", steps: {', '.join(str(int(s)) for s in sorted(steps))})" if len(steps) else ")"
         lines.append(head)
-        lines.append(f"  {'module':<12}{'axis  ' if show_axis else ''}{'n':>5}  {'mean ΔM':>11}"
+        lines.append(f"  {'module':<{module_width}}{'axis  ' if show_axis else ''}"
+                     f"{'n':>{n_width}}  {'mean ΔM':>11}"
                      f"  {'mean ΔD':>11}  {'Pearson r':>9}  {'95% CI (layers)':>16}"
                      f"  {'slope':>11}" + (f"  {'within-step r':>13}" if series else ""))
         for _, r in group.iterrows():
@@ -267,7 +271,8 @@ def format_summary(table: pd.DataFrame, correlations: pd.DataFrame) -> str:
             ci = (f"[{_fmt(r[C.R_CI_LOW], '+.2f')}, {_fmt(r[C.R_CI_HIGH], '+.2f')}]"
                   if C.R_CI_LOW in r and not math.isnan(r[C.R_CI_LOW]) else "-")
             lines.append(
-                f"  {r[C.MODULE]:<12}{axis}{r[C.N]:>5}  {_fmt(r[C.MEAN_DELTA_M], '11.4e')}"
+                f"  {r[C.MODULE]:<{module_width}}{axis}{r[C.N]:>{n_width}}"
+                f"  {_fmt(r[C.MEAN_DELTA_M], '11.4e')}"
                 f"  {_fmt(r[C.MEAN_DELTA_D], '11.4e')}  {_fmt(r[C.PEARSON_R], '+9.3f'):>9}"
                 f"  {ci:>16}  {_fmt(r[C.SLOPE], '+11.4e'):>11}"
                 + (f"  {_fmt(r[C.WITHIN_STEP_R], '+13.3f'):>13}" if series else "")

@@ -535,10 +535,12 @@ def _size(n: int) -> str:
 
 # --- opening a remote reference ---------------------------------------------------------------
 
-def _read_json(url: Url, token: str | None, timeout: float) -> str:
+def _read_json(url: Url, token: str | None, timeout: float) -> bytes:
+    """A small JSON file's bytes, parsed by the same function as a local file's (no decoding
+    here: a BOM or invalid UTF-8 gets the same verdict wherever the file lies)."""
     f = RemoteFile(url, token, timeout)
     try:
-        return f.read_all(MAX_JSON_BYTES).decode("utf-8", errors="replace")
+        return f.read_all(MAX_JSON_BYTES)
     finally:
         f.close()
 

@@ -32,7 +32,7 @@ class ShardedCheckpoint(TensorSource):
     """Shards listed by a Hugging Face index (``*.index.json`` with a ``weight_map``)."""
 
     def __init__(self, index_path: str | Path, open_shard: Callable[[Path], TensorSource],
-                 text: str | None = None) -> None:
+                 text: str | bytes | None = None) -> None:
         """``text``: the index's content when it is not a local file (remote storage, where
         missing shards are reported when opened)."""
         local = text is None

@@ -390,3 +390,25 @@ def test_urls_that_cannot_be_reached(root, capsys, url, expected):
     url, expected = url.replace("PORT", port), expected.replace("PORT", port)
     err = _one_error_line([str(root / "base.safetensors"), url], capsys)
     assert expected in err and "404" not in err and "pw" not in err and "sig" not in err
+
+
+@pytest.mark.parametrize("change", ["bom", "latin-1 name", "utf-16"])
+def test_a_shard_index_gets_the_same_verdict_locally_and_remotely(root, tmp_path, change):
+    """One JSON reader for both: the index's bytes are parsed alike wherever they lie."""
+    folder = tmp_path / "sharded"
+    shutil.copytree(root / "sharded", folder)
+    index = folder / "model.safetensors.index.json"
+    text = index.read_text()
+    data = {"bom": b"\xef\xbb\xbf" + text.encode(),
+            "latin-1 name": text.replace('"metadata"', '"m\xe9tadata"').encode("latin-1"),
+            "utf-16": text.encode("utf-16")}[change]
+    index.write_bytes(data)
+    verdicts = []
+    with FileServer(tmp_path) as srv:
+        for ref in (index, Url(f"{srv.url}/sharded/model.safetensors.index.json")):
+            try:
+                with open_checkpoint(ref, ReadOptions()) as src:
+                    verdicts.append(len(src.keys()))
+            except CheckpointFormatError as exc:
+                verdicts.append(str(exc).split(": ", 1)[1])
+    assert verdicts[0] == verdicts[1]

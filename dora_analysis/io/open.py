@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 from ..config import IO_BACKENDS
 from ..errors import CheckpointFormatError, ConfigError
 from .adapters import (
+    ADAPTER_WEIGHT_FILES,
     adapter_format,
     has_adapter_weights,
     is_adapter_folder,
@@ -117,7 +119,15 @@ def trained_on(options: ReadOptions) -> TensorSource | None:
     return open_checkpoint(where, options)
 
 
+def _confine_adapter_files(folder: Path) -> None:
+    """An adapter folder's files are confined like any checkpoint's (see ``guard.confined``)."""
+    for name in ("adapter_config.json", *ADAPTER_WEIGHT_FILES):
+        if os.path.lexists(folder / name):
+            confined(folder, name, named_by=folder)
+
+
 def _open_adapter_folder(path: Path, options: ReadOptions, base: TensorSource) -> TensorSource:
+    _confine_adapter_files(path)
     adapter = read_peft(path, adapter_base_given=options.adapter_base is not None)
     return AdapterSource(adapter, base, trained_on=trained_on(options))
 
@@ -167,6 +177,7 @@ def _open_dcp_adapter(src: DcpCheckpoint, options: ReadOptions, base: TensorSour
             "(model.peft_config['default'].save_pretrained(folder) writes it)")
     if base is None:
         raise _adapter_as_base(src.path)
+    _confine_adapter_files(folder)
     # accelerate saves {"model": get_peft_model_state_dict(model)}: PEFT's names behind "model."
     tensors = {k.removeprefix("model.") if k.startswith("model.base_model.") else k:
                src.get_tensor(k) for k in src.keys()}

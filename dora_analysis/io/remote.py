@@ -87,6 +87,8 @@ DEFAULT_TIMEOUT = 60.0
 CONTENT_IDS = ("ETag", "etag", "Content-MD5", "Digest", "md5Hash", "blob_id")
 #: Parsed safetensors headers kept per file version (the plan and the run open each file).
 HEADER_CACHE_SIZE = 256
+#: ... and at most this many tensors in all (a header near the 100 MB cap holds ~850 000).
+HEADER_CACHE_ENTRIES = 1_000_000
 
 #: Extras that provide each scheme's fsspec filesystem.
 EXTRAS = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
@@ -427,9 +429,11 @@ class RemoteSafetensors(TensorSource):
         self._entries = parse_header(text, size - self._data_start, self.path)
         del text
         if version is not None:
-            while len(_HEADERS) >= HEADER_CACHE_SIZE:
-                _HEADERS.pop(next(iter(_HEADERS)), None)
             _HEADERS[version] = (self._data_start, self._entries)
+            while len(_HEADERS) > HEADER_CACHE_SIZE or (
+                    len(_HEADERS) > 1 and sum(len(e) for _, e in _HEADERS.values())
+                    > HEADER_CACHE_ENTRIES):  # oldest first; the newest is always kept
+                _HEADERS.pop(next(iter(_HEADERS)), None)
 
     @property
     def bytes_read(self) -> int:

@@ -295,3 +295,27 @@ def test_one_error_line_in_the_cli(place, capsys, tmp_path):
     assert err.count("\n") == 1 and err.startswith("error: ") and "/etc/passwd" in err
     assert "ckpt/.metadata: names '/etc/passwd' (an absolute path)" in err
     assert not any(out.parent.iterdir())
+
+
+# -- adapter folders ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("linked", ["adapter_model.safetensors", "adapter_config.json"])
+def test_adapter_folder_files_linking_out(place, opened, linked):
+    """An adapter folder's config and weights are its files like any other's (PEFT's layout;
+    the config names no file that is read: ``base_model_name_or_path`` is only quoted)."""
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    g = torch.Generator().manual_seed(0)
+    weights = {f"{q}.lora_A.weight": torch.randn(2, 16, generator=g),
+               f"{q}.lora_B.weight": torch.randn(24, 2, generator=g)}
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+              "base_model_name_or_path": str(place["outside"] / "tuned.safetensors")}
+    for folder in (place["ckpt"], place["outside"] / "adapter"):
+        folder.mkdir()
+        save_file(weights, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    assert len(da.analyze(place["base"], place["ckpt"]))  # valid as laid out
+    (place["ckpt"] / linked).unlink()
+    (place["ckpt"] / linked).symlink_to(place["outside"] / "adapter" / linked)
+    err = refused(place["base"], place["ckpt"], opened, place["outside"])
+    assert f"ckpt/{linked}: a symbolic link that leads out" in err

@@ -200,6 +200,7 @@ def _entries(text: str) -> dict[str, Entry]:
     :class:`_Bad`) by the parser's object hook as soon as it is read: no dict per tensor."""
     shapes: dict[tuple, tuple] = {}  # one tuple per distinct shape
     last: list[Pairs] = []  # the pairs of the object read last: the top level, in the end
+    unsized: list[Entry] = []  # entries whose byte count is still to be checked
 
     def on_object(pairs: list) -> object:
         last[:] = (pairs,)
@@ -210,9 +211,11 @@ def _entries(text: str) -> dict[str, Entry]:
                 type(v) is str for _, v in pairs):  # noqa: E721 - exactly str
             return Pairs(pairs)  # not a tensor (a metadata map, an unknown field's value)
         try:
-            return _entry(Pairs(pairs))
+            entry = _entry(Pairs(pairs))
         except _Refused as exc:
             return _Bad(str(exc))
+        unsized.append(entry)
+        return entry
 
     decoder = json.JSONDecoder(object_pairs_hook=on_object, parse_constant=_refuse_constant,
                                parse_int=_int, parse_float=_float)
@@ -237,7 +240,16 @@ def _entries(text: str) -> dict[str, Entry]:
                 value = _entry(value)
             except _Refused as exc:
                 raise _Refused(f"tensor '{name[:200]}' {exc}") from None
+            unsized.append(value)
         entries[name] = value
+    # like safetensors, sizes are checked on the tensors kept (a duplicate name: the last)
+    kept = {id(e): name for name, e in entries.items()}
+    for entry in unsized:
+        if id(entry) in kept:
+            try:
+                _check_size(entry)
+            except _Refused as exc:
+                raise _Refused(f"tensor '{kept[id(entry)][:200]}' {exc}") from None
     return entries
 
 
@@ -284,9 +296,9 @@ def _plain_entry(pairs: list, shapes: dict[tuple, tuple]) -> Entry | None:
 
 
 def _entry(spec: object) -> Entry:
-    """One ``TensorInfo``: an object with the three fields (others ignored), or the array
-    ``[dtype, shape, data_offsets]``, as serde reads a struct; its byte count checked against its
-    shape (with safetensors' u64 overflow checks)."""
+    """One ``TensorInfo`` as serde reads a struct: an object with the three fields (others
+    ignored), or the array ``[dtype, shape, data_offsets]``; its types checked (its size is
+    checked by :func:`_check_size` once duplicates are resolved)."""
     if isinstance(spec, Pairs):
         fields: dict[str, object] = {}
         for key, value in spec:
@@ -312,20 +324,23 @@ def _entry(spec: object) -> Entry:
         raise _Refused(f"has an invalid shape {str(shape)[:60]}")
     if type(offsets) is not list or len(offsets) != 2 or not all(map(_usize, offsets)):  # noqa
         raise _Refused(f"has invalid data_offsets {str(offsets)[:60]}")
-    begin, end = offsets
+    return Entry(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_size(e: Entry) -> None:
+    """The byte count matches the shape (with safetensors' u64 overflow checks)."""
     count = 1
-    for d in shape:
+    for d in e.shape:
         count *= d
         if count > _USIZE_MAX:
-            raise _Refused(f"has a shape {shape} that overflows")
-    bits = count * DTYPE_BITS[dtype]
+            raise _Refused(f"has a shape {list(e.shape)} that overflows")
+    bits = count * DTYPE_BITS[e.dtype]
     if bits > _USIZE_MAX:
-        raise _Refused(f"has a shape {shape} that overflows")
+        raise _Refused(f"has a shape {list(e.shape)} that overflows")
     if bits % 8:
-        raise _Refused(f"has {count} {dtype} values: not a whole number of bytes")
-    if end >= begin and end - begin != bits // 8:
-        raise _Refused(f"has {end - begin} bytes for shape {shape} of {dtype}")
-    return Entry(dtype, tuple(shape), begin, end)
+        raise _Refused(f"has {count} {e.dtype} values: not a whole number of bytes")
+    if e.end >= e.begin and e.end - e.begin != bits // 8:
+        raise _Refused(f"has {e.end - e.begin} bytes for shape {list(e.shape)} of {e.dtype}")
 
 
 def _check_layout(entries: dict[str, Entry], data_bytes: int) -> None:

@@ -243,7 +243,7 @@ def _entries(text: str) -> dict[str, Entry]:
             unsized.append(value)
         entries[name] = value
     # like safetensors, sizes are checked on the tensors kept (a duplicate name: the last)
-    kept = {id(e): name for name, e in entries.items()}
+    kept = {id(e): name for name, e in entries.items()} if unsized else {}
     for entry in unsized:
         if id(entry) in kept:
             try:

@@ -328,9 +328,7 @@ def table_columns(config: AnalysisConfig | None = None) -> list[str]:
 def to_frame(records: list[dict], config: AnalysisConfig | None = None) -> pd.DataFrame:
     """Records → the analysis table with stable column order and typed columns."""
     frame = pd.DataFrame.from_records(records, columns=table_columns(config))
-    dtypes = {C.STEP: "Int64", C.LAYER: "Int64", C.EXPERT: "Int64", C.ROWS: "int64",
-              C.COLS: "int64"}
-    dtypes |= {c.name: c.dtype for c in registry.metric_columns(config)}
+    dtypes = C.TABLE_DTYPES | {c.name: c.dtype for c in registry.metric_columns(config)}
     return frame.astype({k: v for k, v in dtypes.items() if k in frame.columns})
 
 

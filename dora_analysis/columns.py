@@ -33,6 +33,14 @@ TABLE_COLUMNS: tuple[str, ...] = (
     TUNED_NAME, REF,
 )
 
+#: pandas dtype of each contract column (the metrics' columns declare theirs in the registry,
+#: :mod:`dora_analysis.metrics`): how tables are built and how every format is read back.
+TABLE_DTYPES: dict[str, str] = {
+    CHECKPOINT: "str", METHOD: "str", STEP: "Int64", NAME: "str", LAYER: "Int64", MODULE: "str",
+    ROWS: "int64", COLS: "int64", AXIS: "str", EXPERT: "Int64", DTYPE: "str", TUNED_NAME: "str",
+    REF: "str",
+}
+
 # Correlation table: one row per group (checkpoint series x module kind x axis).
 N = "n"
 PEARSON_R = "pearson_r"

@@ -7,6 +7,7 @@ them. Tables are read back by :mod:`dora_analysis.tables`.
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import math
@@ -20,10 +21,12 @@ from . import columns as C
 from .atomic import Writer, write_all
 from .errors import OutputError
 from .io.guard import path_kind, shown
+from .tables import JSON_INFINITIES
 
 #: Table formats by file suffix: adding one means adding a line here.
 TABLE_WRITERS: dict[str, Callable[[pd.DataFrame, Path], None]] = {
-    ".csv": lambda df, p: df.to_csv(p, index=False),
+    # text quoted: a bare carriage return in a label would otherwise end the row
+    ".csv": lambda df, p: df.to_csv(p, index=False, quoting=csv.QUOTE_NONNUMERIC),
     ".json": lambda df, p: _write_json_records(df, p),
     ".parquet": lambda df, p: df.to_parquet(p, index=False),
 }
@@ -31,8 +34,11 @@ TABLE_WRITERS: dict[str, Callable[[pd.DataFrame, Path], None]] = {
 
 def _write_json_records(frame: pd.DataFrame, path: Path) -> None:
     # pandas' to_json rounds floats to 10 digits; json.dumps keeps the shortest exact repr.
-    records = frame.astype(object).where(frame.notna(), None).to_dict("records")
-    path.write_text(json.dumps(records, indent=1, allow_nan=False) + "\n")
+    # JSON has no infinities: they are written as the strings of JSON_INFINITIES, NaN/NA as null.
+    names = {v: k for k, v in JSON_INFINITIES.items()}
+    records = [{k: names[v] if isinstance(v, float) and math.isinf(v) else v for k, v in r.items()}
+               for r in frame.astype(object).where(frame.notna(), None).to_dict("records")]
+    path.write_text(json.dumps(records, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 
 
 HTML_SUFFIXES = (".html", ".htm")
@@ -57,6 +63,11 @@ def check_output_path(
                           + ", ".join(suffixes))
     folder = path.parent if str(path.parent) else Path(".")
     if path_kind(folder) != "folder":
+        # the nearest part of the path that exists says why: a file where a folder should be
+        there = next((p for p in (folder, *folder.parents) if path_kind(p) is not None), None)
+        if there is not None and path_kind(there) != "folder":
+            raise OutputError(f"{shown(path)}: '{shown(there)}' is a file, not a folder; "
+                              "choose an output path in a folder")
         raise OutputError(f"{shown(path)}: folder '{shown(folder)}' does not exist (or is "
                           "unreachable); create it first")
     size, limit = len(os.fsencode(path.name)), _name_max(folder)
@@ -240,6 +251,9 @@ def format_summary(table: pd.DataFrame, correlations: pd.DataFrame) -> str:
     if correlations.empty:
         return "no weight matrices analysed\n"
     show_axis = correlations[C.AXIS].nunique() > 1
+    # columns as wide as their longest value: long module names (position_embeddings) line up
+    module_width = max(12, *(len(str(m)) + 2 for m in correlations[C.MODULE]))
+    n_width = max(5, *(len(str(n)) for n in correlations[C.N]))
     lines = []
     for label, group in correlations.groupby(C.CHECKPOINT, sort=False):
         rows = table[table[C.CHECKPOINT] == label]
@@ -248,7 +262,8 @@ def format_summary(table: pd.DataFrame, correlations: pd.DataFrame) -> str:
         head = f"{label}  (method: {group[C.METHOD].iloc[0]}"
         head += f", steps: {', '.join(str(int(s)) for s in sorted(steps))})" if len(steps) else ")"
         lines.append(head)
-        lines.append(f"  {'module':<12}{'axis  ' if show_axis else ''}{'n':>5}  {'mean ΔM':>11}"
+        lines.append(f"  {'module':<{module_width}}{'axis  ' if show_axis else ''}"
+                     f"{'n':>{n_width}}  {'mean ΔM':>11}"
                      f"  {'mean ΔD':>11}  {'Pearson r':>9}  {'95% CI (layers)':>16}"
                      f"  {'slope':>11}" + (f"  {'within-step r':>13}" if series else ""))
         for _, r in group.iterrows():
@@ -256,7 +271,8 @@ def format_summary(table: pd.DataFrame, correlations: pd.DataFrame) -> str:
             ci = (f"[{_fmt(r[C.R_CI_LOW], '+.2f')}, {_fmt(r[C.R_CI_HIGH], '+.2f')}]"
                   if C.R_CI_LOW in r and not math.isnan(r[C.R_CI_LOW]) else "-")
             lines.append(
-                f"  {r[C.MODULE]:<12}{axis}{r[C.N]:>5}  {_fmt(r[C.MEAN_DELTA_M], '11.4e')}"
+                f"  {r[C.MODULE]:<{module_width}}{axis}{r[C.N]:>{n_width}}"
+                f"  {_fmt(r[C.MEAN_DELTA_M], '11.4e')}"
                 f"  {_fmt(r[C.MEAN_DELTA_D], '11.4e')}  {_fmt(r[C.PEARSON_R], '+9.3f'):>9}"
                 f"  {ci:>16}  {_fmt(r[C.SLOPE], '+11.4e'):>11}"
                 + (f"  {_fmt(r[C.WITHIN_STEP_R], '+13.3f'):>13}" if series else "")

@@ -80,3 +80,27 @@ def test_summary_and_report_carry_health_warnings_and_metric_figures(ckpts, tmp_
     assert "effective_rank" in page and "tangential_fraction" in page  # metric figures
     healthy = da.analyze(ckpts["base"], ckpts["tuned"], modules=("q",))
     assert "health checks" not in format_summary(healthy, da.correlate(healthy))
+
+
+@pytest.mark.parametrize("under", ["tuned.safetensors/x.csv", "tuned.safetensors/sub/x.csv"])
+def test_output_under_a_file_says_so(tmp_path, under):
+    (tmp_path / "tuned.safetensors").write_bytes(b"x")
+    with pytest.raises(OutputError, match=r"tuned.safetensors' is a file, not a folder"):
+        check_output_path(tmp_path / under)
+
+
+def test_summary_columns_line_up_with_long_module_names(ckpts):
+    """``position_embeddings``, ``embed_tokensout`` and the like: every column starts where its
+    header does."""
+    table = da.analyze(ckpts["base"], ckpts["series"])
+    long_names = {"embed_tokens": "embed_tokensout", "q": "position_embeddings"}
+    table["module"] = table["module"].replace(long_names)
+    lines = format_summary(table, da.correlate(table)).splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("module"))
+    rows = [line for line in lines if line.lstrip().startswith(tuple(long_names.values()))]
+    assert len(rows) == 2
+    for line in (header, *rows):
+        assert len(line) == len(header)  # every row as wide as the header: nothing slipped
+    for title in ("n", "mean ΔM", "Pearson r", "slope"):
+        end = header.index(title) + len(title)  # right-aligned under its title
+        assert all(row[end - 1] != " " and row[end:end + 1] in ("", " ") for row in rows), title

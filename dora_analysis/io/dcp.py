@@ -41,7 +41,7 @@ import torch
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, UnsafeCheckpointError
 from .base import TensorInfo, TensorSource, reason
-from .guard import GuardedFile, pread_exact
+from .guard import GuardedFile, confined, pread_exact
 from .refs import TRAINER_DCP_FOLDERS
 
 METADATA_FILE = ".metadata"
@@ -99,7 +99,7 @@ def read_metadata(folder: Path):
         >>> md = read_metadata(Path("ckpt"))  # doctest: +SKIP
         >>> sorted(md.state_dict_metadata)[:2]  # doctest: +SKIP
     """
-    path = folder / METADATA_FILE
+    path = confined(folder, METADATA_FILE, named_by=folder)
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -143,8 +143,45 @@ def find_dcp(path: Path) -> Path | None:
         return path
     for name in TRAINER_DCP_FOLDERS:
         if is_dcp_folder(path / name):
-            return path / name
+            return confined(path, name, named_by=path)
     return None
+
+
+#: The key under which a wrapper of the training state (PyTorch's DCP recipe: ``{"app":
+#: AppState(model, optimizer)}`` whose ``state_dict()`` is ``{"model": …, "optim": …}``) keeps
+#: the model.
+WRAPPED_MODEL_KEY = "model"
+
+
+def model_names(metadata) -> dict[str, str]:
+    """The model's tensors in a DCP save, as ``our name → fqn in the checkpoint``.
+
+    The save's path of keys to each tensor (``planner_data``) tells the model from the training
+    state beside it (:data:`NON_MODEL_ROOTS`, at any level above the tensor). The model is kept
+    at the top level (torchtitan), under ``model`` (accelerate, torchtune: ``model.<fqn>``,
+    named as stored), or under ``model`` inside one wrapper (the DCP recipe's ``app.model.<fqn>``,
+    named ``model.<fqn>`` like accelerate's, so that both align with a base alike).
+
+    Example:
+        >>> model_names(read_metadata(Path("app-state")))  # doctest: +SKIP
+        {'model.net1.weight': 'app.model.net1.weight', ...}
+    """
+    planner = getattr(metadata, "planner_data", None) or {}
+    names: dict[str, str] = {}
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if getattr(entry, "chunks", None) is None:  # BytesStorageMetadata: a pickled value
+            continue
+        path = planner.get(fqn)
+        path = tuple(path) if isinstance(path, (tuple, list)) and path else (fqn.split(".")[0], fqn)
+        if any(key in NON_MODEL_ROOTS for key in path[:-1] if isinstance(key, str)):
+            continue
+        wrapped = len(path) >= 3 and path[1] == WRAPPED_MODEL_KEY
+        names[fqn] = (f"{WRAPPED_MODEL_KEY}." + ".".join(str(k) for k in path[2:])
+                      if wrapped else fqn)
+    ours = list(names.values())
+    if len(set(ours)) != len(ours):  # renaming would merge two tensors: keep the stored names
+        return {fqn: fqn for fqn in names}
+    return {name: fqn for fqn, name in names.items()}
 
 
 @dataclass(frozen=True)
@@ -210,21 +247,17 @@ class DcpCheckpoint(TensorSource):
         self._backend = backend
         metadata = read_metadata(self.path)
         self._infos: dict[str, TensorInfo] = {}
-        planner = getattr(metadata, "planner_data", None) or {}
-        for fqn, entry in metadata.state_dict_metadata.items():
-            chunks = getattr(entry, "chunks", None)
-            if chunks is None:  # BytesStorageMetadata: a pickled Python value, not a tensor
-                continue
-            root = planner[fqn][0] if isinstance(planner.get(fqn), tuple) else fqn.split(".")[0]
-            if root in NON_MODEL_ROOTS:
-                continue
-            self._infos[fqn] = TensorInfo(tuple(int(s) for s in entry.size),
-                                          entry.properties.dtype)
-        self._chunks: dict[str, list[_Chunk]] = {fqn: [] for fqn in self._infos}
+        self._stored = model_names(metadata)  # our name → the fqn in the checkpoint
+        for name, fqn in self._stored.items():
+            entry = metadata.state_dict_metadata[fqn]
+            self._infos[name] = TensorInfo(tuple(int(s) for s in entry.size),
+                                           entry.properties.dtype)
+        ours = {fqn: name for name, fqn in self._stored.items()}
+        self._chunks: dict[str, list[_Chunk]] = {name: [] for name in self._infos}
         for index, storage in metadata.storage_data.items():
-            if index.fqn in self._chunks:
+            if index.fqn in ours:
                 chunk_md = _chunk_of(metadata.state_dict_metadata[index.fqn].chunks, index)
-                self._chunks[index.fqn].append(_Chunk(
+                self._chunks[ours[index.fqn]].append(_Chunk(
                     tuple(int(o) for o in chunk_md.offsets), tuple(int(s) for s in chunk_md.sizes),
                     str(storage.relative_path), int(storage.offset), int(storage.length),
                     bool(getattr(storage, "transform_descriptors", None))))
@@ -244,6 +277,8 @@ class DcpCheckpoint(TensorSource):
                     f"shape {list(self._infos[fqn].shape)}; copy the checkpoint folder again")
             for c in chunks:
                 needed[c.file] = max(needed.get(c.file, 0), c.start + c.length)
+        for file in needed:  # before anything is looked up: nothing outside is ever touched
+            confined(self.path, file, named_by=self.path / METADATA_FILE)
         missing = sorted(f for f in needed if not (self.path / f).is_file())
         if missing:
             raise CheckpointNotFoundError(
@@ -418,14 +453,15 @@ class DcpCheckpoint(TensorSource):
         import torch.distributed.checkpoint as dcp
 
         info = self._infos[name]
-        target = {name: torch.empty(info.shape, dtype=info.dtype)}
+        fqn = self._stored[name]
+        target = {fqn: torch.empty(info.shape, dtype=info.dtype)}
         try:
             dcp.load(target, storage_reader=_safe_reader(self.path), no_dist=True)
         except Exception as exc:  # extension or I/O failures surface as several types
             raise CheckpointFormatError(f"{self.path}: cannot read tensor '{name}' "
                                         f"({reason(exc).splitlines()[0]})") from None
-        self._whole = (name, target[name])
-        return target[name]
+        self._whole = (name, target[fqn])
+        return target[fqn]
 
     def close(self) -> None:
         self._whole = None

@@ -40,6 +40,7 @@ import torch
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError
 from .base import TensorInfo, TensorSource
+from .guard import confined
 from .torch_bin import TorchFile, _torch_load
 
 log = logging.getLogger("dora_analysis")
@@ -102,14 +103,15 @@ def find_zero(path: Path) -> Path | None:
         return path
     latest = path / LATEST_FILE
     if latest.is_file():
+        confined(path, LATEST_FILE, named_by=path)  # never the text of a file elsewhere
         try:
             tag = latest.read_text().strip()
         except (OSError, UnicodeDecodeError):
             tag = ""
-        if tag and "/" not in tag and tag not in (".", ".."):
-            return path / tag  # checked, with a message, when opened
+        if tag:  # a tag that leads out of the folder is refused here; a missing one when opened
+            return confined(path, tag, named_by=latest)
     steps = [c for c in path.iterdir() if _GLOBAL_STEP.match(c.name) and is_zero_folder(c)]
-    return steps[0] if len(steps) == 1 else None
+    return confined(path, steps[0].name, named_by=path) if len(steps) == 1 else None
 
 
 def open_zero(path: Path, precision: str = "auto") -> TensorSource:
@@ -133,7 +135,7 @@ def open_zero(path: Path, precision: str = "auto") -> TensorSource:
             "supported; convert the checkpoint with DeepSpeed's ds_to_universal.py first")
     if (folder / MODEL_STATES_12).is_file():
         if precision == "auto":
-            return TorchFile(folder / MODEL_STATES_12)
+            return TorchFile(confined(folder, MODEL_STATES_12, named_by=folder))
     elif precision == "auto":
         _note_zero3(folder)
     return ZeroMasters(folder)
@@ -220,8 +222,8 @@ class ZeroMasters(TensorSource):
 
     def _optim_files(self) -> dict[int, Path]:
         """Rank → its ``*_optim_states.pt`` file."""
-        found = {int(m.group("rank")): p for p in self.path.iterdir()
-                 if (m := _OPTIM_STATES.match(p.name))}
+        found = {int(m.group("rank")): confined(self.path, p.name, named_by=self.path)
+                 for p in self.path.iterdir() if (m := _OPTIM_STATES.match(p.name))}
         if not found:
             raise CheckpointNotFoundError(
                 f"{self.path}: no ZeRO optimizer partitions (*_optim_states.pt) to rebuild the "
@@ -231,9 +233,9 @@ class ZeroMasters(TensorSource):
 
     def _model_states(self) -> list[dict]:
         if self._stage <= 2:
-            return [_load(self.path / MODEL_STATES_12)]
-        files = [self.path / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
-                 for r in range(self._world)]
+            return [_load(confined(self.path, MODEL_STATES_12, named_by=self.path))]
+        files = [confined(self.path, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt",
+                          named_by=self.path) for r in range(self._world)]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointNotFoundError(f"{self.path}: {', '.join(missing)} missing; copy "

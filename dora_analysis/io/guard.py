@@ -17,6 +17,14 @@ and no Python code can catch it. Each checkpoint file is therefore opened throug
 
 The open itself never blocks (a FIFO or a device is refused as "not a regular file") and goes
 through the descriptor, so file names that are not valid UTF-8 work as well.
+
+**Confinement.** A checkpoint names other files — a shard index its shards, a DCP ``.metadata`` its
+``.distcp`` files, DeepSpeed's ``latest`` its ``global_stepN/`` — and a folder's files are found by
+their fixed names. Every such file is reached through :func:`confined` (local folders) or
+:func:`confined_name` (remote folders, the same rule for the name): the name must be a plain
+relative one that stays in the folder, and a local symbolic link must not lead out of it (the
+Hugging Face cache's own links from ``snapshots/<rev>/`` into the repo's ``blobs/`` excepted). A
+path the user gives is read wherever it leads: the user named it.
 """
 
 from __future__ import annotations
@@ -27,7 +35,12 @@ import signal
 import stat
 from pathlib import Path
 
-from ..errors import CheckpointChangedError, CheckpointFormatError, CheckpointNotFoundError
+from ..errors import (
+    CheckpointChangedError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    UnsafeCheckpointError,
+)
 
 try:
     import fcntl
@@ -94,6 +107,79 @@ def open_error(path: Path, exc: OSError) -> Exception:
 def not_regular(path: Path) -> CheckpointFormatError:
     return CheckpointFormatError(f"{shown(path)}: not a regular file (a FIFO, socket or device); "
                                  "give a checkpoint file or folder")
+
+
+#: Characters no file name a checkpoint gives may hold: NUL, a Windows separator or drive, and
+#: what a URL would read as a query, a fragment or an escape (``%2e%2e`` is ``..`` to a server).
+_UNSAFE_CHARACTERS = frozenset("\0\\:?#%")
+
+
+def confined_name(name: object) -> str | None:
+    """Why ``name`` (a file name read from a checkpoint) may lead out of its folder, or None
+    when it is a plain relative name that stays inside: not empty, not absolute, no ``..``
+    component, none of NUL ``\\ : ? # %``. The one rule for local folders and remote ones.
+
+    Example:
+        >>> confined_name("model-00001-of-00002.safetensors") is None
+        True
+        >>> confined_name("../tuned.safetensors")
+        "climbs out with '..'"
+    """
+    if not isinstance(name, str) or not name.strip():
+        return "not a file name"
+    if name.startswith("/"):
+        return "an absolute path"
+    if set(name) & _UNSAFE_CHARACTERS:
+        return "holds one of \\ : ? # % or NUL"
+    if ".." in name.split("/"):
+        return "climbs out with '..'"
+    return None
+
+
+def _hub_blobs(folder: str) -> str | None:
+    """The repo's ``blobs/`` folder when ``folder`` (resolved) lies in a Hugging Face cache
+    snapshot (``…/models--org--name/snapshots/<rev>/…``), else None."""
+    parts = Path(folder).parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots":
+            blobs = os.path.join(*parts[:i], "blobs")
+            return blobs if os.path.isdir(blobs) else None
+    return None
+
+
+def _within(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def confined(folder: str | os.PathLike, name: object, *, named_by: object) -> Path:
+    """``folder / name`` for a file that a checkpoint names (``named_by``: the file that names it,
+    or the folder for a fixed name), refused unless it really lies in ``folder``.
+
+    Refused (:class:`UnsafeCheckpointError`) are names :func:`confined_name` refuses and symbolic
+    links that lead out of ``folder`` — except the Hugging Face cache's links from a snapshot into
+    its repo's ``blobs/``. Nothing outside is opened or looked at, and a refusal never says
+    whether the outside file exists.
+
+    Example:
+        >>> confined("ckpt", "__0_0.distcp", named_by="ckpt/.metadata")
+        PosixPath('ckpt/__0_0.distcp')
+    """
+    why = confined_name(name)
+    if why is not None:
+        raise UnsafeCheckpointError(
+            f"{shown(named_by)}: names {shown(name)[:120]!r} ({why}); a checkpoint may name only "
+            f"files inside its folder {shown(folder)}: refused, nothing outside it is read")
+    path = Path(folder) / name
+    root = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    if not _within(real, root):
+        blobs = _hub_blobs(root)
+        if blobs is None or not _within(real, blobs):
+            raise UnsafeCheckpointError(
+                f"{shown(path)}: a symbolic link that leads out of the checkpoint folder "
+                f"{shown(folder)}; refused (a checkpoint reads only files inside its folder): "
+                "copy the file itself into the folder (cp -L)")
+    return path
 
 
 def _take_lease(fd: int) -> bool:

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 from ..config import IO_BACKENDS
 from ..errors import CheckpointFormatError, ConfigError
 from .adapters import (
+    ADAPTER_WEIGHT_FILES,
     adapter_format,
     has_adapter_weights,
     is_adapter_folder,
@@ -34,7 +36,7 @@ from .adapters import (
 from .base import TensorSource
 from .dcp import DcpCheckpoint, find_dcp
 from .deepspeed import find_zero, open_zero
-from .guard import not_found, not_regular, path_kind
+from .guard import confined, not_found, not_regular, path_kind
 from .merge import AdapterSource
 from .quant import dequantized
 from .refs import TRAINER_DCP_FOLDERS, CheckpointRef, series_steps, step_of
@@ -133,14 +135,17 @@ def open_file(path: Path, options: ReadOptions = ReadOptions()) -> TensorSource:
 
 
 def _model_folder_file(path: Path) -> Path | None:
+    """The weights file of a model folder (never a link out of it: see ``guard.confined``)."""
     for file in FOLDER_FILES:
         if (path / file).is_file():
-            return path / file
+            return confined(path, file, named_by=path)
     variants = folder_variants(path)
     if len(variants) == 1:  # several (fp16 and bf16): the user says which
-        return next(iter(variants.values()))
+        return confined(path, next(iter(variants.values())).name, named_by=path)
     singles = sorted(p for p in path.glob("*.safetensors") if p.is_file())
-    return singles[0] if len(singles) == 1 and not variants else None
+    if len(singles) == 1 and not variants:
+        return confined(path, singles[0].name, named_by=path)
+    return None
 
 
 def trained_on(options: ReadOptions) -> TensorSource | None:
@@ -151,7 +156,15 @@ def trained_on(options: ReadOptions) -> TensorSource | None:
     return open_checkpoint(where, options)
 
 
+def _confine_adapter_files(folder: Path) -> None:
+    """An adapter folder's files are confined like any checkpoint's (see ``guard.confined``)."""
+    for name in ("adapter_config.json", *ADAPTER_WEIGHT_FILES):
+        if os.path.lexists(folder / name):
+            confined(folder, name, named_by=folder)
+
+
 def _open_adapter_folder(path: Path, options: ReadOptions, base: TensorSource) -> TensorSource:
+    _confine_adapter_files(path)
     adapter = read_peft(path, adapter_base_given=options.adapter_base is not None)
     return AdapterSource(adapter, base, trained_on=trained_on(options))
 
@@ -201,6 +214,7 @@ def _open_dcp_adapter(src: DcpCheckpoint, options: ReadOptions, base: TensorSour
             "(model.peft_config['default'].save_pretrained(folder) writes it)")
     if base is None:
         raise _adapter_as_base(src.path)
+    _confine_adapter_files(folder)
     # accelerate saves {"model": get_peft_model_state_dict(model)}: PEFT's names behind "model."
     tensors = {k.removeprefix("model.") if k.startswith("model.base_model.") else k:
                src.get_tensor(k) for k in src.keys()}

@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import CheckpointFormatError, CheckpointNotFoundError, SkippedFoldersWarning
+from ..errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    ConfigError,
+    SkippedFoldersWarning,
+)
 from .guard import not_found, not_regular, path_kind, shown
 
 #: Subfolders that make a folder a training series, one checkpoint per step N: HF Trainer's
@@ -64,9 +69,34 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
         host = parts.hostname or ""
         netloc = host + (f":{parts.port}" if parts.port else "")
-    except ValueError:  # a malformed port: keep only what surely carries no secret
-        return url.split("?", 1)[0].split("#", 1)[0].rsplit("@", 1)[-1]
+    except ValueError:  # a malformed host or port: keep the scheme, drop credentials and query
+        scheme, sep, rest = url.partition("://")
+        rest = rest.split("?", 1)[0].split("#", 1)[0]
+        authority, slash, path = rest.partition("/")
+        return scheme + sep + authority.rsplit("@", 1)[-1] + slash + path
+    if not netloc:  # urlunsplit would drop the "//" of "s3:///key"
+        return f"{parts.scheme}://{parts.path}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def check_url(url: str) -> None:
+    """Refuse a remote reference that is not a URL one can connect to: a malformed host or port
+    (``http://[::1:18081/m.safetensors``, ``:99999``), or no host or bucket.
+
+    Example:
+        >>> check_url("http://[::1:18081/m.safetensors")
+        Traceback (most recent call last):
+        dora_analysis.errors.ConfigError: http://[::1:18081/m.safetensors: not a valid URL (...
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number in 0-65535
+    except ValueError as exc:
+        raise ConfigError(f"{redact_url(url)}: not a valid URL ({exc}); check the host and "
+                          "port") from None
+    if not parts.hostname:
+        raise ConfigError(f"{redact_url(url)}: not a valid URL (no host or bucket after "
+                          f"{parts.scheme}://); check the URL")
 
 
 def step_of(path: Path) -> int | None:
@@ -156,6 +186,7 @@ class CheckpointRef:
             'main'
         """
         if remote_scheme(text):
+            check_url(text)
             return cls(redact_url(text), "remote", url=text)
         path = Path(text).expanduser()
         kind = path_kind(path)

@@ -3,10 +3,11 @@
 Nothing is downloaded whole. A safetensors file is one header and one byte range per tensor, and
 rows ``a:b`` of a row-major tensor are one contiguous range, so the reader fetches:
 
-1. the header (first 16 KiB, then the rest if it is longer), validated as ``safetensors`` does:
-   size cap, every dtype known, every shape matching its byte range, ranges contiguous and
-   inside the file; once per version of the file in a process (the plan and the run both open
-   it), where the storage names the version by its content (ETag, hash, the Hub's blob id);
+1. the header (first 16 KiB, then the rest if it is longer), validated by the one validator of
+   local files too (:func:`~dora_analysis.io.safetensors_header.parse_header`: as strict as the
+   ``safetensors`` library); once per version of the file in a process (the plan and the run
+   both open it), where the storage names the version by its content (ETag, hash, the Hub's
+   blob id);
 2. only the tensors the analysis selects (``--modules``/``--include``; announced through
    :meth:`~dora_analysis.io.base.TensorSource.will_read`), neighbours coalesced into one request
    of at most :data:`MAX_REQUEST_BYTES` (a gap of unselected bytes is merged only when it is
@@ -30,16 +31,15 @@ Messages never show credentials (:func:`~dora_analysis.io.refs.redact_url`).
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
-import json
 import logging
-import math
 import os
 import re
+import socket
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
@@ -63,14 +63,13 @@ from .base import SAFETENSORS_DTYPES, TensorInfo, TensorSource
 from .merge import AdapterSource
 from .quant import dequantized
 from .refs import redact_url, remote_scheme, steps_among, unnumbered
+from .safetensors_header import Entry, decode_header, header_length, parse_header
 from .sharded import ShardedCheckpoint
 
 log = logging.getLogger("dora_analysis")
 #: Opens the base an adapter was trained against, when the user gave one (else None).
 Opened = Callable[[], "TensorSource | None"]
 
-#: safetensors' own cap on the JSON header (``MAX_HEADER_SIZE``).
-MAX_HEADER_BYTES = 100_000_000
 #: The first read: small headers fit; a longer one (a 7B shard: ~20-30 KiB) takes one more.
 FIRST_READ_BYTES = 1 << 14
 #: One request at most this large; also the most a reader holds in memory at once.
@@ -88,6 +87,8 @@ DEFAULT_TIMEOUT = 60.0
 CONTENT_IDS = ("ETag", "etag", "Content-MD5", "Digest", "md5Hash", "blob_id")
 #: Parsed safetensors headers kept per file version (the plan and the run open each file).
 HEADER_CACHE_SIZE = 256
+#: ... and at most this many tensors in all (a header near the 100 MB cap holds ~850 000).
+HEADER_CACHE_ENTRIES = 1_000_000
 
 #: Extras that provide each scheme's fsspec filesystem.
 EXTRAS = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
@@ -175,9 +176,36 @@ def _scrub(text: str) -> str:
     return re.sub(r"\?[^\s'\"]*", "", text).splitlines()[0][:200] if text else ""
 
 
+def _unreachable(url: Url, exc: BaseException) -> str | None:
+    """Why the server could not be reached at all, if that is what happened: fsspec's HTTP
+    filesystem reports a refused connection or an unknown host as FileNotFoundError (a 404)."""
+    parts = urlsplit(url.url)
+    where = parts.hostname or "the server"
+    try:
+        where += f":{parts.port}" if parts.port else ""
+    except ValueError:
+        pass
+    for e in _chain(exc):
+        if isinstance(e, ConnectionRefusedError) or getattr(e, "errno", None) == errno.ECONNREFUSED:
+            return (f"connection refused by {where}; check the host and port, and that the "
+                    "server is running")
+        if isinstance(e, socket.gaierror) or "DNSError" in type(e).__name__:
+            return f"cannot resolve the host name {parts.hostname}; check it and the network"
+        if isinstance(e, ConnectionError) or "Connect" in type(e).__name__:
+            return f"cannot connect to {where} ({_scrub(str(e)) or type(e).__name__})"
+    return None
+
+
 def remote_error(url: Url, exc: BaseException, timeout: float | None = None) -> DoraAnalysisError:
     """One clear error for a failed remote read: the URL (no credentials) and the status."""
     status = _status(exc)
+    if _is_timeout(exc):
+        after = f" after {timeout:g} s" if timeout else ""
+        return CheckpointNotFoundError(f"{url}: timed out{after}; check the network or the "
+                                       "server, or download the file and give its local path")
+    unreachable = _unreachable(url, exc) if status is None else None
+    if unreachable:
+        return CheckpointNotFoundError(f"{url}: {unreachable}")
     if status == 404 or (status is None and isinstance(exc, FileNotFoundError)):
         return CheckpointNotFoundError(f"{url}: not found (HTTP 404); check the bucket, "
                                        "repository, revision and path")
@@ -186,10 +214,6 @@ def remote_error(url: Url, exc: BaseException, timeout: float | None = None) -> 
             f"{url}: access denied (HTTP {status or 403}); check the credentials for "
             f"{url.scheme}:// (HF_TOKEN or --token, AWS_* variables, gcloud credentials) or "
             "the URL's signature")
-    if _is_timeout(exc):
-        after = f" after {timeout:g} s" if timeout else ""
-        return CheckpointNotFoundError(f"{url}: timed out{after}; check the network or the "
-                                       "server, or download the file and give its local path")
     if isinstance(exc, ValueError) and "range" in str(exc).lower():
         return CheckpointFormatError(
             f"{url}: the server does not support HTTP range requests, so tensors cannot be read "
@@ -331,10 +355,8 @@ def series_steps(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT
     try:
         fs.invalidate_cache(path)  # a run still training gains folders: never a stale listing
         entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
     except Exception as exc:
-        if _status(exc) == 404:
+        if _absent(url, exc):
             return []
         raise remote_error(url, exc, timeout) from None
     names = sorted(PurePosixPath(str(e["name"]).rstrip("/")).name for e in entries
@@ -350,75 +372,22 @@ def series_steps(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT
 def exists(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT) -> bool:
     """Whether ``url`` names a file (``False`` for a 404)."""
     fs, path = filesystem(url, token, timeout)
-    try:
-        return bool(fs.isfile(path))
-    except FileNotFoundError:
-        return False
+    try:  # not fs.isfile: it answers False for a server that cannot be reached
+        return fs.info(path).get("type") == "file"
     except Exception as exc:
-        if _status(exc) == 404:
+        if _absent(url, exc):
             return False
         raise remote_error(url, exc, timeout) from None
 
 
+def _absent(url: Url, exc: BaseException) -> bool:
+    """A genuine "no such file" (HTTP 404), not a server that could not be reached."""
+    status = _status(exc)
+    return status == 404 or (status is None and isinstance(exc, FileNotFoundError)
+                             and not _is_timeout(exc) and _unreachable(url, exc) is None)
+
+
 # --- safetensors ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Entry:
-    """One tensor of a safetensors header: where its bytes are, relative to the data start."""
-
-    dtype: torch.dtype | str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def row_bytes(self) -> int:
-        return (self.end - self.begin) // self.shape[0] if self.shape and self.shape[0] else 0
-
-
-def _itemsize(dtype: str) -> int | None:
-    t = SAFETENSORS_DTYPES.get(dtype)
-    return t.itemsize if t is not None else None
-
-
-def parse_header(raw: bytes, data_bytes: int, where: object) -> dict[str, Entry]:
-    """Validate a safetensors JSON header the way ``safetensors`` does; name → :class:`Entry`."""
-    def bad(why: str) -> CheckpointFormatError:
-        return CheckpointFormatError(f"{where}: not a valid safetensors file ({why})")
-
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad(f"header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    entries = {}
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise TypeError
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor '{name}' has a malformed entry") from None
-        size = _itemsize(dtype)
-        if size is None:
-            raise bad(f"tensor '{name}' has unknown dtype {dtype!r}")
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
-            raise bad(f"tensor '{name}' has invalid offsets {[begin, end]}")
-        if end - begin != math.prod(shape) * size:
-            raise bad(f"tensor '{name}': {end - begin} bytes for shape {shape} of {dtype}")
-        entries[name] = Entry(SAFETENSORS_DTYPES[dtype], tuple(shape), begin, end)
-    at = 0  # ranges must tile the data without holes or overlaps, as safetensors checks
-    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
-        if e.begin != at:
-            raise bad(f"tensor '{name}' starts at {e.begin}, expected {at}")
-        at = e.end
-    if at != data_bytes:
-        raise bad(f"data is {data_bytes} bytes but the header covers {at}; truncated?")
-    return entries
-
 
 #: file version (:func:`content_version`) → (data start, parsed header); oldest dropped first.
 _HEADERS: dict[tuple, tuple[int, dict[str, Entry]]] = {}
@@ -448,21 +417,23 @@ class RemoteSafetensors(TensorSource):
             self._header_requests = self._file.requests
             return
         size = self._file.size
-        if size < 8:
-            raise CheckpointFormatError(f"{self.path}: not a safetensors file ({size} bytes)")
         first = self._file.read(0, min(size, FIRST_READ_BYTES))
-        n = int.from_bytes(first[:8], "little")
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CheckpointFormatError(f"{self.path}: not a valid safetensors file (header of "
-                                        f"{n} bytes in a file of {size})")
-        raw = first[8:8 + n] + self._file.read(len(first), 8 + n)
+        n = header_length(first, size, self.path)
+        # a long header in one more request of its own: never two copies of it at once
+        raw = first[8:8 + n] if 8 + n <= len(first) else self._file.read(8, 8 + n)
+        del first
+        text = decode_header(raw, self.path)
+        del raw
         self._data_start = 8 + n
         self._header_requests = self._file.requests
-        self._entries = parse_header(raw, size - self._data_start, self.path)
+        self._entries = parse_header(text, size - self._data_start, self.path)
+        del text
         if version is not None:
-            while len(_HEADERS) >= HEADER_CACHE_SIZE:
-                _HEADERS.pop(next(iter(_HEADERS)), None)
             _HEADERS[version] = (self._data_start, self._entries)
+            while len(_HEADERS) > HEADER_CACHE_SIZE or (
+                    len(_HEADERS) > 1 and sum(len(e) for _, e in _HEADERS.values())
+                    > HEADER_CACHE_ENTRIES):  # oldest first; the newest is always kept
+                _HEADERS.pop(next(iter(_HEADERS)), None)
 
     @property
     def bytes_read(self) -> int:
@@ -473,11 +444,18 @@ class RemoteSafetensors(TensorSource):
         return self._file.requests
 
     def keys(self) -> list[str]:
-        return list(self._entries)
+        return sorted(self._entries)  # as safetensors lists them, and the local reader
 
     def info(self, name: str) -> TensorInfo:
         e = self._entries[name]
-        return TensorInfo(e.shape, e.dtype)
+        return TensorInfo(e.shape, SAFETENSORS_DTYPES.get(e.dtype, e.dtype))
+
+    def _dtype(self, name: str) -> torch.dtype:
+        dtype = SAFETENSORS_DTYPES.get(self._entries[name].dtype)
+        if dtype is None:
+            raise CheckpointFormatError(f"{self.path}: tensor '{name}' is stored as "
+                                        f"{self._entries[name].dtype}, which torch cannot read")
+        return dtype
 
     def will_read(self, names: Sequence[str]) -> None:
         """Plan coalesced requests for these tensors (neighbours in the file share one)."""
@@ -520,10 +498,11 @@ class RemoteSafetensors(TensorSource):
             return self.get_tensor(name)
         start, stop = max(0, start), max(start, min(stop, e.shape[0]))
         self._current = name
+        dtype = self._dtype(name)
         data = self._fetch(e.begin + start * e.row_bytes, e.begin + stop * e.row_bytes)
         if not len(data):
-            return torch.empty((0, *e.shape[1:]), dtype=e.dtype)
-        return torch.frombuffer(bytearray(data), dtype=e.dtype).reshape(-1, *e.shape[1:])
+            return torch.empty((0, *e.shape[1:]), dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(-1, *e.shape[1:])
 
     def get_expert_rows(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
         e = self._entries[name]
@@ -532,17 +511,19 @@ class RemoteSafetensors(TensorSource):
         row = e.row_bytes // out  # bytes of one row of one expert
         first = e.begin + expert * e.row_bytes
         self._current = name
+        dtype = self._dtype(name)
         data = self._fetch(first + start * row, first + stop * row)
         if not len(data):
-            return torch.empty((0, *e.shape[2:]), dtype=e.dtype)
-        return torch.frombuffer(bytearray(data), dtype=e.dtype).reshape(-1, *e.shape[2:])
+            return torch.empty((0, *e.shape[2:]), dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(-1, *e.shape[2:])
 
     def get_tensor(self, name: str) -> torch.Tensor:
         e = self._entries[name]
         if e.shape:
             return self.get_rows(name, 0, e.shape[0]).reshape(e.shape)
         self._current = name
-        return torch.frombuffer(bytearray(self._fetch(e.begin, e.end)), dtype=e.dtype).reshape(())
+        dtype = self._dtype(name)
+        return torch.frombuffer(bytearray(self._fetch(e.begin, e.end)), dtype=dtype).reshape(())
 
     def close(self) -> None:
         if self._file.requests > self._header_requests:  # not for a look at the header only
@@ -558,10 +539,12 @@ def _size(n: int) -> str:
 
 # --- opening a remote reference ---------------------------------------------------------------
 
-def _read_json(url: Url, token: str | None, timeout: float) -> str:
+def _read_json(url: Url, token: str | None, timeout: float) -> bytes:
+    """A small JSON file's bytes, parsed by the same function as a local file's (no decoding
+    here: a BOM or invalid UTF-8 gets the same verdict wherever the file lies)."""
     f = RemoteFile(url, token, timeout)
     try:
-        return f.read_all(MAX_JSON_BYTES).decode("utf-8", errors="replace")
+        return f.read_all(MAX_JSON_BYTES)
     finally:
         f.close()
 

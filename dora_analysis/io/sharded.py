@@ -2,39 +2,37 @@
 shard file; shards are opened on first use by the reader of their own format.
 
 The index is checked before any shard is read, and mistakes are blamed on the index: every
-``weight_map`` value must be the name of a regular file beside it (never an absolute path or one
-that climbs out with ``..``), and every shard must hold the tensors the index assigns to it.
+``weight_map`` value must be the name of a regular file in its folder (the rule of
+:func:`~dora_analysis.io.guard.confined`: never absolute, never climbing out with ``..``, never a
+symbolic link out of the folder), and every shard must hold the tensors the index assigns to it.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointFormatError, CheckpointNotFoundError, listing
+from ..errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    UnsafeCheckpointError,
+    listing,
+)
 from .base import TensorInfo, TensorSource
-from .guard import path_kind, shown
+from .guard import confined, confined_name, path_kind, shown
 from .jsonfile import parse_json_object, read_json_object
 
 _FIX = "it needs a 'weight_map' object from tensor name to shard file; re-save the checkpoint"
-
-
-def _is_shard_name(value: object) -> bool:
-    """A relative file name that stays in the index's folder."""
-    if not isinstance(value, str) or not value or "\0" in value or "\\" in value:
-        return False
-    parts = PurePosixPath(value).parts
-    return not PurePosixPath(value).is_absolute() and ".." not in parts
 
 
 class ShardedCheckpoint(TensorSource):
     """Shards listed by a Hugging Face index (``*.index.json`` with a ``weight_map``)."""
 
     def __init__(self, index_path: str | Path, open_shard: Callable[[Path], TensorSource],
-                 text: str | None = None) -> None:
+                 text: str | bytes | None = None) -> None:
         """``text``: the index's content when it is not a local file (remote storage, where
         missing shards are reported when opened)."""
         local = text is None
@@ -46,9 +44,10 @@ class ShardedCheckpoint(TensorSource):
         if not isinstance(weight_map, dict):
             raise CheckpointFormatError(f"{shown(self.path)}: not a valid shard index "
                                         f"('weight_map' is missing or not an object); {_FIX}")
-        bad = [f"'{k}' → {v!r}"[:120] for k, v in weight_map.items() if not _is_shard_name(v)]
-        if bad:
-            raise CheckpointFormatError(
+        bad = [f"'{k}' → {v!r}"[:120] for k, v in weight_map.items()
+               if confined_name(v) is not None]
+        if bad:  # the same rule for local and remote indexes; every offender listed
+            raise UnsafeCheckpointError(
                 f"{shown(self.path)}: weight_map values must be shard file names beside the "
                 f"index, got {listing(bad, 3)}; re-save the checkpoint")
         self._weight_map: dict[str, str] = weight_map
@@ -63,7 +62,7 @@ class ShardedCheckpoint(TensorSource):
     def _check_files(self) -> None:
         folder = self.path.parent
         files = sorted(set(self._weight_map.values()))
-        kinds = {f: path_kind(folder / f) for f in files}
+        kinds = {f: path_kind(confined(folder, f, named_by=self.path)) for f in files}
         missing = [f for f in files if kinds[f] is None]
         if missing:
             raise CheckpointNotFoundError(

@@ -395,3 +395,70 @@ def test_a_distcp_file_truncated_while_read_is_reported_by_name(tmp_path, backen
             time.sleep(0.01)
         writer.join(10)
     assert isinstance(error, CheckpointChangedError) and str(shard) in str(error)
+
+
+# -- PyTorch's DCP recipe: dcp.save({"app": AppState(model, optimizer)}) ---------------------------
+
+
+class AppState:
+    """The Stateful of PyTorch's "Getting started with DCP" recipe, as written there."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state_dict, optimizer_state_dict = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state_dict, "optim": optimizer_state_dict}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
+                       optim_state_dict=state_dict["optim"])
+
+
+def module_of(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A module whose ``state_dict()`` is ``state`` (floats as parameters, ints as buffers)."""
+    root = torch.nn.Module()
+    for name, t in state.items():
+        *path, leaf = name.split(".")
+        owner = root
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        if t.is_floating_point():
+            owner.register_parameter(leaf, torch.nn.Parameter(t.clone()))
+        else:
+            owner.register_buffer(leaf, t.clone())
+    return root
+
+
+def test_the_dcp_recipes_app_state_aligns_with_the_base(tmp_path):
+    """``app.model.<fqn>`` is the model (named ``model.<fqn>``, as accelerate's), ``app.optim.…``
+    is not listed; the analysis equals the one of the same weights in safetensors."""
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    assert issubclass(AppState, Stateful)  # a Stateful by its protocol, as in the recipe
+    base = llama_state(0)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    model = module_of(base)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    sum((p * torch.randn(p.shape, generator=g)).sum() for p in model.parameters()).backward()
+    optimizer.step()
+    save({"app": AppState(model, optimizer)}, tmp_path / "app")
+    names = read_metadata(tmp_path / "app").state_dict_metadata
+    assert "app.model.lm_head.weight" in names and any(k.startswith("app.optim.") for k in names)
+    tuned = {k: v.detach() for k, v in model.state_dict().items()}
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    with DcpCheckpoint(tmp_path / "app") as src:
+        assert sorted(src.keys()) == sorted(f"model.{k}" for k in tuned)
+        for name, t in tuned.items():
+            assert torch.equal(src.get_tensor(f"model.{name}"), t)
+    table = analyze(tmp_path / "base.safetensors", tmp_path / "app")
+    reference = analyze(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors")
+    assert len(table) == len(reference) == 3 * 7 + 2
+    pd.testing.assert_frame_equal(table[NUMBERS], reference[NUMBERS])

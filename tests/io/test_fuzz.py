@@ -55,14 +55,22 @@ FUZZ = settings(max_examples=120, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+def with_bytes_changed(good: bytes, max_edits: int) -> st.SearchStrategy[bytes]:
+    """``good`` with 1 to ``max_edits`` of its bytes set to other values."""
+    def apply(edits: list[tuple[int, int]]) -> bytes:
+        data = bytearray(good)
+        for pos, value in edits:
+            data[pos] = value
+        return bytes(data)
+
+    return st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)),
+                    min_size=1, max_size=max_edits).map(apply)
+
+
 @FUZZ
-@given(edits=st.lists(st.tuples(st.integers(0, len(GOOD) - 1), st.integers(0, 255)),
-                      min_size=1, max_size=6))
-def test_byte_mutations(tmp_path_factory, edits):
-    data = bytearray(GOOD)
-    for pos, value in edits:
-        data[pos] = value
-    check(bytes(data), tmp_path_factory)
+@given(data=with_bytes_changed(GOOD, 6))
+def test_byte_mutations(tmp_path_factory, data):
+    check(data, tmp_path_factory)
 
 
 @FUZZ

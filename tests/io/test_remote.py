@@ -331,7 +331,7 @@ def _raw_file(path, header: dict, data: bytes, declared: int | None = None):
     ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None,
      "8 bytes for shape"),
     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, None,
-     "starts at 4, expected 0"),
+     r"has offsets \[4, 8\], expected a start at 0"),
     ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, 1 << 40,
      "header of"),
     (["not", "an", "object"], b"", None, "not a JSON object"),
@@ -341,3 +341,74 @@ def test_corrupt_headers_are_refused(tmp_path, header, data, declared, match):
     with FileServer(tmp_path) as srv:
         with pytest.raises(CheckpointFormatError, match=match):
             RemoteSafetensors(Url(f"{srv.url}/bad.safetensors"))
+
+
+# --- what cannot be reached or parsed: one error line each ------------------------------------
+
+def _one_error_line(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_a_deeply_nested_header_over_http_is_one_error_line(root, tmp_path, capsys):
+    """The same bytes locally and over HTTP: one error line each (it was a RecursionError)."""
+    raw = ('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":' + "[" * 100_000
+           + "]" * 100_000 + "}}").encode()
+    (tmp_path / "deep.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 4)
+    base = str(root / "base.safetensors")
+    local = _one_error_line([base, str(tmp_path / "deep.safetensors")], capsys)
+    with FileServer(tmp_path) as srv:
+        remote = _one_error_line([base, f"{srv.url}/deep.safetensors"], capsys)
+    for err in (local, remote):
+        assert "deep.safetensors: not a readable safetensors file (header nested" in err
+
+
+def _refused_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, never listening: connections to it are refused
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("http://[::1:18081/m.safetensors", "http://[::1:18081/m.safetensors: not a valid URL "
+                                        "(Invalid IPv6 URL); check the host and port"),
+    ("http://user:pw@127.0.0.1:99999/m.safetensors?sig=x",
+     "http://127.0.0.1:99999/m.safetensors: not a valid URL (Port out of range 0-65535)"),
+    ("https://127.0.0.1:abc/m.safetensors", "https://127.0.0.1:abc/m.safetensors: not a valid URL"),
+    ("s3:///key.safetensors", "s3:///key.safetensors: not a valid URL (no host or bucket"),
+    ("http://127.0.0.1:PORT/m.safetensors",
+     "http://127.0.0.1:PORT/m.safetensors: connection refused by 127.0.0.1:PORT; check the host "
+     "and port, and that the server is running"),
+    ("http://127.0.0.1:PORT/run/", "connection refused by 127.0.0.1:PORT"),  # a folder URL
+])
+def test_urls_that_cannot_be_reached(root, capsys, url, expected):
+    port = str(_refused_port())
+    url, expected = url.replace("PORT", port), expected.replace("PORT", port)
+    err = _one_error_line([str(root / "base.safetensors"), url], capsys)
+    assert expected in err and "404" not in err and "pw" not in err and "sig" not in err
+
+
+@pytest.mark.parametrize("change", ["bom", "latin-1 name", "utf-16"])
+def test_a_shard_index_gets_the_same_verdict_locally_and_remotely(root, tmp_path, change):
+    """One JSON reader for both: the index's bytes are parsed alike wherever they lie."""
+    folder = tmp_path / "sharded"
+    shutil.copytree(root / "sharded", folder)
+    index = folder / "model.safetensors.index.json"
+    text = index.read_text()
+    data = {"bom": b"\xef\xbb\xbf" + text.encode(),
+            "latin-1 name": text.replace('"metadata"', '"m\xe9tadata"').encode("latin-1"),
+            "utf-16": text.encode("utf-16")}[change]
+    index.write_bytes(data)
+    verdicts = []
+    with FileServer(tmp_path) as srv:
+        for ref in (index, Url(f"{srv.url}/sharded/model.safetensors.index.json")):
+            try:
+                with open_checkpoint(ref, ReadOptions()) as src:
+                    verdicts.append(len(src.keys()))
+            except CheckpointFormatError as exc:
+                verdicts.append(str(exc).split(": ", 1)[1])
+    assert verdicts[0] == verdicts[1]

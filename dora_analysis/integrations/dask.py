@@ -33,6 +33,7 @@ import socket
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ from ..errors import ClusterError, ConfigError, DoraAnalysisError
 from ..executors import (
     Assembler,
     MemoryBudget,
+    PairCallback,
     Progress,
     Unit,
     compute_unit,
@@ -90,10 +92,16 @@ def _shared_path(path: Path) -> str:
     return os.path.abspath(path)
 
 
-def run_dask(work: Plan, client: Any, progress: Progress | None = None) -> list[dict]:
-    """Compute a plan on the cluster of ``client``; the rows of a serial run, bit for bit."""
+def run_dask(work: Plan, client: Any, progress: Progress | None = None, *,
+             known: Mapping[tuple[int, int], Any] | None = None,
+             on_pair: PairCallback | None = None) -> list[dict]:
+    """Compute a plan on the cluster of ``client``; the rows of a serial run, bit for bit. The
+    pairs in ``known`` are not computed; ``on_pair`` gets each computed one, on this machine
+    (see :class:`~dora_analysis.executors.Assembler`)."""
     distributed = _distributed()
-    units = plan_units(work)
+    units = plan_units(work, known or {})
+    if not units:  # every pair known: nothing to send
+        return Assembler(work, units, known).records()
     run_id = uuid.uuid4().hex
     base = _shared_path(work.base)
     # The plan goes to the cluster once, as a task that returns it rather than as scattered data:
@@ -105,7 +113,7 @@ def run_dask(work: Plan, client: Any, progress: Progress | None = None) -> list[
         run_id=run_id, base=base, work=shared,
     )
     unit_of = {f.key: u for f, u in zip(futures, units, strict=True)}
-    assembler = Assembler(work, units)
+    assembler = Assembler(work, units, known, on_pair)
     try:
         for future in distributed.as_completed(futures):
             unit = unit_of[future.key]

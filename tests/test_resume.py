@@ -62,6 +62,9 @@ def entries(cache: Path) -> int:
     db = sqlite3.connect(cache / FILE_NAME)
     try:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        if "entries" not in tables:  # killed while the first run was creating the file
+            return 0
         return db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
     finally:
         db.close()

@@ -36,6 +36,7 @@ REFRESH_S = 3600.0
 BATCH = 500
 
 _SCHEMA = """
+BEGIN IMMEDIATE;
 CREATE TABLE IF NOT EXISTS entries (
     key TEXT PRIMARY KEY, value BLOB NOT NULL, size INTEGER NOT NULL, used REAL NOT NULL
 ) WITHOUT ROWID;
@@ -50,6 +51,7 @@ CREATE TRIGGER IF NOT EXISTS entries_removed AFTER DELETE ON entries BEGIN
     UPDATE totals SET bytes = bytes - OLD.size, entries = entries - 1 WHERE id = 0; END;
 CREATE TRIGGER IF NOT EXISTS entries_replaced AFTER UPDATE OF size ON entries BEGIN
     UPDATE totals SET bytes = bytes + NEW.size - OLD.size WHERE id = 0; END;
+COMMIT;
 """
 
 

@@ -252,10 +252,13 @@ class InOrder:
             self._cond.notify_all()
 
 
-def hint(job: Job, base: TensorSource, tuned: TensorSource) -> None:
-    """Remote readers fetch only the job's tensors, neighbours coalesced into one request."""
-    base.will_read([p.name for p in job.pairs])
-    tuned.will_read([p.tuned_name for p in job.pairs])
+def hint(job: Job, base: TensorSource, tuned: TensorSource,
+         pairs: Collection[int] | None = None) -> None:
+    """Remote readers fetch only the job's tensors (those of ``pairs``, by index, when given:
+    the others are known), neighbours coalesced into one request."""
+    chosen = job.pairs if pairs is None else [job.pairs[i] for i in sorted(pairs)]
+    base.will_read([p.name for p in chosen])
+    tuned.will_read([p.tuned_name for p in chosen])
 
 
 class JobSources:
@@ -266,8 +269,10 @@ class JobSources:
     def __init__(self, work: Plan, units: list[Unit]) -> None:
         self.work = work
         self._positions: dict[int, list[int]] = {}  # job -> positions of its units
+        self._pairs: dict[int, set[int]] = {}  # job -> the pairs its units compute
         for position, unit in enumerate(units):
             self._positions.setdefault(unit.job, []).append(position)
+            self._pairs.setdefault(unit.job, set()).add(unit.pair)
         self._remaining = {job: len(p) for job, p in self._positions.items()}
         self._lock = threading.Lock()
         self._base: TensorSource | None = None
@@ -300,7 +305,7 @@ class JobSources:
             first = job not in self._hinted
             self._hinted.add(job)
         if first:
-            hint(self.work.jobs[job], base, tuned)
+            hint(self.work.jobs[job], base, tuned, self._pairs[job])
 
     def abort(self) -> None:
         """Release the units waiting for a turn: the run failed."""

@@ -192,6 +192,17 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def blas_threads(config: AnalysisConfig):
+    """One NumPy/SciPy BLAS thread for the run when a metric decomposes matrices (cost ``svd``):
+    the limit is set here, in the thread that starts the workers — OpenBLAS ignores one set
+    later from a worker thread — and held until the last worker is done."""
+    if not any(m.cost == "svd" for m in registry.enabled(config)):
+        return _NO_LOCK
+    from .metrics.linalg import one_blas_thread
+
+    return one_blas_thread()
+
+
 T = TypeVar("T")
 
 
@@ -348,7 +359,7 @@ def run_local(work: Plan, workers: int | None = None, progress: Progress | None 
             progress(unit.numel(work))
 
     try:
-        with torch_threads(1):
+        with torch_threads(1), blas_threads(work.config):
             if n == 1:
                 for unit in units:
                     done(unit, task(unit))

@@ -100,6 +100,8 @@ def connect(address: str, timeout: float | None = None) -> Any:
                            "one with `dask scheduler` and give the address it prints") from None
 
 
+#: The port a Dask scheduler listens on when the address names none.
+DEFAULT_PORT = 8786
 #: A Dask handshake is a few hundred bytes; a length prefix beyond this is not Dask talking.
 MAX_HANDSHAKE_BYTES = 1 << 20
 
@@ -111,7 +113,10 @@ def probe(address: str, timeout: float) -> None:
     scheme, sep, rest = address.partition("://")
     if sep and scheme != "tcp":
         return
-    host, _, port = (rest if sep else address).rpartition(":")
+    rest = rest if sep else address
+    host, colon, port = rest.rpartition(":")
+    if not colon or rest.endswith("]"):  # no port: Dask's default
+        host, port = rest, str(DEFAULT_PORT)
     host = host.strip("[]") or "127.0.0.1"
     advice = "start one with `dask scheduler` and give the address it prints"
     try:

@@ -239,6 +239,25 @@ def test_an_http_server_as_scheduler_is_refused_too(ckpts, monkeypatch):
         httpd.server_close()
 
 
+def test_the_probe_reads_addresses_as_dask_does(monkeypatch):
+    tried = []
+
+    def refuse(address, timeout):
+        tried.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(dask_executor.socket, "create_connection", refuse)
+    for address in ("tcp://127.0.0.1:9", "127.0.0.1:9", "tcp://[::1]:9", "tcp://localhost",
+                    "tcp://[::1]"):
+        with pytest.raises(ClusterError, match="no Dask scheduler answered"):
+            dask_executor.probe(address, 0.5)
+    assert tried == [("127.0.0.1", 9), ("127.0.0.1", 9), ("::1", 9), ("localhost", 8786),
+                     ("::1", 8786)]
+    dask_executor.probe("tls://127.0.0.1:9", 0.5)  # other schemes: left to the client
+    with pytest.raises(ClusterError, match="not an address"):
+        dask_executor.probe("tcp://host:port", 0.5)
+
+
 def test_unreachable_scheduler_is_one_error_line(ckpts, monkeypatch, capsys):
     monkeypatch.setattr(dask_executor, "CONNECT_TIMEOUT_S", 0.5)
     assert main([str(ckpts["base"]), str(ckpts["tuned"]), "--scheduler",

@@ -458,7 +458,8 @@ def _left_vectors(w, base, update, values, vectors, r, transposed, k, every):
         angles = np.where(gap > r[:k], r[:k] / gap, np.inf)
     if transposed:
         return TopVectors(np.ascontiguousarray(vectors[:, :k]), angles)
-    # Right vectors v of a tall W: y = W·v/‖W·v‖, its angle ≤ (σ₁/σⱼ)·tan(angle of v).
+    # Right vectors v of a tall W: y = W·v/‖W·v‖, its angle ≤ (σ₁/σⱼ)·tan(angle of v), with
+    # σⱼ ≥ ‖W·v‖ − σ₁·sin(angle of v).
     if w is not None:
         y = w @ vectors[:, :k]
     else:
@@ -470,6 +471,8 @@ def _left_vectors(w, base, update, values, vectors, r, transposed, k, every):
         tangent = angles / np.sqrt(np.maximum(1 - angles**2, 0.0))
         product = rounding(vectors.shape[0]) * math.sqrt(max(values[0], 0.0)) * math.sqrt(
             vectors.shape[0])  # rounding of W·v, relative to ‖W·v‖ below
-        angles = np.where(np.isfinite(tangent) & (sigma > 0),
-                          (math.sqrt(max(values[0], 0.0)) * tangent + product) / sigma, np.inf)
+        top = math.sqrt(max(values[0], 0.0))
+        floor = sigma - top * angles
+        angles = np.where(np.isfinite(tangent) & (floor > 0), (top * tangent + product) / floor,
+                          np.inf)
     return TopVectors(np.ascontiguousarray(y), angles)

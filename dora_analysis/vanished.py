@@ -2,7 +2,8 @@
 
 A Hugging Face Trainer deletes its oldest ``checkpoint-N/`` folders as it saves new ones, so a
 series analysed while it trains can lose a step between the listing and the reading, or in the
-middle of it. Whatever the reader then reports (a file not found, a file deleted while read, a
+middle of it. Only such steps (a tuned checkpoint with a step: ``run/checkpoint-N`` given alone
+too) are said to vanish; any other file that goes is its reader's error, as before. Whatever the reader then reports (a file not found, a file deleted while read, a
 shard index whose shards are gone), the checkpoint's folder is gone, or going: this module tells
 that apart from a damaged checkpoint, waiting up to :data:`GRACE_S` for a deletion in progress
 (files go one by one, the folder last).
@@ -41,19 +42,23 @@ READ_ERRORS = (CheckpointNotFoundError, CheckpointFormatError)
 
 
 def gone(checkpoint: TunedCheckpoint) -> bool:
-    """Whether a local checkpoint's file or folder is no longer there (remote ones: never said)."""
+    """Whether a local step of a series (``checkpoint-N``, ``step-N``: what trainers rotate) is
+    no longer there. Any other checkpoint that goes is the reader's own error, as is a remote one
+    (nothing tells a deleted object from one a worker cannot see)."""
     path = checkpoint.path
-    return isinstance(path, (str, os.PathLike)) and not os.path.lexists(path)
+    return (checkpoint.step is not None and isinstance(path, (str, os.PathLike))
+            and not os.path.lexists(path))
 
 
 def vanished(checkpoints: Sequence[TunedCheckpoint], error: BaseException) -> list[int]:
-    """The positions of the checkpoints that are gone after ``error``, waiting up to
-    :data:`GRACE_S` for one being deleted when ``error`` is a reading error and one of them is a
-    step of a series; empty when none is."""
+    """The positions of the checkpoints that are gone (:func:`gone`) after ``error``, waiting up
+    to :data:`GRACE_S` for one being deleted when ``error`` is a reading error; empty when none
+    is."""
     if not isinstance(error, READ_ERRORS):
         return []
-    patient = any(ck.step is not None for ck in checkpoints)
-    deadline = time.monotonic() + (GRACE_S if patient else 0.0)
+    if not any(ck.step is not None for ck in checkpoints):
+        return []
+    deadline = time.monotonic() + GRACE_S
     while True:
         found = [i for i, ck in enumerate(checkpoints) if gone(ck)]
         if found or time.monotonic() >= deadline:

@@ -178,3 +178,21 @@ def test_a_damaged_checkpoint_is_not_taken_for_a_vanished_one(run):
     with pytest.raises(da.DoraAnalysisError, match="not a readable safetensors file"):
         da.analyze(base, folder, skip_vanished=True)
     assert time.monotonic() - started < 10  # waited for a deletion at most GRACE_S
+
+
+def test_only_steps_of_a_series_vanish(run, tmp_path, monkeypatch):
+    """A tuned file that is not a step of a run, gone after planning, is the reader's error."""
+    base, folder = run
+    single = tmp_path / "single.safetensors"
+    shutil.copy(folder / "checkpoint-10" / "model.safetensors", single)
+    planned = analysis.plan
+
+    def plan_then_delete(*args, **kwargs):
+        work = planned(*args, **kwargs)
+        single.unlink()
+        return work
+
+    monkeypatch.setattr(analysis, "plan", plan_then_delete)
+    with pytest.raises(da.DoraAnalysisError) as exc:
+        da.analyze(base, single, skip_vanished=True)
+    assert not isinstance(exc.value, VanishedCheckpointError) and str(single) in str(exc.value)

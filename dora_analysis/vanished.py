@@ -3,8 +3,9 @@
 A Hugging Face Trainer deletes its oldest ``checkpoint-N/`` folders as it saves new ones, so a
 series analysed while it trains can lose a step between the listing and the reading, or in the
 middle of it. Only such steps (a tuned checkpoint with a step: ``run/checkpoint-N`` given alone
-too) are said to vanish; any other file that goes is its reader's error, as before. Whatever the reader then reports (a file not found, a file deleted while read, a
-shard index whose shards are gone), the checkpoint's folder is gone, or going: this module tells
+too) are said to vanish; any other file that goes is its reader's error, as before. Whatever
+the reader then reports (a file not found, a file deleted while read, a shard index whose
+shards are gone), the checkpoint's folder is gone, or going: this module tells
 that apart from a damaged checkpoint, waiting up to :data:`GRACE_S` for a deletion in progress
 (files go one by one, the folder last).
 

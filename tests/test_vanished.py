@@ -196,3 +196,44 @@ def test_only_steps_of_a_series_vanish(run, tmp_path, monkeypatch):
     with pytest.raises(da.DoraAnalysisError) as exc:
         da.analyze(base, single, skip_vanished=True)
     assert not isinstance(exc.value, VanishedCheckpointError) and str(single) in str(exc.value)
+
+
+def test_a_folder_deleted_while_its_format_is_told_is_a_not_found_error(tmp_path, monkeypatch):
+    """Found by the race above: a checkpoint folder emptied and removed while open_checkpoint
+    looked into it gave a raw FileNotFoundError from a listing, which no caller expected."""
+    from dora_analysis.errors import CheckpointNotFoundError
+    from dora_analysis.io import open as opening
+
+    folder = tmp_path / "run" / "checkpoint-30"
+    folder.mkdir(parents=True)  # its files already gone, the folder next
+
+    def listing_a_deleted_folder(path):
+        shutil.rmtree(path)
+        return list(path.iterdir())
+
+    monkeypatch.setattr(opening, "series_steps", listing_a_deleted_folder)
+    with pytest.raises(CheckpointNotFoundError, match="checkpoint-30: no such file or folder"):
+        opening.open_checkpoint(folder)
+
+
+@pytest.mark.parametrize("layout", ["model-folder", "dcp"])
+def test_files_gone_between_telling_the_format_and_opening_it(tmp_path, monkeypatch, layout):
+    """Found by the race above: the format was told from a file that was gone when the folder
+    was opened (AttributeError on None)."""
+    from dora_analysis.errors import CheckpointNotFoundError
+    from dora_analysis.io import open as opening
+
+    folder = tmp_path / "checkpoint-30"
+    folder.mkdir()
+    name = "_model_folder_file" if layout == "model-folder" else "find_dcp"
+    calls = []
+
+    def found_then_gone(path):  # what a second look finds once the files are deleted
+        calls.append(path)
+        return folder / "x" if len(calls) == 1 else None
+
+    monkeypatch.setattr(opening, name, found_then_gone)
+    monkeypatch.setattr(opening, "FORMATS", [f for f in opening.FORMATS if f.name == layout])
+    with pytest.raises(CheckpointNotFoundError, match="checkpoint-30: its weight files went "
+                                                      "while it was opened"):
+        opening.open_checkpoint(folder)

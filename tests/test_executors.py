@@ -185,7 +185,7 @@ def test_sources_that_are_not_thread_safe_are_read_one_at_a_time(ckpts, monkeypa
 
     inside, most, names = [0], [0], []
     lock = threading.Lock()
-    read = SafetensorsFile.get_rows_into
+    read = SafetensorsFile.read_rows
 
     def one_reader(self, *args, **kwargs):
         with lock:
@@ -199,7 +199,7 @@ def test_sources_that_are_not_thread_safe_are_read_one_at_a_time(ckpts, monkeypa
             with lock:
                 inside[0] -= 1
 
-    monkeypatch.setattr(SafetensorsFile, "get_rows_into", one_reader)
+    monkeypatch.setattr(SafetensorsFile, "read_rows", one_reader)
     base, tuned = ckpts["base"], [ckpts["tuned"], ckpts["sharded"]]
     serial = da.analyze(base, tuned, workers=1, block_elements=256)
     serial_reads, names[:] = list(names), []

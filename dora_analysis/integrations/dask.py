@@ -46,6 +46,7 @@ from ..executors import (
     compute_unit,
     hint,
     plan_units,
+    torch_in_use,
     turns,
     unit_memory,
 )
@@ -208,16 +209,16 @@ _LOCAL = threading.local()
 
 def _run_unit(unit: Unit, tuned: str, *, run_id: str, base: str, work: Plan) -> Any:
     """One unit on a worker: open (or reuse) the checkpoints, compute, keep them open."""
-    import torch
+    from ..pairs import Workspace
 
-    from ..decompose import Workspace
-
-    torch.set_num_threads(1)  # this thread's reductions in one fixed order, as in a serial run
     workspace = _LOCAL.__dict__.setdefault("workspace", Workspace())
     try:
         with _budget().hold(unit_memory(unit, work)):
             base_key, tuned_key, base_src, tuned_src, turn = _SOURCES.acquire(
                 run_id, base, tuned, work.jobs[unit.job], work.config.read_options)
+            torch = torch_in_use(work.config)  # the sources are open: readers imported it
+            if torch is not None:  # one thread: this unit's reductions in a serial run's order
+                torch.set_num_threads(1)
             try:
                 with turn or _NO_LOCK:
                     return compute_unit(unit, work, base_src, tuned_src, workspace)

@@ -221,3 +221,22 @@ def test_a_failure_releases_the_units_waiting_for_their_turn(ckpts, tmp_path, mo
     tuned.write_bytes(tuned.read_bytes()[:-100])
     with pytest.raises(CheckpointFormatError, match="tuned.safetensors"):  # and no hang
         run_local(work, workers=4)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_meanwhile_runs_once_in_the_calling_thread_while_units_remain(ckpts, workers):
+    """What the caller needs next is imported while the workers compute: once, in its thread,
+    after the first unit (the kernel is loaded by then), and the table does not change."""
+    work = plan(ckpts["base"], [ckpts["series"]], config=AnalysisConfig(workers=workers))
+    units, seen = plan_units(work), []
+    done_before: list[int] = []
+    progress = []
+
+    def meanwhile() -> None:
+        seen.append(threading.current_thread())
+        done_before.append(len(progress))
+
+    table = to_frame(run_local(work, workers, progress=progress.append, meanwhile=meanwhile),
+                     work.config)
+    assert seen == [threading.current_thread()] and done_before == [1] < [len(units)]
+    assert_same_table(table, job_by_job(work))

@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     import torch
 
 T = TypeVar("T")
-#: Below this many bytes a read is not worth a ``madvise`` call.
-ADVISE_BYTES = 1 << 20
 
 
 class SafetensorsFile(TensorSource):
@@ -124,8 +122,6 @@ class SafetensorsFile(TensorSource):
 
         def rows(e: Entry, mapping: mmap.mmap | None) -> np.ndarray:
             offset, size, row_shape = self._span(e, dtype, start, stop, expert)
-            if mapping is not None and size >= ADVISE_BYTES:
-                advise_willneed(mapping, self._data_start + e.begin + offset, size)
             raw = self._bytes(mapping, e.begin + offset, size, buffer)
             return raw.view(dtype.numpy).reshape(-1, *row_shape)
 
@@ -180,12 +176,3 @@ class SafetensorsFile(TensorSource):
         self._map = None  # closed when the last read using it lets go
         self._guard.close()
 
-
-def advise_willneed(mapping: mmap.mmap, at: int, size: int) -> None:
-    """Ask the kernel to read ``size`` bytes at ``at`` of a mapped file ahead (asynchronously):
-    a range read from disk arrives while the kernel reduces its first rows."""
-    start = at - at % mmap.ALLOCATIONGRANULARITY
-    try:
-        mapping.madvise(mmap.MADV_WILLNEED, start, at + size - start)
-    except (AttributeError, OSError, ValueError):  # no madvise here: reading works the same
-        pass

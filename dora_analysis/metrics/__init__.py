@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import decomposition, health, intruders, radial, spectrum, tangential
+from . import decomposition, drift, health, intruders, radial, sparsity, spectrum, tangential
 from .base import COSTS, Column, Metric, Setting
 
 if TYPE_CHECKING:
@@ -23,6 +23,8 @@ METRICS: tuple[Metric, ...] = (
     health.METRIC,
     spectrum.METRIC,
     intruders.METRIC,
+    sparsity.METRIC,
+    drift.METRIC,
 )
 
 __all__ = ["COSTS", "METRICS", "Column", "Metric", "Setting", "enabled", "metric_columns",

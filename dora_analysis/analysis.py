@@ -75,6 +75,9 @@ class Job:
     pairs: tuple[MatrixPair, ...]
     adapter: bool = False
     """The tuned checkpoint is an adapter merged with the base as it is read (closed form)."""
+    base: str = ""
+    """The base reference as given (the table's ``base`` column); empty when there is none to
+    name (an in-memory model)."""
 
     @property
     def numel(self) -> int:
@@ -295,7 +298,8 @@ def _row(job: Job, pair: MatrixPair, axis: str, values: dict[str, object]) -> di
         C.COLS: cols, C.AXIS: axis, C.EXPERT: pair.expert if pair.expert is not None
         else expert_index(pair.name),
         C.DTYPE: str(pair.tuned_dtype).removeprefix("torch."), C.TUNED_NAME: pair.tuned_name,
-        C.REF: shown(ck.ref), **values,  # names that are not UTF-8, escaped: a table holds text
+        # names that are not UTF-8, escaped: a table holds text
+        C.REF: shown(ck.ref), C.BASE: shown(job.base), **values,
     }
 
 
@@ -364,7 +368,7 @@ def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None 
             problems += [f"{ck.ref}: {m}" for m in mismatches]
             if not pairs and not mismatches:
                 raise TensorMismatchError(_nothing_selected(config, ck, base_infos))
-            jobs.append(Job(ck, method, tuple(pairs), adapter))
+            jobs.append(Job(ck, method, tuple(pairs), adapter, base_shown))
     if problems and not config.skip_mismatched:
         raise TensorMismatchError(
             f"{len(problems)} tensor(s) differ in shape: {listing(problems)}; is this the "

@@ -39,7 +39,7 @@ def table_dtypes() -> dict[str, str]:
     """
     from .metrics import metric_columns
 
-    return C.TABLE_DTYPES | {c.name: c.dtype for c in metric_columns()}
+    return C.TABLE_DTYPES | C.CROSS_RUN_DTYPES | {c.name: c.dtype for c in metric_columns()}
 
 
 def _read_csv(source) -> pd.DataFrame:
@@ -126,18 +126,25 @@ TABLE_READERS: dict[str, Callable] = {
 }
 #: Columns without which a file is not an analysis table.
 REQUIRED_COLUMNS = (C.CHECKPOINT, C.MODULE, C.DELTA_M, C.DELTA_D)
+#: Columns without which a file is not a cross-run table (:func:`dora_analysis.compare_runs`).
+CROSS_RUN_REQUIRED = (C.RUN_A, C.RUN_B, C.NAME, C.MODULE)
 
 
-def read_table(source: str | Path | IO[bytes], *, name: str | None = None) -> pd.DataFrame:
+def read_table(source: str | Path | IO[bytes], *, name: str | None = None,
+               kind: str = "analysis") -> pd.DataFrame:
     """Read a table written by :func:`~dora_analysis.report.write_table` back, exactly.
 
     ``source`` is a path or an open binary file; ``name`` gives the file name (and so the
-    format) of the latter. Unreadable files (truncated, half-written, not a table) raise
-    :class:`~dora_analysis.errors.TableFormatError` naming the file.
+    format) of the latter. ``kind`` is ``analysis`` (the per-matrix table) or ``cross_run``
+    (:func:`~dora_analysis.compare_runs`'s). Unreadable files (truncated, half-written, not a
+    table of that kind) raise :class:`~dora_analysis.errors.TableFormatError` naming the file.
 
     Example:
         >>> table = read_table("deltas.parquet")  # doctest: +SKIP
     """
+    if kind not in TABLE_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TABLE_KINDS)}, got {kind!r}")
+    required, what = TABLE_KINDS[kind]
     name = shown(name or str(source))
     suffix = Path(name).suffix.lower()
     if suffix not in TABLE_READERS:
@@ -149,8 +156,14 @@ def read_table(source: str | Path | IO[bytes], *, name: str | None = None) -> pd
     except (OSError, ValueError, RecursionError) as exc:  # pyarrow's and pandas' errors included
         raise TableFormatError(f"{name}: cannot read the table ({reason(exc).splitlines()[0]})"
                                ) from None
-    missing = sorted(set(REQUIRED_COLUMNS) - set(frame.columns))
+    missing = sorted(set(required) - set(frame.columns))
     if missing:
-        raise TableFormatError(f"{name}: not a dora-analysis table (no column "
-                               f"{', '.join(missing)})")
+        raise TableFormatError(f"{name}: not a {what} (no column {', '.join(missing)})")
     return frame
+
+
+#: What :func:`read_table` can read: kind → (required columns, what the error calls it).
+TABLE_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "analysis": (REQUIRED_COLUMNS, "dora-analysis table"),
+    "cross_run": (CROSS_RUN_REQUIRED, "cross-run table (dora-analyze --cross-run)"),
+}

@@ -20,13 +20,11 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from .arrays import float64
 from .base import Column, Metric, Setting, positive_int
-from .subspaces import singular_values, subspace_overlap, top_singular
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy and scipy load on first use: the CLI lists options fast
+    import numpy as np
+
     from ..pairs import PairView
 
 SPECTRAL_DRIFT = "spectral_drift"
@@ -43,9 +41,15 @@ def spectral_drift(w0: Any, wt: Any) -> float:
     """‖σ(Wt) − σ(W0)‖₂ / ‖σ(W0)‖₂ (NaN when W0 = 0 or either holds NaN/Inf).
 
     Example:
+        >>> import numpy as np
         >>> spectral_drift(np.diag([3.0, 4.0, 0.0])[:, :2], np.diag([3.0, 5.0, 0.0])[:, :2])
         0.2
     """
+    import numpy as np
+
+    from .arrays import float64
+    from .subspaces import singular_values
+
     x, y = float64(w0), float64(wt)
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         return math.nan
@@ -67,11 +71,17 @@ def drift(w0: Any, wt: Any, k: int = 16, *, name: str = "matrix") -> dict[str, f
     (numpy or torch, any float dtype). ``name`` labels the note when k is clamped.
 
     Example:
+        >>> import numpy as np
         >>> w0 = np.diag([3.0, 2.0, 1.0])[:, :2]          # (3, 2): non-square
         >>> d = drift(w0, w0[:, ::-1], k=1)               # columns swapped: the input space turns
         >>> d["spectral_drift"], d["rotation_left"], d["rotation_right"]
         (0.0, 0.0, 1.0)
     """
+    import numpy as np
+
+    from .arrays import float64
+    from .subspaces import top_singular
+
     x, y = float64(w0), float64(wt)
     if x.shape != y.shape or x.ndim != 2:
         raise ValueError(f"two matrices of one shape expected, got {x.shape} and {y.shape}")
@@ -87,6 +97,8 @@ def drift(w0: Any, wt: Any, k: int = 16, *, name: str = "matrix") -> dict[str, f
 def rotation(x: np.ndarray, y: np.ndarray) -> float:
     """``1 − ‖Xᵀ Y‖²_F / k`` in ``[0, 1]`` for orthonormal bases of k columns (rounding can
     push the overlap a hair past 1)."""
+    from .subspaces import subspace_overlap
+
     return min(1.0, max(0.0, 1.0 - subspace_overlap(x, y)))
 
 

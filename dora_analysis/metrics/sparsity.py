@@ -26,13 +26,13 @@ import math
 import numbers
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from .arrays import Stored, dtype_name, float64, rounded, stored, ulp
 from .base import Column, Metric, Setting
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy and the array helpers load on first use: the CLI lists options fast
+    import numpy as np
+
     from ..pairs import PairView
+    from .arrays import Stored
 
 UNCHANGED_FRACTION = "unchanged_fraction"
 UNCHANGED_FRACTION_TOL = "unchanged_fraction_tol"
@@ -61,9 +61,14 @@ def unchanged_mask(w0: Any, wt: Any) -> np.ndarray:
     same value, sign of zero included, counts as unchanged (NaN never does).
 
     Example:
+        >>> import numpy as np
         >>> unchanged_mask(np.array([0.0, 1.0]), np.array([-0.0, 1.0])).tolist()
         [False, True]
     """
+    import numpy as np
+
+    from .arrays import stored
+
     a, b = stored(w0), stored(wt)
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
@@ -78,10 +83,13 @@ def merged_weight(w0: Any, b: Any, a: Any, scale: float) -> Stored:
     PEFT's ``merge_and_unload`` stores for a LoRA module (``B`` out × r, ``A`` r × in).
 
     Example:
+        >>> import numpy as np
         >>> w0 = np.zeros((2, 3), dtype=np.float16)
         >>> merged_weight(w0, np.ones((2, 1)), np.ones((1, 3)), 1e-8).values().tolist()[0]
         [0.0, 0.0, 0.0]
     """
+    from .arrays import float64, rounded, stored
+
     base = stored(w0)
     return rounded(base.values() + scale * (float64(b) @ float64(a)), base.dtype)
 
@@ -94,12 +102,17 @@ def update_sparsity(w0: Any, wt: Any, tol: float = DEFAULT_TOL) -> dict[str, flo
     ``(out, in)``, equal.
 
     Example:
+        >>> import numpy as np
         >>> w0 = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=np.float32)
         >>> wt = w0.copy(); wt[0, 0] = np.nextafter(np.float32(1), np.float32(2))
         >>> d = update_sparsity(w0, wt)
         >>> d["unchanged_fraction"], d["unchanged_rows"], d["median_ulps"]
         (0.8333333333333334, 0.6666666666666666, 1.0)
     """
+    import numpy as np
+
+    from .arrays import stored, ulp
+
     a, b = stored(w0), stored(wt)
     same = unchanged_mask(a, b)
     if same.ndim != 2:
@@ -120,6 +133,8 @@ def update_sparsity(w0: Any, wt: Any, tol: float = DEFAULT_TOL) -> dict[str, flo
 def stored_pair(view: PairView) -> tuple[Stored, Stored]:
     """``(W0, Wt)`` of a view as stored, output channels as rows; an adapter's Wt is the merged
     weight rounded to the base's dtype (:func:`merged_weight`'s rule)."""
+    from .arrays import dtype_name, rounded
+
     w0, wt = view.weights()  # float64, exact for the stored values
     base_dtype = dtype_name(view.pair.info.dtype)
     tuned_dtype = base_dtype if view.adapter_update() is not None else dtype_name(

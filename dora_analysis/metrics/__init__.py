@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import decomposition, drift, health, intruders, radial, sparsity, spectrum, tangential
+from . import (
+    decomposition,
+    drift,
+    health,
+    intruders,
+    radial,
+    sparsity,
+    spectrum,
+    tangential,
+    weightwatcher,
+)
 from .base import COSTS, Column, Metric, Setting
 
 if TYPE_CHECKING:
@@ -25,6 +35,7 @@ METRICS: tuple[Metric, ...] = (
     intruders.METRIC,
     sparsity.METRIC,
     drift.METRIC,
+    weightwatcher.METRIC,
 )
 
 __all__ = ["COSTS", "METRICS", "Column", "Metric", "Setting", "enabled", "metric_columns",

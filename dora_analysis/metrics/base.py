@@ -127,6 +127,9 @@ class Metric:
     """One value per axis row (like ΔM, ΔD); False: one per matrix, repeated on each axis row."""
     cost: str = "stream"
     settings: tuple[Setting, ...] = ()
+    requires: Callable[[], None] | None = None
+    """Checks, before any work, that what the metric needs is installed: raises
+    :class:`ConfigError` naming the extra to install (``--weightwatcher``: ``[ww]``)."""
 
     def __post_init__(self) -> None:
         if self.cost not in COSTS:

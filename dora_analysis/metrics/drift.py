@@ -66,14 +66,14 @@ def clamped_k(k: int, shape: tuple[int, ...], what: str) -> int:
     return min(k, limit)
 
 
-def drift(w0: Any, wt: Any, k: int = 16, *, name: str = "matrix") -> dict[str, float]:
+def weight_drift(w0: Any, wt: Any, k: int = 16, *, name: str = "matrix") -> dict[str, float]:
     """``spectral_drift``, ``rotation_left`` and ``rotation_right`` of one pair ``(out, in)``
     (numpy or torch, any float dtype). ``name`` labels the note when k is clamped.
 
     Example:
         >>> import numpy as np
         >>> w0 = np.diag([3.0, 2.0, 1.0])[:, :2]          # (3, 2): non-square
-        >>> d = drift(w0, w0[:, ::-1], k=1)               # columns swapped: the input space turns
+        >>> d = weight_drift(w0, w0[:, ::-1], k=1)  # columns swapped: the input space turns
         >>> d["spectral_drift"], d["rotation_left"], d["rotation_right"]
         (0.0, 0.0, 1.0)
     """
@@ -106,7 +106,7 @@ def drift_columns(view: PairView) -> dict[str, float]:
     """The ``--drift`` columns of one matrix pair."""
     w0, wt = view.weights()
     name = view.pair.name if view.pair.expert is None else f"{view.pair.name}[{view.pair.expert}]"
-    return drift(w0, wt, view.config.setting("drift_k"), name=f"--drift-k, {name}")
+    return weight_drift(w0, wt, view.config.setting("drift_k"), name=f"--drift-k, {name}")
 
 
 METRIC = Metric(

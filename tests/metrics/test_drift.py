@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import dora_analysis as da
-from dora_analysis.metrics.drift import drift, spectral_drift
+from dora_analysis.metrics.drift import spectral_drift, weight_drift
 
 
 def reference(w0: np.ndarray, wt: np.ndarray, k: int) -> dict[str, float]:
@@ -44,7 +44,7 @@ def test_drift_against_a_float64_reference(dtype, shape):
     w0, wt = pair(shape, dtype, seed=shape[0], step=0.01)
     k = 4
     expected = reference(w0.double().numpy(), wt.double().numpy(), k)
-    got = drift(w0, wt, k)
+    got = weight_drift(w0, wt, k)
     assert got == pytest.approx(expected, rel=1e-9, abs=1e-13)
     assert spectral_drift(w0.double().numpy(), wt.double().numpy()) == pytest.approx(
         expected["spectral_drift"], rel=1e-12)
@@ -52,24 +52,24 @@ def test_drift_against_a_float64_reference(dtype, shape):
 
 def test_invariants():
     w0, _ = pair((40, 25), torch.float64, seed=1, step=0.0)
-    same = drift(w0, w0.clone(), 5)
+    same = weight_drift(w0, w0.clone(), 5)
     assert same["spectral_drift"] == 0.0
     assert same["rotation_left"] == pytest.approx(0.0, abs=1e-12)
     assert same["rotation_right"] == pytest.approx(0.0, abs=1e-12)
     # a pure rescale moves the spectrum, never the subspaces
-    scaled = drift(w0, 1.5 * w0, 5)
+    scaled = weight_drift(w0, 1.5 * w0, 5)
     assert scaled["spectral_drift"] == pytest.approx(0.5, rel=1e-12)
     assert scaled["rotation_left"] == pytest.approx(0.0, abs=1e-12)
     # orthogonal transforms on either side keep the spectrum, rotate one side only
     q = torch.linalg.qr(torch.randn(40, 40, generator=torch.Generator().manual_seed(2),
                                     dtype=torch.float64))[0]
-    rotated = drift(w0, q @ w0, 5)
+    rotated = weight_drift(w0, q @ w0, 5)
     assert rotated["spectral_drift"] == pytest.approx(0.0, abs=1e-13)
     assert rotated["rotation_right"] == pytest.approx(0.0, abs=1e-10)
     assert rotated["rotation_left"] > 0.5
     bad = w0.clone()
     bad[0, 0] = math.nan
-    assert all(math.isnan(v) for v in drift(w0, bad, 3).values())
+    assert all(math.isnan(v) for v in weight_drift(w0, bad, 3).values())
 
 
 @settings(max_examples=20, deadline=None)
@@ -77,7 +77,7 @@ def test_invariants():
        seed=st.integers(0, 2**31))
 def test_rotations_lie_in_zero_one(rows, cols, k, seed):
     w0, wt = pair((rows, cols), torch.float64, seed, step=0.5)
-    got = drift(w0, wt, k)
+    got = weight_drift(w0, wt, k)
     assert 0.0 <= got["rotation_left"] <= 1.0 and 0.0 <= got["rotation_right"] <= 1.0
     assert got["spectral_drift"] >= 0.0
 
@@ -85,10 +85,10 @@ def test_rotations_lie_in_zero_one(rows, cols, k, seed):
 def test_k_beyond_the_matrix_is_clamped_with_a_note(caplog):
     w0, wt = pair((6, 20), torch.float32, seed=3, step=0.1)
     with caplog.at_level(logging.INFO, logger="dora_analysis"):
-        got = drift(w0, wt, 16, name="layer")
+        got = weight_drift(w0, wt, 16, name="layer")
     assert "layer: k = 16 is more than min(out, in) = 6; using k = 6" in caplog.text
     assert got["rotation_left"] == pytest.approx(0.0, abs=1e-12)  # all of R^6: no rotation
-    assert got == pytest.approx(drift(w0, wt, 6))
+    assert got == pytest.approx(weight_drift(w0, wt, 6))
 
 
 def test_the_table_columns_and_the_cli_note(tmp_path, capsys):

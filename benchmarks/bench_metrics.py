@@ -13,7 +13,15 @@ rank-16 LoRA adapter of the same base (PEFT's file layout), then times, best of 
                           the top 10 of Wt by Lanczos;
 * ``intruders, warm``  — the same with the base SVD in the cache (every later checkpoint of a
                           series);
-* ``LoRA plain`` / ``LoRA spectrum`` — the adapter (closed forms: no B·A, an r × r core).
+* ``LoRA plain`` / ``LoRA spectrum`` — the adapter (closed forms: no B·A, an r × r core);
+* ``sparsity``, ``drift``, ``weightwatcher`` — ``+ sparsity=True`` (dense, O(N)), ``+ drift=True``
+  (values-only SVDs of W0 and Wt, top-16 subspaces by Lanczos), ``+ weightwatcher=True`` (the
+  weightwatcher library on W0 and Wt; skipped when it is not installed);
+* ``cross-run, 2 runs`` — ``compare_runs(base, [tuned, tuned2])``: read both updates, four
+  measures for the one pair (against ``plain``: one pair analysed, not two);
+* ``LoRA sparsity`` / ``LoRA cross-run`` — the same for rank-r adapters (the merged weight
+  rounded to the base's dtype; cosine and subspaces from the factors, ΔW materialised for the
+  sign conflict).
 
 Each measurement is one call of ``analyze`` in this process after one untimed warm-up call (the
 files stay in the page cache);
@@ -55,6 +63,47 @@ def write_pair(folder: Path, size: int, rank: int) -> tuple[Path, Path, Path]:
     return folder / "base.safetensors", folder / "tuned.safetensors", adapter
 
 
+def write_second_run(folder: Path, size: int, rank: int) -> tuple[Path, Path]:
+    """Another FT-like run and another adapter of the same base (for the cross-run rows)."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(1)
+    w0 = load_file(str(folder / "base.safetensors"))[NAME]
+    update = 1e-3 * torch.randn(size, size, generator=g) / size**0.5
+    save_file({NAME: (w0 + update).contiguous()}, str(folder / "tuned2.safetensors"))
+    adapter = folder / "adapter2"
+    adapter.mkdir()
+    module = NAME.removesuffix(".weight")
+    save_file({f"base_model.model.{module}.lora_A.weight": torch.randn(rank, size, generator=g),
+               f"base_model.model.{module}.lora_B.weight": 1e-3 * torch.randn(size, rank,
+                                                                               generator=g)},
+              str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text((folder / "adapter" / "adapter_config.json")
+                                                 .read_text())
+    return folder / "tuned2.safetensors", adapter
+
+
+def new_options(base: Path, tuned: Path, adapter: Path, root: Path, size: int, rank: int,
+                repeat: int) -> dict[str, float]:
+    """The options of issue 23, timed like the others."""
+    import importlib.util
+
+    tuned2, adapter2 = write_second_run(root, size, rank)
+    rows = {
+        "sparsity": best_of(repeat, lambda: da.analyze(base, tuned, sparsity=True)),
+        "drift": best_of(repeat, lambda: da.analyze(base, tuned, drift=True)),
+    }
+    if importlib.util.find_spec("weightwatcher") is not None:
+        rows["weightwatcher"] = best_of(repeat, lambda: da.analyze(base, tuned,
+                                                                   weightwatcher=True))
+    rows["cross-run, 2 runs"] = best_of(repeat, lambda: da.compare_runs(
+        base, [tuned, tuned2], labels=["a", "b"]))
+    rows["LoRA sparsity"] = best_of(repeat, lambda: da.analyze(base, adapter, sparsity=True))
+    rows["LoRA cross-run"] = best_of(repeat, lambda: da.compare_runs(
+        base, [adapter, adapter2], labels=["a", "b"]))
+    return rows
+
+
 def best_of(repeat: int, fn) -> float:
     times = []
     for _ in range(repeat):
@@ -69,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16, help="rank of the LoRA adapter")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--only-new", action="store_true",
+                        help="time plain, LoRA plain and the options of issue 23 only")
+    parser.add_argument("--skip-new", action="store_true",
+                        help="leave out the options of issue 23 (sparsity, drift, …)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
         root = Path(tmp)
@@ -81,16 +134,19 @@ def main(argv: list[str] | None = None) -> int:
                 f.unlink()
             da.analyze(base, tuned, intruders=True, svd_cache=str(cache))
 
-        rows = {
-            "plain": best_of(args.repeat, lambda: da.analyze(base, tuned)),
-            "spectrum": best_of(args.repeat, lambda: da.analyze(base, tuned, spectrum=True)),
-            "intruders, cold": best_of(args.repeat, cold),
-            "intruders, warm": best_of(args.repeat, lambda: da.analyze(
-                base, tuned, intruders=True, svd_cache=str(cache))),
-            "LoRA plain": best_of(args.repeat, lambda: da.analyze(base, adapter)),
-            "LoRA spectrum": best_of(args.repeat, lambda: da.analyze(base, adapter,
-                                                                     spectrum=True)),
-        }
+        rows = {"plain": best_of(args.repeat, lambda: da.analyze(base, tuned)),
+                "LoRA plain": best_of(args.repeat, lambda: da.analyze(base, adapter))}
+        if not args.only_new:
+            rows |= {
+                "spectrum": best_of(args.repeat, lambda: da.analyze(base, tuned, spectrum=True)),
+                "intruders, cold": best_of(args.repeat, cold),
+                "intruders, warm": best_of(args.repeat, lambda: da.analyze(
+                    base, tuned, intruders=True, svd_cache=str(cache))),
+                "LoRA spectrum": best_of(args.repeat, lambda: da.analyze(base, adapter,
+                                                                         spectrum=True)),
+            }
+        if not args.skip_new:
+            rows |= new_options(base, tuned, adapter, root, args.size, args.rank, args.repeat)
     plain, lora = rows["plain"], rows["LoRA plain"]
     print(f"one {args.size} × {args.size} fp32 matrix, {torch.get_num_threads()} threads, "
           f"best of {args.repeat}")

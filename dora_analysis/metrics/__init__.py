@@ -62,6 +62,11 @@ FUNCTIONS: dict[str, str] = {
     "inner": "similarity", "Factors": "similarity",
     # --weightwatcher (calls the weightwatcher library)
     "esd_alpha": "weightwatcher",
+    # any registry metric on two in-memory matrices (or W0 and LoRA factors), through the
+    # table's own per-pair step: dora_analysis.tensors
+    "measure": "..tensors", "tangential_fraction": "..tensors", "delta_m_split": "..tensors",
+    "health_warnings": "..tensors", "update_spectrum": "..tensors",
+    "count_intruders": "..tensors",
 }
 
 __all__ = ["COSTS", "METRICS", "Column", "Metric", "Setting", "enabled", "metric_columns",
@@ -72,7 +77,8 @@ def __getattr__(name: str):
     module = FUNCTIONS.get(name)
     if module is None:
         raise AttributeError(f"module 'dora_analysis.metrics' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    relative = module if module.startswith("..") else f".{module}"
+    value = getattr(importlib.import_module(relative, __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value
 

@@ -51,16 +51,21 @@ def write_pair(folder: Path, size: int, rank: int) -> tuple[Path, Path, Path]:
         torch.randn(size, 8, generator=g) @ torch.randn(8, size, generator=g)) / size
     save_file({NAME: w0}, str(folder / "base.safetensors"))
     save_file({NAME: (w0 + update).contiguous()}, str(folder / "tuned.safetensors"))
-    adapter = folder / "adapter"
-    adapter.mkdir()
+    adapter = write_adapter(folder / "adapter", size, rank, g)
+    return folder / "base.safetensors", folder / "tuned.safetensors", adapter
+
+
+def write_adapter(folder: Path, size: int, rank: int, g: torch.Generator) -> Path:
+    """A rank-``rank`` PEFT LoRA adapter of the benchmark's matrix."""
+    folder.mkdir()
     module = NAME.removesuffix(".weight")
     save_file({f"base_model.model.{module}.lora_A.weight": torch.randn(rank, size, generator=g),
                f"base_model.model.{module}.lora_B.weight": 1e-3 * torch.randn(size, rank,
                                                                                generator=g)},
-              str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps({
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj"]}))
-    return folder / "base.safetensors", folder / "tuned.safetensors", adapter
+    return folder
 
 
 def write_second_run(folder: Path, size: int, rank: int) -> tuple[Path, Path]:
@@ -71,16 +76,7 @@ def write_second_run(folder: Path, size: int, rank: int) -> tuple[Path, Path]:
     w0 = load_file(str(folder / "base.safetensors"))[NAME]
     update = 1e-3 * torch.randn(size, size, generator=g) / size**0.5
     save_file({NAME: (w0 + update).contiguous()}, str(folder / "tuned2.safetensors"))
-    adapter = folder / "adapter2"
-    adapter.mkdir()
-    module = NAME.removesuffix(".weight")
-    save_file({f"base_model.model.{module}.lora_A.weight": torch.randn(rank, size, generator=g),
-               f"base_model.model.{module}.lora_B.weight": 1e-3 * torch.randn(size, rank,
-                                                                               generator=g)},
-              str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text((folder / "adapter" / "adapter_config.json")
-                                                 .read_text())
-    return folder / "tuned2.safetensors", adapter
+    return folder / "tuned2.safetensors", write_adapter(folder / "adapter2", size, rank, g)
 
 
 def new_options(base: Path, tuned: Path, adapter: Path, root: Path, size: int, rank: int,

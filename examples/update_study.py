@@ -37,7 +37,7 @@ import dora_analysis as da
 from dora_analysis.heatmaps import cross_run_overview
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_figure2 import minilm_dir  # noqa: E402
+from reproduce_figure2 import METHODS, minilm_dir  # noqa: E402
 
 SPARSITY = ["unchanged_fraction", "unchanged_fraction_tol", "unchanged_rows", "median_ulps"]
 MEASURES = ["update_cosine", "subspace_similarity", "sign_conflict", "mask_jaccard"]
@@ -46,9 +46,12 @@ LABELS = {"ft": "FT", "lora": "LoRA", "dora": "DoRA"}
 
 
 def find_runs(folder: Path) -> dict[str, Path]:
-    """``{method}-seed{N}`` → run folder, for the finished runs (eval_results.json written)."""
-    runs = {p.name: p for p in sorted(folder.iterdir()) if RUN.match(p.name)
-            and (p / "eval_results.json").is_file()}
+    """``{method}-seed{N}`` → run folder for the finished runs (reproduce_figure2.py writes
+    ``command.json`` when a run is done), FT, LoRA, DoRA, each by seed."""
+    done = [p for p in folder.iterdir() if RUN.match(p.name) and (p / "command.json").is_file()]
+    order = {m: i for i, m in enumerate(METHODS)}
+    done.sort(key=lambda p: (order[RUN.match(p.name).group(1)], int(RUN.match(p.name).group(2))))
+    runs = {p.name: p for p in done}
     if not runs:
         sys.exit(f"error: no finished runs in {folder}; run examples/reproduce_figure2.py first")
     return runs

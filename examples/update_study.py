@@ -154,19 +154,27 @@ def markdown(summary: pd.DataFrame, cross: pd.DataFrame, last_step: int) -> str:
 
 
 def sparsity_figure(summary: pd.DataFrame) -> go.Figure:
-    """Share of weights bitwise unchanged per step, fp32 vs bf16, one line per method."""
-    fig = go.Figure()
+    """Per step, fp32 (dotted) vs bf16 (solid), one colour per method: the share of weights
+    bitwise unchanged, and the median size of a change in ulps of the base weight."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
+        "share of weights bitwise unchanged", "median |Δ| of a changed weight, in ulps"))
     colours = {"ft": "#1f77b4", "lora": "#d62728", "dora": "#2ca02c"}
     for (method, storage), rows in summary.groupby(["method", "storage"], sort=False):
-        fig.add_trace(go.Scatter(
-            x=rows["step"], y=rows["unchanged_fraction"], mode="lines+markers",
-            name=f"{LABELS[method]}, {storage}", line={"color": colours[method],
-                                                      "dash": "dot" if storage == "fp32"
-                                                      else "solid"},
-            error_y={"type": "data", "array": rows["unchanged_fraction_std"].fillna(0)}))
-    fig.update_layout(title="Query and value weights left bitwise unchanged (mean over seeds)",
-                      xaxis_title="training step", yaxis_title="share unchanged",
-                      yaxis_range=[-0.02, 1.02], template="plotly_white", width=800, height=450)
+        line = {"color": colours[method], "dash": "dot" if storage == "fp32" else "solid"}
+        for col, column in enumerate(("unchanged_fraction", "median_ulps"), start=1):
+            fig.add_trace(go.Scatter(
+                x=rows["step"], y=rows[column], mode="lines+markers", line=line,
+                name=f"{LABELS[method]}, {storage}", legendgroup=f"{method}{storage}",
+                showlegend=col == 1,
+                error_y={"type": "data", "array": rows[f"{column}_std"].fillna(0)}),
+                row=1, col=col)
+    fig.update_xaxes(title_text="training step")
+    fig.update_yaxes(rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(type="log", exponentformat="power", row=1, col=2)
+    fig.update_layout(title="Query and value weights of the MiniLM runs (mean over seeds)",
+                      template="plotly_white", width=1100, height=450)
     return fig
 
 

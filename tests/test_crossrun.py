@@ -193,3 +193,15 @@ def test_the_analysis_table_names_its_base(ckpts, tmp_path):
     da.write_table(table, tmp_path / "t.csv")
     assert set(da.read_table(tmp_path / "t.csv")[C.BASE]) == {str(ckpts["base"])}
     assert not math.isnan(table[C.DELTA_D].iloc[0])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".parquet"])
+def test_the_cross_run_table_reads_back_exactly(runs, tmp_path, suffix):
+    cross = da.compare_runs(runs["base"], [runs["a"], runs["b"], runs["base"]],
+                            labels=["NA", "b", "base"], modules="q")  # a label like a missing value
+    assert cross[C.UPDATE_COSINE].isna().any()  # the base against itself: no update
+    da.write_table(cross, tmp_path / f"cross{suffix}")
+    back = da.read_table(tmp_path / f"cross{suffix}", kind="cross_run")
+    pd.testing.assert_frame_equal(back, cross, check_exact=True)
+    with pytest.raises(da.DoraAnalysisError, match="not a dora-analysis table"):
+        da.read_table(tmp_path / f"cross{suffix}")

@@ -181,10 +181,21 @@ def ulp(x: Any) -> np.ndarray:
         True
     """
     s = stored(x)
-    fmt = s.format
-    magnitude = np.abs(s.values())
-    _, exponent = np.frexp(magnitude)
-    exponent = np.where(magnitude == 0, fmt.min_exponent, exponent - 1)  # frexp(0) = (0, 0)
-    gap = np.ldexp(1.0, np.maximum(exponent, fmt.min_exponent) - fmt.mantissa_bits)
+    return gaps(s.values(), s.dtype)
+
+
+def gaps(values: np.ndarray, dtype: str) -> np.ndarray:
+    """:func:`ulp` of float64 ``values`` that ``dtype`` holds exactly (a stored array's
+    :meth:`Stored.values`, or a selection of them), by integer arithmetic on the float64
+    exponent field: no logarithm, no temporary beyond the result."""
+    fmt = FORMATS[check_dtype(dtype)]
+    magnitude = np.abs(np.asarray(values, dtype=np.float64))
+    if dtype == "float64":  # its own subnormal gaps do not fit the exponent trick
+        with np.errstate(over="ignore", invalid="ignore"):
+            gap = np.spacing(magnitude)
+    else:
+        biased = (magnitude.view(np.uint64) >> np.uint64(52)).astype(np.int64)  # e + 1023
+        biased = np.maximum(biased, fmt.min_exponent + 1023)  # zero and subnormals
+        gap = ((biased - fmt.mantissa_bits) << 52).view(np.float64)  # 2^(e - p), exact
     gap = np.where(magnitude == fmt.max_finite, np.inf, gap)
     return np.where(np.isfinite(magnitude), gap, np.nan)

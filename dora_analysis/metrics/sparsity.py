@@ -111,16 +111,17 @@ def update_sparsity(w0: Any, wt: Any, tol: float = DEFAULT_TOL) -> dict[str, flo
     """
     import numpy as np
 
-    from .arrays import stored, ulp
+    from .arrays import gaps, stored
 
     a, b = stored(w0), stored(wt)
     same = unchanged_mask(a, b)
     if same.ndim != 2:
         raise ValueError(f"a matrix (out, in) is expected, got shape {same.shape}")
     x, y = a.values(), b.values()
+    changed = ~same
     with np.errstate(invalid="ignore", over="ignore"):
         diff = np.abs(y - x)  # exact for two values of a narrower dtype
-        ratio = diff[~same] / ulp(a)[~same]
+        ratio = diff[changed] / gaps(x[changed], a.dtype)
     ratio = ratio[np.isfinite(ratio)]
     return {
         UNCHANGED_FRACTION: float(same.mean()) if same.size else math.nan,

@@ -187,6 +187,39 @@ def test_the_command_line_refuses_one_run_before_any_work(runs, tmp_path, capsys
         capsys.readouterr().err
 
 
+def test_the_command_line_lists_every_mismatched_run_in_one_error(runs, tmp_path, capsys):
+    from dora_analysis.cli import main
+
+    other = {k: torch.randn(v.shape[0] + 1, *v.shape[1:]) if v.dim() == 2 else v
+             for k, v in llama_state(1).items() if "layers.0." in k}
+    paths = [tmp_path / "other.safetensors", tmp_path / "other2.safetensors"]
+    for path in paths:
+        save_file(other, str(path))
+    out = tmp_path / "cross.csv"
+    assert main([str(runs["base"]), str(runs["a"]), *map(str, paths), "--modules", "q,k",
+                 "--cross-run", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 4 tensor(s) differ in shape: ") and err.count("\n") == 1
+    for path in paths:  # every mismatch of every run: 2 runs x (q, k) of layer 0
+        for module in ("q_proj", "k_proj"):
+            assert f"{path}: model.layers.0.self_attn.{module}.weight: " in err
+    assert not out.exists()
+
+
+def test_the_command_line_notes_a_k_beyond_the_rank(runs, tmp_path, capsys):
+    from dora_analysis.cli import main
+
+    out = tmp_path / "cross.csv"
+    assert main([str(runs["base"]), str(runs["a"]), str(runs["b"]), "--modules", "q,v",
+                 "--cross-run", str(out), "--cross-run-k", "1000"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "cross-run-k" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: --cross-run-k 1000 is more than the ")
+    cross = da.read_table(out, kind="cross_run")
+    assert (cross[C.SUBSPACE_K] < 1000).all()
+    assert (cross[C.SUBSPACE_K] == cross["name"].map(
+        lambda n: min(runs["states"]["a"][n].shape))).all()
+
+
 def test_the_analysis_table_names_its_base(ckpts, tmp_path):
     table = da.analyze(ckpts["base"], ckpts["tuned"], modules="q")
     assert set(table[C.BASE]) == {str(ckpts["base"])}

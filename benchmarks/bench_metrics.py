@@ -228,13 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     refs = {"spectrum": "notebook SVD", "notebook, 1 thread": "notebook SVD",
             "intruders, cold": "intruders, before",
             "intruders, warm": "intruders, before", "LoRA spectrum": "LoRA plain"} | NEW_REFS
-    print(f"one {args.size} × {args.size} fp32 pair (FT-shaped), torch {torch.get_num_threads()} "
-          f"threads, best of {args.repeat}, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'analysis':<20}{'seconds':>10}{'ratio':>8}  to")
-    for label, seconds in rows.items():
-        ref = refs.get(label)
-        ratio = f"{seconds / rows[ref]:>8.3f}  {ref}" if ref else ""
-        print(f"{label:<20}{seconds:>10.2f}{ratio}")
+    print_rows(rows, refs, args, digits=3)
     print(f"spectrum / notebook on one thread: "
           f"{rows['spectrum'] / rows['notebook, 1 thread']:.3f}")
     row = ours.iloc[0]
@@ -265,14 +259,20 @@ def only_new(args: argparse.Namespace) -> int:
         rows = {"plain": best_of(args.repeat, lambda: da.analyze(base, tuned))[0],
                 "LoRA plain": best_of(args.repeat, lambda: da.analyze(base, adapter))[0]}
         rows |= new_options(base, tuned, adapter, root, args.size, args.rank, args.repeat)
+    print_rows(rows, NEW_REFS, args, digits=1)
+    return 0
+
+
+def print_rows(rows: dict[str, float], refs: dict[str, str], args: argparse.Namespace,
+               digits: int) -> None:
+    """The timing table: seconds, and the ratio to the row named in ``refs`` (same run)."""
     print(f"one {args.size} × {args.size} fp32 pair (FT-shaped), torch {torch.get_num_threads()} "
           f"threads, best of {args.repeat}, load average {os.getloadavg()[0]:.1f}")
     print(f"{'analysis':<20}{'seconds':>10}{'ratio':>8}  to")
     for label, seconds in rows.items():
-        ref = NEW_REFS.get(label)
-        ratio = f"{seconds / rows[ref]:>8.1f}  {ref}" if ref else ""
+        ref = refs.get(label)
+        ratio = f"{seconds / rows[ref]:>8.{digits}f}  {ref}" if ref else ""
         print(f"{label:<20}{seconds:>10.2f}{ratio}")
-    return 0
 
 
 if __name__ == "__main__":

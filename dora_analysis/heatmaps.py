@@ -100,5 +100,5 @@ def cross_run_overview(cross: pd.DataFrame, measure: str = C.UPDATE_COSINE) -> g
         hovertemplate="%{y} vs %{x}<br>mean " + measure + " %{z:.4g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title=f"{style['title']}: mean over matrices", template="plotly_white",
-                      height=max(350, 120 + 28 * len(runs)), width=max(450, 200 + 28 * len(runs)))
+                      height=max(350, 120 + 28 * len(runs)), width=max(720, 200 + 28 * len(runs)))
     return fig

@@ -84,6 +84,18 @@ def interrupted(exc: KeyboardInterrupt, hint: str = "") -> int:
     return 128 + signum
 
 
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt that caused ``exc``, if any: a signal that lands inside a class body or an
+    import is re-raised by Python wrapped in another error (``Error calling __set_name__``)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def run(load_main: Callable[[], Callable[[], int]]) -> int:
     """Import a command's ``main`` (``load_main()``) and run it, interrupts reported on one line."""
     for name in ("SIGTERM", "SIGHUP"):
@@ -98,6 +110,11 @@ def run(load_main: Callable[[], Callable[[], int]]) -> int:
     except BrokenPipeError:  # `dora-analyze … | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        interrupt = _interrupt_behind(exc)
+        if interrupt is None:
+            raise
+        return interrupted(interrupt)
     finally:  # the run is over: a late Ctrl-C must not interrupt the interpreter's shutdown
         for name in ("SIGINT", "SIGTERM", "SIGHUP"):
             if hasattr(signal, name):

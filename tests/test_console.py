@@ -12,7 +12,7 @@ import time
 import pytest
 
 from dora_analysis.cli import main as analyze_main
-from dora_analysis.console import printable
+from dora_analysis.console import Terminated, printable, run
 from tests.test_cli import digest
 
 # The console script pip writes, plus one byte on a pipe just before it imports anything of
@@ -105,6 +105,25 @@ QUICK = ("import atexit, pathlib, sys\n"
 def run_entry(argv, marker, **kwargs):
     return subprocess.run([sys.executable, "-c", QUICK, str(marker), *argv], text=True,
                           capture_output=True, timeout=120, **kwargs)
+
+
+def test_a_signal_wrapped_by_python_in_another_error_is_still_an_interrupt(capsys):
+    # CI saw it: SIGTERM landed in a class body during plotly's import, and Python re-raised it
+    # as "RuntimeError: Error calling __set_name__" — a traceback instead of one line
+    def main():
+        try:
+            raise Terminated(signal.SIGTERM)
+        except Terminated as exc:
+            raise RuntimeError("Error calling __set_name__") from exc
+
+    assert run(lambda: main) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "error: terminated (SIGTERM)\n"
+
+    def broken():
+        raise RuntimeError("a real error")
+
+    with pytest.raises(RuntimeError, match="a real error"):
+        run(lambda: broken)
 
 
 def test_the_quick_exit_keeps_outputs_output_and_exit_handlers(ckpts, tmp_path):

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoints by the same paths (needs dora-analysis[dask])")
     p.add_argument("--token", metavar="TOKEN",
                    help="Hugging Face token for private or gated repos (default: HF_TOKEN)")
+    p.add_argument("--retries", type=_non_negative_int, metavar="N",
+                   help="retries of a transient network fault (5xx, 429, reset, timeout, short "
+                   "body) with backoff, within 60 s (default: DORA_ANALYSIS_RETRIES, else 4)")
     add_metric_options(p)
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write the table: .csv, .json or .parquet")
@@ -125,6 +128,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}")
     return value
 
 
@@ -177,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         token=args.token,
         adapter_base=args.adapter_base,
+        retries=args.retries,
         workers=args.workers,
         **metric_config(args),
     )

@@ -65,6 +65,8 @@ class ReadOptions:
     """Adapters: a reference to the base they were trained against when it is not BASE."""
     timeout: float = DEFAULT_TIMEOUT
     """Remote storage: seconds before a connection or a read is given up."""
+    retries: int | None = None
+    """Remote storage: retries of a transient fault; None: ``DORA_ANALYSIS_RETRIES``, else 4."""
 
     def __post_init__(self) -> None:
         if self.backend not in IO_BACKENDS:

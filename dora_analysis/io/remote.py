@@ -47,6 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from ..errors import (
+    CheckpointChangedError,
     CheckpointFormatError,
     CheckpointNotFoundError,
     ConfigError,
@@ -58,6 +59,7 @@ from .detect import ADAPTER_WEIGHT_FILES, adapter_format
 from .dtypes import DTYPES, DType, from_safetensors
 from .quant import dequantized
 from .refs import redact_url, remote_scheme, steps_among, unnumbered
+from .retry import Exhausted, RetryPolicy, ShortBody, chain, is_timeout, status_of
 from .safetensors_header import Entry, decode_header, header_length, parse_header
 from .sharded import ShardedCheckpoint
 
@@ -83,6 +85,8 @@ DEFAULT_TIMEOUT = 60.0
 
 #: Fields of a file's info that change whenever its content does (HTTP, S3, GCS, the Hub).
 CONTENT_IDS = ("ETag", "etag", "Content-MD5", "Digest", "md5Hash", "blob_id")
+#: Fields of a file's info that hold its modification time.
+MODIFIED = ("Last-Modified", "LastModified", "last_modified", "updated", "mtime")
 #: Parsed safetensors headers kept per file version (the plan and the run open each file).
 HEADER_CACHE_SIZE = 256
 #: ... and at most this many tensors in all (a header near the 100 MB cap holds ~850 000).
@@ -141,33 +145,6 @@ class Url:
 
 # --- errors ----------------------------------------------------------------------------------
 
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _status(exc: BaseException) -> int | None:
-    """The HTTP status an fsspec backend's exception carries, if any."""
-    for e in _chain(exc):
-        for value in (getattr(e, "status", None), getattr(e, "status_code", None),
-                      getattr(getattr(e, "response", None), "status_code", None)):
-            if isinstance(value, int):
-                return value
-        meta = getattr(e, "response", None)
-        if isinstance(meta, dict):  # botocore ClientError
-            code = meta.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if isinstance(code, int):
-                return code
-    return None
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    return any(isinstance(e, TimeoutError) or "Timeout" in type(e).__name__ for e in _chain(exc))
-
-
 def _scrub(text: str) -> str:
     """An exception's text without URL credentials or query strings."""
     text = re.sub(r"(\w+://)[^/\s@]*@", r"\1", text)
@@ -183,7 +160,7 @@ def _unreachable(url: Url, exc: BaseException) -> str | None:
         where += f":{parts.port}" if parts.port else ""
     except ValueError:
         pass
-    for e in _chain(exc):
+    for e in chain(exc):
         if isinstance(e, ConnectionRefusedError) or getattr(e, "errno", None) == errno.ECONNREFUSED:
             return (f"connection refused by {where}; check the host and port, and that the "
                     "server is running")
@@ -195,9 +172,16 @@ def _unreachable(url: Url, exc: BaseException) -> str | None:
 
 
 def remote_error(url: Url, exc: BaseException, timeout: float | None = None) -> DoraAnalysisError:
-    """One clear error for a failed remote read: the URL (no credentials) and the status."""
-    status = _status(exc)
-    if _is_timeout(exc):
+    """One clear error for a failed remote read: the URL (no credentials), the status and, after
+    retries, how many attempts were made in how long."""
+    if isinstance(exc, Exhausted):
+        error = remote_error(url, exc.last, timeout)
+        return type(error)(f"{error} ({exc.summary}; --retries or DORA_ANALYSIS_RETRIES "
+                           "allows more)")
+    if isinstance(exc, ShortBody):
+        return CheckpointFormatError(f"{url}: {exc}; the file is truncated or changed")
+    status = status_of(exc)
+    if is_timeout(exc):
         after = f" after {timeout:g} s" if timeout else ""
         return CheckpointNotFoundError(f"{url}: timed out{after}; check the network or the "
                                        "server, or download the file and give its local path")
@@ -234,7 +218,9 @@ def filesystem(url: Url, token: str | None = None, timeout: float = DEFAULT_TIME
     """The fsspec filesystem for ``url``'s scheme and the path it takes.
 
     One filesystem per scheme and settings is kept for the process (creating an S3 client costs
-    about a second); a change of the variables in :data:`SCHEME_ENV` makes a new one.
+    about a second); a change of the variables in :data:`SCHEME_ENV` makes a new one. The
+    backends' own retries are off: :class:`~dora_analysis.io.retry.RetryPolicy` retries every
+    scheme alike.
     """
     scheme = url.scheme
     env = tuple(os.environ.get(k) for k in SCHEME_ENV.get(scheme, ()))
@@ -262,27 +248,41 @@ def _filesystem(scheme: str, token: str | None, timeout: float, env: tuple):
         client = {"timeout": aiohttp.ClientTimeout(sock_connect=timeout, sock_read=timeout)}
         return fsspec.filesystem(scheme, client_kwargs=client, skip_instance_cache=True)
     options = {}
-    if scheme == "s3":
+    if scheme == "s3":  # one attempt per call: botocore's and s3fs's retries would multiply ours
         options["config_kwargs"] = {"connect_timeout": timeout, "read_timeout": timeout,
-                                    "retries": {"max_attempts": 2}}
-    return fsspec.filesystem(scheme, skip_instance_cache=True, **options)
+                                    "retries": {"total_max_attempts": 1}}
+    fs = fsspec.filesystem(scheme, skip_instance_cache=True, **options)
+    if scheme == "s3":
+        fs.retries = 1
+    return fs
+
+
+def identity(info: dict) -> tuple:
+    """What changes when a file's content does, as far as the storage tells: its size, content
+    ids (ETag, hash, blob id) and modification time."""
+    lfs = info.get("lfs")
+    return (info.get("size"), *(info.get(f) for f in (*CONTENT_IDS, *MODIFIED)),
+            lfs.get("sha256") if isinstance(lfs, dict) else None)
 
 
 class RemoteFile:
-    """One remote file opened for ranged reads; counts bytes and requests."""
+    """One remote file opened for ranged reads, transient faults retried (a retry first checks
+    that the file did not change); counts bytes and requests."""
 
     def __init__(self, url: Url, token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 size: int | None = None) -> None:
+                 size: int | None = None, retry: RetryPolicy | None = None) -> None:
         self.url = url
         self.timeout = timeout
+        self.retry = retry or RetryPolicy.resolve()
         self.bytes_read = 0
         self.requests = 0
         self._handle = None
         try:
             self.fs, self.fs_path = filesystem(url, token, timeout)
-            info = {"size": size} if size is not None else self.fs.info(self.fs_path)
+            info = {"size": size} if size is not None else self.retry.call(self._info)
             size = info.get("size")
             self.version = content_version(url, info)
+            self._identity = identity(info) if len(info) > 1 else None
             if size is None:
                 raise CheckpointFormatError(f"{url}: the server does not report the file's size "
                                             "(no Content-Length); download the file instead")
@@ -295,21 +295,44 @@ class RemoteFile:
         except Exception as exc:  # every backend raises its own types
             raise remote_error(url, exc, timeout) from None
 
+    def _info(self, attempt: int = 0) -> dict:
+        if attempt:
+            self.fs.invalidate_cache(self.fs_path)
+        return self.fs.info(self.fs_path)
+
+    def _check_unchanged(self) -> None:
+        """Before a retry: the file is still the one the earlier reads came from."""
+        info = self._info(attempt=1)
+        if self._identity is None:  # opened with a known size: that is all there is to check
+            same = info.get("size") == self.size
+        else:
+            same = identity(info) == self._identity
+        if not same:
+            raise CheckpointChangedError(f"{self.url}: changed while being read (its size, ETag "
+                                         "or modification time differs); run again")
+
     def read(self, start: int, stop: int) -> bytes:
-        """Bytes ``start:stop`` in one request."""
+        """Bytes ``start:stop`` in one request (more when a transient fault is retried)."""
         if stop <= start:
             return b""
-        try:
+
+        def attempt(n: int) -> bytes:
+            if n:
+                self._check_unchanged()
+            self.requests += 1
             self._handle.seek(start)
             data = self._handle.read(stop - start)
+            self.bytes_read += len(data)
+            if len(data) != stop - start:
+                raise ShortBody(len(data), stop - start)
+            return data
+
+        try:
+            return self.retry.call(attempt)
+        except DoraAnalysisError:
+            raise
         except Exception as exc:
             raise remote_error(self.url, exc, self.timeout) from None
-        self.requests += 1
-        self.bytes_read += len(data)
-        if len(data) != stop - start:
-            raise CheckpointFormatError(f"{self.url}: got {len(data)} bytes for a range of "
-                                        f"{stop - start}; the file is truncated or changed")
-        return data
 
     def read_all(self, cap: int) -> bytes:
         if self.size > cap:
@@ -338,8 +361,8 @@ def content_version(url: Url, info: dict) -> tuple | None:
     return None
 
 
-def series_steps(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT
-                 ) -> list[tuple[int, Url]]:
+def series_steps(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT,
+                 retry: RetryPolicy | None = None) -> list[tuple[int, Url]]:
     """The ``checkpoint-N`` / ``step-N`` subfolders of a remote folder as ``(N, url)``, by step;
     empty for a file, a folder without them, or ``http(s)://`` (which has no listing).
 
@@ -350,9 +373,13 @@ def series_steps(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT
     if _FILE_NAME.search(url.name) or url.scheme in ("http", "https"):
         return []
     fs, path = filesystem(url, token, timeout)
-    try:
+
+    def listing(attempt: int) -> list[dict]:
         fs.invalidate_cache(path)  # a run still training gains folders: never a stale listing
-        entries = fs.ls(path, detail=True)
+        return fs.ls(path, detail=True)
+
+    try:
+        entries = (retry or RetryPolicy.resolve()).call(listing)
     except Exception as exc:
         if _absent(url, exc):
             return []
@@ -367,11 +394,13 @@ def series_steps(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT
     return steps_among(url, ((name, url / name) for name in names))
 
 
-def exists(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT) -> bool:
+def exists(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT,
+           retry: RetryPolicy | None = None) -> bool:
     """Whether ``url`` names a file (``False`` for a 404)."""
     fs, path = filesystem(url, token, timeout)
     try:  # not fs.isfile: it answers False for a server that cannot be reached
-        return fs.info(path).get("type") == "file"
+        info = (retry or RetryPolicy.resolve()).call(lambda attempt: fs.info(path))
+        return info.get("type") == "file"
     except Exception as exc:
         if _absent(url, exc):
             return False
@@ -380,9 +409,11 @@ def exists(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT) -> boo
 
 def _absent(url: Url, exc: BaseException) -> bool:
     """A genuine "no such file" (HTTP 404), not a server that could not be reached."""
-    status = _status(exc)
+    status = status_of(exc)
+    exc = exc.last if isinstance(exc, Exhausted) else exc
+    status = status_of(exc)
     return status == 404 or (status is None and isinstance(exc, FileNotFoundError)
-                             and not _is_timeout(exc) and _unreachable(url, exc) is None)
+                             and not is_timeout(exc) and _unreachable(url, exc) is None)
 
 
 # --- safetensors ------------------------------------------------------------------------------
@@ -395,9 +426,9 @@ class RemoteSafetensors(TensorSource):
     """A safetensors file on remote storage: header, then only the rows asked for."""
 
     def __init__(self, url: Url, token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 max_request: int = MAX_REQUEST_BYTES) -> None:
+                 max_request: int = MAX_REQUEST_BYTES, retry: RetryPolicy | None = None) -> None:
         self.path = url
-        self._file = RemoteFile(url, token, timeout)
+        self._file = RemoteFile(url, token, timeout, retry=retry)
         self._max_request = max_request
         self._groups: dict[str, tuple[int, int]] = {}  # planned tensor → its request's range
         self._buffer: tuple[int, bytes] = (0, b"")
@@ -551,25 +582,26 @@ def _size(n: int) -> str:
 
 # --- opening a remote reference ---------------------------------------------------------------
 
-def _read_json(url: Url, token: str | None, timeout: float) -> bytes:
+def _read_json(url: Url, token: str | None, timeout: float, retry: RetryPolicy) -> bytes:
     """A small JSON file's bytes, parsed by the same function as a local file's (no decoding
     here: a BOM or invalid UTF-8 gets the same verdict wherever the file lies)."""
-    f = RemoteFile(url, token, timeout)
+    f = RemoteFile(url, token, timeout, retry=retry)
     try:
         return f.read_all(MAX_JSON_BYTES)
     finally:
         f.close()
 
 
-def _load_tensors(url: Url, token: str | None, timeout: float) -> dict[str, torch.Tensor]:
+def _load_tensors(url: Url, token: str | None, timeout: float, retry: RetryPolicy
+                  ) -> dict[str, torch.Tensor]:
     """All tensors of a small remote file (an adapter), read whole."""
     import torch
 
     if url.suffix == ".safetensors":
-        with RemoteSafetensors(url, token, timeout) as src:
+        with RemoteSafetensors(url, token, timeout, retry=retry) as src:
             src.will_read(src.keys())
             return {n: src.get_tensor(n) for n in src.keys()}
-    f = RemoteFile(url, token, timeout)
+    f = RemoteFile(url, token, timeout, retry=retry)
     try:
         data = f.read_all(MAX_PICKLE_BYTES)
     finally:
@@ -584,6 +616,11 @@ def _load_tensors(url: Url, token: str | None, timeout: float) -> dict[str, torc
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def retry_policy(options) -> RetryPolicy:
+    """The retries ``options`` (a :class:`~dora_analysis.io.open.ReadOptions`) ask for."""
+    return RetryPolicy.resolve(getattr(options, "retries", None))
+
+
 def _adapter_as_base(url: Url) -> CheckpointFormatError:
     return CheckpointFormatError(f"{url}: is an adapter, not a base model; give the pre-trained "
                                  "weights as BASE and the adapter as TUNED")
@@ -596,12 +633,13 @@ def _open_peft(folder: Url, options, base: TensorSource | None, adapter_base: Op
     from .adapters import parse_config, peft_adapter
     from .merge import AdapterSource
 
-    config = parse_config(_read_json(folder / "adapter_config.json", options.token,
-                                     options.timeout), folder / "adapter_config.json")
+    token, timeout, retry = options.token, options.timeout, retry_policy(options)
+    config = parse_config(_read_json(folder / "adapter_config.json", token, timeout, retry),
+                          folder / "adapter_config.json")
     for name in ADAPTER_WEIGHT_FILES:
         weights = folder / name
-        if exists(weights, options.token, options.timeout):
-            tensors = _load_tensors(weights, options.token, options.timeout)
+        if exists(weights, token, timeout, retry):
+            tensors = _load_tensors(weights, token, timeout, retry)
             adapter = peft_adapter(config, tensors, folder, weights,
                                    adapter_base_given=options.adapter_base is not None)
             return AdapterSource(adapter, base, trained_on=adapter_base())
@@ -611,20 +649,20 @@ def _open_peft(folder: Url, options, base: TensorSource | None, adapter_base: Op
 
 def _open_file(url: Url, options, base: TensorSource | None, adapter_base: Opened
                ) -> TensorSource:
-    token, timeout = options.token, options.timeout
+    token, timeout, retry = options.token, options.timeout, retry_policy(options)
     if url.name.endswith(".safetensors.index.json"):
-        text = _read_json(url, token, timeout)
+        text = _read_json(url, token, timeout, retry)
         return dequantized(ShardedCheckpoint(
-            url, lambda shard: RemoteSafetensors(shard, token, timeout), text=text))
+            url, lambda shard: RemoteSafetensors(shard, token, timeout, retry=retry), text=text))
     if url.suffix == ".safetensors":
-        src = RemoteSafetensors(url, token, timeout)
+        src = RemoteSafetensors(url, token, timeout, retry=retry)
         if adapter_format(src.keys()) is None:
             return dequantized(src)
         src.close()
     elif url.suffix not in (".bin", ".pt", ".pth"):
         raise CheckpointFormatError(f"{url}: unknown remote checkpoint type (expected "
                                     ".safetensors, .safetensors.index.json, or a folder)")
-    tensors = _load_tensors(url, token, timeout)
+    tensors = _load_tensors(url, token, timeout, retry)
     if adapter_format(list(tensors)) is None:
         if url.suffix != ".safetensors":
             raise CheckpointFormatError(
@@ -657,7 +695,7 @@ def open_remote(url: Url, options, base: TensorSource | None = None,
     if _FILE_NAME.search(url.name):
         return _open_file(url, options, base, adapter_base)
     for name in REMOTE_FOLDER_FILES:
-        if exists(url / name, options.token, options.timeout):
+        if exists(url / name, options.token, options.timeout, retry_policy(options)):
             if name == "adapter_config.json":
                 return _open_peft(url, options, base, adapter_base)
             return _open_file(url / name, options, base, adapter_base)

@@ -15,16 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointNotFoundError
+from .formats import HUB_WEIGHT_CHOICES
 
 _TRUE = {"1", "true", "yes", "on"}
 
-#: What to fetch after the JSON files, by what they reveal; first match wins.
-WEIGHT_CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("adapter_config.json", ("adapter_model.safetensors", "adapter_model.bin")),
-    ("model.safetensors.index.json", ()),  # the shards named by the index
-    ("pytorch_model.bin.index.json", ()),
-    ("", ("model.safetensors", "pytorch_model.bin", "*.safetensors")),
-)
+#: What to fetch after the JSON files, by what they reveal; first match wins (the format table's).
+WEIGHT_CHOICES = HUB_WEIGHT_CHOICES
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,11 @@ from .detect import (
     has_adapter_weights,
     is_adapter_folder,
 )
+from .formats import FOLDER_FILES, INDEX, SUFFIXES, format_of
 from .guard import IO_BACKENDS, confined, not_found, not_regular, path_kind
 from .quant import dequantized
 from .refs import TRAINER_DCP_FOLDERS, CheckpointRef, series_steps, step_of
 from .remote import DEFAULT_TIMEOUT, Url, open_remote
-from .safetensors import SafetensorsFile
 from .sharded import ShardedCheckpoint
 from .tied import with_tied_heads
 
@@ -73,34 +73,8 @@ class ReadOptions:
             raise ConfigError(f"--io must be one of {', '.join(IO_BACKENDS)}, got {self.backend!r}")
 
 
-Opener = Callable[[Path, ReadOptions], TensorSource]
-
-def _torch_file(path: Path, options: ReadOptions) -> TensorSource:
-    from .torch_bin import TorchFile  # torch only for pickles
-
-    return TorchFile(path)
-
-
-#: Checkpoint files by suffix.
-FILE_SUFFIXES: dict[str, Opener] = {
-    ".safetensors": lambda p, o: SafetensorsFile(p, o.backend),
-    ".bin": _torch_file,
-    ".pt": _torch_file,
-    ".pth": _torch_file,
-}
-
-#: Files that make a folder a model checkpoint, in order of preference. transformers' weight
-#: variants (``save_pretrained(variant="fp16")``) insert ``.<variant>`` before the last suffix:
-#: ``model.fp16.safetensors``, ``model.safetensors.index.fp16.json``.
-FOLDER_FILES: tuple[str, ...] = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-#: A shard index, plain or of a variant: ``<stem>.<format suffix>.index[.<variant>].json``.
+#: A shard of a sharded file (``model-00001-of-00002``), not a weight variant.
 _SHARD = re.compile(r"-\d+-of-\d+$")
-_INDEX = re.compile(r"^.+?(?P<suffix>\.[A-Za-z0-9]+)\.index(?:\.[\w-]+)?\.json$")
 
 
 def variant_name(file: str, variant: str) -> str:
@@ -127,18 +101,17 @@ def folder_variants(path: Path) -> dict[str, Path]:
     return found
 
 
-def open_file(path: Path, options: ReadOptions = ReadOptions()) -> TensorSource:
-    """One checkpoint file (or a shard index), chosen by suffix; no dequantization."""
-    index = _INDEX.match(path.name)
-    if index:
-        inner = FILE_SUFFIXES.get(index.group("suffix"))
-        if inner is not None:
-            return ShardedCheckpoint(path, lambda shard: inner(shard, options))
-    opener = FILE_SUFFIXES.get(path.suffix)
-    if opener is None:
-        known = ", ".join(FILE_SUFFIXES)
+def open_file(path: Path, options: ReadOptions = ReadOptions(),
+              base: TensorSource | None = None) -> TensorSource:
+    """One checkpoint file (or a shard index), by its format (:mod:`dora_analysis.io.formats`);
+    no dequantization. ``base`` is what the file is compared with (GGUF takes its names)."""
+    fmt = format_of(path.name)
+    if fmt is None:
+        known = ", ".join(SUFFIXES)
         raise CheckpointFormatError(f"{path}: unknown checkpoint file type (expected {known})")
-    return opener(path, options)
+    if INDEX.match(path.name):
+        return ShardedCheckpoint(path, lambda shard: fmt.open(shard, options, base))
+    return fmt.open(path, options, base)
 
 
 def _model_folder_file(path: Path) -> Path | None:
@@ -180,7 +153,7 @@ def _open_adapter_folder(path: Path, options: ReadOptions, base: TensorSource) -
 
 
 def _open_file(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
-    src = open_file(path, options)
+    src = open_file(path, options, base)
     if adapter_format(src.keys()) is None:  # single adapter files: torchtune, LyCORIS/kohya
         return dequantized(src)
     src.close()
@@ -195,7 +168,7 @@ def _open_file(path: Path, options: ReadOptions, base: TensorSource | None) -> T
 
 def _open_model_folder(path: Path, options: ReadOptions, base: TensorSource | None
                        ) -> TensorSource:
-    return dequantized(open_file(_model_folder_file(path), options))
+    return dequantized(open_file(_model_folder_file(path), options, base))
 
 
 def _open_zero(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:

@@ -55,8 +55,9 @@ from ..errors import (
     SkippedFoldersWarning,
 )
 from .base import TensorInfo, TensorSource
-from .detect import ADAPTER_WEIGHT_FILES, adapter_format
+from .detect import ADAPTER_CONFIG, ADAPTER_WEIGHT_FILES, adapter_format
 from .dtypes import DTYPES, DType, from_safetensors
+from .formats import FILE_FORMATS, INDEX, REMOTE_FILE_NAME, REMOTE_FOLDER_FILES, format_of
 from .quant import dequantized
 from .refs import redact_url, remote_scheme, steps_among, unnumbered
 from .retry import Exhausted, RetryPolicy, ShortBody, chain, is_timeout, status_of
@@ -370,7 +371,7 @@ def series_steps(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT,
         >>> series_steps(Url("s3://bucket/run"), None)  # doctest: +SKIP
         [(100, Url('s3://bucket/run/checkpoint-100')), (200, Url('s3://bucket/run/checkpoint-200'))]
     """
-    if _FILE_NAME.search(url.name) or url.scheme in ("http", "https"):
+    if REMOTE_FILE_NAME.search(url.name) or url.scheme in ("http", "https"):
         return []
     fs, path = filesystem(url, token, timeout)
 
@@ -649,25 +650,29 @@ def _open_peft(folder: Url, options, base: TensorSource | None, adapter_base: Op
 
 def _open_file(url: Url, options, base: TensorSource | None, adapter_base: Opened
                ) -> TensorSource:
+    """A remote file, by its format (:mod:`dora_analysis.io.formats`): read in place where the
+    format allows it; otherwise only a small adapter file, read whole."""
+    fmt = format_of(url.name)
+    if fmt is None:
+        readable = [s for f in FILE_FORMATS if f.open_remote for s in f.suffixes]
+        expected = ", ".join([*readable, *(f"{s}.index.json" for s in readable)])
+        raise CheckpointFormatError(f"{url}: unknown remote checkpoint type (expected "
+                                    f"{expected}, or a folder)")
     token, timeout, retry = options.token, options.timeout, retry_policy(options)
-    if url.name.endswith(".safetensors.index.json"):
+    if INDEX.match(url.name) and fmt.open_remote is not None:
         text = _read_json(url, token, timeout, retry)
         return dequantized(ShardedCheckpoint(
-            url, lambda shard: RemoteSafetensors(shard, token, timeout, retry=retry), text=text))
-    if url.suffix == ".safetensors":
-        src = RemoteSafetensors(url, token, timeout, retry=retry)
+            url, lambda shard: fmt.open_remote(shard, options), text=text))
+    if fmt.open_remote is not None:
+        src = fmt.open_remote(url, options)
         if adapter_format(src.keys()) is None:
             return dequantized(src)
         src.close()
-    elif url.suffix not in (".bin", ".pt", ".pth"):
-        raise CheckpointFormatError(f"{url}: unknown remote checkpoint type (expected "
-                                    ".safetensors, .safetensors.index.json, or a folder)")
+    elif not fmt.whole_adapters or INDEX.match(url.name):
+        raise CheckpointFormatError(f"{url}: {fmt.remote_hint}")
     tensors = _load_tensors(url, token, timeout, retry)
-    if adapter_format(list(tensors)) is None:
-        if url.suffix != ".safetensors":
-            raise CheckpointFormatError(
-                f"{url}: PyTorch pickles cannot be read in place (no ranges); download the "
-                "file, or convert it to safetensors")
+    if adapter_format(list(tensors)) is None and fmt.open_remote is None:
+        raise CheckpointFormatError(f"{url}: {fmt.remote_hint}")
     if base is None:
         raise _adapter_as_base(url)
     from .adapters import read_adapter_file
@@ -675,12 +680,6 @@ def _open_file(url: Url, options, base: TensorSource | None, adapter_base: Opene
 
     adapter = read_adapter_file(url, tensors, lora_alpha=options.lora_alpha)
     return AdapterSource(adapter, base, trained_on=adapter_base())
-
-
-
-#: Files that make a remote folder a checkpoint, in order of preference.
-REMOTE_FOLDER_FILES = ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
-_FILE_NAME = re.compile(r"\.(safetensors|json|bin|pt|pth)$")
 
 
 def open_remote(url: Url, options, base: TensorSource | None = None,
@@ -692,11 +691,11 @@ def open_remote(url: Url, options, base: TensorSource | None = None,
     Example:
         >>> open_remote(Url("s3://bucket/model.safetensors"), ReadOptions())  # doctest: +SKIP
     """
-    if _FILE_NAME.search(url.name):
+    if REMOTE_FILE_NAME.search(url.name):
         return _open_file(url, options, base, adapter_base)
     for name in REMOTE_FOLDER_FILES:
         if exists(url / name, options.token, options.timeout, retry_policy(options)):
-            if name == "adapter_config.json":
+            if name == ADAPTER_CONFIG:
                 return _open_peft(url, options, base, adapter_base)
             return _open_file(url / name, options, base, adapter_base)
     raise CheckpointNotFoundError(

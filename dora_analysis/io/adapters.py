@@ -52,6 +52,7 @@ from .detect import (  # noqa: F401 - re-exported: where readers looked for them
 )
 from .guard import shown
 from .jsonfile import parse_json_object, read_json_object
+from .keys import PEFT_PREFIX
 from .peft_config import LoraSettings, check_peft_type, finite_positive, lora_settings
 from .safetensors import SafetensorsFile
 from .torch_bin import TorchFile
@@ -154,9 +155,6 @@ class Adapter:
 
 # --- reading adapter files -----------------------------------------------------------------
 
-_PEFT_PREFIX = "base_model.model."
-
-
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (small) adapter file: safetensors, or a pickle via weights_only."""
     reader = SafetensorsFile(path) if path.suffix == ".safetensors" else TorchFile(path)
@@ -222,7 +220,7 @@ def _group(tensors: dict[str, torch.Tensor], pattern: re.Pattern) -> tuple[dict,
     modules: dict[str, dict[str, torch.Tensor]] = {}
     rest = {}
     for key, value in tensors.items():
-        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        name = key.removeprefix(PEFT_PREFIX)
         match = pattern.match(name)
         if match:
             part = match.group("part").removesuffix(".weight")

@@ -23,10 +23,10 @@ from torch import nn
 from ..errors import ConfigError
 from .adapters import Adapter, LowRankUpdate
 from .base import TensorSource
+from .keys import PEFT_PREFIX
 from .merge import AdapterSource
 
 F64 = torch.float64
-PEFT_PREFIX = "base_model.model."
 
 
 class StateDictSource(TensorSource):

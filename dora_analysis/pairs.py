@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from .config import AnalysisConfig
-    from .io.adapters import LowRankUpdate
+    from .io.factors import LowRankUpdate
 
 
 @dataclass(frozen=True)

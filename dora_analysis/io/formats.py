@@ -29,8 +29,8 @@ from .detect import ADAPTER_CONFIG, ADAPTER_WEIGHT_FILES, DCP_SUFFIX
 
 if TYPE_CHECKING:
     from .base import TensorSource
-    from .open import ReadOptions
-    from .remote import Url
+    from .options import ReadOptions
+    from .remote_file import Url
 
 #: Opens a local file: (path, options, the base it is compared with or None).
 LocalOpener = Callable[["Path", "ReadOptions", "TensorSource | None"], "TensorSource"]
@@ -67,7 +67,8 @@ def _safetensors(path: Path, options: ReadOptions, base: TensorSource | None) ->
 
 
 def _remote_safetensors(url: Url, options: ReadOptions) -> TensorSource:
-    from .remote import RemoteSafetensors, retry_policy
+    from .remote_file import retry_policy
+    from .remote_safetensors import RemoteSafetensors
 
     return RemoteSafetensors(url, options.token, options.timeout, retry=retry_policy(options))
 

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .adapters import Adapter, LowRankUpdate
+from .adapters import Adapter
 from .base import TensorSource
+from .factors import LowRankUpdate
 from .keys import PEFT_PREFIX
 from .merge import AdapterSource
 

@@ -22,9 +22,10 @@ import torch
 
 from ..errors import CheckpointFormatError, TensorMismatchError, listing
 from ..hardware import DEFAULT_BLOCK_ELEMENTS
-from .adapters import Adapter, LowRankUpdate, config_heads, kohya_flat, strip_kohya_prefix
+from .adapters import Adapter, config_heads, kohya_flat, strip_kohya_prefix
 from .base import ChannelSums, TensorInfo, TensorSource
 from .dtypes import name_of
+from .factors import LowRankUpdate
 from .keys import align_names, module_path, stored_in_out, strip_wrappers
 from .tied import OUTPUT_HEAD
 

@@ -20,11 +20,11 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import CheckpointFormatError, ConfigError
+from ..errors import CheckpointFormatError
 from .base import TensorSource
 from .detect import (
     ADAPTER_WEIGHT_FILES,
@@ -34,11 +34,12 @@ from .detect import (
     has_adapter_weights,
     is_adapter_folder,
 )
-from .formats import FOLDER_FILES, INDEX, SUFFIXES, format_of
-from .guard import IO_BACKENDS, confined, not_found, not_regular, path_kind
+from .formats import FOLDER_FILES, HUB_WEIGHT_CHOICES, INDEX, SUFFIXES, format_of
+from .guard import confined, not_found, not_regular, path_kind
+from .options import DEFAULT_OPTIONS, ReadOptions
 from .quant import dequantized
 from .refs import TRAINER_DCP_FOLDERS, CheckpointRef, series_steps, step_of
-from .remote import DEFAULT_TIMEOUT, Url, open_remote
+from .remote import Url, open_remote
 from .sharded import ShardedCheckpoint
 from .tied import with_tied_heads
 
@@ -46,31 +47,6 @@ if TYPE_CHECKING:
     from .dcp import DcpCheckpoint
 
 log = logging.getLogger("dora_analysis")
-
-
-@dataclass(frozen=True)
-class ReadOptions:
-    """How checkpoints are read (shared by every format; each uses what applies to it)."""
-
-    backend: str = "mmap"
-    """Safetensors: ``mmap`` (touched pages count in RSS as page cache) or ``pread``."""
-    lora_alpha: float | None = None
-    """Adapters that do not store alpha (torchtune): the alpha they were trained with."""
-    precision: str = "auto"
-    """``auto`` reads the weights as the checkpoint stores them for inference; ``fp32`` asks for
-    full-precision master weights where the format keeps them (DeepSpeed ZeRO)."""
-    token: str | None = field(default=None, repr=False)
-    """Hugging Face token for private repos (default: ``HF_TOKEN``); never printed."""
-    adapter_base: str | None = None
-    """Adapters: a reference to the base they were trained against when it is not BASE."""
-    timeout: float = DEFAULT_TIMEOUT
-    """Remote storage: seconds before a connection or a read is given up."""
-    retries: int | None = None
-    """Remote storage: retries of a transient fault; None: ``DORA_ANALYSIS_RETRIES``, else 4."""
-
-    def __post_init__(self) -> None:
-        if self.backend not in IO_BACKENDS:
-            raise ConfigError(f"--io must be one of {', '.join(IO_BACKENDS)}, got {self.backend!r}")
 
 
 #: A shard of a sharded file (``model-00001-of-00002``), not a weight variant.
@@ -101,7 +77,7 @@ def folder_variants(path: Path) -> dict[str, Path]:
     return found
 
 
-def open_file(path: Path, options: ReadOptions = ReadOptions(),
+def open_file(path: Path, options: ReadOptions = DEFAULT_OPTIONS,
               base: TensorSource | None = None) -> TensorSource:
     """One checkpoint file (or a shard index), by its format (:mod:`dora_analysis.io.formats`);
     no dequantization. ``base`` is what the file is compared with (GGUF takes its names)."""
@@ -264,7 +240,7 @@ def _adapter_as_base(path: Path) -> CheckpointFormatError:
                                  "weights as BASE and the adapter as TUNED")
 
 
-def open_checkpoint(path: str | Path | Url, options: ReadOptions = ReadOptions(), *,
+def open_checkpoint(path: str | Path | Url, options: ReadOptions = DEFAULT_OPTIONS, *,
                     base: TensorSource | None = None) -> TensorSource:
     """Open a local checkpoint lazily, by the first format in :data:`FORMATS` that fits.
 
@@ -329,6 +305,6 @@ def resolve(ref: CheckpointRef, token: str | None = None) -> tuple[Path | Url, s
         return ref.path, str(ref)
     from . import hub  # only here: huggingface_hub is imported on demand
 
-    snap = hub.snapshot(ref.repo, ref.revision, token=token)
+    snap = hub.snapshot(ref.repo, ref.revision, token=token, choices=HUB_WEIGHT_CHOICES)
     log.info("%s resolved to commit %s", ref, snap.commit)
     return snap.folder, str(snap)

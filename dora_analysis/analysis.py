@@ -36,6 +36,7 @@ from .executors import hint, run_local, torch_threads
 from .io.base import TensorInfo, TensorSource
 from .io.dtypes import ANALYSABLE
 from .io.guard import shown
+from .io.identity import FileIdentity, recording
 from .io.keys import (
     align_names,
     expert_index,
@@ -77,6 +78,9 @@ class Job:
     pairs: tuple[MatrixPair, ...]
     adapter: bool = False
     """The tuned checkpoint is an adapter merged with the base as it is read (closed form)."""
+    files: tuple[tuple[str, FileIdentity], ...] = ()
+    """The files planning opened for this checkpoint, with their identity then (see
+    :mod:`dora_analysis.io.identity`): whoever reads them later checks they did not change."""
 
     @property
     def numel(self) -> int:
@@ -90,10 +94,16 @@ class Plan:
     base: Path
     jobs: tuple[Job, ...]
     config: AnalysisConfig
+    base_files: tuple[tuple[str, FileIdentity], ...] = ()
+    """The base's files as planning found them (see :attr:`Job.files`)."""
 
     @property
     def numel(self) -> int:
         return sum(job.numel for job in self.jobs)
+
+    def files(self, job: int) -> dict[str, FileIdentity]:
+        """Path → planned identity of every file a unit of ``job`` may open."""
+        return dict(self.base_files) | dict(self.jobs[job].files)
 
 
 def _as_ref(ref: Ref) -> CheckpointRef:
@@ -351,14 +361,14 @@ def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None 
     checkpoints = expand_tuned(tuned_refs, labels, methods, config.token)
     options = config.read_options
     jobs, problems = [], []
-    with open_checkpoint(base_path, options) as base_src:
+    with recording() as base_files, open_checkpoint(base_path, options) as base_src:
         base_infos = matrix_infos(base_src)
         if not base_infos:
             raise CheckpointFormatError(f"{base_path}: holds no floating-point weight matrices")
         check_modules(config, base_infos, base_shown)
         # One tuned checkpoint open at a time: a long adapter series stays small.
         for ck in checkpoints:
-            with open_checkpoint(ck.path, options, base=base_src) as src:
+            with recording() as files, open_checkpoint(ck.path, options, base=base_src) as src:
                 for note in src.notes:  # once per run: the run's own openings stay quiet
                     warnings.warn(note, AdapterWarning, stacklevel=2)
                 pairs, mismatches = plan_pairs(base_infos, matrix_infos(src), config, ck.path,
@@ -368,7 +378,7 @@ def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None 
             problems += [f"{ck.ref}: {m}" for m in mismatches]
             if not pairs and not mismatches:
                 raise TensorMismatchError(_nothing_selected(config, ck, base_infos))
-            jobs.append(Job(ck, method, tuple(pairs), adapter))
+            jobs.append(Job(ck, method, tuple(pairs), adapter, tuple(files.items())))
     if problems and not config.skip_mismatched:
         raise TensorMismatchError(
             f"{len(problems)} tensor(s) differ in shape: {listing(problems)}; is this the "
@@ -379,7 +389,7 @@ def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None 
         warnings.warn(f"skipped {len(problems)} tensor(s) of different shape: "
                       f"{listing(problems)}", UnmatchedTensorsWarning, stacklevel=2)
     check_modules_planned(config, [p.name for job in jobs for p in job.pairs])
-    return Plan(base_path, tuple(jobs), config)
+    return Plan(base_path, tuple(jobs), config, tuple(base_files.items()))
 
 
 def check_modules(config: AnalysisConfig, base_names: Iterable[str], base: str) -> None:

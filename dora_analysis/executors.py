@@ -91,24 +91,34 @@ def plan_units(work: Plan) -> list[Unit]:
     return out
 
 
+def pair_memory(pair: MatrixPair, config: AnalysisConfig) -> int:
+    """Bytes the metrics of one pair hold beyond the worker's workspace (dense matrices)."""
+    enabled = registry.enabled(config)
+    per_element = max((DENSE_BYTES_PER_ELEMENT.get(m.cost, 0) for m in enabled), default=0)
+    return per_element * pair.numel
+
+
 def unit_memory(unit: Unit, work: Plan) -> int:
     """Bytes a unit's metrics hold beyond the worker's workspace (dense matrices)."""
-    enabled = registry.enabled(work.config)
-    per_element = max((DENSE_BYTES_PER_ELEMENT.get(m.cost, 0) for m in enabled), default=0)
-    return per_element * unit.pair_of(work).numel
+    return pair_memory(unit.pair_of(work), work.config)
+
+
+def compute(pair: MatrixPair, rows: tuple[int, int] | None, config: AnalysisConfig,
+            base: TensorSource, tuned: TensorSource, workspace: Workspace | None = None) -> Any:
+    """One unit's result from what it needs alone: axis → column → value for a whole pair
+    (``rows`` None); axis → sums for a piece (its stored ``rows``)."""
+    from .analysis import compute_pair
+    from .pairs import piece_sums
+
+    if rows is None:
+        return compute_pair(base, tuned, pair, config, workspace)
+    return piece_sums(base, tuned, pair, config.axes, config.block_elements, rows, workspace)
 
 
 def compute_unit(unit: Unit, work: Plan, base: TensorSource, tuned: TensorSource,
                  workspace: Workspace | None = None) -> Any:
     """A unit's result: axis → column → value for a whole pair; axis → sums for a piece."""
-    from .analysis import compute_pair
-    from .pairs import piece_sums
-
-    pair, config = unit.pair_of(work), work.config
-    if unit.rows is None:
-        return compute_pair(base, tuned, pair, config, workspace)
-    return piece_sums(base, tuned, pair, config.axes, config.block_elements, unit.rows,
-                      workspace)
+    return compute(unit.pair_of(work), unit.rows, work.config, base, tuned, workspace)
 
 
 class Assembler:
@@ -211,6 +221,17 @@ def torch_threads(n: int, config: AnalysisConfig | None = None) -> Iterator[None
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def blas_threads(config: AnalysisConfig):
+    """One NumPy/SciPy BLAS thread for the run when a metric decomposes matrices (cost ``svd``):
+    the limit is set here, in the thread that starts the workers — OpenBLAS ignores one set
+    later from a worker thread — and held until the last worker is done."""
+    if not any(m.cost == "svd" for m in registry.enabled(config)):
+        return _NO_LOCK
+    from .metrics.linalg import one_blas_thread
+
+    return one_blas_thread()
 
 
 T = TypeVar("T")
@@ -345,6 +366,7 @@ def run_local(work: Plan, workers: int | None = None, progress: Progress | None 
     loaded then) while the workers compute the rest: what the caller needs next (pandas, for the
     table) is imported while the cores reduce, not after.
     """
+    from .io.identity import expecting
     from .pairs import Workspace
 
     n = resolve_workers(workers)
@@ -358,7 +380,7 @@ def run_local(work: Plan, workers: int | None = None, progress: Progress | None 
 
     def task(unit: Unit) -> Any:
         workspace = local.__dict__.setdefault("workspace", Workspace())
-        with budget.hold(unit_memory(unit, work)):
+        with budget.hold(unit_memory(unit, work)), expecting(work.files(unit.job)):
             base, tuned, turn = sources.acquire(unit.job)
             try:
                 with turn.hold(position[unit]) if turn else _NO_LOCK:
@@ -377,7 +399,7 @@ def run_local(work: Plan, workers: int | None = None, progress: Progress | None 
             then()
 
     try:
-        with torch_threads(1, work.config):
+        with torch_threads(1, work.config), blas_threads(work.config):
             if n == 1:
                 for unit in units:
                     done(unit, task(unit))

@@ -389,7 +389,7 @@ def test_spectrum_and_intruders_switches(ckpts, tmp_path, capsys):
     for col in ("update_norm", "effective_rank", "energy_rank_90", "amplification", "intruders",
                 "warnings", "tangential_fraction"):
         assert col in table
-    assert len(list((tmp_path / "svd" / "base-svd").glob("*.npy"))) == 3
+    assert len(list((tmp_path / "svd" / "base-svd").glob("*.npz"))) == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -240,3 +245,29 @@ def test_meanwhile_runs_once_in_the_calling_thread_while_units_remain(ckpts, wor
                      work.config)
     assert seen == [threading.current_thread()] and done_before == [1] < [len(units)]
     assert_same_table(table, job_by_job(work))
+
+
+RUN_IN_A_FRESH_PROCESS = """
+import hashlib, sys
+import dora_analysis as da
+table = da.analyze(sys.argv[1], [sys.argv[2], sys.argv[3]], axis="both",
+                   workers=int(sys.argv[4]))
+print(hashlib.sha256(table.to_csv(float_format="%.17g").encode()).hexdigest())
+"""
+
+
+def test_fresh_processes_give_the_same_bits_whatever_the_workers(ckpts):
+    """Determinism across runs: fresh interpreters (the kernel loaded from its cache, numba's
+    own thread count varied too) print the same table, digit for digit, as this process."""
+    root = str(Path(__file__).resolve().parents[1])
+    args = [str(ckpts["base"]), str(ckpts["series"]), str(ckpts["sharded"])]
+    digests = set()
+    for workers, numba_threads in ((1, "1"), (2, "2"), (5, "1")):
+        proc = subprocess.run(
+            [sys.executable, "-c", RUN_IN_A_FRESH_PROCESS, *args, str(workers)],
+            capture_output=True, text=True, timeout=300,
+            env=os.environ | {"PYTHONPATH": root, "NUMBA_NUM_THREADS": numba_threads})
+        assert proc.returncode == 0, proc.stderr
+        digests.add(proc.stdout.strip().splitlines()[-1])
+    here = da.analyze(args[0], args[1:], axis="both", workers=3)
+    assert digests == {hashlib.sha256(here.to_csv(float_format="%.17g").encode()).hexdigest()}

@@ -13,7 +13,9 @@ and no Python code can catch it. Each checkpoint file is therefore opened throug
   truncated file is a short read, not a signal.
 * It compares the file's **identity** — size and modification time of the open file, device and
   inode at its path — before and after every read, so a file rewritten in place, replaced or
-  deleted while it is read is reported by name instead of being read half old, half new.
+  deleted while it is read is reported by name instead of being read half old, half new; and,
+  when it opens, with the identity the plan recorded (:mod:`.identity`), so a file that changed
+  between planning and reading — on this machine or a Dask worker — is refused too.
 
 The open itself never blocks (a FIFO or a device is refused as "not a regular file") and goes
 through the descriptor, so file names that are not valid UTF-8 work as well.
@@ -41,6 +43,7 @@ from ..errors import (
     CheckpointNotFoundError,
     UnsafeCheckpointError,
 )
+from . import identity
 
 try:
     import fcntl
@@ -238,6 +241,11 @@ class GuardedFile:
             raise not_regular(self.path)
         self.size = opened.st_size
         self._identity = (opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns)
+        try:
+            identity.opened(self.path, opened)  # the file the plan recorded, or an error
+        except CheckpointChangedError:
+            os.close(self.fd)
+            raise
         self.leased = lease and _take_lease(self.fd)
 
     @property

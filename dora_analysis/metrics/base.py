@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 COSTS: dict[str, str] = {
     "stream": "from the one streaming pass (no extra reads)",
     "dense": "holds both matrices in memory as float64",
-    "svd": "dense float64 singular value decompositions (O(out·in·min(out, in)))",
+    "svd": "float64 spectral decompositions of Gram matrices, certified, else dense SVDs "
+           "(O(out·in·min(out, in)))",
 }
 
 

@@ -8,16 +8,27 @@ singular vector of W0; ``yⱼ`` is an intruder when ``maxᵢ |⟨yⱼ, u0ᵢ⟩|
 ``intruders`` counts them (defaults k = 10, ε = 0.5, as the paper and PEFT's
 ``tuners/lora/intruders.py``).
 
-Cost: one full SVD of W0 per base matrix — cached on disk, so a training series or several
-adapters of one base pay it once — plus the top k of Wt: Lanczos on the CPU (for an adapter with
-products ``W0·x + s·B·(A·x)`` only, never ``B·A``), a dense SVD on a GPU (``--device cuda``).
+How, and what it costs:
+
+* W0's left basis: the eigenvectors of the float64 Gram matrix of its smaller side (one
+  ``syrk`` and one symmetric eigendecomposition, ~2-3× cheaper than a dense SVD with vectors;
+  for a tall W0 the left vectors are W0·V0·Σ0⁻¹), grouped into clusters of close eigenvalues with
+  a Davis–Kahan angle bound each, stored in float32 — cached on disk, so a training series or
+  several adapters of one base pay it once.
+* Wt's top k: Lanczos (ARPACK) on its Gram matrix for k + 1 eigenpairs, each vector with an angle
+  bound from its residual and gap; for an adapter with products ``W0·x + s·B·(A·x)`` only, never
+  ``B·A``. A GPU (``--device cuda``) takes whole eigendecompositions instead.
+* Each tested vector is decided only when the bounds put every possible exact cosine on one side
+  of ε (:func:`~.bounds.intruder_status`; :mod:`.bounds` has the analysis, including why a
+  float32 basis is enough); if any is not, the matrix is counted from dense float64 SVDs of
+  W0 and Wt instead — the reference's own method.
 
 The cache (``--svd-cache``, default ``$XDG_CACHE_HOME/dora-analysis`` or
-``~/.cache/dora-analysis``; ``none`` turns it off) holds U0 in float32 under a SHA-256 of the
+``~/.cache/dora-analysis``; ``none`` turns it off) holds the basis under a SHA-256 of the
 matrix's float64 content, its shape and the tensor name: a changed or different file can never
-serve a stale SVD, and a copy of the same base reuses it. U0 is rounded to float32 on a miss as
-well, so the first and later checkpoints of a series see the same numbers. A cache folder that
-cannot be written is skipped with a warning.
+serve a stale basis, and a copy of the same base reuses it. The basis is rounded to float32 on
+a miss as well, so the first and later checkpoints of a series see the same numbers. A cache
+folder that cannot be written is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import math
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,13 +46,15 @@ from .base import Column, Metric, Setting, fraction, optional_folder, positive_i
 from .linalg import DEVICE
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from ..pairs import PairView
+    from .linalg import TopVectors
 
 INTRUDERS = "intruders"
 #: Bumped when what is cached (or how it is computed) changes: old entries are then ignored.
-CACHE_VERSION = "u0-float32-v1"
+CACHE_VERSION = "basis-gram-float32-v2"
 
 INTRUDER_K = Setting("intruder_k", 10, "--intruders: how many top singular vectors of the tuned "
                      "matrix are tested", type=int, check=positive_int)
@@ -62,48 +76,137 @@ def cache_dir(setting: str | os.PathLike | None) -> Path | None:
     return Path(root) / "dora-analysis"
 
 
-def content_key(w0: torch.Tensor, name: str) -> str:
+def content_key(w0: np.ndarray | torch.Tensor, name: str) -> str:
     """SHA-256 of a matrix's float64 content, its shape and name (the cache key)."""
     import numpy as np
 
-    digest = hashlib.sha256(f"{CACHE_VERSION}|{name}|{tuple(w0.shape)}|".encode())
-    digest.update(memoryview(np.ascontiguousarray(w0.detach().cpu().double().numpy())))
+    data = np.ascontiguousarray(np.asarray(w0, dtype=np.float64))
+    digest = hashlib.sha256(f"{CACHE_VERSION}|{name}|{tuple(data.shape)}|".encode())
+    digest.update(memoryview(data))
     return digest.hexdigest()
 
 
-def base_left_singular_vectors(w0: torch.Tensor, name: str, device: torch.device,
-                               cache: Path | None) -> torch.Tensor:
-    """All left singular vectors of W0 (out × min(out, in), float32 values in float64), from the
-    cache when it has them, else by a dense SVD that is then cached."""
+@dataclass(frozen=True)
+class Basis:
+    """W0's left singular vectors as Q·Z from its Gram matrix (see
+    :func:`~.linalg.gram_basis`), grouped into clusters of close singular values."""
+
+    reflectors: np.ndarray
+    """Q's Householder vectors, packed (float32; empty: Q = I)."""
+    tau: np.ndarray
+    z: np.ndarray
+    """(p, p) float32: Z, columns by decreasing singular value."""
+    sigma: np.ndarray
+    """σ̂ of each column (float64)."""
+    tall: bool
+    """Q·Z are W0's right singular vectors V (W0 has more rows than columns): the left ones
+    are W0·vᵢ/σᵢ, and testing needs W0."""
+    starts: np.ndarray
+    """First column of each cluster."""
+    margins: np.ndarray
+    """Per cluster: the angle bound to the exact subspace plus every rounding (:mod:`.bounds`)."""
+
+    FIELDS = ("reflectors", "tau", "z", "sigma", "tall", "starts", "margins")
+
+    def coefficients(self, y: np.ndarray, w0: np.ndarray) -> np.ndarray:
+        """⟨ûᵢ, yⱼ⟩ for every basis vector ûᵢ and column yⱼ of ``y``: shape (p, k)."""
+        import numpy as np
+
+        from .linalg import Reflectors, one_blas_thread
+
+        with one_blas_thread():
+            x = w0.T @ y if self.tall else y
+            x = Reflectors(self.reflectors, self.tau).apply_t(x)
+            c = (self.z.T @ x.astype(np.float32)).astype(np.float64)
+        if self.tall:
+            c = np.divide(c, self.sigma[:, None], out=np.zeros_like(c),
+                          where=self.sigma[:, None] > 0)
+        return c
+
+    def save(self, path: Path) -> None:
+        import numpy as np
+
+        _save_atomically(path, lambda f: np.savez(f, **{k: getattr(self, k)
+                                                          for k in self.FIELDS}))
+
+    @classmethod
+    def load(cls, path: Path) -> Basis | None:
+        """The basis stored at ``path``, or None when it is missing or damaged."""
+        import zipfile
+
+        import numpy as np
+
+        try:  # never unpickles: allow_pickle stays False
+            with np.load(path) as data:
+                basis = cls(**{k: data[k] for k in cls.FIELDS})
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        p = len(basis.sigma)
+        ok = (basis.z.shape == (p, p) and len(basis.starts) == len(basis.margins) > 0
+              and basis.starts[0] == 0 and len(basis.tau) in (0, p - 1)
+              and len(basis.reflectors) == (max(p - 1, 0) * max(p - 2, 0) // 2
+                                            if len(basis.tau) else 0))
+        return basis if ok else None
+
+
+def compute_basis(w0: np.ndarray, device: torch.device) -> Basis:
+    """W0's left basis from its Gram matrix, with cluster margins (see :mod:`.bounds`, §2)."""
     import numpy as np
-    import torch
 
-    from .linalg import dense_svd
+    from .bounds import U32, clusters, rounding, sigma_intervals
+    from .linalg import gram_basis
 
+    g = gram_basis(w0, device)
+    n = len(g.eigenvalues)
+    groups = clusters(g.eigenvalues, g.error)
+    sizes = groups.sizes(n)
+    # float32 storage: each column of Z, and the product Zᵀ·x in float32; the float32
+    # reflectors move Q by ≤ 6·u₃₂ each (τ‖v‖² = 2), ≤ 6(n−1)·u₃₂·(1 + 6u₃₂)ⁿ in all.
+    storage = (U32 + rounding(n, U32)) * np.sqrt(sizes)
+    if len(g.reflectors.tau):
+        storage = storage + 6 * (n - 1) * U32 * (1 + 6 * U32) ** n
+    sigma = np.sqrt(np.maximum(g.eigenvalues, 0.0))
+    tall = not g.transposed
+    if not tall:
+        margins = groups.angles + storage
+    else:  # left vectors W0·v/σ: angles and roundings grow by σ₁/σ_min(C) (§2)
+        lo, hi = sigma_intervals(g.eigenvalues, g.error)
+        ends = np.append(groups.starts[1:], n)
+        smallest, lam_min = lo[ends - 1], g.eigenvalues[ends - 1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tangent = groups.angles / np.sqrt(np.maximum(1 - groups.angles**2, 0.0))
+            scale = hi[0] / smallest
+            product = rounding(w0.shape[0]) * math.sqrt(g.frobenius_sq) / smallest
+            skew = g.error / (lam_min - g.error)  # W0·V̂_C·Σ̂⁻¹ is orthonormal only to this
+            margins = scale * (tangent + storage) + product + skew
+        margins = np.where((smallest > 0) & (lam_min > g.error) & np.isfinite(margins),
+                           margins, np.inf)
+    return Basis(g.reflectors.packed, g.reflectors.tau, g.z, sigma, tall, groups.starts,
+                 np.asarray(margins, dtype=np.float64))
+
+
+def base_basis(w0: np.ndarray, name: str, device: torch.device, cache: Path | None) -> Basis:
+    """W0's left basis, from the cache when it has it, else computed (and then cached)."""
     path = None
     if cache is not None:
-        path = cache / "base-svd" / f"{content_key(w0, name)}.npy"
+        path = cache / "base-svd" / f"{content_key(w0, name)}.npz"
         if path.is_file():
-            try:
-                return torch.from_numpy(np.load(path)).to(torch.float64)
-            except (OSError, ValueError):
-                pass  # a damaged entry: recompute and overwrite it
-    u0, _, _ = dense_svd(w0, device)
-    u0 = u0.to(torch.float32)
+            basis = Basis.load(path)
+            if basis is not None and len(basis.sigma) == min(w0.shape):
+                return basis  # a damaged entry is recomputed and overwritten
+    basis = compute_basis(w0, device)
     if path is not None:
-        _save_atomically(path, u0.numpy())
-    return u0.to(torch.float64)
+        basis.save(path)
+    return basis
 
 
-def _save_atomically(path: Path, array) -> None:
-    import numpy as np
-
+def _save_atomically(path: Path, write) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
         try:
             with os.fdopen(fd, "wb") as f:
-                np.save(f, array)
+                write(f)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -134,8 +237,9 @@ def intruder_count(u_tuned: torch.Tensor, u_base: torch.Tensor, eps: float) -> i
     return int((max_cosines(u_tuned, u_base) < eps).sum())
 
 
-def tuned_top_vectors(view: PairView, k: int, device: torch.device) -> torch.Tensor | None:
-    """The top-k left singular vectors of Wt (None if it holds NaN/Inf)."""
+def tuned_top_vectors(view: PairView, k: int, device: torch.device) -> TopVectors | None:
+    """The top-k left singular vectors of Wt with their angle bounds (None if Wt holds
+    NaN/Inf)."""
     import torch
 
     from .linalg import top_left_singular_vectors
@@ -146,11 +250,44 @@ def tuned_top_vectors(view: PairView, k: int, device: torch.device) -> torch.Ten
         w0 = view.base_weight()
         if not all(bool(torch.isfinite(x).all()) for x in (a, b, w0)):
             return None
-        return top_left_singular_vectors(None, k, device, base=w0, update=(b, a, lora.scale))
+        return top_left_singular_vectors(None, k, device, base=w0.numpy(), update=(
+            b.to(torch.float64).numpy(), a.to(torch.float64).numpy(), lora.scale))
     _, wt = view.weights()
     if not bool(torch.isfinite(wt).all()):
         return None
-    return top_left_singular_vectors(wt, k, device)
+    return top_left_singular_vectors(wt.numpy(), k, device)
+
+
+@dataclass(frozen=True)
+class IntruderTest:
+    """The top-k vectors of Wt against W0's basis."""
+
+    cosines: np.ndarray
+    """Best |cos| of each tested vector with W0's basis, as computed."""
+    status: np.ndarray
+    """1: certainly an intruder, 0: certainly not, −1: the bounds cannot tell."""
+
+
+def intruder_test(view: PairView, k: int, eps: float, device: torch.device, cache: Path | None
+                  ) -> IntruderTest | None:
+    """Test the top-k left singular vectors of Wt against W0's (None when either weight holds
+    NaN/Inf)."""
+    import numpy as np
+    import torch
+
+    from .bounds import Clusters, intruder_status
+
+    w0 = view.base_weight()
+    if not bool(torch.isfinite(w0).all()):
+        return None
+    top = tuned_top_vectors(view, k, device)
+    if top is None:
+        return None
+    basis = base_basis(w0.numpy(), view.pair.name, device, cache)
+    coefficients = basis.coefficients(top.vectors, w0.numpy())  # (n_base, k)
+    margin = basis.margins[:, None] + np.sqrt(2) * top.angles[None, :]
+    status = intruder_status(coefficients, Clusters(basis.starts, basis.margins), margin, eps)
+    return IntruderTest(np.abs(coefficients).max(axis=0), status)
 
 
 def intruder_cosines(view: PairView, k: int, device: torch.device, cache: Path | None
@@ -159,23 +296,33 @@ def intruder_cosines(view: PairView, k: int, device: torch.device, cache: Path |
     when either weight holds NaN/Inf)."""
     import torch
 
-    w0 = view.base_weight()
-    if not bool(torch.isfinite(w0).all()):
-        return None
-    top = tuned_top_vectors(view, k, device)
-    if top is None:
-        return None
-    return max_cosines(top, base_left_singular_vectors(w0, view.pair.name, device, cache))
+    test = intruder_test(view, k, 0.5, device, cache)
+    return None if test is None else torch.from_numpy(test.cosines)
+
+
+def dense_count(view: PairView, k: int, eps: float, device: torch.device) -> int:
+    """The count from dense float64 SVDs of W0 and Wt (the reference method), for the matrices
+    whose fast test the bounds cannot decide."""
+    from .linalg import dense_svd
+
+    w0, wt = view.weights()
+    u0, _, _ = dense_svd(w0, device)
+    ut, _, _ = dense_svd(wt, device)
+    return intruder_count(ut[:, :k], u0, eps)
 
 
 def intruders(view: PairView) -> dict[str, float | int]:
     """The ``intruders`` column of one matrix pair (NaN for non-finite weights)."""
     from .linalg import resolve_device
 
-    k, eps = view.config.setting("intruder_k"), view.config.setting("intruder_eps")
-    cosines = intruder_cosines(view, k, resolve_device(view.config.setting("device")),
-                               cache_dir(view.config.setting("svd_cache")))
-    return {INTRUDERS: math.nan if cosines is None else int((cosines < eps).sum())}
+    k, eps = view.config.setting("intruder_k"), float(view.config.setting("intruder_eps"))
+    device = resolve_device(view.config.setting("device"))
+    test = intruder_test(view, k, eps, device, cache_dir(view.config.setting("svd_cache")))
+    if test is None:
+        return {INTRUDERS: math.nan}
+    if (test.status < 0).any():
+        return {INTRUDERS: dense_count(view, k, eps, device)}
+    return {INTRUDERS: int(test.status.sum())}
 
 
 METRIC = Metric(

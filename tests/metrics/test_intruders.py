@@ -130,42 +130,41 @@ def test_adapter_path_uses_products_and_agrees_with_the_merged_weights(lora_case
         assert ours.loc[name, it.INTRUDERS] == want
 
 
-def counting_svd(monkeypatch):
+def counting(monkeypatch, module, name):
     calls = []
-    real = linalg.dense_svd
+    real = getattr(module, name)
 
-    def counted(w, device, **kw):
+    def counted(w, *args, **kw):
         calls.append(tuple(w.shape))
-        return real(w, device, **kw)
+        return real(w, *args, **kw)
 
-    monkeypatch.setattr(linalg, "dense_svd", counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
-def test_the_base_svd_is_cached_once_per_base_matrix(tmp_path, monkeypatch, ckpts):
+def test_the_base_basis_is_cached_once_per_base_matrix(tmp_path, monkeypatch, ckpts):
     cache = tmp_path / "cache"
-    calls = counting_svd(monkeypatch)
+    bases = counting(monkeypatch, it, "compute_basis")
+    dense = counting(monkeypatch, linalg, "dense_svd")
     first = da.analyze(ckpts["base"], ckpts["tuned"], modules=("q", "down"), intruders=True,
                        svd_cache=str(cache))
-    files = sorted((cache / "base-svd").glob("*.npy"))
-    assert len(files) == len(first) == 6  # 3 layers × (q, down)
-    per_run = len(calls)
-    calls.clear()
+    files = sorted((cache / "base-svd").glob("*.npz"))
+    assert len(files) == len(first) == len(bases) == 6  # 3 layers × (q, down)
+    assert dense == []  # every count certified from the Gram matrices: no dense SVD
+    bases.clear()
     series = da.analyze(ckpts["base"], ckpts["series"], modules=("q", "down"), intruders=True,
                         svd_cache=str(cache))
-    assert len(series) == 18 and len(calls) == per_run * 3 - 6 * 3  # only the tuned SVDs
-    assert sorted((cache / "base-svd").glob("*.npy")) == files
-    calls.clear()
+    assert len(series) == 18 and bases == []  # every base matrix from the cache
+    assert sorted((cache / "base-svd").glob("*.npz")) == files
     uncached = da.analyze(ckpts["base"], ckpts["tuned"], modules=("q", "down"), intruders=True,
                           svd_cache="none")
-    assert len(calls) == per_run and uncached[it.INTRUDERS].tolist() == first[
-        it.INTRUDERS].tolist()
+    assert len(bases) == 6 and uncached[it.INTRUDERS].tolist() == first[it.INTRUDERS].tolist()
 
 
 def test_the_default_cache_lives_under_xdg_cache_home(tmp_path, monkeypatch, ckpts):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     da.analyze(ckpts["base"], ckpts["tuned"], modules=("q",), intruders=True)
-    assert len(list((tmp_path / "xdg" / "dora-analysis" / "base-svd").glob("*.npy"))) == 3
+    assert len(list((tmp_path / "xdg" / "dora-analysis" / "base-svd").glob("*.npz"))) == 3
     assert it.cache_dir(None) == tmp_path / "xdg" / "dora-analysis"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert str(it.cache_dir("")).endswith(".cache/dora-analysis")
@@ -180,11 +179,14 @@ def test_the_key_follows_the_content_and_damaged_entries_are_recomputed(tmp_path
     assert it.content_key(changed, "a") != it.content_key(w, "a")
     assert it.content_key(w, "b") != it.content_key(w, "a")
     cpu = torch.device("cpu")
-    u0 = it.base_left_singular_vectors(w, "a", cpu, tmp_path)
-    (entry,) = (tmp_path / "base-svd").glob("*.npy")
-    entry.write_bytes(b"not an array")
-    again = it.base_left_singular_vectors(w, "a", cpu, tmp_path)
-    assert torch.equal(again, u0) and np.load(entry).shape == (7, 5)
+    first = it.base_basis(w.numpy(), "a", cpu, tmp_path)
+    (entry,) = (tmp_path / "base-svd").glob("*.npz")
+    assert first.z.dtype == np.float32 and first.z.shape == (5, 5) and first.tall
+    for damage in (b"not an array", entry.read_bytes()[:100]):
+        entry.write_bytes(damage)
+        again = it.base_basis(w.numpy(), "a", cpu, tmp_path)
+        assert np.array_equal(again.z, first.z)
+        assert it.Basis.load(entry).z.shape == (5, 5)  # rewritten whole
 
 
 def test_an_unwritable_cache_warns_and_still_counts(tmp_path, ckpts):

@@ -13,6 +13,11 @@ from dora_analysis.metrics import linalg
 CPU = torch.device("cpu")
 
 
+def sines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """sin of the angle between matching unit columns (accurate where 1 − cos² is not)."""
+    return np.linalg.norm(got - want * np.sum(got * want, axis=0), axis=0)
+
+
 @pytest.mark.parametrize("out, inp, r", [(30, 12, 4), (12, 30, 4), (5, 40, 8), (40, 3, 6)])
 def test_low_rank_svd_is_the_svd_of_s_b_a(out, inp, r):
     g = torch.Generator().manual_seed(out + inp)
@@ -35,29 +40,34 @@ def test_lanczos_matches_the_dense_svd_up_to_sign():
     u, _ = np.linalg.qr(g.standard_normal((rows, cols)))
     v, _ = np.linalg.qr(g.standard_normal((cols, cols)))
     s = np.linspace(10, 1, cols) ** 2  # well separated at the top
-    w = torch.from_numpy(u @ np.diag(s) @ v.T)
+    w = u @ np.diag(s) @ v.T
     top = linalg.top_left_singular_vectors(w, 10, CPU)
-    assert top.shape == (rows, 10)
-    np.testing.assert_allclose(np.abs(np.sum(top.numpy() * u[:, :10], axis=0)), 1.0, atol=1e-9)
+    assert top.vectors.shape == (rows, 10)
+    np.testing.assert_allclose(np.abs(np.sum(top.vectors * u[:, :10], axis=0)), 1.0, atol=1e-9)
+    assert (sines(top.vectors, u[:, :10]) <= top.angles + 1e-13).all()
+    assert (top.angles < 1e-9).all()
 
 
 def test_products_only_for_base_plus_low_rank():
     g = torch.Generator().manual_seed(1)
-    w0 = torch.randn(120, 80, generator=g, dtype=torch.float64)
-    b = 3 * torch.randn(120, 4, generator=g, dtype=torch.float64)
-    a = torch.randn(4, 80, generator=g, dtype=torch.float64)
-    via_products = linalg.top_left_singular_vectors(None, 8, CPU, base=w0, update=(b, a, 0.5))
-    dense = np.linalg.svd((w0 + 0.5 * b @ a).numpy(), full_matrices=False)[0][:, :8]
-    np.testing.assert_allclose(np.abs(np.sum(via_products.numpy() * dense, axis=0)), 1.0,
-                               atol=1e-8)
+    for rows, cols in ((120, 80), (80, 120)):
+        w0 = torch.randn(rows, cols, generator=g, dtype=torch.float64).numpy()
+        b = 3 * torch.randn(rows, 4, generator=g, dtype=torch.float64).numpy()
+        a = torch.randn(4, cols, generator=g, dtype=torch.float64).numpy()
+        via_products = linalg.top_left_singular_vectors(None, 8, CPU, base=w0,
+                                                        update=(b, a, 0.5))
+        dense = np.linalg.svd(w0 + 0.5 * b @ a, full_matrices=False)[0][:, :8]
+        cosines = np.abs(np.sum(via_products.vectors * dense, axis=0))
+        np.testing.assert_allclose(cosines, 1.0, atol=1e-8)
+        assert (sines(via_products.vectors, dense) <= via_products.angles + 1e-13).all()
 
 
 def test_small_matrices_take_the_dense_path_and_k_is_clipped():
-    w = torch.randn(6, 4, dtype=torch.float64)
+    w = torch.randn(6, 4, dtype=torch.float64).numpy()
     top = linalg.top_left_singular_vectors(w, 10, CPU)
-    assert top.shape == (6, 4)
-    want = np.linalg.svd(w.numpy(), full_matrices=False)[0]
-    np.testing.assert_allclose(np.abs(np.sum(top.numpy() * want, axis=0)), 1.0, atol=1e-12)
+    assert top.vectors.shape == (6, 4) and top.angles.shape == (4,)
+    want = np.linalg.svd(w, full_matrices=False)[0]
+    np.testing.assert_allclose(np.abs(np.sum(top.vectors * want, axis=0)), 1.0, atol=1e-12)
 
 
 def test_devices_are_validated():

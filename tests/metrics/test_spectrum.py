@@ -181,3 +181,23 @@ def test_a_rank_k_update_has_ranks_at_most_k(rows, cols, k, seed, scale):
     again = sp.spectral_summary(7.0 * s)  # the ranks do not depend on the update's size
     for col in (sp.STABLE_RANK, sp.EFFECTIVE_RANK, sp.ENERGY_RANK_90):
         assert again[col] == pytest.approx(got[col], rel=1e-9)
+
+
+def test_blas_runs_one_thread_in_every_worker_and_the_bits_do_not_change(pair, monkeypatch):
+    """The executors limit NumPy's BLAS to one thread from the thread that starts the workers
+    (OpenBLAS ignores a limit set later from a worker thread), so the decompositions — and the
+    table — are the same bits whoever computes them."""
+    from threadpoolctl import threadpool_info
+
+    seen = []
+    real = sp.gram_columns
+
+    def recorded(*args, **kwargs):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sp, "gram_columns", recorded)
+    tables = [da.analyze(*pair, spectrum=True, workers=w) for w in (1, 2, 1)]
+    assert seen and all(s == {1} for s in seen), seen
+    for table in tables[1:]:
+        pd.testing.assert_frame_equal(table, tables[0], check_exact=True)

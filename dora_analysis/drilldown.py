@@ -24,7 +24,7 @@ from .io.open import open_checkpoint
 from .metrics import intruders, linalg
 from .metrics.spectrum import delta_svd
 from .metrics.tangential import tangential_share
-from .pairs import PairView
+from .pairs import PairView, open_tuned
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def matrix_detail(base: str | Path, tuned: str | Path, name: str, *, axis: str =
             "; it is not an expert tensor (leave expert out)"))
     options = config.read_options
     with open_checkpoint(work.base, options) as base_src, \
-            open_checkpoint(job.checkpoint.path, options, base=base_src) as tuned_src:
+            open_tuned(job.checkpoint.path, options, base_src) as tuned_src:
         view = PairView(pairs[0], base_src, tuned_src, config,
                         pair_sums(base_src, tuned_src, pairs[0], config), axis)
         sums = view.sums()

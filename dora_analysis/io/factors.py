@@ -4,6 +4,7 @@ from them above io."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ class LowRankUpdate:
     truncate_base: int = 0
     """KaSA: the base's smallest singular components dropped before the update is added
     (``W' = W0 − U_d S_d V_dᵀ + s·B·A``, ``d`` = this many); resolved against the base by
-    :func:`~dora_analysis.io.merge.kasa_update`."""
+    :func:`~dora_analysis.lowrank.kasa_update`."""
     token_rows: tuple[torch.Tensor, torch.Tensor] | None = None
     """PEFT ``trainable_token_indices``: ``(ids, rows)`` — stored rows ``ids`` of the weight are
     replaced by ``rows`` ``(len(ids), cols)``."""
@@ -73,3 +74,13 @@ class LowRankUpdate:
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` in float64."""
         return self.lora_a.to(F64), self.lora_b.to(F64)
+
+
+def flipped(update: LowRankUpdate) -> LowRankUpdate:
+    """The same ΔW for the other orientation of its stored tensor (a tied ``lm_head`` seen as
+    the embedding it shares): ``(s·B·A)ᵀ = s·Aᵀ·Bᵀ``, the magnitude along the other axis."""
+    a, b = update.lora_a, update.lora_b
+    return dataclasses.replace(
+        update, lora_a=None if b is None else b.T, lora_b=None if a is None else a.T,
+        magnitude_axis="in" if update.magnitude_axis == "out" else "out",
+        stored_in_out=not update.stored_in_out, fan_in_fan_out=False)

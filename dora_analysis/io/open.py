@@ -120,12 +120,12 @@ def _confine_adapter_files(folder: Path) -> None:
 
 
 def _open_adapter_folder(path: Path, options: ReadOptions, base: TensorSource) -> TensorSource:
+    from .adapter_checkpoint import AdapterCheckpoint
     from .adapters import read_peft
-    from .merge import AdapterSource
 
     _confine_adapter_files(path)
     adapter = read_peft(path, adapter_base_given=options.adapter_base is not None)
-    return AdapterSource(adapter, base, trained_on=trained_on(options))
+    return AdapterCheckpoint(adapter, base, trained_on=trained_on(options))
 
 
 def _open_file(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
@@ -135,11 +135,11 @@ def _open_file(path: Path, options: ReadOptions, base: TensorSource | None) -> T
     src.close()
     if base is None:
         raise _adapter_as_base(path)
+    from .adapter_checkpoint import AdapterCheckpoint
     from .adapters import load_tensors, read_adapter_file
-    from .merge import AdapterSource
 
     adapter = read_adapter_file(path, load_tensors(path), lora_alpha=options.lora_alpha)
-    return AdapterSource(adapter, base, trained_on=trained_on(options))
+    return AdapterCheckpoint(adapter, base, trained_on=trained_on(options))
 
 
 def _open_model_folder(path: Path, options: ReadOptions, base: TensorSource | None
@@ -180,8 +180,8 @@ def _open_dcp_adapter(src: DcpCheckpoint, options: ReadOptions, base: TensorSour
             "(model.peft_config['default'].save_pretrained(folder) writes it)")
     if base is None:
         raise _adapter_as_base(src.path)
+    from .adapter_checkpoint import AdapterCheckpoint
     from .adapters import peft_adapter, read_config
-    from .merge import AdapterSource
 
     _confine_adapter_files(folder)
     # accelerate saves {"model": get_peft_model_state_dict(model)}: PEFT's names behind "model."
@@ -189,7 +189,7 @@ def _open_dcp_adapter(src: DcpCheckpoint, options: ReadOptions, base: TensorSour
                src.get_tensor(k) for k in src.keys()}
     adapter = peft_adapter(read_config(folder), tensors, folder, src.path,
                            adapter_base_given=options.adapter_base is not None)
-    return AdapterSource(adapter, base, trained_on=trained_on(options))
+    return AdapterCheckpoint(adapter, base, trained_on=trained_on(options))
 
 
 def dcp_adapter_config_folders(dcp: Path) -> list[Path]:

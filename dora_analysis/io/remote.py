@@ -169,8 +169,8 @@ def _open_peft(folder: Url, options, base: TensorSource | None, adapter_base: Op
                ) -> TensorSource:
     if base is None:
         raise _adapter_as_base(folder)
+    from .adapter_checkpoint import AdapterCheckpoint
     from .adapters import parse_config, peft_adapter
-    from .merge import AdapterSource
 
     token, timeout, retry = options.token, options.timeout, retry_policy(options)
     config = parse_config(_read_json(folder / "adapter_config.json", token, timeout, retry),
@@ -181,7 +181,7 @@ def _open_peft(folder: Url, options, base: TensorSource | None, adapter_base: Op
             tensors = _load_tensors(weights, token, timeout, retry)
             adapter = peft_adapter(config, tensors, folder, weights,
                                    adapter_base_given=options.adapter_base is not None)
-            return AdapterSource(adapter, base, trained_on=adapter_base())
+            return AdapterCheckpoint(adapter, base, trained_on=adapter_base())
     raise CheckpointFormatError(f"{folder}: adapter folder without weights (expected one of "
                                 f"{', '.join(ADAPTER_WEIGHT_FILES)})")
 
@@ -213,11 +213,11 @@ def _open_file(url: Url, options, base: TensorSource | None, adapter_base: Opene
         raise CheckpointFormatError(f"{url}: {fmt.remote_hint}")
     if base is None:
         raise _adapter_as_base(url)
+    from .adapter_checkpoint import AdapterCheckpoint
     from .adapters import read_adapter_file
-    from .merge import AdapterSource
 
     adapter = read_adapter_file(url, tensors, lora_alpha=options.lora_alpha)
-    return AdapterSource(adapter, base, trained_on=adapter_base())
+    return AdapterCheckpoint(adapter, base, trained_on=adapter_base())
 
 
 def open_remote(url: Url, options, base: TensorSource | None = None,

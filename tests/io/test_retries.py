@@ -205,3 +205,9 @@ def test_s3_backend_retries_are_ours_alone():
     fs, _ = remote_module.filesystem(Url("s3://bucket/m.safetensors"))
     assert fs.retries == 1
     assert fs.config_kwargs["retries"] == {"total_max_attempts": 1}
+
+
+def test_analyze_takes_retries_through_its_settings(files):
+    with FileServer(files, faults=[Fault("status", 503, path="tuned")]) as srv:
+        with pytest.raises(CheckpointNotFoundError, match=r"HTTP 503 .*\(1 attempt in"):
+            da.analyze(files / "base.safetensors", f"{srv.url}/tuned.safetensors", retries=0)

@@ -28,9 +28,11 @@ from .errors import (
     NonFiniteWeightWarning,
     SkippedFoldersWarning,
     UnmatchedTensorsWarning,
+    VanishedCheckpointWarning,
 )
 from .hardware import usable_cpus
 from .io.guard import IO_BACKENDS, path_kind
+from .metrics.base import CROSS_RUN_K, CROSS_RUN_TRIM
 
 # Only light modules above: --help and argument errors answer without importing torch, pandas,
 # scipy or plotly; run() imports the analysis when there is work to do.
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-mismatched", action="store_true",
                    help="skip tensors whose shapes differ (e.g. resized embeddings) with a "
                    "warning instead of failing")
+    p.add_argument("--skip-vanished", action="store_true",
+                   help="leave out, with a warning, tuned checkpoints deleted while they are read "
+                   "(a trainer's save_total_limit rotation) instead of stopping")
     p.add_argument("--io", choices=IO_BACKENDS, default=DEFAULTS.io,
                    help="read safetensors memory-mapped (default: no copy; RSS also counts the "
                    "page cache read) or with pread into reused buffers (RSS shows only the "
@@ -107,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retries of a transient network fault (5xx, 429, reset, timeout, short "
                    "body) with backoff, within 60 s (default: DORA_ANALYSIS_RETRIES, else 4)")
     add_metric_options(p)
+    add_cache_options(p)
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write the table: .csv, .json or .parquet")
     p.add_argument("--summary", metavar="FILE",
@@ -116,9 +122,63 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default %(default)s; 0: none)")
     p.add_argument("--html", metavar="FILE",
                    help="write a self-contained HTML report (Figures 2 and 3, tables)")
+    group = p.add_argument_group("cross-run similarity (two TUNED runs or more)")
+    group.add_argument("--cross-run", metavar="FILE",
+                       help="also compare the TUNED runs with each other (a series: its last "
+                       "step): one row per pair of runs and matrix with update_cosine, "
+                       "subspace_similarity, sign_conflict, mask_jaccard, written to FILE (.csv, "
+                       ".json or .parquet); --html then draws their heatmaps")
+    group.add_argument("--cross-run-k", type=_positive_int, default=CROSS_RUN_K, metavar="K",
+                       help="subspace_similarity over the top K left singular vectors of ΔW "
+                       "(default %(default)s; clamped to the rank, with a note)")
+    group.add_argument("--cross-run-trim", type=float, default=CROSS_RUN_TRIM, metavar="T",
+                       help="sign_conflict keeps each ΔW's top T share by magnitude, as TIES "
+                       "(default %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file messages")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
+
+
+def add_cache_options(parser: argparse.ArgumentParser) -> None:
+    """``--cache DIR``, ``--no-cache`` and ``--clear-cache`` (the results cache)."""
+    group = parser.add_argument_group(
+        "results cache (a run stopped midway and started again computes only what is missing)")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument("--cache", metavar="DIR",
+                       help="the cache folder (default: $XDG_CACHE_HOME/dora-analysis or "
+                       "~/.cache/dora-analysis)")
+    where.add_argument("--no-cache", action="store_true",
+                       help="neither read nor write the results cache")
+    group.add_argument("--clear-cache", action="store_true",
+                       help="empty the results cache first (alone, without BASE and TUNED: "
+                       "only that)")
+
+
+def clear_cache(folder: str | None, quiet: bool) -> None:
+    """Empty the results cache in ``folder`` (default location when None), saying what went."""
+    from .cache.results import cache_folder, clear
+
+    where = cache_folder(folder or True)
+    held, entries = clear(where)
+    if not quiet:
+        say(f"cleared the results cache {printable(str(where))}: {entries} entries "
+            f"({held / (1 << 20):.1f} MiB)")
+
+
+def clear_cache_only(argv: list[str]) -> bool:
+    """``dora-analyze --clear-cache [--cache DIR] [-q]``, without checkpoints: clear, and say
+    so (True); False when there is an analysis to run."""
+    if "--clear-cache" not in argv:
+        return False
+    alone = argparse.ArgumentParser(add_help=False)
+    alone.add_argument("--clear-cache", action="store_true")
+    alone.add_argument("--cache")
+    alone.add_argument("-q", "--quiet", action="store_true")
+    args, rest = alone.parse_known_args(argv)
+    if rest:
+        return False
+    clear_cache(args.cache, args.quiet)
+    return True
 
 
 def _positive_int(text: str) -> int:
@@ -176,13 +236,22 @@ def run(args: argparse.Namespace) -> int:
 
     given = (args.base, *args.tuned, args.adapter_base)
     inputs = [Path(a) for a in given if a is not None and path_kind(a) is not None]
-    outputs = {"output": args.output, "summary": args.summary, "html": args.html}
+    outputs = {"output": args.output, "summary": args.summary, "html": args.html,
+               "cross_run": args.cross_run}
+    if args.cross_run:
+        from .crossrun import check_settings
+
+        check_settings(args.tuned, args.cross_run_k, args.cross_run_trim)
     check_outputs(**outputs, inputs=inputs)  # before any work
+    if args.clear_cache:
+        clear_cache(args.cache, args.quiet)
+    cache = None if args.no_cache else (args.cache or True)
     config = AnalysisConfig(
         axis=args.axis,
         modules=args.modules,  # one comma-separated string, split by the config
         include=args.include,
         skip_mismatched=args.skip_mismatched,
+        skip_vanished=args.skip_vanished,
         progress=not args.quiet and sys.stderr.isatty(),
         closed_form=not args.materialize,
         io=args.io,
@@ -202,17 +271,25 @@ def run(args: argparse.Namespace) -> int:
         from .integrations.dask import connect
 
         with connect(args.scheduler) as client:
-            table = to_frame(compute(work, client, meanwhile=meanwhile), config)
+            table = to_frame(compute(work, client, cache, meanwhile=meanwhile), config)
     else:
-        table = to_frame(compute(work, meanwhile=meanwhile), config)
+        table = to_frame(compute(work, None, cache, meanwhile=meanwhile), config)
     from .report import format_summary, write_outputs
     from .stats import correlate
 
     correlations = correlate(table, n_boot=args.n_boot)
-    write_outputs(table, correlations, **outputs, inputs=inputs)  # all of them, or none
+    cross = None
+    if args.cross_run:
+        from .crossrun import compare_runs
+
+        cross = compare_runs(args.base, args.tuned, labels=args.label, k=args.cross_run_k,
+                             trim=args.cross_run_trim, config=config)
+    write_outputs(table, correlations, **outputs, inputs=inputs,  # all of them, or none
+                  cross_run_table=cross)
     if not args.quiet:
         for path, what in ((args.output, f"{len(table)} rows"),
-                           (args.summary, f"{len(correlations)} rows"), (args.html, "report")):
+                           (args.summary, f"{len(correlations)} rows"), (args.html, "report"),
+                           (args.cross_run, f"{0 if cross is None else len(cross)} rows")):
             if path:
                 say(f"wrote {path} ({what})")
     sys.stdout.write(printable(format_summary(table, correlations)))
@@ -226,6 +303,12 @@ class _NoteHandler(logging.Handler):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dora-analyze``."""
+    try:
+        if clear_cache_only(sys.argv[1:] if argv is None else list(argv)):
+            return 0
+    except DoraAnalysisError as exc:
+        say(f"error: {exc}")
+        return 2
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("dora_analysis")
     handler = _NoteHandler()
@@ -236,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # library deprecation noise is not the user's business
             for category in (NonFiniteWeightWarning, UnmatchedTensorsWarning, AdapterWarning,
-                             SkippedFoldersWarning):
+                             SkippedFoldersWarning, VanishedCheckpointWarning):
                 warnings.simplefilter("always", category)
             warnings.showwarning = _print_warning
             return run(args)

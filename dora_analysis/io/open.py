@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, CheckpointNotFoundError, DoraAnalysisError
 from .base import TensorSource
 from .detect import (
     ADAPTER_WEIGHT_FILES,
@@ -35,7 +35,7 @@ from .detect import (
     is_adapter_folder,
 )
 from .formats import FOLDER_FILES, HUB_WEIGHT_CHOICES, INDEX, SUFFIXES, format_of
-from .guard import confined, not_found, not_regular, path_kind
+from .guard import confined, not_found, not_regular, path_kind, shown
 from .options import DEFAULT_OPTIONS, ReadOptions
 from .quant import dequantized
 from .refs import TRAINER_DCP_FOLDERS, CheckpointRef, series_steps, step_of
@@ -142,9 +142,19 @@ def _open_file(path: Path, options: ReadOptions, base: TensorSource | None) -> T
     return AdapterCheckpoint(adapter, base, trained_on=trained_on(options))
 
 
+def _gone_meanwhile(path: Path) -> CheckpointNotFoundError:
+    """The folder held a checkpoint when its format was told, and no longer does: its files are
+    being deleted (a trainer rotating checkpoints away)."""
+    return CheckpointNotFoundError(f"{shown(path)}: its weight files went while it was opened "
+                                   "(deleted meanwhile?)")
+
+
 def _open_model_folder(path: Path, options: ReadOptions, base: TensorSource | None
                        ) -> TensorSource:
-    return dequantized(open_file(_model_folder_file(path), options, base))
+    file = _model_folder_file(path)
+    if file is None:
+        raise _gone_meanwhile(path)
+    return dequantized(open_file(file, options, base))
 
 
 def _open_zero(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
@@ -158,7 +168,10 @@ def _open_zero(path: Path, options: ReadOptions, base: TensorSource | None) -> T
 def _open_dcp(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
     from .dcp import DcpCheckpoint
 
-    src = DcpCheckpoint(find_dcp(path), options.backend)
+    folder = find_dcp(path)
+    if folder is None:
+        raise _gone_meanwhile(path)
+    src = DcpCheckpoint(folder, options.backend)
     if not any(".lora_A." in k or ".lora_embedding_A" in k for k in src.keys()):
         return dequantized(src)
     with src:  # HF Trainer + FSDP SHARDED_STATE_DICT saves a PEFT model's adapter only, as DCP
@@ -255,14 +268,19 @@ def open_checkpoint(path: str | Path | Url, options: ReadOptions = DEFAULT_OPTIO
         raise not_found(path)
     if kind == "other":
         raise not_regular(path)
-    for fmt in FORMATS:
-        if fmt.detect(path):
-            if fmt.needs_base and base is None:
-                raise _adapter_as_base(path)
-            source = fmt.open(path, options, base)
-            # a base (opened on its own) gets its tied lm_head back as an alias
-            return source if base is not None else with_tied_heads(source, path)
-    raise _no_checkpoint(path)
+    try:
+        for fmt in FORMATS:
+            if fmt.detect(path):
+                if fmt.needs_base and base is None:
+                    raise _adapter_as_base(path)
+                source = fmt.open(path, options, base)
+                # a base (opened on its own) gets its tied lm_head back as an alias
+                return source if base is not None else with_tied_heads(source, path)
+        raise _no_checkpoint(path)
+    except FileNotFoundError as exc:  # a folder listed or looked into as it was being deleted
+        if isinstance(exc, DoraAnalysisError):
+            raise
+        raise not_found(exc.filename or path) from None
 
 
 def _no_checkpoint(path: Path) -> CheckpointFormatError:

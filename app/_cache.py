@@ -43,11 +43,12 @@ import dora_analysis as da
 from _access import Readable, require
 from dora_analysis import columns as C
 from dora_analysis.hardware import usable_cpus
+from dora_analysis.io import formats
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / "demo-output"
 REPRODUCTION_TABLE = ROOT / "docs" / "reproduction" / "table.csv"
-CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".distcp")
+CHECKPOINT_SUFFIXES = formats.CHECKPOINT_SUFFIXES  # the format table's, .gguf included
 #: Files without a suffix that a checkpoint is read from (DCP metadata, DeepSpeed's tag).
 CHECKPOINT_NAMES = (".metadata", "latest")
 #: Files a Hugging Face trainer writes beside the weights, which the analysis never reads.

@@ -51,7 +51,7 @@ from .io.keys import (
 )
 from .io.open import open_checkpoint, resolve
 from .io.refs import CheckpointRef, series_steps
-from .pairs import MatrixPair, PairView, Workspace, stream_sums
+from .pairs import MatrixPair, PairView, Workspace, open_tuned, stream_sums
 from .vanished import READ_ERRORS, check_opened, without_vanished
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ def pair_sums(base: TensorSource, tuned: TensorSource, pair: MatrixPair, config:
               workspace: Workspace | None = None) -> dict:
     """The per-vector sums of one pair along every requested axis.
 
-    Adapters give axis ``out`` in closed form (no ``B @ A``, see :mod:`dora_analysis.io.merge`);
+    Adapters give axis ``out`` in closed form (no ``B @ A``, see :mod:`dora_analysis.lowrank`);
     everything else streams the pair once, in row blocks, for all remaining axes.
     """
     sums, axes = {}, config.axes
@@ -376,8 +376,7 @@ def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None 
         # One tuned checkpoint open at a time: a long adapter series stays small.
         for ck in checkpoints:
             try:
-                with recording() as files, \
-                        open_checkpoint(ck.path, options, base=base_src) as src:
+                with recording() as files, open_tuned(ck.path, options, base_src) as src:
                     for note in src.notes:  # once per run: the run's own openings stay quiet
                         warnings.warn(note, AdapterWarning, stacklevel=2)
                     pairs, mismatches = plan_pairs(base_infos, matrix_infos(src), config,

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoints by the same paths (needs dora-analysis[dask])")
     p.add_argument("--token", metavar="TOKEN",
                    help="Hugging Face token for private or gated repos (default: HF_TOKEN)")
+    p.add_argument("--retries", type=_non_negative_int, metavar="N",
+                   help="retries of a transient network fault (5xx, 429, reset, timeout, short "
+                   "body) with backoff, within 60 s (default: DORA_ANALYSIS_RETRIES, else 4)")
     add_metric_options(p)
     add_cache_options(p)
     p.add_argument("-o", "--output", metavar="FILE",
@@ -188,6 +191,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}")
+    return value
+
+
 def add_metric_options(parser: argparse.ArgumentParser) -> None:
     """One switch per optional metric and one option per metric setting, from the registry."""
     group = parser.add_argument_group("metrics (beyond ΔM, ΔD and tangential_fraction)")
@@ -246,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         token=args.token,
         adapter_base=args.adapter_base,
+        retries=args.retries,
         workers=args.workers,
         **metric_config(args),
     )

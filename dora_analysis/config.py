@@ -72,6 +72,9 @@ class AnalysisConfig:
     adapter_base: str | None = None
     """Adapters: the base they were trained against when it is not BASE (PiSSA/OLoRA/CorDA's
     residual, LoftQ's quantized weights); the merge uses it, ΔM/ΔD stay measured against BASE."""
+    retries: int | None = None
+    """Remote reads: retries of a transient fault (5xx, 429, reset, timeout, short body) after the
+    first attempt; None: ``DORA_ANALYSIS_RETRIES``, else 4 (:mod:`dora_analysis.io.retry`)."""
     metrics: tuple[str, ...] = ()
     """Optional metrics to compute, by switch name (``("spectrum",)``); see
     :mod:`dora_analysis.metrics`. The always-on metrics need no switch."""
@@ -112,6 +115,9 @@ class AnalysisConfig:
                               f"got {self.block_elements!r}")
         if self.workers is not None and not whole(self.workers):
             raise ConfigError(f"--workers must be a positive whole number, got {self.workers!r}")
+        if self.retries is not None and (isinstance(self.retries, bool)
+                                         or not isinstance(self.retries, int) or self.retries < 0):
+            raise ConfigError(f"--retries must be a whole number ≥ 0, got {self.retries!r}")
         if self.token is not None and not isinstance(self.token, str):
             raise ConfigError("--token must be a string")  # never echoed: it is a secret
         if self.adapter_base is not None:
@@ -176,7 +182,7 @@ class AnalysisConfig:
 
         return ReadOptions(backend=self.io, lora_alpha=self.lora_alpha,
                            precision=self.precision, token=self.token,
-                           adapter_base=self.adapter_base)
+                           adapter_base=self.adapter_base, retries=self.retries)
 
     @property
     def axes(self) -> tuple[str, ...]:

@@ -18,13 +18,13 @@ import pandas as pd
 
 from .analysis import pair_sums, plan
 from .config import AnalysisConfig
-from .decompose import direction_change
+from .decompose import check_axis, direction_change
 from .errors import ConfigError, TensorMismatchError
 from .io.open import open_checkpoint
 from .metrics import intruders, linalg
 from .metrics.spectrum import delta_svd
 from .metrics.tangential import tangential_share
-from .pairs import PairView
+from .pairs import PairView, open_tuned
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,7 @@ def matrix_detail(base: str | Path, tuned: str | Path, name: str, *, axis: str =
         ...                   "model.layers.3.self_attn.q_proj.weight")
         >>> d.vectors().describe()  # doctest: +SKIP
     """
-    if not isinstance(axis, str) or axis not in ("out", "in"):
-        raise ConfigError(f"axis must be 'out' or 'in', got {axis!r}")
+    check_axis(axis)
     if not isinstance(name, str):
         raise ConfigError(f"name must be one parameter name (a string), got {name!r}")
     if expert is not None and (isinstance(expert, bool) or not isinstance(expert, int)):
@@ -108,7 +107,7 @@ def matrix_detail(base: str | Path, tuned: str | Path, name: str, *, axis: str =
             "; it is not an expert tensor (leave expert out)"))
     options = config.read_options
     with open_checkpoint(work.base, options) as base_src, \
-            open_checkpoint(job.checkpoint.path, options, base=base_src) as tuned_src:
+            open_tuned(job.checkpoint.path, options, base_src) as tuned_src:
         view = PairView(pairs[0], base_src, tuned_src, config,
                         pair_sums(base_src, tuned_src, pairs[0], config), axis)
         sums = view.sums()

@@ -326,6 +326,7 @@ class JobSources:
     def acquire(self, job: int) -> tuple[TensorSource, TensorSource, InOrder | None]:
         """The sources of a job, and the turn its unit must hold while it reads them (if any)."""
         from .io.open import open_checkpoint
+        from .pairs import open_tuned
 
         options = self.work.config.read_options
         with self._lock:
@@ -333,7 +334,7 @@ class JobSources:
                 self._base = open_checkpoint(self.work.base, options)
             if job not in self._tuned:
                 path = self.work.jobs[job].checkpoint.path
-                tuned = open_checkpoint(path, options, base=self._base)
+                tuned = open_tuned(path, options, self._base)
                 own = InOrder(self._positions[job])
                 turn = turns(self._base, tuned, self._shared_turn, lambda: own)
                 self._own_turns.append(own)

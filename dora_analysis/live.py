@@ -37,7 +37,7 @@ from .errors import (
 from .io.base import TensorSource
 from .io.memory import StateDictSource, base_weights, open_module
 from .io.open import open_checkpoint, resolve
-from .pairs import MatrixPair, Workspace
+from .pairs import MatrixPair, Workspace, merged
 
 Base = Ref | nn.Module | Mapping[str, torch.Tensor]
 
@@ -137,7 +137,7 @@ def check_model(model: nn.Module, base: Base, config: AnalysisConfig | None = No
     """
     config = config or AnalysisConfig()
     with open_base(base, config, model) as base_src, \
-            open_module(model, base_src, label) as model_src:
+            merged(open_module(model, base_src, label)) as model_src:
         model_pairs(model_src, base_src, config, label)
 
 
@@ -182,7 +182,7 @@ def analyze_model(
     elif isinstance(base, Mapping):
         refuse_shards(base.items(), "base")
     with torch.no_grad(), open_base(base, config, model) as base_src, \
-            open_module(model, base_src, label) as model_src:
+            merged(open_module(model, base_src, label)) as model_src:
         pairs = model_pairs(model_src, base_src, config, label)
         resolved = model_src.method if method == "auto" else method
         named = "" if isinstance(base, nn.Module | Mapping) else str(base)  # a module: no name

@@ -13,6 +13,10 @@ Reading: rows that a reader maps into memory (:meth:`~dora_analysis.io.base.Tens
 are handed to the kernel a whole piece at once, without a copy; others are read block by block
 into the worker's two reused buffers (:class:`Workspace`). The dense matrices are torch tensors,
 for the metrics that need them (torch is imported then, not before).
+
+Opening: :func:`open_tuned` opens a tuned checkpoint against its base; an adapter, which the
+readers hand out as factors, is merged with the base as it is read
+(:class:`~dora_analysis.merged.AdapterSource`).
 """
 
 from __future__ import annotations
@@ -32,13 +36,37 @@ from .decompose import (
     stored_axis,
     summarize,
 )
+from .io.adapter_checkpoint import AdapterCheckpoint
 from .io.base import TensorInfo, TensorSource
+from .io.open import open_checkpoint
+from .io.options import DEFAULT_OPTIONS, ReadOptions
 
 if TYPE_CHECKING:
     import torch
 
     from .config import AnalysisConfig
-    from .io.adapters import LowRankUpdate
+    from .io.factors import LowRankUpdate
+
+
+def open_tuned(path, options: ReadOptions = DEFAULT_OPTIONS, base: TensorSource | None = None
+               ) -> TensorSource:
+    """A tuned checkpoint (a local path or a remote URL) opened against ``base``: full weights
+    as the readers give them, an adapter merged with the base as read.
+
+    Example:
+        >>> with open_tuned("adapter/", base=open_checkpoint("base/")) as src:  # doctest: +SKIP
+        ...     w = src.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    """
+    return merged(open_checkpoint(path, options, base=base))
+
+
+def merged(opened: TensorSource | AdapterCheckpoint) -> TensorSource:
+    """What a reader opened, as weights: an adapter merged with its base, else as it is."""
+    if isinstance(opened, AdapterCheckpoint):
+        from .merged import AdapterSource  # torch: adapters only
+
+        return AdapterSource(opened.adapter, opened.base, trained_on=opened.trained_on)
+    return opened
 
 
 @dataclass(frozen=True)

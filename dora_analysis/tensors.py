@@ -27,7 +27,7 @@ from .config import AnalysisConfig
 from .decompose import check_axis
 from .io.adapters import Adapter, LowRankUpdate
 from .io.memory import StateDictSource
-from .io.merge import AdapterSource
+from .merged import AdapterSource
 from .metrics.arrays import float64, is_torch, stored
 from .pairs import MatrixPair, PairView, stream_sums
 

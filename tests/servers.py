@@ -6,8 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
+import struct
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -18,20 +22,45 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 SEND_PIECE = 1 << 20
 
 
+@dataclass
+class Fault:
+    """One fault a :class:`FileServer` injects into the next request it matches.
+
+    ``kind``: ``status`` (answer ``status``, with ``Retry-After: retry_after`` when given),
+    ``cut`` (announce the whole range, send ``fraction`` of it, close), ``reset`` (close with a
+    TCP reset before answering), ``stall`` (wait ``seconds``, then answer). ``before`` runs first
+    (e.g. to rewrite the file). Only ranged GETs match unless ``ranged`` is False.
+    """
+
+    kind: str
+    status: int = 503
+    retry_after: str | None = None
+    fraction: float = 0.5
+    seconds: float = 0.0
+    path: str = ""
+    ranged: bool = True
+    method: str = "GET"
+    before: Callable[[], None] | None = None
+
+
 class FileServer:
     """Serves ``root`` on 127.0.0.1 with single-range ``Range`` support.
 
     ``status`` maps a path regex to a forced status (403, 404 …); ``ranges=False`` makes the server
     ignore ``Range`` (answers 200 with the whole file); ``delay`` seconds before each GET answer.
-    ``sent`` counts body bytes sent; ``requests`` lists ``(method, path, range)``.
+    ``sent`` counts body bytes sent; ``requests`` lists ``(method, path, range)``. ``faults``
+    (a list of :class:`Fault`, consumed in order) are injected into the requests they match;
+    ``injected`` lists those that were.
     """
 
     def __init__(self, root: Path, *, ranges: bool = True, status: dict | None = None,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, faults: list[Fault] | None = None) -> None:
         self.root = Path(root)
         self.ranges = ranges
         self.status = status or {}
         self.delay = delay
+        self.faults = list(faults or [])
+        self.injected: list[Fault] = []
         self.sent = 0
         self.requests: list[tuple[str, str, str | None]] = []
         self._lock = threading.Lock()
@@ -56,6 +85,15 @@ class FileServer:
         with self._lock:
             self.sent, self.requests = 0, []
 
+    def take_fault(self, method: str, path: str, ranged: bool) -> Fault | None:
+        with self._lock:
+            for i, fault in enumerate(self.faults):
+                if (fault.method == method and (ranged or not fault.ranged)
+                        and re.search(fault.path, path)):
+                    self.injected.append(self.faults.pop(i))
+                    return fault
+        return None
+
     def route(self, method: str, path: str, handler: BaseHTTPRequestHandler) -> bool:
         """Hook for subclasses (the fake Hub's API); True when answered."""
         return False
@@ -77,6 +115,20 @@ class FileServer:
                 path = urlsplit(self.path).path
                 with server._lock:
                     server.requests.append((self.command, path, self.headers.get("Range")))
+                fault = server.take_fault(self.command, path, bool(self.headers.get("Range")))
+                cut = None
+                if fault is not None:
+                    if fault.before is not None:
+                        fault.before()
+                    if fault.kind == "status":
+                        extra = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+                        return self.send_json({"error": "injected"}, fault.status, extra)
+                    if fault.kind == "reset":
+                        return self.reset()
+                    if fault.kind == "stall":
+                        time.sleep(fault.seconds)
+                    if fault.kind == "cut":
+                        cut = fault.fraction
                 for pattern, code in server.status.items():
                     if re.search(pattern, path):
                         return self.send_json({"error": "forced"}, code)
@@ -85,7 +137,14 @@ class FileServer:
                 file = server.file_for(path)
                 if file is None:
                     return self.send_json({"error": "not found"}, 404)
-                self.send_file(file, head)
+                self.send_file(file, head, cut=cut)
+
+            def reset(self) -> None:
+                """Close with a TCP reset (SO_LINGER 0) instead of an answer."""
+                self.close_connection = True
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
+                self.connection.close()
 
             def send_json(self, obj, code: int = 200, headers: dict | None = None) -> None:
                 body = json.dumps(obj).encode()
@@ -98,7 +157,8 @@ class FileServer:
                 if self.command != "HEAD":
                     self.wfile.write(body)
 
-            def send_file(self, file: Path, head: bool, headers: dict | None = None) -> None:
+            def send_file(self, file: Path, head: bool, headers: dict | None = None,
+                          cut: float | None = None) -> None:
                 data = file.read_bytes()
                 start, stop, code = 0, len(data), 200
                 match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
@@ -120,6 +180,12 @@ class FileServer:
                 if head:
                     return
                 body = memoryview(data)[start:stop]
+                if cut is not None:  # a body cut mid-way: part of it, then the connection ends
+                    self.close_connection = True
+                    self.wfile.write(body[:int(len(body) * cut)])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 # In pieces, each counted once written: a client that stops reading and closes
                 # ends the answer, and `sent` then counts what left before (plus socket buffers).
                 for at in range(0, len(body), SEND_PIECE):

@@ -23,7 +23,7 @@ from dora_analysis.errors import CheckpointFormatError, ConfigError
 from dora_analysis.executors import MemoryBudget, plan_units, run_local, splittable
 from dora_analysis.io.open import open_checkpoint
 from dora_analysis.metrics.base import Metric
-from dora_analysis.pairs import PIECE_BLOCKS, pieces
+from dora_analysis.pairs import PIECE_BLOCKS, open_tuned, pieces
 from tests.common import WIDE_BLOCK, perturb, wide_state
 
 
@@ -53,7 +53,7 @@ def job_by_job(work) -> pd.DataFrame:
     options = work.config.read_options
     with open_checkpoint(work.base, options) as base:
         for job in work.jobs:
-            with open_checkpoint(job.checkpoint.path, options, base=base) as tuned:
+            with open_tuned(job.checkpoint.path, options, base=base) as tuned:
                 records += run_job(job, base, tuned, work.config)
     return to_frame(records, work.config)
 

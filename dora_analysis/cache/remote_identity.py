@@ -24,7 +24,7 @@ _SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
 def remote_identity(url, token: str | None = None) -> Identity | None:
     """The identity of the checkpoint at ``url`` (a :class:`~dora_analysis.io.remote.Url`), or
     None when a file of it reports no content id, or the storage cannot be asked."""
-    from ..io.remote import content_version, filesystem
+    from ..io.remote_file import content_version, filesystem
 
     fs, path = filesystem(url, token)
     listable = url.scheme not in ("http", "https")

@@ -229,6 +229,7 @@ class _WorkerSources:
                 ) -> tuple[tuple, tuple, TensorSource, TensorSource, threading.Lock | None]:
         """The job's sources (opened on first use), and the lock its unit must read under."""
         from ..io.open import open_checkpoint
+        from ..pairs import open_tuned
 
         base_key = (run_id, "base", base, options)
         tuned_key = (run_id, "tuned", tuned, base, options)
@@ -240,7 +241,7 @@ class _WorkerSources:
             base_src = self._open[base_key]
             try:
                 if tuned_key not in self._open:
-                    src = open_checkpoint(tuned, options, base=base_src)
+                    src = open_tuned(tuned, options, base_src)
                     turn = turns(base_src, src, self._shared_turns[base_key], threading.Lock)
                     self._open[tuned_key], self._turns[tuned_key] = src, turn
             except BaseException:

@@ -50,75 +50,15 @@ from .detect import (  # noqa: F401 - re-exported: where readers looked for them
     has_adapter_weights,
     is_adapter_folder,
 )
+from .factors import LowRankUpdate
 from .guard import shown
 from .jsonfile import parse_json_object, read_json_object
+from .keys import PEFT_PREFIX
 from .peft_config import LoraSettings, check_peft_type, finite_positive, lora_settings
 from .safetensors import SafetensorsFile
 from .torch_bin import TorchFile
 
 F64 = torch.float64
-
-
-@dataclass
-class LowRankUpdate:
-    """``ΔW = scale · B @ A`` for one weight (PEFT orientation), plus DoRA's magnitude if any."""
-
-    lora_a: torch.Tensor | None
-    """(r, in_flat), as stored (kept small: float64 only while one weight is merged); None for a
-    magnitude-only module."""
-    lora_b: torch.Tensor | None
-    """(out, r), as stored."""
-    scale: float
-    magnitude: torch.Tensor | None = None
-    """DoRA magnitude, float64, one entry per vector along ``magnitude_axis``."""
-    magnitude_axis: Axis = "out"
-    stored_in_out: bool = False
-    """The base weight is stored ``(in, out)`` (embeddings; ``Conv1D`` in a live model)."""
-    fan_in_fan_out: bool = False
-    """PEFT's ``fan_in_fan_out``: stored ``(in, out)`` where the factors fit that way round."""
-    dtype: torch.dtype = torch.float32
-    """Stored dtype of the adapter tensors."""
-    experts: int = 0
-    """PEFT ``target_parameters`` on a 3-D MoE tensor: the number of experts whose factors are
-    stacked in ``lora_a`` ``(r·E, in)`` and ``lora_b`` ``(out, r·E)``; 0 for an ordinary weight."""
-    truncate_base: int = 0
-    """KaSA: the base's smallest singular components dropped before the update is added
-    (``W' = W0 − U_d S_d V_dᵀ + s·B·A``, ``d`` = this many); resolved against the base by
-    :func:`~dora_analysis.io.merge.kasa_update`."""
-    token_rows: tuple[torch.Tensor, torch.Tensor] | None = None
-    """PEFT ``trainable_token_indices``: ``(ids, rows)`` — stored rows ``ids`` of the weight are
-    replaced by ``rows`` ``(len(ids), cols)``."""
-
-    @property
-    def rank(self) -> int:
-        return 0 if self.lora_a is None else self.lora_a.shape[0]
-
-    @property
-    def exact_low_rank(self) -> bool:
-        """Whether ΔW against the base is ``scale · B @ A`` alone (no magnitude, no base
-        truncation, no replaced rows)."""
-        return (self.magnitude is None and self.rank > 0 and not self.experts
-                and not self.truncate_base and self.token_rows is None)
-
-    def expert_factors(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A_e, B_e)`` of one expert, float64, ``(r, in)`` and ``(out, r)``.
-
-        PEFT's ``ParamWrapper`` stacks A expert-major (``A.view(E, r, in)``) but B expert-minor
-        (``B.view(out, r, E)``); ``ΔW_e = s · B_e @ A_e``.
-        """
-        a, b = self.factors()
-        e = self.experts
-        return a.reshape(e, -1, a.shape[-1])[expert], b.reshape(b.shape[0], -1, e)[:, :, expert]
-
-    def shape(self) -> tuple[int, int] | None:
-        """``(out, in_flat)`` implied by the adapter, or None when only a magnitude is stored."""
-        if self.lora_a is None or self.lora_b is None:
-            return None
-        return self.lora_b.shape[0], self.lora_a.shape[1]
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` in float64."""
-        return self.lora_a.to(F64), self.lora_b.to(F64)
 
 
 @dataclass
@@ -153,9 +93,6 @@ class Adapter:
 
 
 # --- reading adapter files -----------------------------------------------------------------
-
-_PEFT_PREFIX = "base_model.model."
-
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (small) adapter file: safetensors, or a pickle via weights_only."""
@@ -222,7 +159,7 @@ def _group(tensors: dict[str, torch.Tensor], pattern: re.Pattern) -> tuple[dict,
     modules: dict[str, dict[str, torch.Tensor]] = {}
     rest = {}
     for key, value in tensors.items():
-        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        name = key.removeprefix(PEFT_PREFIX)
         match = pattern.match(name)
         if match:
             part = match.group("part").removesuffix(".weight")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from .adapters import LowRankUpdate
+    from .factors import LowRankUpdate
 
 #: Per-output-channel ``(|w0|², |wt|², |wt − w0|²)``, float64 arrays (an adapter's closed form).
 ChannelSums = tuple["np.ndarray", "np.ndarray", "np.ndarray"]

@@ -43,7 +43,7 @@ from .base import TensorInfo, TensorSource
 from .detect import LATEST_FILE, MODEL_STATES_12, find_zero, is_zero_folder  # noqa: F401
 from .dtypes import name_of
 from .guard import confined
-from .torch_bin import TorchFile, _torch_load
+from .torch_bin import TorchFile, torch_load
 
 log = logging.getLogger("dora_analysis")
 
@@ -75,7 +75,7 @@ class _StandIn:
 def _load(path: Path) -> dict:
     """One ZeRO file, ``weights_only`` and memory-mapped, DeepSpeed classes as stand-ins."""
     with torch.serialization.safe_globals([(_StandIn, name) for name in DEEPSPEED_GLOBALS]):
-        obj = _torch_load(path)
+        obj = torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointFormatError(f"{path}: not a DeepSpeed checkpoint file (holds a "
                                     f"{type(obj).__name__}); copy the checkpoint again")

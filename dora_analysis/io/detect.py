@@ -19,6 +19,8 @@ from .refs import TRAINER_DCP_FOLDERS
 
 # --- adapters ----------------------------------------------------------------------------------
 
+#: The file that makes a folder a PEFT adapter.
+ADAPTER_CONFIG = "adapter_config.json"
 #: A PEFT adapter folder's weights, in order of preference.
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
 #: Single adapter files without a PEFT config, recognised by a key suffix: (format, suffixes;
@@ -38,7 +40,7 @@ def adapter_format(keys: list[str]) -> str | None:
 
 
 def is_adapter_folder(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file()
+    return (folder / ADAPTER_CONFIG).is_file()
 
 
 def has_adapter_weights(folder: Path) -> bool:
@@ -48,6 +50,8 @@ def has_adapter_weights(folder: Path) -> bool:
 # --- PyTorch Distributed Checkpoint ------------------------------------------------------------
 
 METADATA_FILE = ".metadata"
+#: The suffix of a DCP save's data files.
+DCP_SUFFIX = ".distcp"
 
 
 def is_dcp_folder(path: Path) -> bool:

@@ -44,6 +44,7 @@ from ..errors import (
     UnsafeCheckpointError,
 )
 from . import identity
+from .printable import shown
 
 try:
     import fcntl
@@ -58,17 +59,6 @@ IO_BACKENDS: tuple[str, ...] = ("mmap", "pread")
 #: poll ``F_GETLEASE`` instead of handling it (the default, SIGIO, would end the process).
 LEASE_SIGNAL = signal.SIGURG
 _PROC_FD = Path("/proc/self/fd").is_dir()
-
-
-def shown(path: object) -> str:
-    """A path (or URL) as it may be printed: bytes that are not UTF-8 become ``\\xNN`` escapes.
-
-    Example:
-        >>> shown(os.fsdecode(b"tuned\\xff.safetensors"))
-        'tuned\\\\xff.safetensors'
-    """
-    text = path if isinstance(path, (str, bytes, os.PathLike)) else str(path)
-    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def path_kind(path: str | os.PathLike) -> str | None:

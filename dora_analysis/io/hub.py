@@ -18,13 +18,9 @@ from ..errors import CheckpointNotFoundError
 
 _TRUE = {"1", "true", "yes", "on"}
 
-#: What to fetch after the JSON files, by what they reveal; first match wins.
-WEIGHT_CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("adapter_config.json", ("adapter_model.safetensors", "adapter_model.bin")),
-    ("model.safetensors.index.json", ()),  # the shards named by the index
-    ("pytorch_model.bin.index.json", ()),
-    ("", ("model.safetensors", "pytorch_model.bin", "*.safetensors")),
-)
+#: What to fetch after the JSON files, by what they reveal (a marker file, then the patterns;
+#: first match wins): :data:`dora_analysis.io.formats.HUB_WEIGHT_CHOICES`, given by the caller.
+Choices = tuple[tuple[str, tuple[str, ...]], ...]
 
 
 @dataclass(frozen=True)
@@ -106,9 +102,9 @@ def filesystem(token: str | None = None):
                         skip_instance_cache=True)
 
 
-def _weight_patterns(folder: Path) -> list[list[str]]:
+def _weight_patterns(folder: Path, choices: Choices) -> list[list[str]]:
     """Candidate pattern lists for the weights, in order of preference."""
-    for marker, files in WEIGHT_CHOICES:
+    for marker, files in choices:
         if marker and not (folder / marker).is_file():
             continue
         if marker.endswith(".index.json"):
@@ -121,15 +117,16 @@ def _weight_patterns(folder: Path) -> list[list[str]]:
     return []
 
 
-def snapshot(repo: str, revision: str | None = None, *, token: str | None = None) -> Snapshot:
+def snapshot(repo: str, revision: str | None = None, *, token: str | None = None,
+             choices: Choices) -> Snapshot:
     """Fetch (or find in the cache) the files a checkpoint needs; returns where they are.
 
     Example:
-        >>> snap = snapshot("org/model", "main")  # doctest: +SKIP
+        >>> snap = snapshot("org/model", "main", choices=HUB_WEIGHT_CHOICES)  # doctest: +SKIP
         >>> snap.folder, snap.commit  # doctest: +SKIP
     """
     folder = _download(repo, revision, ["*.json"], token)
-    for patterns in _weight_patterns(folder):
+    for patterns in _weight_patterns(folder, choices):
         folder = _download(repo, revision, patterns, token)
         if all(any(folder.glob(p)) for p in patterns):
             return Snapshot(repo, folder.name, folder)

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..errors import CheckpointChangedError
+from .printable import shown
 
 _STATE = threading.local()
 
@@ -100,8 +101,6 @@ def opened(path: str | os.PathLike, st: os.stat_result) -> None:
 
 def check(path: str, planned: FileIdentity, now: FileIdentity) -> None:
     """Raise :class:`CheckpointChangedError` if ``now`` is not the file that was planned."""
-    from .guard import shown
-
     if now.size != planned.size:
         what = f"changed since planning: {planned.size} bytes then, {now.size} now"
     elif now.mtime_ns != planned.mtime_ns:

@@ -10,8 +10,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+#: What PEFT puts in front of the model's names (``PeftModel.state_dict()``, saved adapters).
+PEFT_PREFIX = "base_model.model."
 #: Wrappers that training frameworks put in front of the model's own names.
-WRAPPER_PREFIXES: tuple[str, ...] = ("base_model.model.", "module.", "_orig_mod.", "model.")
+WRAPPER_PREFIXES: tuple[str, ...] = (PEFT_PREFIX, "module.", "_orig_mod.", "model.")
 
 #: (regex on the module path, kind). Searched in order; the first match names the kind.
 MODULE_KINDS: tuple[tuple[str, str], ...] = (

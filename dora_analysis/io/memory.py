@@ -5,7 +5,7 @@ A module with LoRA/DoRA layers — PEFT's (``lora_A["default"]`` …) or this pr
 :class:`~dora_analysis.io.adapters.Adapter` that reading its saved PEFT folder gives: the
 factors, the scale each layer uses, DoRA's magnitude, the orientation (``fan_in_fan_out``,
 embeddings), and the weights trained in full next to them. Merged with a base by
-:class:`~dora_analysis.io.merge.AdapterSource`, it is analysed by the code that analyses saved
+:class:`~dora_analysis.merged.AdapterSource`, it is analysed by the code that analyses saved
 adapters. Any other module is read as full weights from its state dict.
 
 Example:
@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .adapters import Adapter, LowRankUpdate
+from .adapter_checkpoint import AdapterCheckpoint
+from .adapters import Adapter
 from .base import TensorSource
-from .merge import AdapterSource
+from .factors import LowRankUpdate
+from .keys import PEFT_PREFIX
 
 F64 = torch.float64
-PEFT_PREFIX = "base_model.model."
 
 
 class StateDictSource(TensorSource):
@@ -228,10 +229,11 @@ def base_weights(module: nn.Module, label: str = "base") -> dict[str, torch.Tens
     return weights
 
 
-def open_module(model: nn.Module, base: TensorSource, label: str = "<model>") -> TensorSource:
-    """A live module as a tuned checkpoint: merged with ``base`` as read if it carries
-    adapters, else its own state dict (full weights)."""
+def open_module(model: nn.Module, base: TensorSource, label: str = "<model>"
+                ) -> TensorSource | AdapterCheckpoint:
+    """A live module as a tuned checkpoint: its adapter against ``base`` if it carries one
+    (merged by :func:`dora_analysis.merged.merged`), else its own state dict (full weights)."""
     adapter = module_adapter(model, label)
     if adapter is not None:
-        return AdapterSource(adapter, base)
+        return AdapterCheckpoint(adapter, base)
     return StateDictSource(model.state_dict(), label)

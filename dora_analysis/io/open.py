@@ -20,16 +20,11 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import (
-    CheckpointFormatError,
-    CheckpointNotFoundError,
-    ConfigError,
-    DoraAnalysisError,
-)
+from ..errors import CheckpointFormatError, CheckpointNotFoundError, DoraAnalysisError
 from .base import TensorSource
 from .detect import (
     ADAPTER_WEIGHT_FILES,
@@ -39,11 +34,12 @@ from .detect import (
     has_adapter_weights,
     is_adapter_folder,
 )
-from .guard import IO_BACKENDS, confined, not_found, not_regular, path_kind, shown
+from .formats import FOLDER_FILES, HUB_WEIGHT_CHOICES, INDEX, SUFFIXES, format_of
+from .guard import confined, not_found, not_regular, path_kind, shown
+from .options import DEFAULT_OPTIONS, ReadOptions
 from .quant import dequantized
 from .refs import TRAINER_DCP_FOLDERS, CheckpointRef, series_steps, step_of
-from .remote import DEFAULT_TIMEOUT, Url, open_remote
-from .safetensors import SafetensorsFile
+from .remote import Url, open_remote
 from .sharded import ShardedCheckpoint
 from .tied import with_tied_heads
 
@@ -53,57 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dora_analysis")
 
 
-@dataclass(frozen=True)
-class ReadOptions:
-    """How checkpoints are read (shared by every format; each uses what applies to it)."""
-
-    backend: str = "mmap"
-    """Safetensors: ``mmap`` (touched pages count in RSS as page cache) or ``pread``."""
-    lora_alpha: float | None = None
-    """Adapters that do not store alpha (torchtune): the alpha they were trained with."""
-    precision: str = "auto"
-    """``auto`` reads the weights as the checkpoint stores them for inference; ``fp32`` asks for
-    full-precision master weights where the format keeps them (DeepSpeed ZeRO)."""
-    token: str | None = field(default=None, repr=False)
-    """Hugging Face token for private repos (default: ``HF_TOKEN``); never printed."""
-    adapter_base: str | None = None
-    """Adapters: a reference to the base they were trained against when it is not BASE."""
-    timeout: float = DEFAULT_TIMEOUT
-    """Remote storage: seconds before a connection or a read is given up."""
-
-    def __post_init__(self) -> None:
-        if self.backend not in IO_BACKENDS:
-            raise ConfigError(f"--io must be one of {', '.join(IO_BACKENDS)}, got {self.backend!r}")
-
-
-Opener = Callable[[Path, ReadOptions], TensorSource]
-
-def _torch_file(path: Path, options: ReadOptions) -> TensorSource:
-    from .torch_bin import TorchFile  # torch only for pickles
-
-    return TorchFile(path)
-
-
-#: Checkpoint files by suffix.
-FILE_SUFFIXES: dict[str, Opener] = {
-    ".safetensors": lambda p, o: SafetensorsFile(p, o.backend),
-    ".bin": _torch_file,
-    ".pt": _torch_file,
-    ".pth": _torch_file,
-}
-
-#: Files that make a folder a model checkpoint, in order of preference. transformers' weight
-#: variants (``save_pretrained(variant="fp16")``) insert ``.<variant>`` before the last suffix:
-#: ``model.fp16.safetensors``, ``model.safetensors.index.fp16.json``.
-FOLDER_FILES: tuple[str, ...] = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-#: A shard index, plain or of a variant: ``<stem>.<format suffix>.index[.<variant>].json``.
+#: A shard of a sharded file (``model-00001-of-00002``), not a weight variant.
 _SHARD = re.compile(r"-\d+-of-\d+$")
-_INDEX = re.compile(r"^.+?(?P<suffix>\.[A-Za-z0-9]+)\.index(?:\.[\w-]+)?\.json$")
 
 
 def variant_name(file: str, variant: str) -> str:
@@ -130,18 +77,17 @@ def folder_variants(path: Path) -> dict[str, Path]:
     return found
 
 
-def open_file(path: Path, options: ReadOptions = ReadOptions()) -> TensorSource:
-    """One checkpoint file (or a shard index), chosen by suffix; no dequantization."""
-    index = _INDEX.match(path.name)
-    if index:
-        inner = FILE_SUFFIXES.get(index.group("suffix"))
-        if inner is not None:
-            return ShardedCheckpoint(path, lambda shard: inner(shard, options))
-    opener = FILE_SUFFIXES.get(path.suffix)
-    if opener is None:
-        known = ", ".join(FILE_SUFFIXES)
+def open_file(path: Path, options: ReadOptions = DEFAULT_OPTIONS,
+              base: TensorSource | None = None) -> TensorSource:
+    """One checkpoint file (or a shard index), by its format (:mod:`dora_analysis.io.formats`);
+    no dequantization. ``base`` is what the file is compared with (GGUF takes its names)."""
+    fmt = format_of(path.name)
+    if fmt is None:
+        known = ", ".join(SUFFIXES)
         raise CheckpointFormatError(f"{path}: unknown checkpoint file type (expected {known})")
-    return opener(path, options)
+    if INDEX.match(path.name):
+        return ShardedCheckpoint(path, lambda shard: fmt.open(shard, options, base))
+    return fmt.open(path, options, base)
 
 
 def _model_folder_file(path: Path) -> Path | None:
@@ -174,26 +120,26 @@ def _confine_adapter_files(folder: Path) -> None:
 
 
 def _open_adapter_folder(path: Path, options: ReadOptions, base: TensorSource) -> TensorSource:
+    from .adapter_checkpoint import AdapterCheckpoint
     from .adapters import read_peft
-    from .merge import AdapterSource
 
     _confine_adapter_files(path)
     adapter = read_peft(path, adapter_base_given=options.adapter_base is not None)
-    return AdapterSource(adapter, base, trained_on=trained_on(options))
+    return AdapterCheckpoint(adapter, base, trained_on=trained_on(options))
 
 
 def _open_file(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
-    src = open_file(path, options)
+    src = open_file(path, options, base)
     if adapter_format(src.keys()) is None:  # single adapter files: torchtune, LyCORIS/kohya
         return dequantized(src)
     src.close()
     if base is None:
         raise _adapter_as_base(path)
+    from .adapter_checkpoint import AdapterCheckpoint
     from .adapters import load_tensors, read_adapter_file
-    from .merge import AdapterSource
 
     adapter = read_adapter_file(path, load_tensors(path), lora_alpha=options.lora_alpha)
-    return AdapterSource(adapter, base, trained_on=trained_on(options))
+    return AdapterCheckpoint(adapter, base, trained_on=trained_on(options))
 
 
 def _gone_meanwhile(path: Path) -> CheckpointNotFoundError:
@@ -208,7 +154,7 @@ def _open_model_folder(path: Path, options: ReadOptions, base: TensorSource | No
     file = _model_folder_file(path)
     if file is None:
         raise _gone_meanwhile(path)
-    return dequantized(open_file(file, options))
+    return dequantized(open_file(file, options, base))
 
 
 def _open_zero(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
@@ -247,8 +193,8 @@ def _open_dcp_adapter(src: DcpCheckpoint, options: ReadOptions, base: TensorSour
             "(model.peft_config['default'].save_pretrained(folder) writes it)")
     if base is None:
         raise _adapter_as_base(src.path)
+    from .adapter_checkpoint import AdapterCheckpoint
     from .adapters import peft_adapter, read_config
-    from .merge import AdapterSource
 
     _confine_adapter_files(folder)
     # accelerate saves {"model": get_peft_model_state_dict(model)}: PEFT's names behind "model."
@@ -256,7 +202,7 @@ def _open_dcp_adapter(src: DcpCheckpoint, options: ReadOptions, base: TensorSour
                src.get_tensor(k) for k in src.keys()}
     adapter = peft_adapter(read_config(folder), tensors, folder, src.path,
                            adapter_base_given=options.adapter_base is not None)
-    return AdapterSource(adapter, base, trained_on=trained_on(options))
+    return AdapterCheckpoint(adapter, base, trained_on=trained_on(options))
 
 
 def dcp_adapter_config_folders(dcp: Path) -> list[Path]:
@@ -307,7 +253,7 @@ def _adapter_as_base(path: Path) -> CheckpointFormatError:
                                  "weights as BASE and the adapter as TUNED")
 
 
-def open_checkpoint(path: str | Path | Url, options: ReadOptions = ReadOptions(), *,
+def open_checkpoint(path: str | Path | Url, options: ReadOptions = DEFAULT_OPTIONS, *,
                     base: TensorSource | None = None) -> TensorSource:
     """Open a local checkpoint lazily, by the first format in :data:`FORMATS` that fits.
 
@@ -377,6 +323,6 @@ def resolve(ref: CheckpointRef, token: str | None = None) -> tuple[Path | Url, s
         return ref.path, str(ref)
     from . import hub  # only here: huggingface_hub is imported on demand
 
-    snap = hub.snapshot(ref.repo, ref.revision, token=token)
+    snap = hub.snapshot(ref.repo, ref.revision, token=token, choices=HUB_WEIGHT_CHOICES)
     log.info("%s resolved to commit %s", ref, snap.commit)
     return snap.folder, str(snap)

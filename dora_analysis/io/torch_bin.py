@@ -36,7 +36,7 @@ class TorchFile(TensorSource):
         self.path = Path(path)
         self._guard = GuardedFile(self.path)
         try:
-            loaded = _torch_load(self.path, self._guard.open_path)
+            loaded = torch_load(self.path, self._guard.open_path)
             self._tensors = _tensor_dict(loaded, self.path, self.WRAPPER_KEYS)
         except BaseException:
             self._guard.close()
@@ -70,7 +70,7 @@ class TorchFile(TensorSource):
         self._guard.close()
 
 
-def _torch_load(path: Path, open_path: str | None = None) -> object:
+def torch_load(path: Path, open_path: str | None = None) -> object:
     """``path`` loaded with ``weights_only=True``; ``open_path`` is another name of the same
     file to open it by (a descriptor's ``/proc/self/fd/N``)."""
     open_path = open_path or str(path)

@@ -15,10 +15,9 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..errors import ConfigError
-from ..io.keys import module_kind
+from ..io.keys import PEFT_PREFIX, module_kind
 from .layers import ADAPTABLE, DoRALayer, LoRAConv1D, LoRALayer, adapter_classes
 
-PEFT_PREFIX = "base_model.model."
 AUTO = "auto"
 #: Parameter names that an adapter layer adds (PEFT's names behind ``PEFT_PREFIX``).
 ADAPTER_PARAM = re.compile(r"\.lora_(A\.weight|B\.weight|embedding_A|embedding_B|"

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import dora_analysis as da
 from dora_analysis import columns as C
 from dora_analysis.io.open import open_checkpoint
+from dora_analysis.pairs import open_tuned
 
 pm = pytest.importorskip("tests.peft_models")
 
@@ -62,7 +63,7 @@ def test_closed_form_matches_materialised_merge_tightly(cases):
 def test_merged_dora_rows_have_the_magnitude_as_norm(cases):
     case = cases["dora"]
     with open_checkpoint(case.base) as base:
-        src = open_checkpoint(case.adapter, base=base)
+        src = open_tuned(case.adapter, base=base)
         adapter = load_file(str(case.adapter / "adapter_model.safetensors"))
         for module in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
             merged = src.get_tensor(module + ".weight")
@@ -73,7 +74,7 @@ def test_merged_dora_rows_have_the_magnitude_as_norm(cases):
 def test_conv1d_dora_magnitude_is_per_output_column(cases):
     case = cases["gpt2_dora"]
     with open_checkpoint(case.base) as base:
-        src = open_checkpoint(case.adapter, base=base)
+        src = open_tuned(case.adapter, base=base)
         merged = src.get_tensor("transformer.h.0.attn.c_attn.weight")  # stored (in=32, out=96)
         ref = load_file(str(case.merged))["transformer.h.0.attn.c_attn.weight"].double()
         assert merged.shape == (32, 96)
@@ -83,7 +84,7 @@ def test_conv1d_dora_magnitude_is_per_output_column(cases):
 def test_rank_and_alpha_patterns_are_honoured(cases):
     case = cases["patterns"]
     with open_checkpoint(case.base) as base:
-        src = open_checkpoint(case.adapter, base=base)
+        src = open_tuned(case.adapter, base=base)
         v = src.targets["model.layers.0.self_attn.v_proj.weight"][0]
         down = src.targets["model.layers.0.mlp.down_proj.weight"][0]
         q = src.targets["model.layers.0.self_attn.q_proj.weight"][0]
@@ -94,7 +95,7 @@ def test_rank_and_alpha_patterns_are_honoured(cases):
 
 def test_rslora_scaling(cases):
     with open_checkpoint(cases["rslora"].base) as base:
-        src = open_checkpoint(cases["rslora"].adapter, base=base)
+        src = open_tuned(cases["rslora"].adapter, base=base)
         update = src.targets["model.layers.0.self_attn.q_proj.weight"][0]
     assert update.scale == pytest.approx(8 / 2.0)  # alpha / sqrt(r), r = 4
 
@@ -148,7 +149,7 @@ def test_kasa_merges_into_the_truncated_base(variants):
     case = variants["kasa"]
     name = "model.layers.1.mlp.down_proj.weight"  # (32, 48)
     with open_checkpoint(case.base) as base:
-        src = open_checkpoint(case.adapter, base=base)
+        src = open_tuned(case.adapter, base=base)
         merged = src.get_tensor(name)
         update = src.low_rank(name)
     ref = load_file(str(case.merged))[name]

@@ -22,10 +22,10 @@ from dora_analysis.errors import (
     ConfigError,
     SkippedFoldersWarning,
 )
-from dora_analysis.io import remote as remote_module
 from dora_analysis.io.open import ReadOptions, open_checkpoint, resolve
 from dora_analysis.io.refs import CheckpointRef
 from dora_analysis.io.remote import RemoteSafetensors, Url
+from dora_analysis.io.remote_safetensors import forget_headers
 from tests.common import perturb, write_sharded
 from tests.servers import FakeHub, FileServer
 
@@ -74,7 +74,7 @@ def same(a: pd.DataFrame, b: pd.DataFrame) -> None:
 
 def test_http_file_equals_local_and_reads_only_selected_tensors(root, server):
     server.reset()
-    remote_module._HEADERS.clear()
+    forget_headers()
     remote = da.analyze(f"{server.url}/base.safetensors", f"{server.url}/tuned.safetensors",
                         modules=("q", "v"))[NUMBERS]
     same(remote, local_table(root, modules=("q", "v")))
@@ -92,7 +92,7 @@ def test_http_file_equals_local_and_reads_only_selected_tensors(root, server):
 
 def test_a_small_selection_stays_within_the_byte_budget(root, server):
     server.reset()
-    remote_module._HEADERS.clear()
+    forget_headers()
     da.analyze(f"{server.url}/base.safetensors", f"{server.url}/tuned.safetensors",
                modules=("k",))
     base = big_state(0)

@@ -23,8 +23,9 @@ and a rank-16 LoRA adapter of the same base (PEFT's file layout), then times, be
 * ``intruders, warm``   — the same with W0's basis cached (every later checkpoint of a series);
 * ``plain``, ``LoRA plain``, ``LoRA spectrum`` — for scale;
 * the options of issue 23, against ``plain`` (``LoRA …``: against ``LoRA plain``):
-  ``sparsity`` (dense, O(N)), ``drift`` (values-only SVDs of W0 and Wt, their top-16 subspaces
-  by Lanczos), ``weightwatcher`` (the library on W0 and Wt; left out when it is not installed),
+  ``sparsity`` (one pass over the stored rows), ``drift`` (the Gram matrices of W0 and Wt:
+  eigenvalues and top-16 subspaces, certified), ``weightwatcher`` (the library on W0 and Wt;
+  left out when it is not installed),
   ``cross-run, 2 runs`` (``compare_runs`` of two FT-like runs: both updates read, the four
   measures of their one pair), ``LoRA sparsity`` (the merge rounded to the base's dtype),
   ``LoRA cross-run`` (two adapters: cosine and subspaces from the factors, ΔW materialised for

@@ -223,6 +223,17 @@ class PairView:
             self._dense[key] = w.T if self.pair.transposed else w  # (out, in)
         return self._dense[key]
 
+    def stored_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W0, Wt)`` in their stored dtypes (no float64 copy), output channels as rows (a
+        transposed view for a transposed layout); not cached. For the storage measures of a
+        full checkpoint; an adapter's Wt is a merge, see :meth:`weights`."""
+        rows, _ = self.pair.matrix_shape
+        out = []
+        for source, name in ((self.base, self.pair.name), (self.tuned, self.pair.tuned_name)):
+            w = read_rows(source, name, self.pair, 0, rows).reshape(rows, -1)
+            out.append(w.T if self.pair.transposed else w)
+        return out[0], out[1]
+
     def base_weight(self) -> torch.Tensor:
         """W0 dense in float64, output channels as rows (read on first call; the tuned weight
         is not read, so an adapter is not merged)."""

@@ -246,3 +246,30 @@ def intruder_status(coefficients: np.ndarray, groups: Clusters, margin: np.ndarr
     status[np.all(upper < eps, axis=0)] = 1
     status[np.any(lower >= eps, axis=0)] = 0
     return status
+
+
+def norm_ratio_error(num: float, num_error: float, den: float, den_error: float) -> float:
+    """A bound on |N/M − N̂/M̂| when |N − N̂| ≤ ``num_error`` and |M − M̂| ≤ ``den_error``
+    (``num`` = N̂, ``den`` = M̂ > 0): ``(num_error + (N̂/M̂)·den_error) / (M̂ − den_error)``;
+    inf when the denominator is not certainly positive. ``--drift``'s spectral drift: N̂ =
+    ‖σ̂(Wt) − σ̂(W0)‖₂, M̂ = ‖σ̂(W0)‖₂, whose errors are at most ‖e₀ + e_t‖₂ and ‖e₀‖₂ for
+    per-value bounds |σ̂ᵢ − σᵢ| ≤ eᵢ (triangle inequality; the evaluation's own rounding,
+    c(n) relative, is added by the caller)."""
+    if not den - den_error > 0:
+        return math.inf
+    return (num_error + num / den * den_error) / (den - den_error)
+
+
+def overlap_error(angle_a: float, angle_b: float, k: int, length: int) -> float:
+    """A bound on the error of ‖ÃᵀB̃‖²_F / k against the exact ‖AᵀB‖²_F / k for k-column bases
+    whose subspaces are within ``angle_a``, ``angle_b`` of the exact ones (‖sinΘ‖_F, e.g.
+    Wedin's η of :func:`subspace_error`), vectors of ``length`` entries.
+
+    With P = AAᵀ the orthogonal projectors, ‖AᵀB‖²_F = ⟨P_A, P_B⟩_F and ‖P̃ − P‖_F = √2·‖sinΘ‖_F,
+    so |⟨P̃_A, P̃_B⟩ − ⟨P_A, P_B⟩| ≤ √k·(‖P̃_A − P_A‖_F + ‖P̃_B − P_B‖_F) ≤ √(2k)·(η_a + η_b);
+    the k² inner products of ÃᵀB̃ add c(length) each (unit vectors), 2√k·c(length) to the mean.
+    """
+    if not (math.isfinite(angle_a) and math.isfinite(angle_b)) or k <= 0:
+        return math.inf
+    return math.sqrt(2.0) * (angle_a + angle_b) / math.sqrt(k) + 2 * math.sqrt(k) * rounding(
+        length)

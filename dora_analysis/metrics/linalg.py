@@ -48,8 +48,8 @@ def device_name(text: str) -> str:
     return text
 
 
-DEVICE = Setting("device", "cpu", "where the SVDs of --spectrum and --intruders run: cpu, cuda "
-                 "or cuda:N (a GPU; float64 there too)", type=str, check=device_name)
+DEVICE = Setting("device", "cpu", "where the SVDs of --spectrum, --intruders and --drift run: "
+                 "cpu, cuda or cuda:N (a GPU; float64 there too)", type=str, check=device_name)
 
 
 def resolve_device(text: str | torch.device) -> torch.device:

@@ -94,12 +94,19 @@ def merged_weight(w0: Any, b: Any, a: Any, scale: float) -> Stored:
     return rounded(base.values() + scale * (float64(b) @ float64(a)), base.dtype)
 
 
+#: Elements per block of :func:`update_sparsity`: its float64 temporaries (a few MiB) stay in
+#: the cache instead of costing whole-matrix float64 copies.
+BLOCK_ELEMENTS = 1 << 18
+
+
 def update_sparsity(w0: Any, wt: Any, tol: float = DEFAULT_TOL) -> dict[str, float]:
     """The four sparsity columns of one matrix pair as stored (output channels as rows).
 
     ``w0`` and ``wt``: numpy arrays or torch tensors of a stored float dtype (bf16 included), or
     :class:`~dora_analysis.metrics.arrays.Stored` (an adapter's :func:`merged_weight`). Shapes
-    ``(out, in)``, equal.
+    ``(out, in)``, equal. One pass over blocks of rows: each block's values are widened to
+    float64 (exact), compared and turned into ulps there; only the ratios of the changed
+    elements are kept for the median (a selection, O(N)).
 
     Example:
         >>> import numpy as np
@@ -111,36 +118,60 @@ def update_sparsity(w0: Any, wt: Any, tol: float = DEFAULT_TOL) -> dict[str, flo
     """
     import numpy as np
 
-    from .arrays import gaps, stored
+    from .arrays import Stored, gaps, stored
 
     a, b = stored(w0), stored(wt)
-    same = unchanged_mask(a, b)
-    if same.ndim != 2:
-        raise ValueError(f"a matrix (out, in) is expected, got shape {same.shape}")
-    x, y = a.values(), b.values()
-    changed = ~same
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.abs(y - x)  # exact for two values of a narrower dtype
-        ratio = diff[changed] / gaps(x[changed], a.dtype)
-    ratio = ratio[np.isfinite(ratio)]
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    if len(a.shape) != 2:
+        raise ValueError(f"a matrix (out, in) is expected, got shape {a.shape}")
+    rows, cols = a.shape
+    size = rows * cols
+    if size == 0:
+        return dict.fromkeys((UNCHANGED_FRACTION, UNCHANGED_FRACTION_TOL, UNCHANGED_ROWS,
+                              MEDIAN_ULPS), math.nan)
+    ratios = np.empty(size)  # the changed elements' ulps, filled block by block
+    filled = same_count = within_tol = same_rows = 0
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        block_a = Stored(a.bits[start:start + step], a.dtype)
+        block_b = Stored(b.bits[start:start + step], b.dtype)
+        same = unchanged_mask(block_a, block_b)
+        same_count += int(np.count_nonzero(same))
+        same_rows += int(np.count_nonzero(same.all(axis=1)))
+        x, y = block_a.values(), block_b.values()
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.abs(y - x)  # exact for two values of a narrower dtype
+            within_tol += int(np.count_nonzero(diff <= tol))
+            ratio = diff / gaps(x, a.dtype)
+        ratio = ratio[~same & np.isfinite(ratio)]  # one selection: most elements change
+        ratios[filled:filled + ratio.size] = ratio
+        filled += ratio.size
     return {
-        UNCHANGED_FRACTION: float(same.mean()) if same.size else math.nan,
-        UNCHANGED_FRACTION_TOL: float((diff <= tol).mean()) if same.size else math.nan,
-        UNCHANGED_ROWS: float(same.all(axis=1).mean()) if same.size else math.nan,
-        MEDIAN_ULPS: float(np.median(ratio)) if ratio.size else math.nan,
+        UNCHANGED_FRACTION: same_count / size,
+        UNCHANGED_FRACTION_TOL: within_tol / size,
+        UNCHANGED_ROWS: same_rows / rows,
+        MEDIAN_ULPS: float(np.median(ratios[:filled], overwrite_input=True)) if filled
+        else math.nan,
     }
 
 
 def stored_pair(view: PairView) -> tuple[Stored, Stored]:
     """``(W0, Wt)`` of a view as stored, output channels as rows; an adapter's Wt is the merged
     weight rounded to the base's dtype (:func:`merged_weight`'s rule)."""
-    from .arrays import dtype_name, rounded
+    from .arrays import dtype_name, rounded, stored
 
-    w0, wt = view.weights()  # float64, exact for the stored values
     base_dtype = dtype_name(view.pair.info.dtype)
-    tuned_dtype = base_dtype if view.adapter_update() is not None else dtype_name(
-        view.pair.tuned_dtype)
-    return rounded(w0, base_dtype), rounded(wt, tuned_dtype)
+    if view.adapter_update() is not None:  # Wt is the merge, rounded as PEFT stores it
+        w0, wt = view.weights()  # float64, exact for the stored values
+        return rounded(w0, base_dtype), rounded(wt, base_dtype)
+    # Both as read, without a float64 copy; a reader that widened a tensor is rounded back
+    # (exactly) to the dtype the checkpoint declares.
+    pairs = zip(view.stored_weights(), (base_dtype, dtype_name(view.pair.tuned_dtype)),
+                strict=True)
+    w0, wt = (stored(w) if dtype_name(w.dtype) == name else rounded(w, name)
+              for w, name in pairs)
+    return w0, wt
 
 
 def sparsity(view: PairView) -> dict[str, float]:

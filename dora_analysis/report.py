@@ -163,16 +163,6 @@ def check_outputs(*, output=None, summary=None, html=None, cross_run=None,
                           "different files")
 
 
-REPORT_MODULE_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "down")
-
-
-def report_modules(table: pd.DataFrame) -> list[str]:
-    """Module kinds in the table, the paper's usual ones first."""
-    present = list(dict.fromkeys(table[C.MODULE])) if C.MODULE in table else []
-    known = [m for m in REPORT_MODULE_ORDER if m in present]
-    return known + [m for m in present if m not in known]
-
-
 def warning_lines(table: pd.DataFrame) -> list[str]:
     """One line per checkpoint and health check that fired (the ``warnings`` column): what, how
     many matrices (rows of a series count once per step), and the first names.
@@ -209,7 +199,7 @@ def html_report(table: pd.DataFrame, correlations: pd.DataFrame, *, title: str =
     from . import heatmaps, plots  # plotly is only needed for the report
 
     axes = list(dict.fromkeys(table[C.AXIS])) or ["out"]
-    modules = report_modules(table)
+    modules = plots.report_modules(table)
     figures = [plots.correlation_figure(correlations)]
     for axis in axes:
         figures += [plots.figure2(table, module=m, axis=axis) for m in modules]

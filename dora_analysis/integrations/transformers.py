@@ -188,7 +188,7 @@ class DoraAnalysisCallback(transformers.TrainerCallback, ExportableState):
             if self.base is None:
                 raise ConfigError("DoraAnalysisCallback: the model does not name its pre-trained "
                                   "source; pass base= (a path or Hub id)")
-        from ..live import check_model
+        from ..inmemory import check_model
 
         try:
             check_model(model, self.base, self.config, label=type(model).__name__)

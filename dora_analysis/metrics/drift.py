@@ -106,7 +106,7 @@ def drift_columns(view: PairView) -> dict[str, float]:
     """The ``--drift`` columns of one matrix pair."""
     w0, wt = view.weights()
     name = view.pair.name if view.pair.expert is None else f"{view.pair.name}[{view.pair.expert}]"
-    return weight_drift(w0, wt, view.config.setting("drift_k"), name=f"--drift-k, {name}")
+    return weight_drift(w0, wt, view.setting("drift_k"), name=f"--drift-k, {name}")
 
 
 METRIC = Metric(

@@ -40,7 +40,7 @@ _EXPORTS: dict[str, str] = {
     "matrix_detail": "drilldown",
     "read_table": "tables",
     "write_html": "report",
-    "write_table": "report",
+    "write_table": "tables",
 }
 
 __all__ = [
@@ -84,6 +84,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first
     from .drilldown import matrix_detail
     from .errors import DoraAnalysisError
     from .inmemory import analyze_model
-    from .report import write_html, write_table
+    from .report import write_html
     from .stats import correlate
-    from .tables import read_table
+    from .tables import read_table, write_table

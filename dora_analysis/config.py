@@ -24,7 +24,7 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32")
 N_BOOT = 1000
 
 #: ``--axis both`` analyses each matrix along both axes (two rows per matrix).
-AXIS_CHOICES: dict[str, tuple[str, ...]] = {"out": ("out",), "in": ("in",), "both": AXES}
+AXIS_CHOICES: dict[str, tuple[str, ...]] = {a: (a,) for a in AXES} | {"both": AXES}
 METHOD_CHOICES: tuple[str, ...] = ("auto", *METHODS)
 
 

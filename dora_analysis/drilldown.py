@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .config import AnalysisConfig
-from .decompose import direction_change
+from .decompose import check_axis, direction_change
 from .errors import ConfigError, TensorMismatchError
 from .io.open import open_checkpoint
 from .metrics import intruders, linalg
@@ -80,8 +80,7 @@ def matrix_detail(base: str | Path, tuned: str | Path, name: str, *, axis: str =
         ...                   "model.layers.3.self_attn.q_proj.weight")
         >>> d.vectors().describe()  # doctest: +SKIP
     """
-    if not isinstance(axis, str) or axis not in ("out", "in"):
-        raise ConfigError(f"axis must be 'out' or 'in', got {axis!r}")
+    check_axis(axis)
     if not isinstance(name, str):
         raise ConfigError(f"name must be one parameter name (a string), got {name!r}")
     if expert is not None and (isinstance(expert, bool) or not isinstance(expert, int)):

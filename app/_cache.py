@@ -120,7 +120,7 @@ def analyze(base: Readable, tuned: Readable, label: str, method: str, axis: str,
 def check_tuned(tuned: Sequence[Readable], labels: Sequence[str | None], method: str) -> None:
     """The checks ``dora-analyze`` makes of its TUNED references and ``--label``s, with its
     messages (two references with one label at one step are refused, …), before any work."""
-    from dora_analysis.analysis import expand_tuned
+    from dora_analysis.plan import expand_tuned
 
     with ExitStack() as stack:
         refs = [stack.enter_context(require(t).opened()) for t in tuned]

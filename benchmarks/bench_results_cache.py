@@ -25,10 +25,11 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import dora_analysis as da  # noqa: E402
-from dora_analysis.analysis import compute_pair, plan  # noqa: E402
 from dora_analysis.cache.results import encode  # noqa: E402
 from dora_analysis.cache.store import Store  # noqa: E402
 from dora_analysis.io.open import open_checkpoint  # noqa: E402
+from dora_analysis.plan import plan  # noqa: E402
+from dora_analysis.rows import compute_pair  # noqa: E402
 from tests.common import llama_state, perturb  # noqa: E402
 
 PAIRS_7B = 32 * 7 + 1

@@ -29,7 +29,7 @@ _EXPORTS: dict[str, str] = {
     "AnalysisConfig": "config",
     "DoraAnalysisError": "errors",
     "analyze": "analysis",
-    "analyze_model": "live",
+    "analyze_model": "inmemory",
     "compare": "decompose",
     "compare_runs": "crossrun",
     "correlate": "stats",
@@ -40,7 +40,7 @@ _EXPORTS: dict[str, str] = {
     "matrix_detail": "drilldown",
     "read_table": "tables",
     "write_html": "report",
-    "write_table": "report",
+    "write_table": "tables",
 }
 
 __all__ = [
@@ -83,7 +83,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first
     from .decompose import compare, delta_direction, delta_magnitude, direction, magnitude
     from .drilldown import matrix_detail
     from .errors import DoraAnalysisError
-    from .live import analyze_model
-    from .report import write_html, write_table
+    from .inmemory import analyze_model
+    from .report import write_html
     from .stats import correlate
-    from .tables import read_table
+    from .tables import read_table, write_table

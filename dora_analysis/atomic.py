@@ -187,3 +187,11 @@ def _commit(staged: list[tuple[Path, Path]]) -> None:
             raise
         for backup in backups.values():
             _unlink(backup)
+
+
+def atomic_write(path: str | Path, write: Writer) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    A failure leaves no partial file behind and any existing ``path`` untouched.
+    """
+    return write_all([(Path(path), write)])[0]

@@ -21,7 +21,6 @@ from .config import (
     PRECISIONS,
     AnalysisConfig,
 )
-from .console import interrupted, parser, printable, say
 from .errors import (
     AdapterWarning,
     DoraAnalysisError,
@@ -30,6 +29,7 @@ from .errors import (
     UnmatchedTensorsWarning,
     VanishedCheckpointWarning,
 )
+from .exits import interrupted, parser, printable, say
 from .hardware import usable_cpus
 from .io.guard import IO_BACKENDS, path_kind
 from .metrics.base import CROSS_RUN_K, CROSS_RUN_TRIM
@@ -230,9 +230,11 @@ def run(args: argparse.Namespace) -> int:
     """Carry out one parsed command; raises :class:`DoraAnalysisError` on bad input."""
     if args.n_boot < 0:
         raise DoraAnalysisError(f"--n-boot must be 0 or more, got {args.n_boot}")
-    from .analysis import import_modules, plan, to_frame
+    from .analysis import import_modules
     from .analysis import run as compute
+    from .plan import plan
     from .report import check_outputs
+    from .rows import to_frame
 
     given = (args.base, *args.tuned, args.adapter_base)
     inputs = [Path(a) for a in given if a is not None and path_kind(a) is not None]

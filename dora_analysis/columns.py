@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 #: The two axes vectors run along (see :mod:`dora_analysis.decompose`).
 Axis = Literal["out", "in"]
@@ -94,5 +94,9 @@ CROSS_RUN_DTYPES: dict[str, str] = {
     SUBSPACE_K: "int64", BASE: "str", **dict.fromkeys(CROSS_RUN_MEASURES, "float64"),
 }
 
-METHODS: tuple[str, ...] = ("ft", "lora", "dora", "unknown")
-AXES: tuple[str, ...] = ("out", "in")
+#: The ways of fine-tuning that ``dora-train`` runs and the table names.
+TRAINED_METHODS: tuple[str, ...] = ("ft", "lora", "dora")
+#: The ``method`` column's values: a trained method, or ``unknown`` (not said, not detected).
+METHODS: tuple[str, ...] = (*TRAINED_METHODS, "unknown")
+#: The axes of Eq. 2: ``out`` (one norm per output channel, the paper's) and ``in``.
+AXES: tuple[str, ...] = get_args(Axis)

@@ -24,7 +24,7 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32")
 N_BOOT = 1000
 
 #: ``--axis both`` analyses each matrix along both axes (two rows per matrix).
-AXIS_CHOICES: dict[str, tuple[str, ...]] = {"out": ("out",), "in": ("in",), "both": AXES}
+AXIS_CHOICES: dict[str, tuple[str, ...]] = {a: (a,) for a in AXES} | {"both": AXES}
 METHOD_CHOICES: tuple[str, ...] = ("auto", *METHODS)
 
 
@@ -132,7 +132,7 @@ class AnalysisConfig:
             raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; available: "
                               f"{', '.join(switches) or 'none'}")
         set_(self, "metric_settings", checked_settings(self.metric_settings))
-        for metric in registry.enabled(self):
+        for metric in registry.enabled(self.metrics):
             if metric.requires is not None:
                 metric.requires()  # a missing optional dependency, before any file is read
 
@@ -174,6 +174,12 @@ class AnalysisConfig:
         """A metric setting's value: the one given, else the metric's default."""
         given = dict(self.metric_settings)
         return given[name] if name in given else registry.settings()[name].default
+
+    @property
+    def resolved_settings(self) -> dict[str, object]:
+        """Every metric setting's value, given or default: what the metrics see of the
+        configuration (:attr:`dora_analysis.pairs.PairView.settings`)."""
+        return {name: self.setting(name) for name in registry.settings()}
 
     @property
     def read_options(self):

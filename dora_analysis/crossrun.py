@@ -27,12 +27,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import columns as C
-from .analysis import Job, Ref, plan
 from .config import AnalysisConfig
 from .errors import ConfigError, TensorMismatchError, listing
 from .io.guard import shown
 from .io.keys import layer_index, module_kind
 from .io.open import open_checkpoint
+from .jobs import Job, Ref
 from .metrics.base import fraction, positive_int
 from .metrics.similarity import (
     DEFAULT_K,
@@ -49,6 +49,7 @@ from .metrics.similarity import (
 )
 from .metrics.sparsity import stored_pair, unchanged_mask
 from .pairs import MatrixPair, PairView
+from .plan import plan
 
 if TYPE_CHECKING:
     from .io.base import TensorSource
@@ -189,7 +190,8 @@ def compare_runs(base: Ref, runs: Sequence[Ref], labels: Sequence[str] | None = 
             updates = []
             for job, src in zip(jobs, sources, strict=True):
                 run_pair = {(p.name, p.expert): p for p in job.pairs}[(pair.name, pair.expert)]
-                updates.append(run_update(PairView(run_pair, base_src, src, config, {}), k, trim))
+                view = PairView(run_pair, base_src, src, config.resolved_settings, {})
+                updates.append(run_update(view, k, trim))
             for i in range(len(jobs)):
                 for j in range(i + 1, len(jobs)):
                     rows.append({

@@ -56,7 +56,7 @@ _STORED = frozenset(np.dtype(t) for t in (np.uint16, np.float16, np.float32, np.
 def check_axis(axis: str) -> Axis:
     """Return ``axis`` if it is ``"out"`` or ``"in"``, else raise :class:`ConfigError`."""
     if axis not in AXES:
-        raise ConfigError(f"axis must be 'out' or 'in', got {axis!r}")
+        raise ConfigError(f"axis must be {' or '.join(map(repr, AXES))}, got {axis!r}")
     return axis  # type: ignore[return-value]
 
 

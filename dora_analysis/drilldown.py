@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .analysis import pair_sums, plan
 from .config import AnalysisConfig
 from .decompose import check_axis, direction_change
 from .errors import ConfigError, TensorMismatchError
@@ -25,6 +24,8 @@ from .metrics import intruders, linalg
 from .metrics.spectrum import delta_svd
 from .metrics.tangential import tangential_share
 from .pairs import PairView, open_tuned
+from .plan import plan
+from .rows import pair_sums
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def matrix_detail(base: str | Path, tuned: str | Path, name: str, *, axis: str =
     options = config.read_options
     with open_checkpoint(work.base, options) as base_src, \
             open_tuned(job.checkpoint.path, options, base_src) as tuned_src:
-        view = PairView(pairs[0], base_src, tuned_src, config,
+        view = PairView(pairs[0], base_src, tuned_src, config.resolved_settings,
                         pair_sums(base_src, tuned_src, pairs[0], config), axis)
         sums = view.sums()
         sigma_delta = sigma_base = cosines = None

@@ -36,10 +36,10 @@ from . import metrics as registry
 from .hardware import memory_available, usable_cpus
 
 if TYPE_CHECKING:
-    from .analysis import Job, Plan
     from .config import AnalysisConfig
     from .decompose import VectorSums
     from .io.base import TensorSource
+    from .jobs import Job, Plan
     from .pairs import MatrixPair, Workspace
 
 Progress = Callable[[int], object]
@@ -77,7 +77,7 @@ class Unit:
 def splittable(job: Job, config: AnalysisConfig) -> bool:
     """Whether the job's pairs may be computed piece by piece: every enabled metric reads only the
     streamed sums, and the sums do not come from an adapter's closed form."""
-    return not job.adapter and all(m.cost == "stream" for m in registry.enabled(config))
+    return not job.adapter and all(m.cost == "stream" for m in registry.enabled(config.metrics))
 
 
 def plan_units(work: Plan, known: Collection[tuple[int, int]] = ()) -> list[Unit]:
@@ -98,7 +98,7 @@ def plan_units(work: Plan, known: Collection[tuple[int, int]] = ()) -> list[Unit
 
 def pair_memory(pair: MatrixPair, config: AnalysisConfig) -> int:
     """Bytes the metrics of one pair hold beyond the worker's workspace (dense matrices)."""
-    enabled = registry.enabled(config)
+    enabled = registry.enabled(config.metrics)
     per_element = max((DENSE_BYTES_PER_ELEMENT.get(m.cost, 0) for m in enabled), default=0)
     return per_element * pair.numel
 
@@ -112,8 +112,8 @@ def compute(pair: MatrixPair, rows: tuple[int, int] | None, config: AnalysisConf
             base: TensorSource, tuned: TensorSource, workspace: Workspace | None = None) -> Any:
     """One unit's result from what it needs alone: axis → column → value for a whole pair
     (``rows`` None); axis → sums for a piece (its stored ``rows``)."""
-    from .analysis import compute_pair
     from .pairs import piece_sums
+    from .rows import compute_pair
 
     if rows is None:
         return compute_pair(base, tuned, pair, config, workspace)
@@ -156,8 +156,8 @@ class Assembler:
 
     def _pair_values(self, key: tuple[int, int], parts: dict[Unit, Any]) -> Any:
         """Axis → column → value of a pair whose units are all in (pieces merged in order)."""
-        from .analysis import metric_values
         from .pairs import PairView, merge_pieces
+        from .rows import metric_values
 
         units = sorted(parts, key=lambda u: u.rows or (0, 0))
         if units[0].rows is None:
@@ -165,19 +165,20 @@ class Assembler:
         pair = self.work.jobs[key[0]].pairs[key[1]]
         with torch_threads(1):  # as every unit: the same bits on any executor
             sums: dict[str, VectorSums] = merge_pieces(pair, [parts[u] for u in units])
-            return metric_values(PairView(pair, None, None, self.work.config, sums))
+            config = self.work.config
+            return metric_values(PairView(pair, None, None, config.resolved_settings, sums), config)
 
     def records(self) -> list[dict]:
         """The table's rows, warnings emitted in table order (every pair must be known or have
         had all its units added)."""
-        from .analysis import _row, _warn_nonfinite
+        from .rows import row, warn_nonfinite
 
         out = []
         for j, job in enumerate(self.work.jobs):
             for p, pair in enumerate(job.pairs):
-                for axis, row in self._values[(j, p)].items():
-                    _warn_nonfinite(job.checkpoint, pair, axis, row)
-                    out.append(_row(job, pair, axis, row))
+                for axis, values in self._values[(j, p)].items():
+                    warn_nonfinite(job.checkpoint, pair, axis, values)
+                    out.append(row(job, pair, axis, values))
         return out
 
 
@@ -208,7 +209,7 @@ class MemoryBudget:
 def needs_torch(config: AnalysisConfig) -> bool:
     """Whether the enabled metrics compute with torch (dense matrices, SVDs); the streaming
     pass never does."""
-    return any(m.cost != "stream" for m in registry.enabled(config))
+    return any(m.cost != "stream" for m in registry.enabled(config.metrics))
 
 
 def torch_in_use(config: AnalysisConfig | None = None) -> Any:
@@ -245,7 +246,7 @@ def blas_threads(config: AnalysisConfig):
     """One NumPy/SciPy BLAS thread for the run when a metric decomposes matrices (cost ``svd``):
     the limit is set here, in the thread that starts the workers — OpenBLAS ignores one set
     later from a worker thread — and held until the last worker is done."""
-    if not any(m.cost == "svd" for m in registry.enabled(config)):
+    if not any(m.cost == "svd" for m in registry.enabled(config.metrics)):
         return _NO_LOCK
     from .metrics.linalg import one_blas_thread
 

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from . import columns as C
-from .plots import empty_figure
+from .plots import empty_figure, report_modules
 
 #: How each measure is read: title, colour scale and range (cosine is signed; a sign conflict
 #: of 0.5 is what two unrelated updates give).
@@ -56,8 +56,6 @@ def cross_run_heatmaps(cross: pd.DataFrame, measure: str = C.UPDATE_COSINE, *,
     Example:
         >>> fig = cross_run_heatmaps(da.compare_runs("b/", ["r1/", "r2/"]))  # doctest: +SKIP
     """
-    from .report import report_modules
-
     style = MEASURE_STYLE[measure]
     pairs = pairs or run_pairs(cross)
     shown = pairs[:MAX_PAIRS]

@@ -21,7 +21,7 @@ readers hand out as factors, is merged with the base as it is read
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,7 +44,6 @@ from .io.options import DEFAULT_OPTIONS, ReadOptions
 if TYPE_CHECKING:
     import torch
 
-    from .config import AnalysisConfig
     from .io.factors import LowRankUpdate
 
 
@@ -195,7 +194,9 @@ class PairView:
     pair: MatrixPair
     base: TensorSource
     tuned: TensorSource
-    config: AnalysisConfig
+    settings: Mapping[str, object]
+    """Every metric setting's value (:attr:`AnalysisConfig.resolved_settings
+    <dora_analysis.config.AnalysisConfig.resolved_settings>`)."""
     sums_by_axis: dict[str, VectorSums]
     axis: str = "out"
     """The axis of the row being filled (per-axis metrics read ``sums()`` of this axis)."""
@@ -203,8 +204,12 @@ class PairView:
 
     def at(self, axis: str) -> PairView:
         """The same view for another axis, sharing what was already loaded."""
-        return PairView(self.pair, self.base, self.tuned, self.config, self.sums_by_axis, axis,
+        return PairView(self.pair, self.base, self.tuned, self.settings, self.sums_by_axis, axis,
                         self._dense)
+
+    def setting(self, name: str) -> object:
+        """A metric setting's value (given, else the metric's default)."""
+        return self.settings[name]
 
     def sums(self) -> VectorSums:
         """Per-vector ``|w0|², |wt|², |wt − w0|²`` along this view's axis (float64)."""

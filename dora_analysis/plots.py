@@ -21,7 +21,7 @@ as signal: rounding a weight to bf16 alone moves its direction by 1 − cos ≈ 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
@@ -34,8 +34,24 @@ from .metrics.health import rounding_error_sq
 from .stats import correlation, diagnostics, usable_points
 
 if TYPE_CHECKING:
-    from .drilldown import MatrixDetail
     from .metrics.base import Metric
+
+
+class DetailArrays(Protocol):
+    """What the drill-down figure reads of one matrix: the per-vector arrays and spectra of a
+    :class:`dora_analysis.drilldown.MatrixDetail` (figures read results, never checkpoints)."""
+
+    name: str
+    checkpoint: str
+    axis: str
+    expert: int | None
+    delta_m: np.ndarray
+    one_minus_cos: np.ndarray
+    sigma_delta: np.ndarray | None
+    sigma_base: np.ndarray | None
+    intruder_cos: np.ndarray | None
+    intruder_eps: float
+
 
 #: Marker symbols per training step, in step order (Figure 2 "different markers").
 STEP_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star", "cross",
@@ -55,6 +71,17 @@ HEADER_PX = 120
 FOOTER_PX = 60
 #: Whole-number axes (layers, steps) tick every value up to this many, else a round stride.
 MAX_LISTED_TICKS = 12
+
+
+#: Module kinds in the order of the paper's figures; the others follow in table order.
+REPORT_MODULE_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "down")
+
+
+def report_modules(table: pd.DataFrame) -> list[str]:
+    """Module kinds in the table, the paper's usual ones first."""
+    present = list(dict.fromkeys(table[C.MODULE])) if C.MODULE in table else []
+    known = [m for m in REPORT_MODULE_ORDER if m in present]
+    return known + [m for m in present if m not in known]
 
 
 def integer_ticks(values) -> dict:
@@ -376,7 +403,7 @@ def step_trend(table: pd.DataFrame, *, axis: str = "out") -> go.Figure:
     return fig
 
 
-def drilldown_figure(detail: MatrixDetail) -> go.Figure:
+def drilldown_figure(detail: DetailArrays) -> go.Figure:
     """One matrix (:class:`dora_analysis.drilldown.MatrixDetail`): histograms of the per-vector
     Δm = m_t − m_0 and 1 − cos, the singular values of ΔW and W0, the intruder test."""
     fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.1, vertical_spacing=0.16,

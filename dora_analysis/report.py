@@ -1,126 +1,33 @@
-"""Writers: the tables (CSV / JSON / Parquet), the HTML report and the readable text summary.
+"""Writers: the HTML report, the readable text summary, and one run's outputs together.
 
 Every file is written all-or-nothing (:mod:`dora_analysis.atomic`); :func:`write_outputs` writes
 the table, the correlations and the report of one run together, so that a failure leaves none of
-them. Tables are read back by :mod:`dora_analysis.tables`.
+them. Tables themselves are written and read by :mod:`dora_analysis.tables`.
 """
 
 from __future__ import annotations
 
-import csv
 import html
-import json
 import math
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import columns as C
-from .atomic import Writer, write_all
+from .atomic import Writer, atomic_write, write_all
 from .errors import OutputError
-from .io.guard import path_kind, shown
+from .tables import check_output_path, table_writer
 
 if TYPE_CHECKING:  # the writers take pandas frames; this module loads without pandas (the CLI
     import pandas as pd  # checks its outputs before the analysis, and imports pandas meanwhile)
 
-#: Table formats by file suffix: adding one means adding a line here.
-TABLE_WRITERS: dict[str, Callable[[pd.DataFrame, Path], None]] = {
-    # text quoted: a bare carriage return in a label would otherwise end the row
-    ".csv": lambda df, p: df.to_csv(p, index=False, quoting=csv.QUOTE_NONNUMERIC),
-    ".json": lambda df, p: _write_json_records(df, p),
-    ".parquet": lambda df, p: df.to_parquet(p, index=False),
-}
-
-
-def _write_json_records(frame: pd.DataFrame, path: Path) -> None:
-    # pandas' to_json rounds floats to 10 digits; json.dumps keeps the shortest exact repr.
-    from .tables import JSON_INFINITIES
-
-    # JSON has no infinities: they are written as the strings of JSON_INFINITIES, NaN/NA as null.
-    names = {v: k for k, v in JSON_INFINITIES.items()}
-    records = [{k: names[v] if isinstance(v, float) and math.isinf(v) else v for k, v in r.items()}
-               for r in frame.astype(object).where(frame.notna(), None).to_dict("records")]
-    path.write_text(json.dumps(records, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-
-
 HTML_SUFFIXES = (".html", ".htm")
-
-
-def _name_max(folder: Path) -> int:
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
-
-
-def check_output_path(
-    path: str | Path, *, inputs: Iterable[str | Path] = (), suffixes: Iterable[str] = TABLE_WRITERS,
-) -> Path:
-    """Validate an output path before any work: known suffix, existing folder, a name the file
-    system can hold, not a special file, not an input."""
-    path = Path(path)
-    suffixes = tuple(suffixes)
-    if path.suffix.lower() not in suffixes:
-        raise OutputError(f"{shown(path)}: unknown output format '{shown(path.suffix)}'; use "
-                          + ", ".join(suffixes))
-    folder = path.parent if str(path.parent) else Path(".")
-    if path_kind(folder) != "folder":
-        # the nearest part of the path that exists says why: a file where a folder should be
-        there = next((p for p in (folder, *folder.parents) if path_kind(p) is not None), None)
-        if there is not None and path_kind(there) != "folder":
-            raise OutputError(f"{shown(path)}: '{shown(there)}' is a file, not a folder; "
-                              "choose an output path in a folder")
-        raise OutputError(f"{shown(path)}: folder '{shown(folder)}' does not exist (or is "
-                          "unreachable); create it first")
-    size, limit = len(os.fsencode(path.name)), _name_max(folder)
-    if size > limit:
-        raise OutputError(f"{shown(path)}: the file name is {size} bytes, longer than the file "
-                          f"system allows ({limit}); choose a shorter name")
-    kind = path_kind(path)
-    if kind == "folder":
-        raise OutputError(f"{shown(path)}: is a folder; give a file name")
-    if kind == "other":
-        raise OutputError(f"{shown(path)}: is not a regular file (a FIFO, socket or device); "
-                          "give a file name")
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"{shown(path)}: folder '{shown(folder)}' is not writable")
-    resolved = path.resolve()
-    for item in inputs:
-        item = Path(item).resolve()
-        if resolved == item or item in resolved.parents:
-            raise OutputError(f"{shown(path)}: would overwrite or write inside the input "
-                              f"'{shown(item)}'")
-    return path
-
-
-def atomic_write(path: str | Path, write: Writer) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
-
-    A failure leaves no partial file behind and any existing ``path`` untouched.
-    """
-    return write_all([(Path(path), write)])[0]
-
-
-def _table_writer(frame: pd.DataFrame, path: Path) -> Writer:
-    writer = TABLE_WRITERS[path.suffix.lower()]
-    return lambda tmp: writer(frame, tmp)
 
 
 def _html_writer(table: pd.DataFrame, correlations: pd.DataFrame, title: str,
                  cross_run: pd.DataFrame | None = None) -> Writer:
     return lambda tmp: tmp.write_text(html_report(table, correlations, title=title,
                                                   cross_run=cross_run), encoding="utf-8")
-
-
-def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write a table as CSV, JSON (records) or Parquet, chosen by suffix, atomically.
-
-    Example:
-        >>> write_table(table, "deltas.parquet")  # doctest: +SKIP
-    """
-    path = check_output_path(path)
-    return atomic_write(path, _table_writer(frame, path))
 
 
 def write_outputs(
@@ -142,7 +49,7 @@ def write_outputs(
     jobs: list[tuple[Path, Writer]] = []
     for path, frame in ((output, table), (summary, correlations), (cross_run, cross_run_table)):
         if path:
-            jobs.append((Path(path), _table_writer(frame, Path(path))))
+            jobs.append((Path(path), table_writer(frame, Path(path))))
     if html:
         jobs.append((Path(html), _html_writer(table, correlations, title, cross_run_table)))
     return write_all(jobs)
@@ -161,16 +68,6 @@ def check_outputs(*, output=None, summary=None, html=None, cross_run=None,
     if len({p.resolve() for p in given}) < len(given):
         raise OutputError("-o, --summary, --html and --cross-run name the same file; give "
                           "different files")
-
-
-REPORT_MODULE_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "down")
-
-
-def report_modules(table: pd.DataFrame) -> list[str]:
-    """Module kinds in the table, the paper's usual ones first."""
-    present = list(dict.fromkeys(table[C.MODULE])) if C.MODULE in table else []
-    known = [m for m in REPORT_MODULE_ORDER if m in present]
-    return known + [m for m in present if m not in known]
 
 
 def warning_lines(table: pd.DataFrame) -> list[str]:
@@ -209,7 +106,7 @@ def html_report(table: pd.DataFrame, correlations: pd.DataFrame, *, title: str =
     from . import heatmaps, plots  # plotly is only needed for the report
 
     axes = list(dict.fromkeys(table[C.AXIS])) or ["out"]
-    modules = report_modules(table)
+    modules = plots.report_modules(table)
     figures = [plots.correlation_figure(correlations)]
     for axis in axes:
         figures += [plots.figure2(table, module=m, axis=axis) for m in modules]

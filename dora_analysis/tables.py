@@ -1,5 +1,5 @@
-"""Reading analysis tables back (CSV, JSON records, Parquet), as written by
-:func:`dora_analysis.report.write_table`, by ``dora-analyze -o`` or by the training callback.
+"""Analysis tables written (:func:`write_table`: CSV, JSON records, Parquet) and read back
+(:func:`read_table`), as ``dora-analyze -o`` and the training callback write them.
 
 Every table reads back exactly as written: the dtype of each known column comes from the one
 schema (:data:`dora_analysis.columns.TABLE_DTYPES` and the metric registry), not from guessing,
@@ -12,22 +12,106 @@ text); a JSON table of no rows has no columns.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO
-
-import numpy as np
-import pandas as pd
+from typing import IO, TYPE_CHECKING
 
 from . import columns as C
-from .errors import TableFormatError
+from .atomic import Writer, atomic_write
+from .errors import OutputError, TableFormatError
 from .io.base import reason
-from .io.guard import shown
+from .io.guard import path_kind, shown
+
+if TYPE_CHECKING:  # pandas on first use: the CLI checks its output paths (here) before the
+    import pandas as pd  # analysis, and imports pandas meanwhile
 
 #: Non-finite floats in JSON tables, which JSON has no numbers for (NaN is ``null``).
 JSON_INFINITIES = {"Infinity": math.inf, "-Infinity": -math.inf}
+
+#: Table formats by file suffix: adding one means adding a line here and one in TABLE_READERS.
+TABLE_WRITERS: dict[str, Callable[[pd.DataFrame, Path], None]] = {
+    # text quoted: a bare carriage return in a label would otherwise end the row
+    ".csv": lambda df, p: df.to_csv(p, index=False, quoting=csv.QUOTE_NONNUMERIC),
+    ".json": lambda df, p: write_json_records(df, p),
+    ".parquet": lambda df, p: df.to_parquet(p, index=False),
+}
+
+
+def write_json_records(frame: pd.DataFrame, path: Path) -> None:
+    """Write ``frame`` as JSON records, every float exact (:data:`JSON_INFINITIES` for ±inf)."""
+    # pandas' to_json rounds floats to 10 digits; json.dumps keeps the shortest exact repr.
+    # JSON has no infinities: they are written as the strings of JSON_INFINITIES, NaN/NA as null.
+    names = {v: k for k, v in JSON_INFINITIES.items()}
+    records = [{k: names[v] if isinstance(v, float) and math.isinf(v) else v for k, v in r.items()}
+               for r in frame.astype(object).where(frame.notna(), None).to_dict("records")]
+    path.write_text(json.dumps(records, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_output_path(
+    path: str | Path, *, inputs: Iterable[str | Path] = (), suffixes: Iterable[str] = TABLE_WRITERS,
+) -> Path:
+    """Validate an output path before any work: known suffix, existing folder, a name the file
+    system can hold, not a special file, not an input."""
+    path = Path(path)
+    suffixes = tuple(suffixes)
+    if path.suffix.lower() not in suffixes:
+        raise OutputError(f"{shown(path)}: unknown output format '{shown(path.suffix)}'; use "
+                          + ", ".join(suffixes))
+    folder = path.parent if str(path.parent) else Path(".")
+    if path_kind(folder) != "folder":
+        # the nearest part of the path that exists says why: a file where a folder should be
+        there = next((p for p in (folder, *folder.parents) if path_kind(p) is not None), None)
+        if there is not None and path_kind(there) != "folder":
+            raise OutputError(f"{shown(path)}: '{shown(there)}' is a file, not a folder; "
+                              "choose an output path in a folder")
+        raise OutputError(f"{shown(path)}: folder '{shown(folder)}' does not exist (or is "
+                          "unreachable); create it first")
+    size, limit = len(os.fsencode(path.name)), _name_max(folder)
+    if size > limit:
+        raise OutputError(f"{shown(path)}: the file name is {size} bytes, longer than the file "
+                          f"system allows ({limit}); choose a shorter name")
+    kind = path_kind(path)
+    if kind == "folder":
+        raise OutputError(f"{shown(path)}: is a folder; give a file name")
+    if kind == "other":
+        raise OutputError(f"{shown(path)}: is not a regular file (a FIFO, socket or device); "
+                          "give a file name")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{shown(path)}: folder '{shown(folder)}' is not writable")
+    resolved = path.resolve()
+    for item in inputs:
+        item = Path(item).resolve()
+        if resolved == item or item in resolved.parents:
+            raise OutputError(f"{shown(path)}: would overwrite or write inside the input "
+                              f"'{shown(item)}'")
+    return path
+
+
+def table_writer(frame: pd.DataFrame, path: Path) -> Writer:
+    """The writer of ``frame`` in the format of ``path``'s suffix (see :data:`TABLE_WRITERS`)."""
+    writer = TABLE_WRITERS[path.suffix.lower()]
+    return lambda tmp: writer(frame, tmp)
+
+
+def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write a table as CSV, JSON (records) or Parquet, chosen by suffix, atomically.
+
+    Example:
+        >>> write_table(table, "deltas.parquet")  # doctest: +SKIP
+    """
+    path = check_output_path(path)
+    return atomic_write(path, table_writer(frame, path))
 
 
 def table_dtypes(kind: str = "analysis") -> dict[str, str]:
@@ -48,6 +132,8 @@ def table_dtypes(kind: str = "analysis") -> dict[str, str]:
 
 
 def _read_csv(source, dtypes: dict[str, str]) -> pd.DataFrame:
+    import pandas as pd
+
     # every field as the text it is ("NA" too); the schema then says what each column holds
     text = pd.read_csv(source, dtype=str, keep_default_na=False, na_filter=False)
     return pd.DataFrame({col: _typed(text[col].tolist(), dtypes.get(col), col, _csv_value)
@@ -55,6 +141,8 @@ def _read_csv(source, dtypes: dict[str, str]) -> pd.DataFrame:
 
 
 def _read_json(source, dtypes: dict[str, str]) -> pd.DataFrame:
+    import pandas as pd
+
     if isinstance(source, (str, Path)):
         with open(source, "rb") as f:
             records = json.load(f)
@@ -85,6 +173,9 @@ def _typed(values: list, dtype: str | None, column: str,
     """A column's values (text from CSV, JSON values) as its schema's ``dtype``, exactly; a
     column the schema does not know (``dtype`` None) is read as numbers where every value is
     one, else as text."""
+    import numpy as np
+    import pandas as pd
+
     if dtype is None:
         return _inferred(values, decode)
     values = [decode(v, dtype) for v in values]
@@ -111,6 +202,9 @@ def _whole(value: object) -> int:
 
 
 def _inferred(values: list, decode: Callable[[object, str], object]) -> pd.Series:
+    import numpy as np
+    import pandas as pd
+
     numbers = [decode(v, "float64") for v in values]
     numbers = [None if v in ("", None) else v for v in numbers]
     try:
@@ -125,11 +219,17 @@ def _inferred(values: list, decode: Callable[[object, str], object]) -> pd.Serie
         return pd.Series(values)
 
 
-#: Table formats by file suffix: adding one means adding a line here (and a writer in report.py).
+def _read_parquet(source, dtypes: dict[str, str] | None = None) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.read_parquet(source)
+
+
+#: Table formats by file suffix: adding one means adding a line here and one in TABLE_WRITERS.
 TABLE_READERS: dict[str, Callable] = {
     ".csv": _read_csv,
     ".json": _read_json,
-    ".parquet": lambda source, dtypes: pd.read_parquet(source),
+    ".parquet": _read_parquet,
 }
 #: Columns without which a file is not an analysis table.
 REQUIRED_COLUMNS = (C.CHECKPOINT, C.MODULE, C.DELTA_M, C.DELTA_D)
@@ -139,7 +239,7 @@ CROSS_RUN_REQUIRED = (C.RUN_A, C.RUN_B, C.NAME, C.MODULE)
 
 def read_table(source: str | Path | IO[bytes], *, name: str | None = None,
                kind: str = "analysis") -> pd.DataFrame:
-    """Read a table written by :func:`~dora_analysis.report.write_table` back, exactly.
+    """Read a table written by :func:`write_table` back, exactly.
 
     ``source`` is a path or an open binary file; ``name`` gives the file name (and so the
     format) of the latter. ``kind`` is ``analysis`` (the per-matrix table) or ``cross_run``

@@ -92,7 +92,7 @@ def pair_view(w0: Any, wt: Any = None, *, lora: tuple[Any, Any, float] | None = 
         tuned = AdapterSource(adapter, base)
     pair = MatrixPair(NAME, NAME, base.info(NAME), tuned.info(NAME).dtype, transposed=False)
     sums = stream_sums(base, tuned, pair, config.axes, config.block_elements)
-    return PairView(pair, base, tuned, config, sums, config.axes[0])
+    return PairView(pair, base, tuned, config.resolved_settings, sums, config.axes[0])
 
 
 def measure(w0: Any, wt: Any = None, *, lora: tuple[Any, Any, float] | None = None,
@@ -110,11 +110,11 @@ def measure(w0: Any, wt: Any = None, *, lora: tuple[Any, Any, float] | None = No
         >>> measure(w0, lora=(b, a, 0.5), spectrum=True)["stable_rank"] <= 2
         True
     """
-    from .analysis import metric_values  # the table's own per-pair step
+    from .rows import metric_values  # the table's own per-pair step
 
     config = AnalysisConfig.from_settings(axis=axis, **settings)
     values = metric_values(pair_view(w0, wt, lora=lora, magnitude=magnitude,
-                                     magnitude_axis=magnitude_axis, config=config))
+                                     magnitude_axis=magnitude_axis, config=config), config)
     return values if axis == "both" else values[axis]
 
 

@@ -33,7 +33,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .analysis import Plan, TunedCheckpoint
+    from .jobs import Plan, TunedCheckpoint
 
 #: Seconds to wait for a checkpoint being deleted to be gone.
 GRACE_S = 2.0

@@ -333,7 +333,7 @@ def test_public_names_are_exactly_the_lazy_exports():
 
 def test_outputs_are_all_or_nothing(ckpts, tmp_path, capsys, monkeypatch):
     """-o, --summary and --html together: one failing leaves none of them, old files intact."""
-    from dora_analysis import report
+    from dora_analysis import tables
 
     out, summary, html = tmp_path / "t.csv", tmp_path / "s.parquet", tmp_path / "r.html"
     out.write_text("old table")
@@ -342,7 +342,7 @@ def test_outputs_are_all_or_nothing(ckpts, tmp_path, capsys, monkeypatch):
         path.write_bytes(b"PAR1 half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setitem(report.TABLE_WRITERS, ".parquet", disk_full)
+    monkeypatch.setitem(tables.TABLE_WRITERS, ".parquet", disk_full)
     before = digest([ckpts["root"]])
     rc = main([str(ckpts["base"]), str(ckpts["tuned"]), "-o", str(out), "--summary",
                str(summary), "--html", str(html)])

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from dora_analysis.cli import main as analyze_main
-from dora_analysis.console import Terminated, printable, run
+from dora_analysis.exits import Terminated, printable, run
 from tests.test_cli import digest
 
 # The console script pip writes, plus one byte on a pipe just before it imports anything of

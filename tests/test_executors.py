@@ -17,13 +17,15 @@ from safetensors.torch import save_file
 
 import dora_analysis as da
 from dora_analysis import columns as C
-from dora_analysis.analysis import plan, run_job, to_frame
+from dora_analysis.analysis import run_job
 from dora_analysis.config import AnalysisConfig
 from dora_analysis.errors import CheckpointFormatError, ConfigError
 from dora_analysis.executors import MemoryBudget, plan_units, run_local, splittable
 from dora_analysis.io.open import open_checkpoint
 from dora_analysis.metrics.base import Metric
 from dora_analysis.pairs import PIECE_BLOCKS, open_tuned, pieces
+from dora_analysis.plan import plan
+from dora_analysis.rows import to_frame
 from tests.common import WIDE_BLOCK, perturb, wide_state
 
 

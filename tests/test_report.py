@@ -6,8 +6,10 @@ import pandas as pd
 import pytest
 
 import dora_analysis as da
+from dora_analysis.atomic import atomic_write
 from dora_analysis.errors import OutputError
-from dora_analysis.report import atomic_write, check_output_path, format_summary, html_report
+from dora_analysis.report import format_summary, html_report
+from dora_analysis.tables import check_output_path
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

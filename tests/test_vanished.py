@@ -15,7 +15,8 @@ import pytest
 from safetensors.torch import save_file
 
 import dora_analysis as da
-from dora_analysis import analysis, executors
+from dora_analysis import executors
+from dora_analysis import plan as planning
 from dora_analysis.cli import main
 from dora_analysis.errors import VanishedCheckpointError, VanishedCheckpointWarning
 from tests.common import llama_state, perturb
@@ -63,8 +64,8 @@ def vanish_when(module, name: str, folder, *, after: int = 0):
 def test_a_checkpoint_gone_before_it_is_opened(run, monkeypatch):
     base, folder = run
     gone = folder / "checkpoint-20"
-    monkeypatch.setattr(analysis, "open_checkpoint",
-                        vanish_when(analysis, "open_checkpoint", str(gone)))
+    monkeypatch.setattr(planning, "open_checkpoint",
+                        vanish_when(planning, "open_checkpoint", str(gone)))
     with pytest.raises(VanishedCheckpointError, match=r"checkpoint-20: checkpoint vanished while "
                        r"being read \(deleted; a trainer's save_total_limit rotates old "
                        r"checkpoints away\); --skip-vanished"):
@@ -75,8 +76,8 @@ def test_skip_vanished_analyses_the_others_with_a_warning(run, monkeypatch):
     base, folder = run
     expected = alone(base, folder, (10, 30, 40))
     gone = folder / "checkpoint-20"
-    monkeypatch.setattr(analysis, "open_checkpoint",
-                        vanish_when(analysis, "open_checkpoint", str(gone)))
+    monkeypatch.setattr(planning, "open_checkpoint",
+                        vanish_when(planning, "open_checkpoint", str(gone)))
     with pytest.warns(VanishedCheckpointWarning, match=r"checkpoint-20: checkpoint vanished "
                       r"while being read .*left out, the others analysed"):
         table = da.analyze(base, folder, skip_vanished=True)
@@ -157,14 +158,14 @@ def test_the_command_line_names_it_and_skips_it_on_request(run, monkeypatch, cap
     gone = folder / "checkpoint-20"
     copy = folder.parent / "copy-20"
     shutil.copytree(gone, copy)
-    monkeypatch.setattr(analysis, "open_checkpoint",
-                        vanish_when(analysis, "open_checkpoint", str(gone)))
+    monkeypatch.setattr(planning, "open_checkpoint",
+                        vanish_when(planning, "open_checkpoint", str(gone)))
     assert main([str(base), str(folder), "--no-cache"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {gone}: checkpoint vanished"), err
     shutil.copytree(copy, gone)
-    monkeypatch.setattr(analysis, "open_checkpoint",
-                        vanish_when(analysis, "open_checkpoint", str(gone)))
+    monkeypatch.setattr(planning, "open_checkpoint",
+                        vanish_when(planning, "open_checkpoint", str(gone)))
     assert main([str(base), str(folder), "--no-cache", "--skip-vanished", "-q"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err == [f"warning: {gone}: checkpoint vanished while being read (deleted; rotated "
@@ -185,14 +186,14 @@ def test_only_steps_of_a_series_vanish(run, tmp_path, monkeypatch):
     base, folder = run
     single = tmp_path / "single.safetensors"
     shutil.copy(folder / "checkpoint-10" / "model.safetensors", single)
-    planned = analysis.plan
+    planned = planning.plan
 
     def plan_then_delete(*args, **kwargs):
         work = planned(*args, **kwargs)
         single.unlink()
         return work
 
-    monkeypatch.setattr(analysis, "plan", plan_then_delete)
+    monkeypatch.setattr(planning, "plan", plan_then_delete)
     with pytest.raises(da.DoraAnalysisError) as exc:
         da.analyze(base, single, skip_vanished=True)
     assert not isinstance(exc.value, VanishedCheckpointError) and str(single) in str(exc.value)

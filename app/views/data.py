@@ -15,7 +15,7 @@ import streamlit as st
 
 import _cache
 import dora_analysis as da
-from dora_analysis.analysis import per_reference
+from dora_analysis.plan import per_reference
 
 st.title("dora-analysis")
 st.caption("How fine-tuning moved your weights, in magnitude (ΔM) and direction (ΔD) — "

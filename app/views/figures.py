@@ -10,7 +10,7 @@ import streamlit as st
 import _cache
 import dora_analysis as da
 from dora_analysis import plots
-from dora_analysis.report import report_modules
+from dora_analysis.plots import report_modules
 
 table = _cache.current_table()
 if table is None:

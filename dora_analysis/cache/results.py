@@ -40,7 +40,7 @@ from .identity import Identity, checkpoint_identity
 from .location import cache_root
 
 if TYPE_CHECKING:
-    from ..analysis import Plan, TunedCheckpoint
+    from ..jobs import Plan, TunedCheckpoint
     from .store import Store
 
 log = logging.getLogger("dora_analysis")
@@ -55,7 +55,7 @@ NOT_IN_KEY = frozenset({"modules", "include", "skip_mismatched", "skip_vanished"
 #: Libraries whose version can change a computed number.
 COMPUTING_LIBRARIES = ("torch", "numpy", "scipy", "numba", "weightwatcher")
 #: Parts of the package that compute nothing a table holds.
-NOT_COMPUTING = ("training", "cli.py", "console.py", "report.py", "plots.py")
+NOT_COMPUTING = ("training", "cli.py", "console.py", "exits.py", "report.py", "plots.py")
 
 Values = dict[str, dict[str, object]]
 PairIndex = tuple[int, int]

@@ -64,11 +64,11 @@ from ..executors import (
 )
 
 if TYPE_CHECKING:
-    from ..analysis import Plan
     from ..config import AnalysisConfig
     from ..io.base import TensorSource
     from ..io.identity import FileIdentity
     from ..io.open import ReadOptions
+    from ..jobs import Plan
     from ..pairs import MatrixPair
 
 #: Seconds to wait for the scheduler named by ``--scheduler``.

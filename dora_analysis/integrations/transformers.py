@@ -153,7 +153,7 @@ class DoraAnalysisCallback(transformers.TrainerCallback, ExportableState):
     def __init__(self, base: str | Path | None = None, modules: Sequence[str] | None = None,
                  axis: str = "out", output: str = "dora_analysis.parquet", log: bool = True, *,
                  trainer: transformers.Trainer | None = None, **settings) -> None:
-        from ..report import TABLE_WRITERS
+        from ..tables import TABLE_WRITERS
 
         self.config = AnalysisConfig.from_settings(
             axis=axis, modules=modules, **settings)  # a str is a comma-separated list
@@ -188,7 +188,7 @@ class DoraAnalysisCallback(transformers.TrainerCallback, ExportableState):
             if self.base is None:
                 raise ConfigError("DoraAnalysisCallback: the model does not name its pre-trained "
                                   "source; pass base= (a path or Hub id)")
-        from ..live import check_model
+        from ..inmemory import check_model
 
         try:
             check_model(model, self.base, self.config, label=type(model).__name__)
@@ -272,8 +272,7 @@ class DoraAnalysisCallback(transformers.TrainerCallback, ExportableState):
         """This run's table: the rows of the run being resumed up to its step, or a new one
         (an earlier run's table moved aside, with a warning)."""
         from ..errors import TableFormatError
-        from ..report import write_table
-        from ..tables import read_table
+        from ..tables import read_table, write_table
 
         resumed = self.resumed_run(state)
         self.run_id = resumed or new_run_id()
@@ -305,7 +304,7 @@ class DoraAnalysisCallback(transformers.TrainerCallback, ExportableState):
         step are replaced), rewriting the file atomically."""
         import pandas as pd
 
-        from ..report import write_table
+        from ..tables import write_table
 
         rows = rows.assign(**{C.RUN: self.run_id})
         kept = self.table[self.table[C.STEP] != step] if self.table is not None else rows[:0]

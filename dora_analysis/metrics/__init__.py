@@ -34,7 +34,7 @@ from . import (
 from .base import COSTS, Column, Metric, Setting
 
 if TYPE_CHECKING:
-    from ..config import AnalysisConfig
+    from collections.abc import Collection
 
 #: Every metric, in column order. ``decomposition`` (Eqs. 3-4) always comes first.
 METRICS: tuple[Metric, ...] = (
@@ -87,14 +87,16 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *FUNCTIONS})
 
 
-def enabled(config: AnalysisConfig) -> list[Metric]:
-    """The metrics a configuration computes, in registry order."""
-    return [m for m in METRICS if m.enabled(config)]
+def enabled(switches: Collection[str]) -> list[Metric]:
+    """The metrics computed when the switches ``switches`` (``AnalysisConfig.metrics``) are on,
+    in registry order."""
+    return [m for m in METRICS if m.enabled(switches)]
 
 
-def metric_columns(config: AnalysisConfig | None = None) -> list[Column]:
-    """Columns of the enabled metrics (of every metric when ``config`` is None)."""
-    return [c for m in (METRICS if config is None else enabled(config)) for c in m.columns]
+def metric_columns(switches: Collection[str] | None = None) -> list[Column]:
+    """Columns of the metrics the switches turn on (of every metric when ``switches`` is
+    None)."""
+    return [c for m in (METRICS if switches is None else enabled(switches)) for c in m.columns]
 
 
 def options() -> dict[str, Metric]:

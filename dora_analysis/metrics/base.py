@@ -9,14 +9,13 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..config import AnalysisConfig
     from ..pairs import PairView
 
 #: How expensive a metric is, from cheapest to dearest (shown in ``--help`` and the docs).
@@ -136,5 +135,6 @@ class Metric:
         if self.cost not in COSTS:
             raise ValueError(f"metric {self.name}: cost must be one of {', '.join(COSTS)}")
 
-    def enabled(self, config: AnalysisConfig) -> bool:
-        return self.option is None or self.option in config.metrics
+    def enabled(self, switches: Collection[str]) -> bool:
+        """Whether this metric is computed when the switches ``switches`` are on."""
+        return self.option is None or self.option in switches

@@ -239,10 +239,10 @@ def drift_columns(view: PairView) -> dict[str, float]:
     """The ``--drift`` columns of one matrix pair."""
     from .linalg import resolve_device
 
-    device = resolve_device(view.config.setting("device"))  # a missing GPU: before any read
+    device = resolve_device(view.setting("device"))  # a missing GPU: before any read
     w0, wt = view.weights()
     name = view.pair.name if view.pair.expert is None else f"{view.pair.name}[{view.pair.expert}]"
-    return weight_drift(w0, wt, view.config.setting("drift_k"), name=f"--drift-k, {name}",
+    return weight_drift(w0, wt, view.setting("drift_k"), name=f"--drift-k, {name}",
                         device=device)
 
 

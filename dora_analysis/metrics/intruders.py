@@ -315,9 +315,9 @@ def intruders(view: PairView) -> dict[str, float | int]:
     """The ``intruders`` column of one matrix pair (NaN for non-finite weights)."""
     from .linalg import resolve_device
 
-    k, eps = view.config.setting("intruder_k"), float(view.config.setting("intruder_eps"))
-    device = resolve_device(view.config.setting("device"))
-    test = intruder_test(view, k, eps, device, cache_dir(view.config.setting("svd_cache")))
+    k, eps = view.setting("intruder_k"), float(view.setting("intruder_eps"))
+    device = resolve_device(view.setting("device"))
+    test = intruder_test(view, k, eps, device, cache_dir(view.setting("svd_cache")))
     if test is None:
         return {INTRUDERS: math.nan}
     if (test.status < 0).any():

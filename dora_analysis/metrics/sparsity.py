@@ -177,7 +177,7 @@ def stored_pair(view: PairView) -> tuple[Stored, Stored]:
 def sparsity(view: PairView) -> dict[str, float]:
     """The ``--sparsity`` columns of one matrix pair (see the module docstring)."""
     w0, wt = stored_pair(view)
-    return update_sparsity(w0, wt, view.config.setting("sparsity_tol"))
+    return update_sparsity(w0, wt, view.setting("sparsity_tol"))
 
 
 METRIC = Metric(

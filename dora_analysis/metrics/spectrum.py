@@ -201,16 +201,16 @@ def spectrum(view: PairView) -> dict[str, float]:
     base_energy = float(sums.sq0.sum())  # ‖W0‖_F², the same along either axis
     update = view.low_rank() or view.adapter_update()  # an adapter's ΔW: its own rank
     rank = update.rank if update is not None and update.rank else int(
-        view.config.setting("amplification_rank"))
+        view.setting("amplification_rank"))
     out = None
     if view.low_rank() is None:  # dense ΔW: from its Gram matrix where the bounds allow
-        device = resolve_device(view.config.setting("device"))  # before anything is read
+        device = resolve_device(view.setting("device"))  # before anything is read
         delta = view.delta()
         if not bool(torch.isfinite(delta).all()):
             return _nan_row()
         out = gram_columns(delta.numpy(), view.base_weight().numpy(), rank, device)
     if out is None:
-        svd = delta_svd(view, view.config.setting("device"))
+        svd = delta_svd(view, view.setting("device"))
         if svd is None:
             return _nan_row()
         out = dense_columns(*svd, view.base_weight(), rank)

@@ -15,7 +15,6 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..console import interrupted, parser
 from ..errors import (
     ConfigError,
     DoraAnalysisError,
@@ -23,6 +22,7 @@ from ..errors import (
     RunFolderWarning,
     TruncationWarning,
 )
+from ..exits import interrupted, parser
 from .checks import check_arguments, check_model
 from .config import DEVICES, DTYPES, METHODS, PARALLEL, TASKS, TrainConfig, canonical_dtype
 
@@ -254,6 +254,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # torchrun -m dora_analysis.training.cli: signals as dora-train's
-    from ..console import train
+    from ..exits import run as run_command
 
-    sys.exit(train())
+    sys.exit(run_command(lambda: main))

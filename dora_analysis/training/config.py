@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..columns import TRAINED_METHODS
 from ..errors import ConfigError
 
-METHODS = ("ft", "lora", "dora")
+METHODS = TRAINED_METHODS
 #: ``dora-train --task`` choices (each a class in :mod:`.tasks`).
 TASKS = ("seq-cls", "causal-lm")
 DEVICES = ("auto", "cpu", "cuda", "mps")

@@ -16,7 +16,7 @@ from distributed import Client, LocalCluster, WorkerPlugin
 from safetensors.torch import save_file
 
 import dora_analysis as da
-from dora_analysis import analysis
+from dora_analysis import plan as planning
 from dora_analysis.cli import main
 from dora_analysis.errors import ClusterError, ConfigError
 from dora_analysis.integrations import dask as dask_executor
@@ -111,14 +111,14 @@ def test_cli_scheduler_writes_the_serial_table(client, ckpts, tmp_path, monkeypa
 def test_a_worker_read_error_is_one_error_line(client, ckpts, tmp_path, monkeypatch, capsys):
     tuned = tmp_path / "tuned.safetensors"
     tuned.write_bytes(ckpts["tuned"].read_bytes())
-    planned = analysis.plan
+    planned = planning.plan
 
     def plan_then_truncate(*args, **kwargs):  # the file changes on shared storage meanwhile
         work = planned(*args, **kwargs)
         tuned.write_bytes(tuned.read_bytes()[:-64])
         return work
 
-    monkeypatch.setattr(analysis, "plan", plan_then_truncate)
+    monkeypatch.setattr(planning, "plan", plan_then_truncate)
     out = tmp_path / "table.csv"
     code = main([str(ckpts["base"]), str(tuned), "--scheduler", client.scheduler.address,
                  "-o", str(out)])
@@ -131,7 +131,7 @@ def test_a_worker_read_error_is_one_error_line(client, ckpts, tmp_path, monkeypa
 def replace_after_planning(monkeypatch, target: Path, content: bytes, *, same_time: bool):
     """The file at ``target`` is swapped after planning for another of the same size: a new
     file put in its place (``same_time``: with the planned modification time)."""
-    planned = analysis.plan
+    planned = planning.plan
 
     def plan_then_replace(*args, **kwargs):
         work = planned(*args, **kwargs)
@@ -144,7 +144,7 @@ def replace_after_planning(monkeypatch, target: Path, content: bytes, *, same_ti
         os.replace(swap, target)
         return work
 
-    monkeypatch.setattr(analysis, "plan", plan_then_replace)
+    monkeypatch.setattr(planning, "plan", plan_then_replace)
 
 
 @pytest.mark.parametrize("same_time, message", [
@@ -177,14 +177,14 @@ def test_a_worker_that_cannot_see_the_files_names_itself_and_the_path(client, ck
                                                                       monkeypatch, capsys):
     tuned = tmp_path / "tuned.safetensors"
     tuned.write_bytes(ckpts["tuned"].read_bytes())
-    planned = analysis.plan
+    planned = planning.plan
 
     def plan_then_hide(*args, **kwargs):  # planned here; not there where the workers look
         work = planned(*args, **kwargs)
         tuned.rename(tmp_path / "elsewhere.safetensors")
         return work
 
-    monkeypatch.setattr(analysis, "plan", plan_then_hide)
+    monkeypatch.setattr(planning, "plan", plan_then_hide)
     code = main([str(ckpts["base"]), str(tuned), "--scheduler", client.scheduler.address, "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err

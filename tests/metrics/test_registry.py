@@ -7,16 +7,16 @@ import pytest
 import dora_analysis as da
 from dora_analysis import columns as C
 from dora_analysis import metrics
-from dora_analysis.analysis import table_columns
 from dora_analysis.config import AnalysisConfig
 from dora_analysis.errors import ConfigError
 from dora_analysis.metrics.base import Column, Metric, Setting, any_number
+from dora_analysis.rows import table_columns
 
 
 def test_always_on_metrics_fill_the_contract_columns(ckpts):
     table = da.analyze(ckpts["base"], ckpts["tuned"], modules=("q",))
     assert list(table.columns) == table_columns(AnalysisConfig())
-    for column in metrics.metric_columns(AnalysisConfig()):
+    for column in metrics.metric_columns(AnalysisConfig().metrics):
         assert column.name in table and str(table[column.name].dtype) == column.dtype
 
 
@@ -25,9 +25,9 @@ def test_the_table_follows_the_registry(monkeypatch, ckpts):
     seen = {}
 
     def rows_over_cols(view):
-        seen["setting"] = view.config.setting("scale")
+        seen["setting"] = view.setting("scale")
         rows, cols = view.pair.matrix_shape
-        return {"aspect": view.config.setting("scale") * rows / cols}
+        return {"aspect": view.setting("scale") * rows / cols}
 
     extra = Metric("aspect", "rows per column", (Column("aspect", "float64", "rows/cols"),),
                    rows_over_cols, option="aspect", per_axis=False,
@@ -61,7 +61,7 @@ def test_the_command_line_offers_each_metric_switch_and_setting(monkeypatch, ckp
     from dora_analysis.cli import build_parser, main
 
     extra = Metric("aspect", "rows per column", (Column("aspect", "float64", "rows/cols"),),
-                   lambda view: {"aspect": view.config.setting("scale")}, option="aspect",
+                   lambda view: {"aspect": view.setting("scale")}, option="aspect",
                    per_axis=False, cost="dense",
                    settings=(Setting("scale", 1.0, "multiplier", check=any_number),))
     monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, extra))

@@ -15,18 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .analysis import (
-    Job,
-    Ref,
-    TunedCheckpoint,
-    _as_ref,
-    check_modules,
-    check_modules_planned,
-    matrix_infos,
-    plan_pairs,
-    run_job,
-    to_frame,
-)
+from .analysis import run_job
 from .config import AnalysisConfig, check_method
 from .errors import (
     CheckpointFormatError,
@@ -37,7 +26,10 @@ from .errors import (
 from .io.base import TensorSource
 from .io.memory import StateDictSource, base_weights, open_module
 from .io.open import open_checkpoint, resolve
+from .jobs import Job, Ref, TunedCheckpoint, as_ref
 from .pairs import MatrixPair, Workspace, merged
+from .plan import check_modules, check_modules_planned, matrix_infos, plan_pairs
+from .rows import to_frame
 
 Base = Ref | nn.Module | Mapping[str, torch.Tensor]
 
@@ -87,7 +79,7 @@ def open_base(base: Base, config: AnalysisConfig, model: nn.Module | None = None
     (:func:`base_tensors`); refused when ``model`` trains a weight of it in place."""
     tensors = base_tensors(base)
     if tensors is None:
-        path, _ = resolve(_as_ref(base), config.token)
+        path, _ = resolve(as_ref(base), config.token)
         return open_checkpoint(path, config.read_options)
     if model is not None:
         refuse_trained_base(model, tensors)

@@ -36,9 +36,9 @@ def test_http_files_by_their_etag(files, tmp_path, computed):  # noqa: F811
 
 
 def test_no_content_id_no_cache(files, tmp_path, computed, monkeypatch):  # noqa: F811
-    from dora_analysis.io import remote
+    from dora_analysis.io import remote_file
 
-    monkeypatch.setattr(remote, "content_version", lambda url, info: None)
+    monkeypatch.setattr(remote_file, "content_version", lambda url, info: None)
     with FileServer(files) as srv:
         urls = (f"{srv.url}/base.safetensors", f"{srv.url}/tuned.safetensors")
         for _ in range(2):

@@ -44,8 +44,8 @@ step "a fresh venv outside the repository: $TORCH, then the wheel with [app]"
 cd "$work"
 unset PYTHONPATH  # nothing of the checkout may be imported
 "$PYTHON" -m venv venv  # from the base interpreter, not the caller's venv
-venv/bin/pip install -q "$TORCH"
-venv/bin/pip install -q "${wheels[0]}[app]"
+venv/bin/pip install "$TORCH" >"$work/pip.log" 2>&1 || { cat "$work/pip.log"; exit 1; }
+venv/bin/pip install "${wheels[0]}[app]" >>"$work/pip.log" 2>&1 || { cat "$work/pip.log"; exit 1; }
 venv/bin/python - "$repo" <<'EOF'
 import os, sys
 import dora_analysis
@@ -64,11 +64,13 @@ base = {f"model.layers.{i}.self_attn.{m}_proj.weight": torch.randn(24, 16)
 save_file(base, "base.safetensors")
 save_file({k: v + 0.01 * torch.randn_like(v) for k, v in base.items()}, "tuned.safetensors")
 EOF
-venv/bin/dora-analyze base.safetensors tuned.safetensors -o table.csv
-venv/bin/python -c '
-import csv; rows = list(csv.DictReader(open("table.csv")))
-assert len(rows) == 4, rows
-print(f"wheel check: {len(rows)} rows, delta_m of the first {float(rows[0][\"delta_m\"]):.3g}")'
+venv/bin/dora-analyze -q base.safetensors tuned.safetensors -o table.csv
+venv/bin/python - <<'EOF'
+import csv
+with open("table.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+assert len(rows) == 4 and all(float(r["delta_m"]) > 0 for r in rows), rows
+EOF
 
 step "dora-train --help"
 venv/bin/dora-train --help >/dev/null

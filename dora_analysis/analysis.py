@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import columns as C
 from . import metrics as registry
+from .cache.results import pair_results
 from .config import AnalysisConfig, check_method
 from .decompose import Workspace
 from .errors import (
@@ -32,6 +33,7 @@ from .errors import (
     NonFiniteWeightWarning,
     TensorMismatchError,
     UnmatchedTensorsWarning,
+    VanishedCheckpointError,
     listing,
 )
 from .executors import hint, run_local, torch_threads
@@ -51,6 +53,7 @@ from .io.keys import (
 from .io.open import open_checkpoint, resolve
 from .io.refs import CheckpointRef, series_steps
 from .pairs import MatrixPair, PairView, stream_sums
+from .vanished import READ_ERRORS, check_opened, without_vanished
 
 Ref = str | Path | CheckpointRef
 
@@ -364,17 +367,25 @@ def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None 
         check_modules(config, base_infos, base_shown)
         # One tuned checkpoint open at a time: a long adapter series stays small.
         for ck in checkpoints:
-            with recording() as files, open_checkpoint(ck.path, options, base=base_src) as src:
-                for note in src.notes:  # once per run: the run's own openings stay quiet
-                    warnings.warn(note, AdapterWarning, stacklevel=2)
-                pairs, mismatches = plan_pairs(base_infos, matrix_infos(src), config, ck.path,
-                                               src.transposed, partial=src.partial)
-                method = ck.method if ck.method != "auto" else src.method
-                adapter = src.partial
+            try:
+                with recording() as files, \
+                        open_checkpoint(ck.path, options, base=base_src) as src:
+                    for note in src.notes:  # once per run: the run's own openings stay quiet
+                        warnings.warn(note, AdapterWarning, stacklevel=2)
+                    pairs, mismatches = plan_pairs(base_infos, matrix_infos(src), config,
+                                                   ck.path, src.transposed, partial=src.partial)
+                    method = ck.method if ck.method != "auto" else src.method
+                    adapter = src.partial
+            except READ_ERRORS as exc:  # rotated away since it was listed? (--skip-vanished)
+                check_opened(ck, exc, config.skip_vanished)
+                continue
             problems += [f"{ck.ref}: {m}" for m in mismatches]
             if not pairs and not mismatches:
                 raise TensorMismatchError(_nothing_selected(config, ck, base_infos))
             jobs.append(Job(ck, method, tuple(pairs), adapter, tuple(files.items())))
+    if checkpoints and not jobs:
+        raise VanishedCheckpointError("every tuned checkpoint vanished while being read; "
+                                      "nothing is left to analyse")
     if problems and not config.skip_mismatched:
         raise TensorMismatchError(
             f"{len(problems)} tensor(s) differ in shape: {listing(problems)}; is this the "
@@ -415,18 +426,36 @@ def check_modules_planned(config: AnalysisConfig, planned: Sequence[str]) -> Non
             f"{', '.join(kinds)}", UnmatchedTensorsWarning, stacklevel=3)
 
 
-def run(work: Plan, client: Any = None) -> list[dict]:
+def run(work: Plan, client: Any = None, cache: Any = None) -> list[dict]:
     """Compute a plan: on a Dask cluster when ``client`` is given, else in this process on
     ``config.workers`` threads (default: every usable core). The rows are the same, bit for bit,
-    in the same order, whichever runs them (see :mod:`dora_analysis.executors`)."""
+    in the same order, whichever runs them (see :mod:`dora_analysis.executors`).
+
+    ``cache`` (see :func:`analyze`): pairs computed by an earlier run are read from it and each
+    pair computed is stored as soon as it is done. A tuned checkpoint deleted meanwhile stops
+    the run, or is left out (``skip_vanished``; see :mod:`dora_analysis.vanished`).
+    """
     config = work.config
     with tqdm(total=work.numel, unit="el", unit_scale=True, disable=not config.progress,
-              file=sys.stderr, desc="analysing", leave=False) as bar:
-        if client is not None:
-            from .integrations.dask import run_dask
+              file=sys.stderr, desc="analysing", leave=False) as bar, \
+            pair_results(work, cache) as results:
+        while True:
+            known = results.known(work)
+            bar.reset(total=work.numel)
+            bar.update(sum(work.jobs[j].pairs[p].numel for j, p in known))
+            hooks = {"progress": bar.update, "known": known, "on_pair": results.recorder(work)}
+            try:
+                if client is not None:
+                    from .integrations.dask import run_dask
 
-            return run_dask(work, client, progress=bar.update)
-        return run_local(work, config.workers, progress=bar.update)
+                    records = run_dask(work, client, **hooks)
+                else:
+                    records = run_local(work, config.workers, **hooks)
+            except READ_ERRORS as exc:
+                work = without_vanished(work, exc)  # re-raises unless a checkpoint vanished
+                continue
+            results.report(sum(len(job.pairs) for job in work.jobs))
+            return records
 
 
 def analyze(
@@ -437,6 +466,7 @@ def analyze(
     methods: Sequence[str] | None = None,
     config: AnalysisConfig | None = None,
     client: Any = None,
+    cache: bool | str | Path | None = None,
     **settings,
 ) -> pd.DataFrame:
     """Compare tuned checkpoints with their base: one row per (checkpoint, matrix, axis).
@@ -452,6 +482,10 @@ def analyze(
             ``workers=N`` threads (default: every usable core).
         client: a ``dask.distributed.Client``: run on its cluster instead (the workers open the
             checkpoints themselves, by the same paths); the table is the same, bit for bit.
+        cache: the results cache (:mod:`dora_analysis.cache.results`): ``True`` for the
+            default folder (``$XDG_CACHE_HOME/dora-analysis``, as ``dora-analyze``), a folder,
+            or None (the default: nothing written). A run stopped midway and started again
+            computes only what it had not; the table is the same, bit for bit.
 
     Returns:
         A DataFrame with the columns of :data:`dora_analysis.columns.TABLE_COLUMNS` followed by
@@ -466,7 +500,7 @@ def analyze(
     elif settings:
         raise ConfigError("pass either config= or keyword settings, not both")
     work = plan(base, tuned, labels=labels, methods=methods, config=config)
-    return to_frame(run(work, client), config)
+    return to_frame(run(work, client, cache), config)
 
 
 def _warn_nonfinite(ck: TunedCheckpoint, pair: MatrixPair, axis: str, values: dict) -> None:

@@ -29,6 +29,7 @@ from .errors import (
     NonFiniteWeightWarning,
     SkippedFoldersWarning,
     UnmatchedTensorsWarning,
+    VanishedCheckpointWarning,
 )
 from .hardware import usable_cpus
 from .io.guard import path_kind
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-mismatched", action="store_true",
                    help="skip tensors whose shapes differ (e.g. resized embeddings) with a "
                    "warning instead of failing")
+    p.add_argument("--skip-vanished", action="store_true",
+                   help="leave out, with a warning, tuned checkpoints deleted while they are read "
+                   "(a trainer's save_total_limit rotation) instead of stopping")
     p.add_argument("--io", choices=IO_BACKENDS, default=DEFAULTS.io,
                    help="read safetensors with pread into reused buffers (default: RSS shows "
                    "only the working set) or memory-mapped (RSS also counts the page cache)")
@@ -104,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", metavar="TOKEN",
                    help="Hugging Face token for private or gated repos (default: HF_TOKEN)")
     add_metric_options(p)
+    add_cache_options(p)
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write the table: .csv, .json or .parquet")
     p.add_argument("--summary", metavar="FILE",
@@ -116,6 +121,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file messages")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
+
+
+def add_cache_options(parser: argparse.ArgumentParser) -> None:
+    """``--cache DIR``, ``--no-cache`` and ``--clear-cache`` (the results cache)."""
+    group = parser.add_argument_group(
+        "results cache (a run stopped midway and started again computes only what is missing)")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument("--cache", metavar="DIR",
+                       help="the cache folder (default: $XDG_CACHE_HOME/dora-analysis or "
+                       "~/.cache/dora-analysis)")
+    where.add_argument("--no-cache", action="store_true",
+                       help="neither read nor write the results cache")
+    group.add_argument("--clear-cache", action="store_true",
+                       help="empty the results cache first (alone, without BASE and TUNED: "
+                       "only that)")
+
+
+def clear_cache(folder: str | None, quiet: bool) -> None:
+    """Empty the results cache in ``folder`` (default location when None), saying what went."""
+    from .cache.results import cache_folder, clear
+
+    where = cache_folder(folder or True)
+    held, entries = clear(where)
+    if not quiet:
+        say(f"cleared the results cache {printable(str(where))}: {entries} entries "
+            f"({held / (1 << 20):.1f} MiB)")
+
+
+def clear_cache_only(argv: list[str]) -> bool:
+    """``dora-analyze --clear-cache [--cache DIR] [-q]``, without checkpoints: clear, and say
+    so (True); False when there is an analysis to run."""
+    if "--clear-cache" not in argv:
+        return False
+    alone = argparse.ArgumentParser(add_help=False)
+    alone.add_argument("--clear-cache", action="store_true")
+    alone.add_argument("--cache")
+    alone.add_argument("-q", "--quiet", action="store_true")
+    args, rest = alone.parse_known_args(argv)
+    if rest:
+        return False
+    clear_cache(args.cache, args.quiet)
+    return True
 
 
 def _positive_int(text: str) -> int:
@@ -165,11 +212,15 @@ def run(args: argparse.Namespace) -> int:
     inputs = [Path(a) for a in given if a is not None and path_kind(a) is not None]
     outputs = {"output": args.output, "summary": args.summary, "html": args.html}
     check_outputs(**outputs, inputs=inputs)  # before any work
+    if args.clear_cache:
+        clear_cache(args.cache, args.quiet)
+    cache = None if args.no_cache else (args.cache or True)
     config = AnalysisConfig(
         axis=args.axis,
         modules=args.modules,  # one comma-separated string, split by the config
         include=args.include,
         skip_mismatched=args.skip_mismatched,
+        skip_vanished=args.skip_vanished,
         progress=not args.quiet and sys.stderr.isatty(),
         closed_form=not args.materialize,
         io=args.io,
@@ -185,10 +236,10 @@ def run(args: argparse.Namespace) -> int:
 
         with connect(args.scheduler) as client:
             table = analyze(args.base, args.tuned, labels=args.label, methods=args.method,
-                            config=config, client=client)
+                            config=config, client=client, cache=cache)
     else:
         table = analyze(args.base, args.tuned, labels=args.label, methods=args.method,
-                        config=config)
+                        config=config, cache=cache)
     correlations = correlate(table, n_boot=args.n_boot)
     write_outputs(table, correlations, **outputs, inputs=inputs)  # all of them, or none
     if not args.quiet:
@@ -207,6 +258,12 @@ class _NoteHandler(logging.Handler):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dora-analyze``."""
+    try:
+        if clear_cache_only(sys.argv[1:] if argv is None else list(argv)):
+            return 0
+    except DoraAnalysisError as exc:
+        say(f"error: {exc}")
+        return 2
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("dora_analysis")
     handler = _NoteHandler()
@@ -217,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # library deprecation noise is not the user's business
             for category in (NonFiniteWeightWarning, UnmatchedTensorsWarning, AdapterWarning,
-                             SkippedFoldersWarning):
+                             SkippedFoldersWarning, VanishedCheckpointWarning):
                 warnings.simplefilter("always", category)
             warnings.showwarning = _print_warning
             return run(args)

@@ -77,6 +77,9 @@ class AnalysisConfig:
     """Keep only parameter names matching this regular expression (``re.search``)."""
     skip_mismatched: bool = False
     """Skip (with a warning) tensors whose shapes differ instead of failing."""
+    skip_vanished: bool = False
+    """Leave out (with a warning) tuned checkpoints deleted while they are read — a trainer's
+    ``save_total_limit`` rotation — instead of stopping (see :mod:`dora_analysis.vanished`)."""
     block_elements: int = DEFAULT_BLOCK_ELEMENTS
     """Elements per float64 working block; bounds memory for any tensor size. The default is
     chosen from this machine's caches (:func:`choose_block_elements`); a plan carries it to
@@ -129,6 +132,7 @@ class AnalysisConfig:
             if not isinstance(value, str) or value not in choices:
                 raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
         for name, value in (("skip_mismatched", self.skip_mismatched),
+                            ("skip_vanished", self.skip_vanished),
                             ("progress", self.progress), ("closed_form", self.closed_form)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be True or False, got {value!r}")

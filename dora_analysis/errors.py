@@ -28,6 +28,11 @@ class CheckpointChangedError(CheckpointFormatError):
     """A checkpoint file was truncated, rewritten, replaced or deleted while it was being read."""
 
 
+class VanishedCheckpointError(CheckpointNotFoundError):
+    """A tuned checkpoint was deleted while it was being read (a trainer rotating its
+    checkpoints away); ``skip_vanished`` analyses the others instead."""
+
+
 class UnsupportedAdapterError(CheckpointFormatError):
     """An adapter whose merge this reader does not implement (a PEFT type, or a ``LoraConfig``
     field away from its default): refused by name, never read as something else."""
@@ -61,6 +66,11 @@ class TrainingDataError(DoraAnalysisError, ValueError):
     """Training data that cannot be used: a missing file, missing fields, no examples."""
 
 
+class CacheError(DoraAnalysisError, OSError):
+    """The results cache cannot be cleared where it was asked for (a run merely goes on
+    without a cache it cannot use)."""
+
+
 class ClusterError(DoraAnalysisError, ConnectionError):
     """The Dask cluster cannot be reached, or its workers keep dying."""
 
@@ -89,6 +99,10 @@ class SkippedFoldersWarning(UserWarning):
 
 class TruncationWarning(UserWarning):
     """Training examples longer than the context were truncated (never silently dropped)."""
+
+
+class VanishedCheckpointWarning(UserWarning):
+    """Tuned checkpoints deleted while they were read were left out (``skip_vanished``)."""
 
 
 class AnalysisCallbackWarning(UserWarning):

@@ -23,8 +23,8 @@ more dense matrices at once than it allows; a unit larger than the whole budget 
 from __future__ import annotations
 
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from .pairs import MatrixPair
 
 Progress = Callable[[int], object]
+#: Called with ``(job, pair, values)`` once a pair's values are computed (see :class:`Assembler`).
+PairCallback = Callable[[int, int, Any], object]
 _NO_LOCK = nullcontext()
 
 #: Float64 matrices a dense metric may hold per element of its pair (W0, Wt, ΔW), and the extra
@@ -76,14 +78,17 @@ def splittable(job: Job, config: AnalysisConfig) -> bool:
     return not job.adapter and all(m.cost == "stream" for m in registry.enabled(config))
 
 
-def plan_units(work: Plan) -> list[Unit]:
-    """Every unit of a plan, in table order (job, pair, piece)."""
+def plan_units(work: Plan, known: Collection[tuple[int, int]] = ()) -> list[Unit]:
+    """Every unit of a plan, in table order (job, pair, piece), but those of the pairs
+    ``(job, pair)`` in ``known`` (their values are at hand: the results cache)."""
     from .pairs import pieces
 
     out = []
     for j, job in enumerate(work.jobs):
         split = splittable(job, work.config)
         for p, pair in enumerate(job.pairs):
+            if (j, p) in known:
+                continue
             ranges = pieces(pair, work.config.block_elements) if split else []
             out += [Unit(j, p, r) for r in ranges] if len(ranges) > 1 else [Unit(j, p)]
     return out
@@ -120,45 +125,58 @@ def compute_unit(unit: Unit, work: Plan, base: TensorSource, tuned: TensorSource
 
 
 class Assembler:
-    """Unit results in any order in, table rows in the plan's order out."""
+    """Unit results in any order in, table rows in the plan's order out.
 
-    def __init__(self, work: Plan, units: list[Unit]) -> None:
+    ``known`` holds the values of pairs that are not computed (``(job, pair)`` → axis → column
+    → value); ``on_pair(job, pair, values)`` is called with each computed pair's values as soon
+    as its last unit is in (the results cache stores them then, so a killed run keeps them).
+    """
+
+    def __init__(self, work: Plan, units: list[Unit],
+                 known: Mapping[tuple[int, int], Any] | None = None,
+                 on_pair: PairCallback | None = None) -> None:
         self.work = work
         self.units = units
-        self._results: dict[Unit, Any] = {}
+        self.on_pair = on_pair
+        self._values: dict[tuple[int, int], Any] = dict(known or {})
+        self._parts: dict[tuple[int, int], dict[Unit, Any]] = {}
+        self._expected = Counter((u.job, u.pair) for u in units)
 
     def add(self, unit: Unit, result: Any) -> None:
-        self._results[unit] = result
+        key = (unit.job, unit.pair)
+        parts = self._parts.setdefault(key, {})
+        parts[unit] = result
+        if len(parts) == self._expected[key]:
+            del self._parts[key]
+            self._values[key] = self._pair_values(key, parts)
+            if self.on_pair is not None:
+                self.on_pair(*key, self._values[key])
 
-    def records(self) -> list[dict]:
-        """The table's rows, warnings emitted in table order (all units must have been added)."""
-        from .analysis import _row, _warn_nonfinite, metric_values
+    def _pair_values(self, key: tuple[int, int], parts: dict[Unit, Any]) -> Any:
+        """Axis → column → value of a pair whose units are all in (pieces merged in order)."""
+        from .analysis import metric_values
         from .pairs import PairView, merge_pieces
 
+        units = sorted(parts, key=lambda u: u.rows or (0, 0))
+        if units[0].rows is None:
+            return parts[units[0]]
+        pair = self.work.jobs[key[0]].pairs[key[1]]
+        with torch_threads(1):  # as every unit: the same bits on any executor
+            sums: dict[str, VectorSums] = merge_pieces(pair, [parts[u] for u in units])
+            return metric_values(PairView(pair, None, None, self.work.config, sums))
+
+    def records(self) -> list[dict]:
+        """The table's rows, warnings emitted in table order (every pair must be known or have
+        had all its units added)."""
+        from .analysis import _row, _warn_nonfinite
+
         out = []
-        for (j, p), group in _by_pair(self.units):
-            job = self.work.jobs[j]
-            pair = job.pairs[p]
-            if group[0].rows is None:
-                values = self._results[group[0]]
-            else:
-                sums: dict[str, VectorSums] = merge_pieces(pair, [self._results[u] for u in group])
-                values = metric_values(PairView(pair, None, None, self.work.config, sums))
-            for axis, row in values.items():
-                _warn_nonfinite(job.checkpoint, pair, axis, row)
-                out.append(_row(job, pair, axis, row))
+        for j, job in enumerate(self.work.jobs):
+            for p, pair in enumerate(job.pairs):
+                for axis, row in self._values[(j, p)].items():
+                    _warn_nonfinite(job.checkpoint, pair, axis, row)
+                    out.append(_row(job, pair, axis, row))
         return out
-
-
-def _by_pair(units: list[Unit]) -> Iterator[tuple[tuple[int, int], list[Unit]]]:
-    group: list[Unit] = []
-    for unit in units:
-        if group and (group[0].job, group[0].pair) != (unit.job, unit.pair):
-            yield (group[0].job, group[0].pair), group
-            group = []
-        group.append(unit)
-    if group:
-        yield (group[0].job, group[0].pair), group
 
 
 class MemoryBudget:
@@ -255,10 +273,13 @@ class InOrder:
             self._cond.notify_all()
 
 
-def hint(job: Job, base: TensorSource, tuned: TensorSource) -> None:
-    """Remote readers fetch only the job's tensors, neighbours coalesced into one request."""
-    base.will_read([p.name for p in job.pairs])
-    tuned.will_read([p.tuned_name for p in job.pairs])
+def hint(job: Job, base: TensorSource, tuned: TensorSource,
+         pairs: Collection[int] | None = None) -> None:
+    """Remote readers fetch only the job's tensors (those of ``pairs``, by index, when given:
+    the others are known), neighbours coalesced into one request."""
+    chosen = job.pairs if pairs is None else [job.pairs[i] for i in sorted(pairs)]
+    base.will_read([p.name for p in chosen])
+    tuned.will_read([p.tuned_name for p in chosen])
 
 
 class JobSources:
@@ -269,8 +290,10 @@ class JobSources:
     def __init__(self, work: Plan, units: list[Unit]) -> None:
         self.work = work
         self._positions: dict[int, list[int]] = {}  # job -> positions of its units
+        self._pairs: dict[int, set[int]] = {}  # job -> the pairs its units compute
         for position, unit in enumerate(units):
             self._positions.setdefault(unit.job, []).append(position)
+            self._pairs.setdefault(unit.job, set()).add(unit.pair)
         self._remaining = {job: len(p) for job, p in self._positions.items()}
         self._lock = threading.Lock()
         self._base: TensorSource | None = None
@@ -303,7 +326,7 @@ class JobSources:
             first = job not in self._hinted
             self._hinted.add(job)
         if first:
-            hint(self.work.jobs[job], base, tuned)
+            hint(self.work.jobs[job], base, tuned, self._pairs[job])
 
     def abort(self) -> None:
         """Release the units waiting for a turn: the run failed."""
@@ -331,9 +354,12 @@ def resolve_workers(workers: int | None) -> int:
     return workers if workers is not None else usable_cpus()
 
 
-def run_local(work: Plan, workers: int | None = None, progress: Progress | None = None
-              ) -> list[dict]:
-    """Compute a plan in this process with ``workers`` threads (default: one per usable core).
+def run_local(work: Plan, workers: int | None = None, progress: Progress | None = None, *,
+              known: Mapping[tuple[int, int], Any] | None = None,
+              on_pair: PairCallback | None = None) -> list[dict]:
+    """Compute a plan in this process with ``workers`` threads (default: one per usable core);
+    the pairs in ``known`` are not computed, ``on_pair`` gets each computed one (see
+    :class:`Assembler`).
 
     Units are handed out in table order (the order of the tensors in the files: sequential
     reads, and remote readers' coalesced requests hold), at most two per worker ahead, so that
@@ -345,8 +371,8 @@ def run_local(work: Plan, workers: int | None = None, progress: Progress | None 
     from .io.identity import expecting
 
     n = resolve_workers(workers)
-    units = plan_units(work)
-    assembler = Assembler(work, units)
+    units = plan_units(work, known or {})
+    assembler = Assembler(work, units, known, on_pair)
     sources = JobSources(work, units)
     budget = MemoryBudget(memory_available() // 2)
     local = threading.local()

@@ -18,8 +18,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture(autouse=True)
 def _private_hub_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "hub-cache"))
-    # and the SVD cache of --intruders: never the user's ~/.cache
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+    # and the results cache of dora-analyze, the SVD cache of --intruders: never the user's
+    # ~/.cache, and one per test (a test never finds what another one computed)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,20 @@ streamlit).
 Analyses are cached by the *identity* of the files they read — path, size and modification time of
 every checkpoint file — so editing or re-saving a checkpoint invalidates the cache, the same
 analysis asked twice is instant, and a run that is still being written is re-read only where it
-changed. Every function here that reads takes
-:class:`~dora_analysis.app.access.Readable` references only (what passed the access check), never
-a string. Uploads live in this session's memory while the table that uses them is loaded (the
-Drill-down page reads them again) and on disk, in a private temporary folder (mode 0700), only
-while they are read; that folder is removed when the server exits.
+changed. Beneath that in-memory cache, the library's results cache on disk (the one
+``dora-analyze`` keeps, ``$XDG_CACHE_HOME/dora-analysis``) is shared: a checkpoint analysed from
+the command line, or before a restart, is not computed again.
+
+**Under load** (many sessions at once) memory stays bounded: each in-memory cache holds at most
+a fixed number of entries, each for at most :data:`CACHE_TTL_S`; at most
+:data:`ANALYSES_AT_ONCE` analyses run at once (the others wait their turn, shown as running);
+a session holds at most the one upload its table was analysed from (at most the upload cap).
+
+Every function here that reads takes :class:`~dora_analysis.app.access.Readable` references only
+(what passed the access check), never a string. Uploads live in this session's memory while the
+table that uses them is loaded (the Drill-down page reads them again) and on disk, in a private
+temporary folder (mode 0700), only while they are read; that folder is removed when the server
+exits.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import io
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +41,7 @@ import streamlit as st
 import dora_analysis as da
 from dora_analysis import columns as C
 from dora_analysis.app.access import Access, Readable, current, require
+from dora_analysis.hardware import usable_cpus
 
 #: The repository checkout this package runs from (an editable install); the demo data lives there.
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,13 +87,23 @@ def identity(source: Readable) -> tuple:
     return (source.ref,) if isinstance(source, UploadedAdapter) else file_identity(source.ref)
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+#: Seconds an in-memory cache entry is kept (a later request computes it again, or finds it in
+#: the results cache on disk).
+CACHE_TTL_S = 3600
+#: Analyses running at once across every session; the others wait for a slot.
+ANALYSES_AT_ONCE = usable_cpus()
+_analysis_slots = threading.BoundedSemaphore(ANALYSES_AT_ONCE)
+
+
+@st.cache_data(show_spinner=False, max_entries=32, ttl=CACHE_TTL_S)
 def _analyze(label: str, method: str, axis: str, modules: tuple[str, ...] | None,
              identity: tuple, _base: Readable, _tuned: Readable) -> pd.DataFrame:
     # ``identity`` is the cache key; the underscored sources are not hashed by streamlit.
-    with _base.opened() as base, _tuned.opened() as tuned:
+    # An upload is read from a new temporary folder each time: not worth a results-cache entry.
+    cache = None if isinstance(_tuned, UploadedAdapter) else True
+    with _analysis_slots, _base.opened() as base, _tuned.opened() as tuned:
         table = da.analyze(base, tuned, labels=[label] if label else None, methods=[method],
-                           axis=axis, modules=modules)
+                           axis=axis, modules=modules, cache=cache)
     if isinstance(_tuned, UploadedAdapter):  # not the temporary folder, gone by now
         table[C.REF] = _tuned.ref
     return table
@@ -105,10 +126,11 @@ def check_tuned(tuned: Sequence[Readable], labels: Sequence[str | None], method:
         expand_tuned(refs, list(labels), [method])
 
 
-@st.cache_data(show_spinner="Reading the matrix and computing its SVDs…", max_entries=32)
+@st.cache_data(show_spinner="Reading the matrix and computing its SVDs…", max_entries=16,
+               ttl=CACHE_TTL_S)
 def _matrix_detail(name: str, axis: str, expert: int | None, k: int, eps: float,
                    identity: tuple, _base: Readable, _tuned: Readable):
-    with _base.opened() as base, _tuned.opened() as tuned:
+    with _analysis_slots, _base.opened() as base, _tuned.opened() as tuned:
         detail = da.matrix_detail(base, tuned, name, axis=axis, expert=expert, intruder_k=k,
                                   intruder_eps=eps)
     if isinstance(_tuned, UploadedAdapter):  # not the temporary folder, gone by now
@@ -124,7 +146,7 @@ def matrix_detail(base: Readable, tuned: Readable, name: str, *, axis: str,
     return _matrix_detail(name, axis, expert, k, eps, key, base, tuned)
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
+@st.cache_data(show_spinner=False, max_entries=16, ttl=CACHE_TTL_S)
 def _read_table(path: str, identity: tuple) -> pd.DataFrame:
     del identity  # part of the cache key only
     return da.read_table(path)

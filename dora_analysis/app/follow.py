@@ -7,7 +7,8 @@ modification time changes — or ``checkpoint-N/`` folders, each analysed agains
 
 * **Rotated checkpoints.** A trainer with ``save_total_limit`` deletes old checkpoints; their rows,
   computed at an earlier refresh, are kept (:class:`RunRows`, one per run and settings, in the
-  session) and named in a note. When a checkpoint is rewritten (a resumed or restarted run), the
+  session) and named in a note. One deleted while it is read is gone, not an error: named in a
+  note, without rows. When a checkpoint is rewritten (a resumed or restarted run), the
   kept rows of later steps that no longer exist belonged to the abandoned history: dropped.
 * **Being written or wrong?** A checkpoint that cannot be read is retried at the next refresh,
   not reported, only while it may be a save in progress: it was modified in the last
@@ -78,6 +79,8 @@ class Snapshot:
     errors: list[str] = field(default_factory=list)
     rotated: list[int] = field(default_factory=list)
     """Steps whose checkpoint is gone (rotated away by the trainer); their rows are kept."""
+    vanished: list[int] = field(default_factory=list)
+    """Steps whose checkpoint went while it was read, before it had rows: gone, not an error."""
 
     @property
     def steps(self) -> list[int]:
@@ -146,7 +149,9 @@ def follow(run: Readable, base: Readable | None, *, method: str = "auto", axis: 
         try:
             rows = cache.analyze(require(base), source, "", method, axis, modules)
         except da.DoraAnalysisError as exc:
-            if being_written(folder, exc, trainer_run=trainer_run):
+            if not folder.exists():  # rotated away while it was read
+                snapshot.vanished.append(step)
+            elif being_written(folder, exc, trainer_run=trainer_run):
                 snapshot.waiting.append(f"{folder.name} is still being written; retrying")
             else:
                 snapshot.errors.append(str(exc))
@@ -180,3 +185,12 @@ def rotated_note(steps: list[int]) -> str | None:
             "save_total_limit?); "
             + ("its rows are" if len(steps) == 1 else "their rows are")
             + " kept from an earlier read.")
+
+
+def vanished_note(steps: list[int]) -> str | None:
+    """A line for the page about checkpoints deleted while they were read, or None."""
+    if not steps:
+        return None
+    names = ", ".join(f"checkpoint-{s}" for s in steps)
+    return (f"{names}: deleted while being read (rotated away by the trainer's "
+            "save_total_limit?); no rows for " + ("it." if len(steps) == 1 else "them."))

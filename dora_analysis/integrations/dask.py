@@ -44,6 +44,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from ..errors import CheckpointNotFoundError, ClusterError, ConfigError, DoraAna
 from ..executors import (
     Assembler,
     MemoryBudget,
+    PairCallback,
     Progress,
     compute,
     pair_memory,
@@ -173,10 +175,16 @@ class UnitTask:
     """The identity planning recorded for each file the unit may open."""
 
 
-def run_dask(work: Plan, client: Any, progress: Progress | None = None) -> list[dict]:
-    """Compute a plan on the cluster of ``client``; the rows of a serial run, bit for bit."""
+def run_dask(work: Plan, client: Any, progress: Progress | None = None, *,
+             known: Mapping[tuple[int, int], Any] | None = None,
+             on_pair: PairCallback | None = None) -> list[dict]:
+    """Compute a plan on the cluster of ``client``; the rows of a serial run, bit for bit. The
+    pairs in ``known`` are not computed; ``on_pair`` gets each computed one, on this machine
+    (see :class:`~dora_analysis.executors.Assembler`)."""
     distributed = _distributed()
-    units = plan_units(work)
+    units = plan_units(work, known or {})
+    if not units:  # every pair known: nothing to send
+        return Assembler(work, units, known).records()
     run_id = uuid.uuid4().hex
     base = _shared_path(work.base)
     files = {j: tuple(work.files(j).items()) for j in range(len(work.jobs))}
@@ -185,7 +193,7 @@ def run_dask(work: Plan, client: Any, progress: Progress | None = None) -> list[
     futures = client.map(_run_unit, tasks, pure=False,
                          key=[f"dora-analysis-{run_id}-{i}" for i in range(len(units))])
     unit_of = {f.key: u for f, u in zip(futures, units, strict=True)}
-    assembler = Assembler(work, units)
+    assembler = Assembler(work, units, known, on_pair)
     try:
         for future in distributed.as_completed(futures):
             unit = unit_of[future.key]

@@ -197,33 +197,57 @@ class DoraAnalysisCallback(transformers.TrainerCallback, ExportableState):
                               f"being trained: {str(exc).splitlines()[0]}") from None
         if self.trainer is None:
             self.trainer = calling_trainer()
-        self.start_table(Path(args.output_dir) / self.output, state)
+        try:
+            self.start_table(Path(args.output_dir) / self.output, state)
+        except Exception as exc:  # the earlier table cannot be read or moved: a new one
+            self.run_id, self.table = self.run_id or new_run_id(), None
+            warnings.warn(AnalysisCallbackWarning(
+                f"{Path(args.output_dir) / self.output}: the earlier table could not be kept "
+                f"({type(exc).__name__}: {exc}); this run writes a new one"), stacklevel=2)
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or self.base is None:
             return
-        step = state.global_step
-        folder = Path(args.output_dir) / f"checkpoint-{step}"
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        # An observer: whatever fails, the training run goes on (a warning says what).
         try:
-            rows = self.analyse(folder)
-            if self.run_id is None:  # on_train_begin did not run (a hand-driven callback)
-                self.start_table(Path(args.output_dir) / self.output, state)
-            self.append(rows, Path(args.output_dir) / self.output, step)
-        except Exception as exc:  # an observer: a failed analysis must not end the run
-            warnings.warn(AnalysisCallbackWarning(
-                f"{folder}: not analysed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                "training goes on"), stacklevel=2)
+            rows = self.record(folder, Path(args.output_dir) / self.output, state)
+        except Exception as exc:
+            gone = "" if folder.exists() else " (the checkpoint is gone: rotated away?)"
+            self.warn(f"{folder}: not analysed{gone}", exc)
             return
-        if self.log:
-            trainer = self.trainer if self.trainer is not None else calling_trainer()
-            if trainer is None:
-                warnings.warn(AnalysisCallbackWarning(
-                    "the Trainer was not found, so ΔM/ΔD are not logged (rows are written); "
-                    "pass DoraAnalysisCallback(trainer=trainer)"), stacklevel=2)
-                return
-            logs = module_summary(rows, self.table)
-            if logs:
-                transformers.Trainer.log(trainer, logs)
+        try:
+            self.log_summary(rows)
+        except Exception as exc:
+            self.warn(f"{folder}: rows written, ΔM/ΔD not logged", exc)
+
+    @staticmethod
+    def warn(what: str, exc: Exception) -> None:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        warnings.warn(AnalysisCallbackWarning(
+            f"{what} ({type(exc).__name__}: {first}); training goes on"), stacklevel=3)
+
+    def record(self, folder: Path, table: Path, state):
+        """Analyse the checkpoint just saved and add its rows to the table; the rows."""
+        rows = self.analyse(folder)
+        if self.run_id is None:  # on_train_begin did not run (a hand-driven callback)
+            self.start_table(table, state)
+        self.append(rows, table, state.global_step)
+        return rows
+
+    def log_summary(self, rows) -> None:
+        """Log one checkpoint's per-module means and the r so far through the Trainer."""
+        if not self.log:
+            return
+        trainer = self.trainer if self.trainer is not None else calling_trainer()
+        if trainer is None:
+            warnings.warn(AnalysisCallbackWarning(
+                "the Trainer was not found, so ΔM/ΔD are not logged (rows are written); "
+                "pass DoraAnalysisCallback(trainer=trainer)"), stacklevel=3)
+            return
+        logs = module_summary(rows, self.table)
+        if logs:
+            transformers.Trainer.log(trainer, logs)
 
     # -- work -----------------------------------------------------------------------------------
     def analyse(self, folder: Path):

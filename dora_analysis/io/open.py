@@ -21,7 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import IO_BACKENDS
-from ..errors import CheckpointFormatError, ConfigError
+from ..errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    ConfigError,
+    DoraAnalysisError,
+)
 from .adapters import (
     ADAPTER_WEIGHT_FILES,
     adapter_format,
@@ -36,7 +41,7 @@ from .adapters import (
 from .base import TensorSource
 from .dcp import DcpCheckpoint, find_dcp
 from .deepspeed import find_zero, open_zero
-from .guard import confined, not_found, not_regular, path_kind
+from .guard import confined, not_found, not_regular, path_kind, shown
 from .merge import AdapterSource
 from .quant import dequantized
 from .refs import TRAINER_DCP_FOLDERS, CheckpointRef, series_steps, step_of
@@ -180,9 +185,19 @@ def _open_file(path: Path, options: ReadOptions, base: TensorSource | None) -> T
     return AdapterSource(adapter, base, trained_on=trained_on(options))
 
 
+def _gone_meanwhile(path: Path) -> CheckpointNotFoundError:
+    """The folder held a checkpoint when its format was told, and no longer does: its files are
+    being deleted (a trainer rotating checkpoints away)."""
+    return CheckpointNotFoundError(f"{shown(path)}: its weight files went while it was opened "
+                                   "(deleted meanwhile?)")
+
+
 def _open_model_folder(path: Path, options: ReadOptions, base: TensorSource | None
                        ) -> TensorSource:
-    return dequantized(open_file(_model_folder_file(path), options))
+    file = _model_folder_file(path)
+    if file is None:
+        raise _gone_meanwhile(path)
+    return dequantized(open_file(file, options))
 
 
 def _open_zero(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
@@ -192,7 +207,10 @@ def _open_zero(path: Path, options: ReadOptions, base: TensorSource | None) -> T
 
 
 def _open_dcp(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
-    src = DcpCheckpoint(find_dcp(path), options.backend)
+    folder = find_dcp(path)
+    if folder is None:
+        raise _gone_meanwhile(path)
+    src = DcpCheckpoint(folder, options.backend)
     if not any(".lora_A." in k or ".lora_embedding_A" in k for k in src.keys()):
         return dequantized(src)
     with src:  # HF Trainer + FSDP SHARDED_STATE_DICT saves a PEFT model's adapter only, as DCP
@@ -286,14 +304,19 @@ def open_checkpoint(path: str | Path | Url, options: ReadOptions = ReadOptions()
         raise not_found(path)
     if kind == "other":
         raise not_regular(path)
-    for fmt in FORMATS:
-        if fmt.detect(path):
-            if fmt.needs_base and base is None:
-                raise _adapter_as_base(path)
-            source = fmt.open(path, options, base)
-            # a base (opened on its own) gets its tied lm_head back as an alias
-            return source if base is not None else with_tied_heads(source, path)
-    raise _no_checkpoint(path)
+    try:
+        for fmt in FORMATS:
+            if fmt.detect(path):
+                if fmt.needs_base and base is None:
+                    raise _adapter_as_base(path)
+                source = fmt.open(path, options, base)
+                # a base (opened on its own) gets its tied lm_head back as an alias
+                return source if base is not None else with_tied_heads(source, path)
+        raise _no_checkpoint(path)
+    except FileNotFoundError as exc:  # a folder listed or looked into as it was being deleted
+        if isinstance(exc, DoraAnalysisError):
+            raise
+        raise not_found(exc.filename or path) from None
 
 
 def _no_checkpoint(path: Path) -> CheckpointFormatError:

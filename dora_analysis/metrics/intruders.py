@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..cache.location import cache_root
 from .base import Column, Metric, Setting, fraction, optional_folder, positive_int
 from .linalg import DEVICE
 
@@ -72,8 +73,7 @@ def cache_dir(setting: str | os.PathLike | None) -> Path | None:
         return None
     if text:
         return Path(text).expanduser()
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "dora-analysis"
+    return cache_root()
 
 
 def content_key(w0: np.ndarray | torch.Tensor, name: str) -> str:

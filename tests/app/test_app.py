@@ -354,3 +354,36 @@ def test_an_upload_whose_analysis_fails_is_not_held(ckpts, tmp_path, monkeypatch
     at.run()
     assert not at.exception and at.error
     assert "uploads" not in at.session_state and "table" not in at.session_state
+
+
+def test_analyses_across_sessions_take_turns(ckpts, monkeypatch):
+    """Under load at most ANALYSES_AT_ONCE analyses run at once (each on every core); the others
+    wait for a slot, and all finish."""
+    import threading
+    import time
+
+    from dora_analysis.app import access
+    from dora_analysis.app import cache as cache_module
+
+    running, peak, lock, real = [0], [0], threading.Lock(), da.analyze
+
+    def analyze(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(da, "analyze", analyze)
+    readable = access.Readable
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(cache_module.analyze(
+        readable(str(ckpts["base"])), readable(str(ckpts["tuned"])), f"session-{i}", "auto",
+        "out", ("q",)))) for i in range(cache_module.ANALYSES_AT_ONCE + 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == len(threads) and peak[0] == cache_module.ANALYSES_AT_ONCE

@@ -234,3 +234,24 @@ def test_being_written_needs_a_recent_change(tmp_path):
                                    now=now + follow.STILL_WRITING_S + 1)
     mark_saved(folder)
     assert not follow.being_written(folder, CheckpointFormatError("x"), trainer_run=True, now=now)
+
+
+def test_a_checkpoint_deleted_while_it_is_read_is_gone_not_an_error(ckpts, tmp_path, calls,
+                                                                    monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    for step in (10, 20):
+        add_checkpoint(run, step)
+    analyze = da.analyze
+
+    def rotating(base, tuned, **kwargs):  # the trainer rotates checkpoint-10 away meanwhile
+        if Path(tuned).name == "checkpoint-10":
+            shutil.rmtree(run / "checkpoint-10")
+        return analyze(base, tuned, **kwargs)
+
+    monkeypatch.setattr(da, "analyze", rotating)
+    at = follow(run, str(ckpts["base"]))
+    assert not at.error and steps(at) == [20]
+    assert ("checkpoint-10: deleted while being read (rotated away by the trainer's "
+            "save_total_limit?); no rows for it.") in [c.value for c in at.caption]

@@ -66,6 +66,25 @@ def test_cluster_gives_the_serial_table_bit_for_bit(client, ckpts, wide, case):
     pd.testing.assert_frame_equal(on_cluster, serial(base, tuned, **settings), check_exact=True)
 
 
+def test_the_results_cache_on_the_cluster(client, wide, tmp_path):
+    """Pieces computed on the workers are stored by the caller as each pair completes; a second
+    run sends nothing to the cluster and gives the serial table."""
+    base, tuned = wide / "base.safetensors", wide / "tuned.safetensors"
+    settings = {"axis": "both", "block_elements": WIDE_BLOCK}
+    expected = serial(base, tuned, **settings)
+    first = da.analyze(base, tuned, client=client, cache=tmp_path / "c", **settings)
+    pd.testing.assert_frame_equal(first, expected, check_exact=True)
+    sent = []
+    real_map = client.map
+    client.map = lambda *a, **k: sent.append(a) or real_map(*a, **k)
+    try:
+        again = da.analyze(base, tuned, client=client, cache=tmp_path / "c", **settings)
+    finally:
+        del client.map
+    assert sent == []
+    pd.testing.assert_frame_equal(again, expected, check_exact=True)
+
+
 @pytest.mark.slow  # PEFT makes the adapter: importing transformers dominates
 def test_adapters_on_the_cluster(client, tmp_path):
     from tests.peft_models import CASES as PEFT

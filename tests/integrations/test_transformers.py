@@ -288,3 +288,52 @@ def test_the_run_and_the_settings_are_saved_in_the_checkpoints(tmp_path, tiny_ll
     assert json.dumps(plain("workers", __import__("numpy").int64(2))) == "2"
     with pytest.raises(ConfigError, match="adapter_base=.* is not a plain value"):
         plain("adapter_base", object())
+
+
+def test_rotated_checkpoints_keep_their_rows_and_a_vanished_one_is_a_warning(
+        tmp_path, tiny_llama):
+    """A real run at save_total_limit=2: the trainer deletes checkpoint-2 and -4 as it saves
+    -6 and -8, and checkpoint-4 goes before the callback reads it (another job rotating it): the
+    table keeps every row it has, checkpoint-4 is a warning, the training goes on."""
+    import shutil
+
+    class Rotator(transformers.TrainerCallback):  # runs before the analysis of each save
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = run_trainer(model, tmp_path / "run", [Rotator(), DoraAnalysisCallback(
+            modules=("q", "v"))], report_to=(), steps=8, save_total_limit=2)
+    assert trainer.state.global_step == 8
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == [
+        "checkpoint-6", "checkpoint-8"]
+    messages = [str(w.message) for w in caught if w.category is AnalysisCallbackWarning]
+    assert len(messages) == 1 and messages[0].startswith(
+        f"{tmp_path / 'run' / 'checkpoint-4'}: not analysed (the checkpoint is gone: rotated "
+        "away?) (CheckpointNotFoundError: "), messages
+    written = da.read_table(tmp_path / "run" / "dora_analysis.parquet")
+    assert sorted(set(written["step"])) == [2, 6, 8]  # checkpoint-2's rows kept after rotation
+    later = written[written["step"] > 2]
+    same_table(later, da.analyze(tiny_llama, tmp_path / "run", modules=("q", "v")))
+
+
+def test_a_failure_after_the_analysis_is_a_warning_too(tmp_path, tiny_llama, monkeypatch):
+    from dora_analysis.integrations import transformers as integration
+
+    def broken(rows, history):
+        raise RuntimeError("logging trouble")
+
+    monkeypatch.setattr(integration, "module_summary", broken)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = run_trainer(model, tmp_path / "run", [DoraAnalysisCallback()], report_to=(),
+                              steps=2)
+    messages = [str(w.message) for w in caught if w.category is AnalysisCallbackWarning]
+    assert messages == [f"{tmp_path / 'run' / 'checkpoint-2'}: rows written, ΔM/ΔD not logged "
+                        "(RuntimeError: logging trouble); training goes on"]
+    assert trainer.state.global_step == 2
+    assert (tmp_path / "run" / "dora_analysis.parquet").is_file()  # the rows were written

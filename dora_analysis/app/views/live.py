@@ -95,8 +95,9 @@ if settings:
         st.success(f"{snap.source}: {len(snap.table)} rows, "
                    + (f"{plural(len(steps), 'step')} (last {steps[-1]}), " if steps else "")
                    + f"read at {time.strftime('%H:%M:%S')}.")
-        if follow.rotated_note(snap.rotated):
-            st.caption(follow.rotated_note(snap.rotated))
+        for note in (follow.rotated_note(snap.rotated), follow.vanished_note(snap.vanished)):
+            if note:
+                st.caption(note)
         axes = set(snap.table[C.AXIS])
         shown = settings["axis"] if settings["axis"] in axes else sorted(axes)[0]
         st.plotly_chart(plots.step_trend(snap.table, axis=shown), width="stretch")

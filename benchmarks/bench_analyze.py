@@ -13,11 +13,13 @@ measured warm; a shared, noisy machine drifts less between neighbours). Medians 
   ``1 − cosine_similarity`` (what a one-off notebook does);
 * ``lean``  — the lean form of it: both state dicts loaded, float32 torch, the cosine as a dot
   product over the row norms (no temporaries beyond the float32 copies);
-* ``ours``  — ``dora_analysis.analyze(base, tuned)`` (defaults: every core, cache-sized
-  blocks); ``ours-wN`` the same with ``workers=N``; ``mmap``/``pread`` with that reader
+* ``ours``  — ``dora_analysis.analyze(base, tuned)`` (defaults: every core, files
+  memory-mapped); ``ours-wN`` the same with ``workers=N``; ``mmap``/``pread`` with that reader
   (``mmap`` maps only files a read lease protects, see ``dora_analysis/io/guard.py``);
   ``unguarded`` without the guard's checks around every read (lease, size, mtime, inode), to
-  measure what they cost.
+  measure what they cost;
+* ``cli``   — ``dora-analyze BASE TUNED -q`` as a user runs it (its console entry, which ends
+  the process as soon as the outputs are written).
 
 Columns: ``wall s`` is the whole child process (interpreter start-up to exit, as a user waits
 for it); ``work s`` is the analysis alone (after ``import torch, pandas``), beside ``start s``,
@@ -38,8 +40,10 @@ import threading
 import time
 from pathlib import Path
 
-#: SPEC §6 on the ~1B pair (and the I/O one on the 7B-shaped pair).
-TARGETS = {"lean": 0.35, "io": 1.5, "private_mib": 300}
+#: SPEC §6 / issue 22 on the ~1B pair (the I/O one also on the 7B-shaped pair, ≤ 1.3 there).
+TARGETS = {"lean": 0.25, "io": 1.2, "private_mib": 300}
+#: What issue 22 hoped for beyond the targets.
+MOONSHOTS = {"lean": 0.15, "io": 0.8}
 
 
 class PeakAnon:
@@ -150,33 +154,50 @@ def ours_mode(mode: str):
     return lambda base, tuned: run_ours(base, tuned, **settings)
 
 
+def run_cli(base: Path, tuned: Path) -> dict:
+    """``dora-analyze BASE TUNED -q`` through its console entry; the process ends there (the
+    result is printed by an exit handler, which the quick exit runs)."""
+    from dora_analysis import console
+
+    sys.argv = ["dora-analyze", str(base), str(tuned), "-q"]
+    console.analyze()  # never returns
+
+
 def method(mode: str):
-    plain = {"io": run_io, "naive": run_naive, "lean": run_lean, "unguarded": run_unguarded}
+    plain = {"io": run_io, "naive": run_naive, "lean": run_lean, "unguarded": run_unguarded,
+             "cli": run_cli}
     return plain.get(mode) or ours_mode(mode)
 
 
 #: What each method imports before its work (the rest of its start-up is the interpreter's).
 NAIVE_IMPORTS = ("torch", "safetensors.torch")
-IMPORTS = {"io": (), "naive": NAIVE_IMPORTS, "lean": NAIVE_IMPORTS,
+IMPORTS = {"io": (), "naive": NAIVE_IMPORTS, "lean": NAIVE_IMPORTS, "cli": (),
            "ours": ("dora_analysis.analysis",)}
 
 
 def child(mode: str, base: Path, tuned: Path, started: float) -> None:
+    import atexit
     import importlib
     import resource
 
     begin = time.time()
     for module in IMPORTS.get(mode, IMPORTS["ours"]):  # start-up, timed apart from the work
         importlib.import_module(module)
-    with PeakAnon() as anon:
-        start = time.perf_counter()
-        result = method(mode)(base, tuned)
+    anon = PeakAnon().__enter__()
+    start = time.perf_counter()
+    result: dict = {}
+
+    def report() -> None:
         work = time.perf_counter() - start
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result |= {"work_s": work, "start_s": time.time() - started - work,
-               "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
-               "peak_anon_mib": anon.peak_kib / 1024, "child_s": time.time() - begin}
-    print(json.dumps(result))
+        anon.__exit__()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        print(json.dumps(result | {
+            "work_s": work, "start_s": time.time() - started - work,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "peak_anon_mib": anon.peak_kib / 1024, "child_s": time.time() - begin}), flush=True)
+
+    atexit.register(report)  # also after the command line's quick exit
+    result |= method(mode)(base, tuned)
 
 
 def measure(mode: str, base: Path, tuned: Path) -> dict:
@@ -216,21 +237,27 @@ def print_table(res: dict[str, dict]) -> None:
               f"{ratio(r, lean):>8}{ratio(r, io):>7}")
 
 
-def print_targets(res: dict[str, dict]) -> None:
-    ours, lean, io = res.get("ours"), res.get("lean"), res.get("io")
-    if not ours:
-        return
-    checks = []
-    if lean:
-        checks.append(("wall / lean naive", ours["wall_s"] / lean["wall_s"], TARGETS["lean"]))
-    if io:
-        checks.append(("wall / I/O floor", ours["wall_s"] / io["wall_s"], TARGETS["io"]))
-        checks.append(("work / I/O floor (start-up excluded)", ours["work_s"] / io["work_s"],
-                       TARGETS["io"]))
-    checks.append(("peak private MiB", ours["peak_anon_mib"], TARGETS["private_mib"]))
-    for name, value, target in checks:
-        verdict = "met" if value <= target else f"missed by {value / target:.2f}x"
-        print(f"  ours {name}: {value:.2f} (target <= {target}: {verdict})")
+def print_targets(res: dict[str, dict], *, io_target: float = TARGETS["io"]) -> None:
+    lean, io = res.get("lean"), res.get("io")
+    for name in ("ours", "cli"):
+        ours = res.get(name)
+        if not ours:
+            continue
+        checks = []
+        if lean:
+            checks.append(("wall / lean naive", ours["wall_s"] / lean["wall_s"], TARGETS["lean"],
+                           MOONSHOTS["lean"]))
+        if io:
+            checks.append(("wall / I/O floor", ours["wall_s"] / io["wall_s"], io_target,
+                           MOONSHOTS["io"]))
+            checks.append(("work / I/O floor work (start-up excluded)",
+                           ours["work_s"] / io["work_s"], io_target, None))
+        checks.append(("peak private MiB", ours["peak_anon_mib"], TARGETS["private_mib"], None))
+        for what, value, target, moon in checks:
+            verdict = "met" if value <= target else f"missed by {value / target:.2f}x"
+            if moon is not None and value <= moon:
+                verdict += f", moonshot <= {moon} met"
+            print(f"  {name} {what}: {value:.2f} (target <= {target}: {verdict})")
 
 
 def print_accuracy(res: dict[str, dict]) -> None:
@@ -248,10 +275,12 @@ def main() -> None:
     parser.add_argument("base", type=Path)
     parser.add_argument("tuned", type=Path)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--modes", default="io,lean,naive,ours",
-                        help="methods, comma-separated: io, lean, naive, ours, ours-wN, mmap, "
-                        "pread, unguarded (drop the naive ones where both state dicts exceed "
-                        "memory)")
+    parser.add_argument("--modes", default="io,lean,naive,ours,cli",
+                        help="methods, comma-separated: io, lean, naive, ours, cli, ours-wN, "
+                        "mmap, pread, unguarded (drop the naive ones where both state dicts "
+                        "exceed memory)")
+    parser.add_argument("--io-target", type=float, default=TARGETS["io"],
+                        help="the target ratio to the I/O floor (1.3 for the 7B-shaped pair)")
     parser.add_argument("--workers", help="also time ours with these worker counts (1,2,4)")
     parser.add_argument("--adapter", type=Path,
                         help="also time a DoRA adapter for BASE: closed form vs materialised B·A")
@@ -272,7 +301,7 @@ def main() -> None:
           + (f" ({size / 2**30:.2f} GiB in all)" if size else "")
           + f"; median of {args.repeat} interleaved rounds, warm page cache")
     print_table(res)
-    print_targets(res)
+    print_targets(res, io_target=args.io_target)
     if args.workers:
         counts = [int(n) for n in args.workers.split(",")]
         one = res[f"ours-w{counts[0]}"]

@@ -11,21 +11,19 @@ accumulates the per-vector sums in float64 and fills one row per axis from the m
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING, Any
 
 from . import columns as C
 from . import metrics as registry
 from .cache.results import pair_results
 from .config import AnalysisConfig, check_method
-from .decompose import Workspace
+from .decompose import VectorSums
 from .errors import (
     AdapterWarning,
     CheckpointFormatError,
@@ -37,7 +35,8 @@ from .errors import (
     listing,
 )
 from .executors import hint, run_local, torch_threads
-from .io.base import ANALYSABLE_DTYPES, TensorInfo, TensorSource
+from .io.base import TensorInfo, TensorSource
+from .io.dtypes import ANALYSABLE
 from .io.guard import shown
 from .io.identity import FileIdentity, recording
 from .io.keys import (
@@ -52,8 +51,11 @@ from .io.keys import (
 )
 from .io.open import open_checkpoint, resolve
 from .io.refs import CheckpointRef, series_steps
-from .pairs import MatrixPair, PairView, stream_sums
+from .pairs import MatrixPair, PairView, Workspace, stream_sums
 from .vanished import READ_ERRORS, check_opened, without_vanished
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Ref = str | Path | CheckpointRef
 
@@ -194,7 +196,7 @@ def matrix_infos(source: TensorSource) -> dict[str, TensorInfo]:
         if info.is_matrix:
             infos[name] = info
         elif (name.endswith(".weight") and len(info.shape) >= 2
-              and info.dtype not in ANALYSABLE_DTYPES):
+              and info.dtype not in ANALYSABLE):
             raise CheckpointFormatError(
                 f"{source.path}: tensor '{name}' is stored as {info.dtype} (quantized?); "
                 "dequantize the checkpoint to float weights first"
@@ -266,7 +268,7 @@ def pair_sums(base: TensorSource, tuned: TensorSource, pair: MatrixPair, config:
     if config.closed_form and "out" in axes and pair.expert is None:
         closed = tuned.closed_form(pair.tuned_name, config.block_elements)
         if closed is not None:
-            sums["out"] = closed
+            sums["out"] = VectorSums(*closed)
             axes = tuple(a for a in axes if a != "out")
     if axes:
         sums |= stream_sums(base, tuned, pair, axes, config.block_elements, workspace)
@@ -307,7 +309,7 @@ def _row(job: Job, pair: MatrixPair, axis: str, values: dict[str, object]) -> di
         C.LAYER: layer_index(pair.name), C.MODULE: module_kind(pair.name), C.ROWS: rows,
         C.COLS: cols, C.AXIS: axis, C.EXPERT: pair.expert if pair.expert is not None
         else expert_index(pair.name),
-        C.DTYPE: str(pair.tuned_dtype).removeprefix("torch."), C.TUNED_NAME: pair.tuned_name,
+        C.DTYPE: pair.tuned_dtype, C.TUNED_NAME: pair.tuned_name,
         C.REF: shown(ck.ref), **values,  # names that are not UTF-8, escaped: a table holds text
     }
 
@@ -322,7 +324,7 @@ def run_job(job: Job, base: TensorSource, tuned: TensorSource, config: AnalysisC
     """
     hint(job, base, tuned)  # remote readers fetch only these tensors, neighbours coalesced
     records = []
-    with torch_threads(1):
+    with torch_threads(1, config):
         for pair in job.pairs:
             for axis, values in compute_pair(base, tuned, pair, config, workspace).items():
                 _warn_nonfinite(job.checkpoint, pair, axis, values)
@@ -340,6 +342,8 @@ def table_columns(config: AnalysisConfig | None = None) -> list[str]:
 
 def to_frame(records: list[dict], config: AnalysisConfig | None = None) -> pd.DataFrame:
     """Records → the analysis table with stable column order and typed columns."""
+    import pandas as pd
+
     frame = pd.DataFrame.from_records(records, columns=table_columns(config))
     dtypes = C.TABLE_DTYPES | {c.name: c.dtype for c in registry.metric_columns(config)}
     return frame.astype({k: v for k, v in dtypes.items() if k in frame.columns})
@@ -426,7 +430,8 @@ def check_modules_planned(config: AnalysisConfig, planned: Sequence[str]) -> Non
             f"{', '.join(kinds)}", UnmatchedTensorsWarning, stacklevel=3)
 
 
-def run(work: Plan, client: Any = None, cache: Any = None) -> list[dict]:
+def run(work: Plan, client: Any = None, cache: Any = None, *,
+        meanwhile: Callable[[], object] | None = None) -> list[dict]:
     """Compute a plan: on a Dask cluster when ``client`` is given, else in this process on
     ``config.workers`` threads (default: every usable core). The rows are the same, bit for bit,
     in the same order, whichever runs them (see :mod:`dora_analysis.executors`).
@@ -434,7 +439,12 @@ def run(work: Plan, client: Any = None, cache: Any = None) -> list[dict]:
     ``cache`` (see :func:`analyze`): pairs computed by an earlier run are read from it and each
     pair computed is stored as soon as it is done. A tuned checkpoint deleted meanwhile stops
     the run, or is left out (``skip_vanished``; see :mod:`dora_analysis.vanished`).
+
+    ``meanwhile()`` runs in this thread while the workers compute (imports the caller needs
+    next; see :func:`~dora_analysis.executors.run_local`).
     """
+    from tqdm.auto import tqdm
+
     config = work.config
     with tqdm(total=work.numel, unit="el", unit_scale=True, disable=not config.progress,
               file=sys.stderr, desc="analysing", leave=False) as bar, \
@@ -448,14 +458,25 @@ def run(work: Plan, client: Any = None, cache: Any = None) -> list[dict]:
                 if client is not None:
                     from .integrations.dask import run_dask
 
+                    if meanwhile is not None:
+                        meanwhile()
                     records = run_dask(work, client, **hooks)
                 else:
-                    records = run_local(work, config.workers, **hooks)
+                    records = run_local(work, config.workers, meanwhile=meanwhile, **hooks)
             except READ_ERRORS as exc:
                 work = without_vanished(work, exc)  # re-raises unless a checkpoint vanished
                 continue
             results.report(sum(len(job.pairs) for job in work.jobs))
             return records
+
+
+def import_modules(*names: str) -> Callable[[], None]:
+    """A ``meanwhile`` for :func:`run`: import these modules (the table needs pandas)."""
+    def load() -> None:
+        for name in names:
+            importlib.import_module(name)
+
+    return load
 
 
 def analyze(
@@ -500,7 +521,7 @@ def analyze(
     elif settings:
         raise ConfigError("pass either config= or keyword settings, not both")
     work = plan(base, tuned, labels=labels, methods=methods, config=config)
-    return to_frame(run(work, client, cache), config)
+    return to_frame(run(work, client, cache, meanwhile=import_modules("pandas")), config)
 
 
 def _warn_nonfinite(ck: TunedCheckpoint, pair: MatrixPair, axis: str, values: dict) -> None:

@@ -16,7 +16,6 @@ from . import __version__
 from . import metrics as registry
 from .config import (
     AXIS_CHOICES,
-    IO_BACKENDS,
     METHOD_CHOICES,
     N_BOOT,
     PRECISIONS,
@@ -32,7 +31,7 @@ from .errors import (
     VanishedCheckpointWarning,
 )
 from .hardware import usable_cpus
-from .io.guard import path_kind
+from .io.guard import IO_BACKENDS, path_kind
 
 # Only light modules above: --help and argument errors answer without importing torch, pandas,
 # scipy or plotly; run() imports the analysis when there is work to do.
@@ -83,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out, with a warning, tuned checkpoints deleted while they are read "
                    "(a trainer's save_total_limit rotation) instead of stopping")
     p.add_argument("--io", choices=IO_BACKENDS, default=DEFAULTS.io,
-                   help="read safetensors with pread into reused buffers (default: RSS shows "
-                   "only the working set) or memory-mapped (RSS also counts the page cache)")
+                   help="read safetensors memory-mapped (default: no copy; RSS also counts the "
+                   "page cache read) or with pread into reused buffers (RSS shows only the "
+                   "working set)")
     p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
                    help="auto (default): weights as stored for inference (DeepSpeed ZeRO-3 keeps "
                    "none: its fp32 masters, with a note); fp32: DeepSpeed ZeRO's fp32 master "
@@ -204,9 +204,9 @@ def run(args: argparse.Namespace) -> int:
     """Carry out one parsed command; raises :class:`DoraAnalysisError` on bad input."""
     if args.n_boot < 0:
         raise DoraAnalysisError(f"--n-boot must be 0 or more, got {args.n_boot}")
-    from .analysis import analyze
-    from .report import check_outputs, format_summary, write_outputs
-    from .stats import correlate
+    from .analysis import import_modules, plan, to_frame
+    from .analysis import run as compute
+    from .report import check_outputs
 
     given = (args.base, *args.tuned, args.adapter_base)
     inputs = [Path(a) for a in given if a is not None and path_kind(a) is not None]
@@ -231,15 +231,20 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         **metric_config(args),
     )
+    work = plan(args.base, args.tuned, labels=args.label, methods=args.method, config=config)
+    # what comes after the analysis is imported while the workers compute
+    meanwhile = import_modules("pandas", "scipy.special", f"{__package__}.stats",
+                               f"{__package__}.report")
     if args.scheduler:
         from .integrations.dask import connect
 
         with connect(args.scheduler) as client:
-            table = analyze(args.base, args.tuned, labels=args.label, methods=args.method,
-                            config=config, client=client, cache=cache)
+            table = to_frame(compute(work, client, cache, meanwhile=meanwhile), config)
     else:
-        table = analyze(args.base, args.tuned, labels=args.label, methods=args.method,
-                        config=config, cache=cache)
+        table = to_frame(compute(work, None, cache, meanwhile=meanwhile), config)
+    from .report import format_summary, write_outputs
+    from .stats import correlate
+
     correlations = correlate(table, n_boot=args.n_boot)
     write_outputs(table, correlations, **outputs, inputs=inputs)  # all of them, or none
     if not args.quiet:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+#: The two axes vectors run along (see :mod:`dora_analysis.decompose`).
+Axis = Literal["out", "in"]
+
 # Analysis table: one row per (checkpoint, weight matrix, axis).
 CHECKPOINT = "checkpoint"
 METHOD = "method"

@@ -13,44 +13,10 @@ from typing import Any
 from . import metrics as registry
 from .columns import AXES, METHODS
 from .errors import ConfigError
-from .hardware import Cache, caches
+from .hardware import DEFAULT_BLOCK_ELEMENTS
+from .io.guard import IO_BACKENDS
 from .io.keys import module_kind, module_path
 
-#: Bytes the kernel touches per element of a block (:func:`dora_analysis.decompose.squared_norms`):
-#: three float64 planes (``w0``, ``wt``, ``wt − w0``) and the two stored rows (≤ 4 bytes each).
-WORKING_BYTES_PER_ELEMENT = 3 * 8 + 2 * 4
-#: Bounds on the block: below, per-call overhead dominates; above, nothing is gained.
-MIN_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS = 1 << 14, 1 << 22
-
-
-def choose_block_elements(cache_list: tuple[Cache, ...] | None = None) -> int:
-    """Elements per working block, from the cache one busy core can count on.
-
-    The working set of a block (:data:`WORKING_BYTES_PER_ELEMENT` per element) should stay in
-    the core's private level-2 cache plus its share of the last-level cache (shared caches are
-    divided among the CPUs sharing them, every core being busy with its own worker), with half
-    of that left to the rest of the process. The result is a power of two within
-    [:data:`MIN_BLOCK_ELEMENTS`, :data:`MAX_BLOCK_ELEMENTS`]; ``benchmarks/bench_kernel.py``
-    times the neighbours of the choice.
-
-    Example:
-        >>> from dora_analysis.hardware import Cache
-        >>> choose_block_elements((Cache(2, 1 << 20, 1), Cache(3, 32 << 20, 2)))
-        262144
-    """
-    levels = [c for c in (cache_list if cache_list is not None else caches()) if c.level >= 2]
-    budget = sum(c.per_cpu for c in levels) // 2
-    elements = max(1, budget // WORKING_BYTES_PER_ELEMENT)
-    block = 1 << (elements.bit_length() - 1)  # round down to a power of two
-    return min(MAX_BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, block))
-
-
-#: Elements of one float64 working block on this machine (see :func:`choose_block_elements`).
-DEFAULT_BLOCK_ELEMENTS = choose_block_elements()
-#: How safetensors rows are read: memory-mapped (the touched file pages count in RSS as shared
-#: page cache) or ``pread`` of exactly the rows' bytes into a private buffer (RSS stays at the
-#: working set; the default of the analysis).
-IO_BACKENDS: tuple[str, ...] = ("mmap", "pread")
 #: ``auto``: the weights as stored for inference; ``fp32``: full-precision masters where kept.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32")
 
@@ -89,10 +55,11 @@ class AnalysisConfig:
     depend on it (bit for bit)."""
     progress: bool = False
     """Show a progress bar on stderr."""
-    io: str = "pread"
-    """How safetensors are read: ``pread`` (each block into a reused buffer of the worker, so
-    RSS stays at the working set; the cheaper of the two, see docs/performance.md) or ``mmap``
-    (memory-mapped; the touched file pages show in RSS as shared page cache)."""
+    io: str = "mmap"
+    """How safetensors are read: ``mmap`` (memory-mapped under a read lease and reduced in
+    place, no copy; the pages read show in RSS as shared page cache, never as private memory;
+    files that cannot be leased are read with ``pread``) or ``pread`` (each block copied into a
+    reused buffer of the worker). ``mmap`` is the cheaper of the two (docs/performance.md)."""
     closed_form: bool = True
     """Adapters: compute axis ``out`` from ``W0 Aᵀ`` and ``A Aᵀ`` instead of materialising B·A."""
     lora_alpha: float | None = None

@@ -19,47 +19,38 @@ and gives a stable ``1 − cos``:
 
 Both numerator terms are non-negative and computed without the cancellation of ``1 − a·b/(|a||b|)``
 (which in float32 keeps only ~4 digits of a ΔD near 1e-6). Identical inputs give exactly 0.0.
+The sums come from one fused, compiled pass over the stored elements
+(:func:`dora_analysis.kernel.accumulate`), whose error analysis is in :mod:`dora_analysis.kernel`.
 
-Error analysis (``u = 2⁻⁵³``; ``n`` elements per vector; ``m`` its norm; ``δ = |wt − w0| / m``):
-
-1. Upcasting bf16/fp16/fp32 to float64 is exact (their values are float64 values).
-2. ``wt − w0`` of two values with ``p``-bit significands is exact in float64 unless their exponents
-   differ by more than ``53 − p`` binades (29 for fp32; nearby values are exact by Sterbenz's
-   lemma); otherwise it is rounded once (relative error ≤ u). fp64 inputs: rounded once.
-3. Each sum of ``n`` squares has relative error ``ε ≤ γₙ + 3u`` (``γₙ = nu / (1 − nu)``, any
-   summation order; the norm's square root and squaring add the ``3u``): 4.5e-13 for
-   ``n = 4096``, 7.3e-12 for ``n = 65536``. Vectorised reductions err like ``√n·u`` in practice.
-4. ΔM per vector, ``|√|wt|² − √|w0|²|``: absolute error ≤ ``ε·m``, relative ≤ ``ε·m / |mt − m0|``.
-   Full fine-tuning moves ``|mt − m0|`` by ~``δ·m / √n`` (the radial part of a random step): at
-   ΔD ~ 1e-9 (``δ`` ≈ 4.5e-5) and ``n = 4096`` the bound is 6e-7 and the practical error 1e-8.
-5. ΔD per vector: the numerator errs by ≤ ``ε·(|wt − w0|² + 2m·|mt − m0|)``, so ΔD errs by at most
-   ``ε·(δ²/2 + δ)`` absolutely: relative error ≤ ``ε·(1 + 2/δ) / τ`` for a step whose share of
-   tangential motion is ``τ`` (random steps: ``τ ≈ 1``, 2e-8 at ΔD ~ 1e-9), and an absolute error
-   ≤ 1e-12 even for a purely radial step (true ΔD = 0) up to ``δ ≤ 1`` when ``n ≤ 4096``.
-
-Why not float32, which halves the bytes: the difference (2) would often still be exact, but a
-float32 sum of squares errs by ~1e-7 to 1e-6 relative, and (4) needs the squared norms to ~1e-10
-for ΔM (a row scaled by 1.001 would show a direction change of ~1e-7 instead of 0). Summing
-float32 values into float64 costs a float64 conversion per element anyway, i.e. the same passes
-as this kernel (``benchmarks/bench_kernel.py --kernels`` times both); what makes the float64
-kernel cheap is staying in cache: blocks sized from the machine's caches (see
-:func:`dora_analysis.config.choose_block_elements`), one buffer of three planes, one fused
-reduction over the three.
+Arrays: the functions take numpy arrays or torch tensors (torch is used only when given one).
+``magnitude`` and ``direction`` return the kind they were given; the sums and everything after
+them are numpy float64.
 
 Reference: Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024, Eqs. 2-4.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
-from .config import DEFAULT_BLOCK_ELEMENTS
+from .columns import Axis
 from .errors import ConfigError
+from .hardware import DEFAULT_BLOCK_ELEMENTS
 
-Axis = Literal["out", "in"]
+if TYPE_CHECKING:
+    import torch
+
+    Weight = np.ndarray | torch.Tensor
+else:
+    Weight = Any
+
+#: numpy dtypes the kernel reads as they are (``uint16`` = bfloat16 bits, see
+#: :mod:`dora_analysis.kernel`); anything else is converted to float64 first.
+_STORED = frozenset(np.dtype(t) for t in (np.uint16, np.float16, np.float32, np.float64))
 
 
 def check_axis(axis: str) -> Axis:
@@ -69,11 +60,61 @@ def check_axis(axis: str) -> Axis:
     return axis  # type: ignore[return-value]
 
 
-def as_matrix(w: torch.Tensor) -> torch.Tensor:
+def _is_torch(w: object) -> bool:
+    torch = sys.modules.get("torch")  # a tensor means torch is imported: never import it here
+    return torch is not None and isinstance(w, torch.Tensor)
+
+
+def as_matrix(w: Weight) -> Weight:
     """View a weight of shape ``(out, in, *k)`` as the 2-D ``(out, in * prod(k))`` matrix."""
-    if w.dim() < 2:
+    if w.ndim < 2:
         raise ConfigError(f"a weight matrix needs 2 or more dimensions, got {tuple(w.shape)}")
     return w.reshape(w.shape[0], -1)
+
+
+def stored_array(w: Weight) -> np.ndarray:
+    """A weight as the kernel reads it, without a copy where possible: numpy float16/32/64 and
+    ``uint16`` (bfloat16 bits) as they are; a torch tensor as numpy (bfloat16 as its bits);
+    anything else as float64."""
+    if _is_torch(w):
+        import torch
+
+        t = w.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+        if t.dtype in (torch.float16, torch.float32, torch.float64):
+            return t.contiguous().numpy()
+        return t.to(torch.float64).numpy()
+    w = np.asarray(w)
+    return w if w.dtype in _STORED else w.astype(np.float64)
+
+
+def _values(w: Weight) -> Weight:
+    """A weight given to a public function: numbers, never bit patterns (a numpy ``uint16``
+    array is integers here, unlike the readers' bfloat16 bits)."""
+    if _is_torch(w):
+        return w
+    w = np.asarray(w)
+    return w if w.dtype.kind == "f" else w.astype(np.float64)
+
+
+def _float64(w: Weight) -> np.ndarray:
+    """A weight's values as a float64 numpy matrix (public functions: ``uint16`` is a number
+    here, not bfloat16 bits)."""
+    if _is_torch(w):
+        import torch
+
+        return as_matrix(w.detach().cpu().to(torch.float64)).numpy()
+    return as_matrix(np.asarray(w, dtype=np.float64))
+
+
+def _like(values: np.ndarray, w: Weight) -> Weight:
+    """``values`` as the kind of array ``w`` is (a torch tensor for a tensor)."""
+    if _is_torch(w):
+        import torch
+
+        return torch.from_numpy(values)
+    return values
 
 
 def _vector_dim(axis: Axis) -> int:
@@ -81,129 +122,60 @@ def _vector_dim(axis: Axis) -> int:
     return 1 if check_axis(axis) == "out" else 0
 
 
-def magnitude(w: torch.Tensor, axis: Axis = "out") -> torch.Tensor:
-    """Eq. 2: the magnitude vector ``m[n] = ||W[n]||`` in float64.
+def magnitude(w: Weight, axis: Axis = "out") -> Weight:
+    """Eq. 2: the magnitude vector ``m[n] = ||W[n]||`` in float64 (numpy or torch, as given).
 
     Example:
-        >>> magnitude(torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0]])).tolist()
+        >>> magnitude(np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0]])).tolist()
         [5.0, 2.0]
     """
-    return torch.linalg.vector_norm(as_matrix(w).double(), dim=_vector_dim(axis))
+    return _like(np.linalg.norm(_float64(w), axis=_vector_dim(axis)), w)
 
 
-def direction(w: torch.Tensor, axis: Axis = "out") -> torch.Tensor:
-    """Eq. 2: the direction ``V = W / ||W||`` (unit vectors along ``axis``), float64.
-
-    A zero-norm vector has no direction; it is returned as zeros.
+def direction(w: Weight, axis: Axis = "out") -> Weight:
+    """Eq. 2: the direction ``V = W / ||W||`` (unit vectors along ``axis``), float64 (numpy or
+    torch, as given). A zero-norm vector has no direction; it is returned as zeros.
 
     Example:
-        >>> direction(torch.tensor([[3.0, 4.0]])).tolist()
+        >>> direction(np.array([[3.0, 4.0]])).tolist()
         [[0.6, 0.8]]
     """
-    m = as_matrix(w).double()
-    norms = torch.linalg.vector_norm(m, dim=_vector_dim(axis), keepdim=True)
-    return torch.where(norms > 0, m / torch.where(norms > 0, norms, 1.0), 0.0)
+    m = _float64(w)
+    norms = np.linalg.norm(m, axis=_vector_dim(axis), keepdims=True)
+    return _like(np.divide(m, norms, out=np.zeros_like(m), where=norms > 0), w)
 
 
 @dataclass
 class VectorSums:
-    """Per-vector sums ``|w0|²``, ``|wt|²``, ``|wt − w0|²`` (float64), the state of one pass."""
+    """Per-vector sums ``|w0|²``, ``|wt|²``, ``|wt − w0|²`` (float64 arrays), the state of one
+    pass."""
 
-    sq0: torch.Tensor
-    sqt: torch.Tensor
-    sqd: torch.Tensor
+    sq0: np.ndarray
+    sqt: np.ndarray
+    sqd: np.ndarray
 
     @classmethod
     def zeros(cls, n_vectors: int) -> VectorSums:
-        return cls(*(torch.zeros(n_vectors, dtype=torch.float64) for _ in range(3)))
+        return cls(*np.zeros((3, n_vectors)))
+
+    @property
+    def planes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.sq0, self.sqt, self.sqd
 
 
-class Workspace:
-    """One reusable float64 buffer holding a row block three times: ``w0``, ``wt``, ``wt − w0``.
-
-    Reusing it matters: a fresh buffer per block costs more in page faults than the arithmetic,
-    and a block that stays in cache (see :func:`dora_analysis.config.choose_block_elements`) is
-    several times faster than one that streams through memory. Each plane starts on a 64-byte
-    boundary so that identical inputs meet identical vector loops.
-    """
-
-    def __init__(self) -> None:
-        self._flat = torch.empty(0, dtype=torch.float64)
-        self._bytes: dict[int, torch.Tensor] = {}
-
-    def read_buffer(self, slot: int, nbytes: int) -> torch.Tensor:
-        """A reusable uint8 buffer of at least ``nbytes`` for the stored rows read into it (one
-        slot per source, so the base's block and the tuned one's coexist)."""
-        buf = self._bytes.get(slot)
-        if buf is None or buf.numel() < nbytes:
-            buf = self._bytes[slot] = torch.empty(nbytes, dtype=torch.uint8)
-        return buf
-
-    def views(self, rows: int, cols: int) -> torch.Tensor:
-        """A ``(3, rows, cols)`` float64 view (contents undefined)."""
-        plane = -(-rows * cols // _ALIGN) * _ALIGN
-        if self._flat.numel() < 3 * plane:
-            self._flat = torch.empty(3 * plane, dtype=torch.float64)
-        return self._flat.as_strided((3, rows, cols), (plane, cols, 1))
-
-
-_ALIGN = 8  # float64 elements per 64 bytes (a cache line; an AVX-512 register)
-
-
-def squared_norms(
-    w0: torch.Tensor, wt: torch.Tensor, axes: tuple[Axis, ...] = ("out",),
-    workspace: Workspace | None = None,
-) -> dict[Axis, torch.Tensor]:
-    """Squared norms of ``w0``, ``wt`` and ``wt − w0`` per vector along each axis: ``(3, n)``
-    float64 per axis (``n`` = rows for ``out``, columns for ``in``).
-
-    The kernel of the whole analysis (its error analysis is in the module docstring): two exact
-    upcasts into one cache-resident buffer, one exact subtraction, one fused norm reduction over
-    the three planes. The inputs are never modified.
-    """
-    a, b = as_matrix(w0), as_matrix(wt)
-    if a.shape != b.shape:
-        raise ConfigError(f"shapes differ: {tuple(w0.shape)} vs {tuple(wt.shape)}")
-    x = (workspace or Workspace()).views(*a.shape)  # (3, rows, cols) float64
-    x[0].copy_(a)  # exact: every bf16/fp16/fp32 value is a float64 value
-    x[1].copy_(b)
-    torch.sub(x[1], x[0], out=x[2])  # exact unless exponents differ by > 29 binades
-    out: dict[Axis, torch.Tensor] = {}
-    if "out" in axes:  # per row: reduce the last dimension of all three planes at once
-        out["out"] = torch.linalg.vector_norm(x, dim=2).square_()  # (3, rows)
-    if "in" in axes:  # per column: reduce over the rows
-        out["in"] = torch.linalg.vector_norm(x, dim=1).square_()  # (3, cols)
-    return out
-
-
-def block_sums(
-    w0: torch.Tensor, wt: torch.Tensor, axes: tuple[Axis, ...] = ("out",),
-    workspace: Workspace | None = None,
-) -> dict[Axis, VectorSums]:
-    """Per-vector ``|w0|²``, ``|wt|²``, ``|wt − w0|²`` along each axis of one block, float64.
-
-    Example:
-        >>> s = block_sums(torch.tensor([[3.0, 4.0]]), torch.tensor([[3.0, 0.0]]))["out"]
-        >>> s.sq0.item(), s.sqt.item(), s.sqd.item()
-        (25.0, 9.0, 16.0)
-    """
-    return {axis: VectorSums(*norms) for axis, norms in
-            squared_norms(w0, wt, axes, workspace).items()}
-
-
-def magnitude_change(sums: VectorSums) -> torch.Tensor:
+def magnitude_change(sums: VectorSums) -> np.ndarray:
     """Eq. 3 summand: ``|m_t[n] − m_0[n]|`` per vector."""
-    return (sums.sqt.sqrt() - sums.sq0.sqrt()).abs()
+    return np.abs(np.sqrt(sums.sqt) - np.sqrt(sums.sq0))
 
 
-def direction_change(sums: VectorSums) -> torch.Tensor:
+def direction_change(sums: VectorSums) -> np.ndarray:
     """Eq. 4 summand: ``1 − cos(Wt[n], W0[n])`` per vector, numerically stable, in ``[0, 2]``.
 
     Uses ``(|a−b|² − (|a|−|b|)²) / (2|a||b|)``; NaN where either vector has zero norm.
     """
-    m0, mt = sums.sq0.sqrt(), sums.sqt.sqrt()
-    numerator = sums.sqd - (mt - m0).square()
-    return (numerator / (2.0 * m0 * mt)).clamp(0.0, 2.0)
+    m0, mt = np.sqrt(sums.sq0), np.sqrt(sums.sqt)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.clip((sums.sqd - np.square(mt - m0)) / (2.0 * m0 * mt), 0.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -224,24 +196,29 @@ class PairStats:
     """Mean base magnitude over valid vectors, to put ``delta_m`` in scale."""
 
 
+def finite(sums: VectorSums) -> np.ndarray:
+    """Vectors whose three sums are finite (no NaN or Inf among their elements)."""
+    return np.isfinite(sums.sq0) & np.isfinite(sums.sqt) & np.isfinite(sums.sqd)
+
+
 def summarize(sums: VectorSums) -> PairStats:
     """Reduce per-vector sums to :class:`PairStats` (Eqs. 3 and 4), excluding degenerate vectors."""
-    finite = torch.isfinite(sums.sq0) & torch.isfinite(sums.sqt) & torch.isfinite(sums.sqd)
+    ok = finite(sums)
     nonzero = (sums.sq0 > 0) & (sums.sqt > 0)
-    valid = finite & nonzero
+    valid = ok & nonzero
     n_valid = int(valid.sum())
     if n_valid:
         dm = float(magnitude_change(sums)[valid].mean())
         dd = float(direction_change(sums)[valid].mean())
-        m0 = float(sums.sq0[valid].sqrt().mean())
+        m0 = float(np.sqrt(sums.sq0[valid]).mean())
     else:
         dm = dd = m0 = float("nan")
     return PairStats(
         delta_m=dm,
         delta_d=dd,
-        n_vectors=int(sums.sq0.numel()),
-        zero_vectors=int((finite & ~nonzero).sum()),
-        nonfinite_vectors=int((~finite).sum()),
+        n_vectors=int(sums.sq0.size),
+        zero_vectors=int((ok & ~nonzero).sum()),
+        nonfinite_vectors=int((~ok).sum()),
         mean_m0=m0,
     )
 
@@ -259,40 +236,42 @@ class PairAccumulator:
     """Accumulates :class:`VectorSums` over row blocks of a stored weight pair, for some axes.
 
     Feed consecutive blocks of rows (the stored first dimension) with :meth:`add`; both axes
-    work because the per-vector sums are local to the block (axis ``out``) or additive over
-    rows (axis ``in``). ``transposed=True`` marks a weight stored ``(in, out)`` (``Conv1D``),
-    whose output channels are the stored columns.
+    come from one pass of the kernel over each block, because the per-vector sums are local to
+    the block (axis ``out``) or additive over rows, in row order (axis ``in``).
+    ``transposed=True`` marks a weight stored ``(in, out)`` (``Conv1D``), whose output channels
+    are the stored columns.
     """
 
-    def __init__(
-        self, rows: int, cols: int, axes: tuple[Axis, ...] = ("out",), *,
-        transposed: bool = False, workspace: Workspace | None = None,
-    ) -> None:
+    def __init__(self, rows: int, cols: int, axes: tuple[Axis, ...] = ("out",), *,
+                 transposed: bool = False) -> None:
         self.rows = rows
         # requested axis -> axis of the stored matrix
         self._stored = {a: stored_axis(a, transposed) for a in axes}
-        # stored axis -> (3, n): |w0|², |wt|², |wt − w0|² per vector
-        self._totals = {s: torch.zeros(3, rows if s == "out" else cols, dtype=torch.float64)
-                        for s in set(self._stored.values())}
-        self._workspace = workspace or Workspace()
+        stored = set(self._stored.values())
+        # (3, n): |w0|², |wt|², |wt − w0|² per stored row / per stored column
+        self._rows = np.zeros((3, rows)) if "out" in stored else None
+        self._cols = np.zeros((3, cols)) if "in" in stored else None
         self._next_row = 0
 
-    def add(self, w0_rows: torch.Tensor, wt_rows: torch.Tensor) -> None:
-        """Add the next block of rows of both weights (any float dtype, any trailing shape)."""
-        block = squared_norms(w0_rows, wt_rows, tuple(self._totals), self._workspace)
-        start, stop = self._next_row, self._next_row + w0_rows.shape[0]
-        for stored, total in self._totals.items():
-            if stored == "out":  # one value per stored row: the block's rows are final
-                total[:, start:stop] = block[stored]
-            else:  # per stored column: added block after block, always in row order
-                total += block[stored]
+    def add(self, w0_rows: Weight, wt_rows: Weight) -> None:
+        """Add the next block of rows of both weights (numpy or torch, any float dtype, any
+        trailing shape; ``uint16`` numpy arrays are bfloat16 bits)."""
+        from .kernel import accumulate
+
+        a, b = as_matrix(stored_array(w0_rows)), as_matrix(stored_array(wt_rows))
+        if a.shape != b.shape:
+            raise ConfigError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+        start, stop = self._next_row, self._next_row + a.shape[0]
+        rows = None if self._rows is None else self._rows[:, start:stop]
+        accumulate(a, b, rows, self._cols)
         self._next_row = stop
 
     def sums(self) -> dict[Axis, VectorSums]:
         """The per-vector sums per requested axis, once every row has been added."""
         if self._next_row != self.rows:
             raise RuntimeError(f"accumulated {self._next_row} of {self.rows} rows")
-        return {axis: VectorSums(*self._totals[s]) for axis, s in self._stored.items()}
+        totals = {"out": self._rows, "in": self._cols}
+        return {axis: VectorSums(*totals[s]) for axis, s in self._stored.items()}
 
     def result(self) -> dict[Axis, PairStats]:
         """Eqs. 3-4 per requested axis, once every row has been added."""
@@ -308,16 +287,13 @@ def merge_row_ranges(parts: list[VectorSums], stored: Axis) -> VectorSums:
     if len(parts) == 1:
         return parts[0]
     if stored == "out":
-        return VectorSums(*(torch.cat(f) for f in zip(*(_fields(p) for p in parts), strict=True)))
-    total = [f.clone() for f in _fields(parts[0])]
+        return VectorSums(*(np.concatenate(f) for f in zip(*(p.planes for p in parts),
+                                                            strict=True)))
+    total = [f.copy() for f in parts[0].planes]
     for part in parts[1:]:
-        for t, f in zip(total, _fields(part), strict=True):
+        for t, f in zip(total, part.planes, strict=True):
             t += f
     return VectorSums(*total)
-
-
-def _fields(s: VectorSums) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return s.sq0, s.sqt, s.sqd
 
 
 def rows_per_block(cols: int, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
@@ -326,24 +302,25 @@ def rows_per_block(cols: int, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> i
 
 
 def compare(
-    w0: torch.Tensor,
-    wt: torch.Tensor,
+    w0: Weight,
+    wt: Weight,
     axis: Axis = "out",
     *,
     transposed: bool = False,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> PairStats:
-    """Eqs. 3 and 4 for one in-memory weight pair, in float64, in bounded-size row blocks.
+    """Eqs. 3 and 4 for one in-memory weight pair (numpy or torch), in float64, in bounded-size
+    row blocks.
 
     Example:
-        >>> w0 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
-        >>> s = compare(w0, torch.tensor([[0.0, 1.0, 0.0], [0.0, 4.0, 0.0]]))
+        >>> w0 = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+        >>> s = compare(w0, np.array([[0.0, 1.0, 0.0], [0.0, 4.0, 0.0]]))
         >>> round(s.delta_d, 12), s.delta_m   # row 0 rotated 90° (1 − cos = 1); row 1 scaled by 2
         (0.5, 1.0)
     """
-    if w0.shape != wt.shape:
+    if tuple(w0.shape) != tuple(wt.shape):
         raise ConfigError(f"shapes differ: {tuple(w0.shape)} vs {tuple(wt.shape)}")
-    a, b = as_matrix(w0), as_matrix(wt)
+    a, b = (as_matrix(stored_array(_values(w))) for w in (w0, wt))
     acc = PairAccumulator(a.shape[0], a.shape[1], (axis,), transposed=transposed)
     step = rows_per_block(a.shape[1], block_elements)
     for start in range(0, a.shape[0], step):
@@ -351,21 +328,21 @@ def compare(
     return acc.result()[axis]
 
 
-def delta_magnitude(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out") -> float:
+def delta_magnitude(w0: Weight, wt: Weight, axis: Axis = "out") -> float:
     """Eq. 3: ``ΔM = mean_n |m_t[n] − m_0[n]|`` (zero-norm and non-finite vectors excluded).
 
     Example:
-        >>> delta_magnitude(torch.tensor([[3.0, 4.0]]), torch.tensor([[6.0, 8.0]]))
+        >>> delta_magnitude(np.array([[3.0, 4.0]]), np.array([[6.0, 8.0]]))
         5.0
     """
     return compare(w0, wt, axis).delta_m
 
 
-def delta_direction(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out") -> float:
+def delta_direction(w0: Weight, wt: Weight, axis: Axis = "out") -> float:
     """Eq. 4: ``ΔD = mean_n (1 − cos(Wt[n], W0[n]))`` (zero-norm and non-finite vectors excluded).
 
     Example:
-        >>> round(delta_direction(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 5.0]])), 12)
+        >>> round(delta_direction(np.array([[1.0, 0.0]]), np.array([[0.0, 5.0]])), 12)
         1.0
     """
     return compare(w0, wt, axis).delta_d

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .analysis import pair_sums, plan
 from .config import AnalysisConfig
@@ -126,9 +125,9 @@ def matrix_detail(base: str | Path, tuned: str | Path, name: str, *, axis: str =
     valid = (sums.sq0 > 0) & (sums.sqt > 0)
     return MatrixDetail(
         name=name, checkpoint=str(job.checkpoint.ref), axis=axis, expert=expert,
-        m0=sums.sq0.sqrt().numpy(), mt=sums.sqt.sqrt().numpy(),
-        one_minus_cos=torch.where(valid, direction_change(sums), torch.nan).numpy(),
-        tangential_share=tangential_share(sums).numpy(),
+        m0=np.sqrt(sums.sq0), mt=np.sqrt(sums.sqt),
+        one_minus_cos=np.where(valid, direction_change(sums), np.nan),
+        tangential_share=tangential_share(sums),
         sigma_delta=sigma_delta, sigma_base=sigma_base, intruder_cos=cosines,
         intruder_eps=intruder_eps,
     )

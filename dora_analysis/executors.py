@@ -13,8 +13,9 @@ Readers: a source that declares itself :attr:`~dora_analysis.io.base.TensorSourc
 (remote storage, DCP, DeepSpeed) take turns, one at a time and in table order (:class:`InOrder`),
 while units of other jobs go on.
 
-Memory: each worker holds one :class:`~dora_analysis.decompose.Workspace` (a block of three
-float64 planes, sized to its share of the cache) and the stored rows of the block it reads.
+Memory: each worker holds one :class:`~dora_analysis.pairs.Workspace` (two read buffers of one
+block, sized to its share of the cache) where rows are copied; memory-mapped rows are read in
+place.
 Metrics that hold whole matrices (cost ``dense``/``svd``) draw on one :class:`MemoryBudget` per
 process — half the memory available when the run starts — so that several workers never hold
 more dense matrices at once than it allows; a unit larger than the whole budget runs alone.
@@ -22,6 +23,7 @@ more dense matrices at once than it allows; a unit larger than the whole budget 
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -36,9 +38,9 @@ from .hardware import memory_available, usable_cpus
 if TYPE_CHECKING:
     from .analysis import Job, Plan
     from .config import AnalysisConfig
-    from .decompose import VectorSums, Workspace
+    from .decompose import VectorSums
     from .io.base import TensorSource
-    from .pairs import MatrixPair
+    from .pairs import MatrixPair, Workspace
 
 Progress = Callable[[int], object]
 #: Called with ``(job, pair, values)`` once a pair's values are computed (see :class:`Assembler`).
@@ -203,15 +205,34 @@ class MemoryBudget:
                 self._cond.notify_all()
 
 
+def needs_torch(config: AnalysisConfig) -> bool:
+    """Whether the enabled metrics compute with torch (dense matrices, SVDs); the streaming
+    pass never does."""
+    return any(m.cost != "stream" for m in registry.enabled(config))
+
+
+def torch_in_use(config: AnalysisConfig | None = None) -> Any:
+    """The torch module where a run uses it — already imported (a reader of the plan needed it:
+    adapters, pickles, DCP, ZeRO) or needed by the metrics of ``config`` — else None (and torch
+    stays unloaded)."""
+    torch = sys.modules.get("torch")
+    if torch is None and config is not None and needs_torch(config):
+        import torch
+    return torch
+
+
 @contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run torch with ``n`` intra-op threads (new threads inherit it), restored afterwards.
+def torch_threads(n: int, config: AnalysisConfig | None = None) -> Iterator[None]:
+    """Run torch with ``n`` intra-op threads (new threads inherit it), restored afterwards, where
+    the run uses torch (:func:`torch_in_use`).
 
     One thread per worker keeps each unit's reductions in one fixed order: the same bits on any
     executor, and no oversubscription when every core already runs a worker.
     """
-    import torch
-
+    torch = torch_in_use(config)
+    if torch is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -356,7 +377,8 @@ def resolve_workers(workers: int | None) -> int:
 
 def run_local(work: Plan, workers: int | None = None, progress: Progress | None = None, *,
               known: Mapping[tuple[int, int], Any] | None = None,
-              on_pair: PairCallback | None = None) -> list[dict]:
+              on_pair: PairCallback | None = None,
+              meanwhile: Callable[[], object] | None = None) -> list[dict]:
     """Compute a plan in this process with ``workers`` threads (default: one per usable core);
     the pairs in ``known`` are not computed, ``on_pair`` gets each computed one (see
     :class:`Assembler`).
@@ -366,9 +388,13 @@ def run_local(work: Plan, workers: int | None = None, progress: Progress | None 
     few tuned checkpoints are open at once; large pairs are cut into pieces, so none is much
     longer than the rest. ``workers=1`` computes them one after the other in this thread. The
     rows are those of :func:`run_serial`, bit for bit.
+
+    ``meanwhile()`` is called once in this thread, after the first unit is done (the kernel is
+    loaded then) while the workers compute the rest: what the caller needs next (pandas, for the
+    table) is imported while the cores reduce, not after.
     """
-    from .decompose import Workspace
     from .io.identity import expecting
+    from .pairs import Workspace
 
     n = resolve_workers(workers)
     units = plan_units(work, known or {})
@@ -394,9 +420,13 @@ def run_local(work: Plan, workers: int | None = None, progress: Progress | None 
         assembler.add(unit, result)
         if progress is not None:
             progress(unit.numel(work))
+        nonlocal meanwhile
+        if meanwhile is not None:
+            meanwhile, then = None, meanwhile
+            then()
 
     try:
-        with torch_threads(1), blas_threads(work.config):
+        with torch_threads(1, work.config), blas_threads(work.config):
             if n == 1:
                 for unit in units:
                     done(unit, task(unit))
@@ -404,6 +434,8 @@ def run_local(work: Plan, workers: int | None = None, progress: Progress | None 
                 _run_pool(task, units, n, done, abort=sources.abort)
     finally:
         sources.close()
+    if meanwhile is not None:  # no unit at all
+        meanwhile()
     return assembler.records()
 
 

@@ -1,4 +1,5 @@
-"""What the analysis needs to know about the machine it runs on: usable cores and cache sizes.
+"""What the analysis needs to know about the machine it runs on: usable cores, cache sizes, and
+the block of rows read at a time that they give.
 
 Everything here is read once from the operating system (Linux sysfs and cgroups; ``os``
 elsewhere) with a sane fallback, never imports torch, and is cheap enough for ``--help``.
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SYSFS_CPU = Path("/sys/devices/system/cpu")
+
+
 @dataclass(frozen=True)
 class Cache:
     """One data (or unified) cache as seen from one core."""
@@ -120,3 +123,36 @@ def memory_available() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     except (ValueError, OSError, AttributeError):
         return 4 << 30
+
+
+#: Bytes a block occupies per element while the kernel reduces it (:mod:`dora_analysis.kernel`):
+#: the two stored rows read into a worker's buffers, at most 8 bytes each (float64). The kernel
+#: itself keeps no per-element state.
+WORKING_BYTES_PER_ELEMENT = 2 * 8
+#: Bounds on the block: below, per-read overhead dominates; above, nothing is gained.
+MIN_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS = 1 << 14, 1 << 22
+
+
+def choose_block_elements(cache_list: tuple[Cache, ...] | None = None) -> int:
+    """Elements per block read at a time, from the cache one busy core can count on.
+
+    A block read into a worker's buffers (:data:`WORKING_BYTES_PER_ELEMENT` per element) should
+    still be in the core's private level-2 cache plus its share of the last-level cache when the
+    kernel reads it (shared caches are divided among the CPUs sharing them, every core being busy
+    with its own worker), with half of that left to the rest of the process. The result is a
+    power of two within [:data:`MIN_BLOCK_ELEMENTS`, :data:`MAX_BLOCK_ELEMENTS`];
+    ``benchmarks/bench_kernel.py`` times the neighbours of the choice.
+
+    Example:
+        >>> choose_block_elements((Cache(2, 1 << 20, 1), Cache(3, 32 << 20, 2)))
+        524288
+    """
+    levels = [c for c in (cache_list if cache_list is not None else caches()) if c.level >= 2]
+    budget = sum(c.per_cpu for c in levels) // 2
+    elements = max(1, budget // WORKING_BYTES_PER_ELEMENT)
+    block = 1 << (elements.bit_length() - 1)  # round down to a power of two
+    return min(MAX_BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, block))
+
+
+#: Elements of one block on this machine (see :func:`choose_block_elements`).
+DEFAULT_BLOCK_ELEMENTS = choose_block_elements()

@@ -28,7 +28,6 @@ from .analysis import (
     to_frame,
 )
 from .config import AnalysisConfig, check_method
-from .decompose import Workspace
 from .errors import (
     CheckpointFormatError,
     ConfigError,
@@ -38,7 +37,7 @@ from .errors import (
 from .io.base import TensorSource
 from .io.memory import StateDictSource, base_weights, open_module
 from .io.open import open_checkpoint, resolve
-from .pairs import MatrixPair
+from .pairs import MatrixPair, Workspace
 
 Base = Ref | nn.Module | Mapping[str, torch.Tensor]
 

@@ -8,6 +8,11 @@ once per pair and dropped with the view.
 
 Orientation: dense matrices handed to metrics always have **output channels as rows**, whatever
 the storage (``Conv1D``, embeddings and ``fan_in_fan_out`` adapters store them as columns).
+
+Reading: rows that a reader maps into memory (:meth:`~dora_analysis.io.base.TensorSource.mapped`)
+are handed to the kernel a whole piece at once, without a copy; others are read block by block
+into the worker's two reused buffers (:class:`Workspace`). The dense matrices are torch tensors,
+for the metrics that need them (torch is imported then, not before).
 """
 
 from __future__ import annotations
@@ -16,13 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .decompose import (
     PairAccumulator,
     PairStats,
     VectorSums,
-    Workspace,
     merge_row_ranges,
     rows_per_block,
     stored_axis,
@@ -31,10 +35,10 @@ from .decompose import (
 from .io.base import TensorInfo, TensorSource
 
 if TYPE_CHECKING:
+    import torch
+
     from .config import AnalysisConfig
     from .io.adapters import LowRankUpdate
-
-F64 = torch.float64
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,8 @@ class MatrixPair:
     name: str
     tuned_name: str
     info: TensorInfo
-    tuned_dtype: torch.dtype | str
+    tuned_dtype: str
+    """The tuned tensor's stored dtype, by name (``bfloat16``)."""
     transposed: bool
     """Output channels are the stored columns (``Conv1D``, embeddings, ``fan_in_fan_out``)."""
     expert: int | None = None
@@ -65,10 +70,30 @@ class MatrixPair:
 
 def read_rows(source: TensorSource, name: str, pair: MatrixPair, start: int, stop: int
               ) -> torch.Tensor:
-    """Stored rows ``start:stop`` of the pair's 2-D matrix from one source (stored dtype)."""
+    """Stored rows ``start:stop`` of the pair's 2-D matrix from one source, as a torch tensor of
+    the stored dtype (for the dense metrics)."""
     if pair.expert is not None:
         return source.get_expert_rows(name, pair.expert, start, stop)
     return source.get_rows(name, start, stop)
+
+
+class Workspace:
+    """A worker's two reusable read buffers, one per checkpoint of a pair (grown on demand).
+
+    Reusing them matters: a fresh buffer per block costs more in page faults than the
+    arithmetic, and a block read into a buffer that stays in cache is reduced from the cache.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, np.ndarray] = {}
+
+    def read_buffer(self, slot: int, nbytes: int) -> np.ndarray:
+        """A reusable uint8 buffer of at least ``nbytes`` for the stored rows read into it (one
+        slot per source, so the base's block and the tuned one's coexist)."""
+        buf = self._buffers.get(slot)
+        if buf is None or buf.size < nbytes:
+            buf = self._buffers[slot] = np.empty(nbytes, dtype=np.uint8)
+        return buf
 
 
 #: Blocks per piece: a pair larger than one piece is streamed (and may be distributed) as
@@ -90,25 +115,24 @@ def pieces(pair: MatrixPair, block_elements: int) -> list[tuple[int, int]]:
 
 def row_blocks(base: TensorSource, tuned: TensorSource, pair: MatrixPair, block_elements: int,
                start: int = 0, stop: int | None = None, workspace: Workspace | None = None,
-               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive stored row blocks of both matrices (rows ``start:stop``), each at most
-    ``block_elements`` large; with a workspace, read into its reused buffers (each block is
-    valid until the next one is read)."""
+               ) -> Iterator[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]]:
+    """Consecutive stored row blocks of both matrices (rows ``start:stop``): the whole range at
+    once when both readers map it into memory, else blocks of at most ``block_elements`` read
+    into the workspace's reused buffers (each valid until the next one is read)."""
     rows, cols = pair.matrix_shape
     stop = rows if stop is None else stop
-    step = rows_per_block(cols, block_elements)
-    if workspace is None:
-        for first in range(start, stop, step):
-            last = min(stop, first + step)
-            yield (read_rows(base, pair.name, pair, first, last),
-                   read_rows(tuned, pair.tuned_name, pair, first, last))
-        return
-    nbytes = min(step, stop - start) * cols * 8  # enough for any stored float dtype
-    buffers = workspace.read_buffer(0, nbytes), workspace.read_buffer(1, nbytes)
+    mapped = base.mapped(pair.name) and tuned.mapped(pair.tuned_name)
+    step = max(1, stop - start) if mapped else rows_per_block(cols, block_elements)
+    buffers: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+    if not mapped:
+        workspace = workspace or Workspace()
+        nbytes = min(step, stop - start) * cols * 8  # enough for any stored float dtype
+        buffers = workspace.read_buffer(0, nbytes), workspace.read_buffer(1, nbytes)
     for first in range(start, stop, step):
         last = min(stop, first + step)
-        yield (base.get_rows_into(pair.name, first, last, buffers[0], pair.expert),
-               tuned.get_rows_into(pair.tuned_name, first, last, buffers[1], pair.expert))
+        yield (base.read_rows(pair.name, first, last, expert=pair.expert, buffer=buffers[0]),
+               tuned.read_rows(pair.tuned_name, first, last, expert=pair.expert,
+                               buffer=buffers[1]))
 
 
 def piece_sums(base: TensorSource, tuned: TensorSource, pair: MatrixPair,
@@ -116,9 +140,7 @@ def piece_sums(base: TensorSource, tuned: TensorSource, pair: MatrixPair,
                workspace: Workspace | None = None) -> dict[str, VectorSums]:
     """Per-vector sums for ``axes`` over the stored rows ``rows`` of one pair (one piece)."""
     start, stop = rows
-    workspace = workspace or Workspace()
-    acc = PairAccumulator(stop - start, pair.matrix_shape[1], axes, transposed=pair.transposed,
-                          workspace=workspace)
+    acc = PairAccumulator(stop - start, pair.matrix_shape[1], axes, transposed=pair.transposed)
     for block0, block_t in row_blocks(base, tuned, pair, block_elements, start, stop, workspace):
         acc.add(block0, block_t)
     return acc.sums()
@@ -166,8 +188,10 @@ class PairView:
 
     def _dense_matrix(self, key: str, source: TensorSource, name: str) -> torch.Tensor:
         if key not in self._dense:
+            import torch
+
             rows, _ = self.pair.matrix_shape
-            w = read_rows(source, name, self.pair, 0, rows).reshape(rows, -1).to(F64)
+            w = read_rows(source, name, self.pair, 0, rows).reshape(rows, -1).to(torch.float64)
             self._dense[key] = w.T if self.pair.transposed else w  # (out, in)
         return self._dense[key]
 

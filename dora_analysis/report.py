@@ -14,14 +14,15 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from . import columns as C
 from .atomic import Writer, write_all
 from .errors import OutputError
 from .io.guard import path_kind, shown
-from .tables import JSON_INFINITIES
+
+if TYPE_CHECKING:  # the writers take pandas frames; this module loads without pandas (the CLI
+    import pandas as pd  # checks its outputs before the analysis, and imports pandas meanwhile)
 
 #: Table formats by file suffix: adding one means adding a line here.
 TABLE_WRITERS: dict[str, Callable[[pd.DataFrame, Path], None]] = {
@@ -34,6 +35,8 @@ TABLE_WRITERS: dict[str, Callable[[pd.DataFrame, Path], None]] = {
 
 def _write_json_records(frame: pd.DataFrame, path: Path) -> None:
     # pandas' to_json rounds floats to 10 digits; json.dumps keeps the shortest exact repr.
+    from .tables import JSON_INFINITIES
+
     # JSON has no infinities: they are written as the strings of JSON_INFINITIES, NaN/NA as null.
     names = {v: k for k, v in JSON_INFINITIES.items()}
     records = [{k: names[v] if isinstance(v, float) and math.isinf(v) else v for k, v in r.items()}

@@ -13,6 +13,10 @@ from tests.common import llama_state, perturb, write_sharded
 
 # Tests never reach the Hugging Face Hub: offline, with an empty cache of their own.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The compiled kernel is kept between test runs (compiled again when kernel.py changes), beside
+# pytest's own cache: never the user's ~/.cache (subprocesses inherit it).
+os.environ.setdefault("NUMBA_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "numba"))
 
 
 @pytest.fixture(autouse=True)

@@ -334,11 +334,3 @@ def test_stored_dtypes_match_an_independent_float64_reference(rows, cols, seed, 
     assert_close(s.delta_d, ref_dd)
     assert_close(s.delta_m, ref_dm)
     assert s.delta_d >= 0.0
-
-
-def test_workspace_planes_start_on_cache_lines():
-    from dora_analysis.decompose import Workspace
-
-    x = Workspace().views(7, 13)  # 91 elements: an unaligned size
-    assert x.shape == (3, 7, 13)
-    assert all(x[i].data_ptr() % 64 == x[0].data_ptr() % 64 for i in range(3))

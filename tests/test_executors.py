@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -185,7 +190,7 @@ def test_sources_that_are_not_thread_safe_are_read_one_at_a_time(ckpts, monkeypa
 
     inside, most, names = [0], [0], []
     lock = threading.Lock()
-    read = SafetensorsFile.get_rows_into
+    read = SafetensorsFile.read_rows
 
     def one_reader(self, *args, **kwargs):
         with lock:
@@ -199,7 +204,7 @@ def test_sources_that_are_not_thread_safe_are_read_one_at_a_time(ckpts, monkeypa
             with lock:
                 inside[0] -= 1
 
-    monkeypatch.setattr(SafetensorsFile, "get_rows_into", one_reader)
+    monkeypatch.setattr(SafetensorsFile, "read_rows", one_reader)
     base, tuned = ckpts["base"], [ckpts["tuned"], ckpts["sharded"]]
     serial = da.analyze(base, tuned, workers=1, block_elements=256)
     serial_reads, names[:] = list(names), []
@@ -221,3 +226,48 @@ def test_a_failure_releases_the_units_waiting_for_their_turn(ckpts, tmp_path, mo
     tuned.write_bytes(tuned.read_bytes()[:-100])
     with pytest.raises(CheckpointFormatError, match="tuned.safetensors"):  # and no hang
         run_local(work, workers=4)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_meanwhile_runs_once_in_the_calling_thread_while_units_remain(ckpts, workers):
+    """What the caller needs next is imported while the workers compute: once, in its thread,
+    after the first unit (the kernel is loaded by then), and the table does not change."""
+    work = plan(ckpts["base"], [ckpts["series"]], config=AnalysisConfig(workers=workers))
+    units, seen = plan_units(work), []
+    done_before: list[int] = []
+    progress = []
+
+    def meanwhile() -> None:
+        seen.append(threading.current_thread())
+        done_before.append(len(progress))
+
+    table = to_frame(run_local(work, workers, progress=progress.append, meanwhile=meanwhile),
+                     work.config)
+    assert seen == [threading.current_thread()] and done_before == [1] < [len(units)]
+    assert_same_table(table, job_by_job(work))
+
+
+RUN_IN_A_FRESH_PROCESS = """
+import hashlib, sys
+import dora_analysis as da
+table = da.analyze(sys.argv[1], [sys.argv[2], sys.argv[3]], axis="both",
+                   workers=int(sys.argv[4]))
+print(hashlib.sha256(table.to_csv(float_format="%.17g").encode()).hexdigest())
+"""
+
+
+def test_fresh_processes_give_the_same_bits_whatever_the_workers(ckpts):
+    """Determinism across runs: fresh interpreters (the kernel loaded from its cache, numba's
+    own thread count varied too) print the same table, digit for digit, as this process."""
+    root = str(Path(__file__).resolve().parents[1])
+    args = [str(ckpts["base"]), str(ckpts["series"]), str(ckpts["sharded"])]
+    digests = set()
+    for workers, numba_threads in ((1, "1"), (2, "2"), (5, "1")):
+        proc = subprocess.run(
+            [sys.executable, "-c", RUN_IN_A_FRESH_PROCESS, *args, str(workers)],
+            capture_output=True, text=True, timeout=300,
+            env=os.environ | {"PYTHONPATH": root, "NUMBA_NUM_THREADS": numba_threads})
+        assert proc.returncode == 0, proc.stderr
+        digests.add(proc.stdout.strip().splitlines()[-1])
+    here = da.analyze(args[0], args[1:], axis="both", workers=3)
+    assert digests == {hashlib.sha256(here.to_csv(float_format="%.17g").encode()).hexdigest()}

@@ -7,13 +7,15 @@ from pathlib import Path
 import pytest
 
 from dora_analysis import hardware
-from dora_analysis.config import (
+from dora_analysis.hardware import (
+    FALLBACK_CACHES,
     MAX_BLOCK_ELEMENTS,
     MIN_BLOCK_ELEMENTS,
     WORKING_BYTES_PER_ELEMENT,
+    Cache,
     choose_block_elements,
+    read_caches,
 )
-from dora_analysis.hardware import FALLBACK_CACHES, Cache, read_caches
 
 
 def fake_sysfs(root: Path, entries: list[tuple[int, str, str, str]]) -> Path:
@@ -53,9 +55,9 @@ def test_usable_cpus_and_memory_are_positive():
 
 @pytest.mark.parametrize(("caches", "expected"), [
     # private 1 MiB L2 + half of a 32 MiB L3 shared by 2: 17 MiB, half of it for the block
-    ((Cache(1, 48 << 10, 1), Cache(2, 1 << 20, 1), Cache(3, 32 << 20, 2)), 1 << 18),
+    ((Cache(1, 48 << 10, 1), Cache(2, 1 << 20, 1), Cache(3, 32 << 20, 2)), 1 << 19),
     # the same L3 shared by 16 cores leaves each far less
-    ((Cache(2, 1 << 20, 1), Cache(3, 32 << 20, 16)), 1 << 15),
+    ((Cache(2, 1 << 20, 1), Cache(3, 32 << 20, 16)), 1 << 16),
     ((), MIN_BLOCK_ELEMENTS),  # nothing known: the smallest block
     ((Cache(2, 1 << 30, 1),), MAX_BLOCK_ELEMENTS),  # huge caches: capped
 ])

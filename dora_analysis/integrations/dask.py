@@ -59,6 +59,7 @@ from ..executors import (
     compute,
     pair_memory,
     plan_units,
+    torch_in_use,
     turns,
 )
 
@@ -290,18 +291,18 @@ _LOCAL = threading.local()
 def _run_unit(task: UnitTask) -> Any:
     """One unit on a worker: open (or reuse) the checkpoints, check they are the files planned,
     compute, keep them open."""
-    import torch
-
-    from ..decompose import Workspace
     from ..io.identity import expecting
+    from ..pairs import Workspace
 
-    torch.set_num_threads(1)  # this thread's reductions in one fixed order, as in a serial run
     workspace = _LOCAL.__dict__.setdefault("workspace", Workspace())
     options = task.config.read_options
     try:
         with _budget().hold(pair_memory(task.pair, task.config)), expecting(dict(task.files)):
             base_key, tuned_key, base_src, tuned_src, turn = _SOURCES.acquire(
                 task.run_id, task.base, task.tuned, options)
+            torch = torch_in_use(task.config)  # the sources are open: readers imported it
+            if torch is not None:  # one thread: this unit's reductions in a serial run's order
+                torch.set_num_threads(1)
             try:
                 with turn or _NO_LOCK:
                     # Remote readers fetch this unit's tensors only: each worker reads its own.

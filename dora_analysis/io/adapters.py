@@ -9,7 +9,7 @@ orientation — the weight as ``(out, in_flat)`` — whatever the stored layout:
 with ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). LyCORIS may normalise per *input*
 feature instead (``magnitude_axis="in"``).
 
-Formats (detected from the tensor names; see :data:`ADAPTER_FORMATS`):
+Formats (detected from the tensor names; see :mod:`dora_analysis.io.detect`):
 
 * ``peft`` — ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``):
   ``<module>.lora_A.weight`` (r, in), ``lora_B.weight`` (out, r), ``lora_magnitude_vector`` (DoRA),
@@ -42,8 +42,14 @@ from pathlib import Path
 
 import torch
 
-from ..decompose import Axis
+from ..columns import Axis
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedAdapterError
+from .detect import (  # noqa: F401 - re-exported: where readers looked for them
+    ADAPTER_WEIGHT_FILES,
+    adapter_format,
+    has_adapter_weights,
+    is_adapter_folder,
+)
 from .guard import shown
 from .jsonfile import parse_json_object, read_json_object
 from .peft_config import LoraSettings, check_peft_type, finite_positive, lora_settings
@@ -148,7 +154,6 @@ class Adapter:
 
 # --- reading adapter files -----------------------------------------------------------------
 
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -580,36 +585,20 @@ def _lycoris_magnitude(scale: torch.Tensor, out: int, in_flat: int, a_dim: int, 
                                 f"neither (out={out}, 1) nor (1, in={in_flat})")
 
 
-#: Key-based detection of adapter files without a PEFT config: (format, key suffix, reader).
-ADAPTER_FORMATS: tuple[tuple[str, tuple[str, ...], Callable[..., Adapter]], ...] = (
-    ("torchtune", (".lora_a.weight", ".magnitude"), read_torchtune),
-    ("lycoris", (".lora_down.weight", ".dora_scale"), read_lycoris),
-)
-
-
-def adapter_format(keys: list[str]) -> str | None:
-    """The adapter format a file's tensor names reveal (None for a full checkpoint)."""
-    for name, suffixes, _reader in ADAPTER_FORMATS:
-        if any(k.endswith(suffixes[0]) for k in keys):
-            return name
-    return None
+#: Readers of single adapter files without a PEFT config, by the format
+#: :func:`~dora_analysis.io.detect.adapter_format` recognises from their keys.
+ADAPTER_READERS: dict[str, Callable[..., Adapter]] = {
+    "torchtune": read_torchtune,
+    "lycoris": read_lycoris,
+}
 
 
 def read_adapter_file(path: Path, tensors: dict, **options) -> Adapter:
     """A single adapter file (torchtune, LyCORIS/kohya), its format detected from its keys."""
-    fmt = adapter_format(list(tensors))
-    for name, _suffixes, reader in ADAPTER_FORMATS:
-        if name == fmt:
-            return reader(path, tensors, **options)
-    raise CheckpointFormatError(f"{path}: not an adapter file")
-
-
-def is_adapter_folder(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file()
-
-
-def has_adapter_weights(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ADAPTER_WEIGHT_FILES)
+    reader = ADAPTER_READERS.get(adapter_format(list(tensors)))
+    if reader is None:
+        raise CheckpointFormatError(f"{path}: not an adapter file")
+    return reader(path, tensors, **options)
 
 
 def kohya_flat(path: str) -> str:

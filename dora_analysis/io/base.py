@@ -1,11 +1,14 @@
 """The interface every checkpoint reader implements: a lazy, read-only view of named tensors.
 
-A reader answers ``keys()`` and ``get_tensor(name)``; ``info`` and ``get_rows`` have cheap
-overrides where the format allows (safetensors reads only the bytes asked for). Everything else a
-caller may ask of a source is declared here with its default, so the analysis never probes a
-reader with ``getattr``: adapters override ``method``, ``partial``, ``transposed``,
-``closed_form``, ``low_rank`` and ``adapter_update``; remote readers take the ``will_read`` hint
-and report ``bytes_read``.
+A reader answers ``keys()`` and ``get_tensor(name)``; ``info``, ``get_rows`` and ``read_rows``
+have cheap overrides where the format allows (safetensors reads only the bytes asked for, as
+numpy arrays, without torch). Everything else a caller may ask of a source is declared here with
+its default, so the analysis never probes a reader with ``getattr``: adapters override
+``method``, ``partial``, ``transposed``, ``closed_form``, ``low_rank`` and ``adapter_update``;
+remote readers take the ``will_read`` hint and report ``bytes_read``.
+
+Readers that import torch do so where they need it: planning (``keys``, ``info``) and the rows
+of safetensors files, local or remote, never load it.
 """
 
 from __future__ import annotations
@@ -17,22 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
+from .dtypes import ANALYSABLE, name_of
 
 if TYPE_CHECKING:
-    from ..decompose import VectorSums
+    import numpy as np
+    import torch
+
     from .adapters import LowRankUpdate
 
-#: safetensors dtype strings → torch dtypes of the weights we analyse.
-SAFETENSORS_FLOAT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-                     "F64": torch.float64}
-ANALYSABLE_DTYPES = frozenset(SAFETENSORS_FLOAT.values())
-#: Every safetensors dtype string torch can hold (quantized weights are recognised by these).
-SAFETENSORS_DTYPES = SAFETENSORS_FLOAT | {
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
+#: Per-output-channel ``(|w0|², |wt|², |wt − w0|²)``, float64 arrays (an adapter's closed form).
+ChannelSums = tuple["np.ndarray", "np.ndarray", "np.ndarray"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +37,9 @@ class TensorInfo:
     """Shape and dtype of a stored tensor, known without reading its data."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype | str  # a str for stored dtypes torch does not analyse (``"F8_E4M3"``)
+    dtype: str
+    """torch's name of the stored type (``"bfloat16"``; see :mod:`dora_analysis.io.dtypes`), or
+    the format's own code for types torch does not hold (``"F8_E8M0"``)."""
     alias_of: str | None = None
     """The stored tensor this name shares (a tied ``lm_head`` of a base: its input embedding);
     an alias no other checkpoint has is not reported as missing."""
@@ -57,7 +56,7 @@ class TensorInfo:
     @property
     def is_matrix(self) -> bool:
         """A floating weight with at least 2 dimensions: what Eqs. 2-4 apply to."""
-        return self.dtype in ANALYSABLE_DTYPES and len(self.shape) >= 2 and 0 not in self.shape
+        return self.dtype in ANALYSABLE and len(self.shape) >= 2 and 0 not in self.shape
 
 
 class TensorSource(ABC):
@@ -87,7 +86,7 @@ class TensorSource(ABC):
 
     def info(self, name: str) -> TensorInfo:
         t = self.get_tensor(name)
-        return TensorInfo(tuple(t.shape), t.dtype)
+        return TensorInfo(tuple(t.shape), name_of(t.dtype))
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of the stored tensor (first dimension)."""
@@ -100,18 +99,25 @@ class TensorSource(ABC):
         """
         return self.get_rows(name, expert, expert + 1)[0, start:stop]
 
-    def get_rows_into(self, name: str, start: int, stop: int, buffer: torch.Tensor,
-                      expert: int | None = None) -> torch.Tensor:
-        """Rows ``start:stop`` (of expert ``expert`` of a 3-D MoE tensor, if given), read into
-        ``buffer`` (a uint8 tensor, grown by the caller to the rows' size) where the reader can.
+    def read_rows(self, name: str, start: int, stop: int, *, expert: int | None = None,
+                  buffer: np.ndarray | None = None) -> np.ndarray | torch.Tensor:
+        """Rows ``start:stop`` (of expert ``expert`` of a 3-D MoE tensor, if given) for the
+        kernel: a numpy array of the stored elements (bfloat16 as its bits, ``uint16``) where
+        the reader can, else a torch tensor of the stored dtype.
 
-        The rows returned may share memory with ``buffer`` and are valid until it is reused:
-        the analysis reads each block into one reused, cache-resident buffer instead of a fresh
-        allocation. The default ignores ``buffer``.
+        A memory-mapped reader returns a view of the mapping (no copy; ``buffer`` unused); a
+        reader that copies fills ``buffer`` (a reused ``uint8`` array, grown by the caller to
+        the rows' size) where it can. Either way the rows are valid until the buffer is reused
+        or the source closed. The default reads torch tensors through :meth:`get_rows`.
         """
         if expert is not None:
             return self.get_expert_rows(name, expert, start, stop)
         return self.get_rows(name, start, stop)
+
+    def mapped(self, name: str) -> bool:
+        """Whether :meth:`read_rows` hands out views of a memory mapping for ``name`` (no copy,
+        so whole row ranges are read at once rather than buffer by buffer)."""
+        return False
 
     def infos(self) -> dict[str, TensorInfo]:
         """Shape and dtype of every tensor, in stored order (computed once)."""
@@ -125,7 +131,7 @@ class TensorSource(ABC):
         (adapters do, from ``fan_in_fan_out``); None leaves it to the parameter name."""
         return None
 
-    def closed_form(self, name: str, block_elements: int) -> VectorSums | None:
+    def closed_form(self, name: str, block_elements: int) -> ChannelSums | None:
         """Per-output-channel sums without materialising the weight (adapters), or None."""
         return None
 

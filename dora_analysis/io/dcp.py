@@ -41,10 +41,10 @@ import torch
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, UnsafeCheckpointError
 from .base import TensorInfo, TensorSource, reason
+from .detect import METADATA_FILE, find_dcp, is_dcp_folder  # noqa: F401 - re-exported
+from .dtypes import name_of
 from .guard import GuardedFile, confined, pread_exact
-from .refs import TRAINER_DCP_FOLDERS
 
-METADATA_FILE = ".metadata"
 #: Top-level state a training loop saves beside the model (torchtitan, torchtune, Lightning):
 #: not weights, so not listed. The model itself is either at the top level or under ``model``.
 NON_MODEL_ROOTS = frozenset({
@@ -122,29 +122,6 @@ def read_metadata(folder: Path):
 def _unreadable_metadata(path: Path, exc: BaseException) -> CheckpointFormatError:
     return CheckpointFormatError(f"{path}: not a readable DCP metadata file ({reason(exc)}); "
                                  "copy the checkpoint folder again")
-
-
-def is_dcp_folder(path: Path) -> bool:
-    """A folder holding a DCP ``.metadata`` file."""
-    return (path / METADATA_FILE).is_file()
-
-
-def find_dcp(path: Path) -> Path | None:
-    """The DCP folder a reference names: the folder itself, or the model DCP of a Trainer /
-    accelerate ``checkpoint-N/`` (``pytorch_model_fsdp_0/``); else None.
-
-    Example:
-        >>> find_dcp(Path("run/checkpoint-10"))  # doctest: +SKIP
-        PosixPath('run/checkpoint-10/pytorch_model_fsdp_0')
-    """
-    if not path.is_dir():
-        return None
-    if is_dcp_folder(path):
-        return path
-    for name in TRAINER_DCP_FOLDERS:
-        if is_dcp_folder(path / name):
-            return confined(path, name, named_by=path)
-    return None
 
 
 #: The key under which a wrapper of the training state (PyTorch's DCP recipe: ``{"app":
@@ -247,11 +224,13 @@ class DcpCheckpoint(TensorSource):
         self._backend = backend
         metadata = read_metadata(self.path)
         self._infos: dict[str, TensorInfo] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
         self._stored = model_names(metadata)  # our name → the fqn in the checkpoint
         for name, fqn in self._stored.items():
             entry = metadata.state_dict_metadata[fqn]
+            self._dtypes[name] = entry.properties.dtype
             self._infos[name] = TensorInfo(tuple(int(s) for s in entry.size),
-                                           entry.properties.dtype)
+                                           name_of(entry.properties.dtype))
         ours = {fqn: name for name, fqn in self._stored.items()}
         self._chunks: dict[str, list[_Chunk]] = {name: [] for name in self._infos}
         for index, storage in metadata.storage_data.items():
@@ -318,13 +297,14 @@ class DcpCheckpoint(TensorSource):
             if (lo, hi) == (start, stop) and chunk.sizes[1:] == info.shape[1:]:
                 return part  # one chunk holds the whole block: no copy
             if out is None:
-                out = torch.empty((stop - start, *info.shape[1:]), dtype=info.dtype)
+                out = torch.empty((stop - start, *info.shape[1:]), dtype=self._dtypes[name])
             # (hi - lo, *chunk.sizes[1:]) placed at its rows and column offsets
             index = (slice(lo - start, hi - start),) + tuple(
                 slice(o, o + s) for o, s in zip(chunk.offsets[1:], chunk.sizes[1:], strict=True))
             out[index] = part
         if out is None:
-            return torch.empty((max(0, stop - start), *info.shape[1:]), dtype=info.dtype)
+            return torch.empty((max(0, stop - start), *info.shape[1:]),
+                               dtype=self._dtypes[name])
         return out
 
     # -- chunks ------------------------------------------------------------------------------
@@ -355,7 +335,7 @@ class DcpCheckpoint(TensorSource):
 
     def _chunk_rows(self, name: str, chunk: _Chunk, lo: int, hi: int) -> torch.Tensor:
         """Rows ``lo:hi`` of one chunk, shape ``(hi - lo, *chunk.sizes[1:])``."""
-        dtype = self._infos[name].dtype
+        dtype = self._dtypes[name]
         data_start = self._layout(name, chunk)
         if data_start is None:
             return self._read_chunk(name, chunk)[lo:hi]
@@ -408,7 +388,7 @@ class DcpCheckpoint(TensorSource):
         except Exception as exc:  # torch's zip reader raises RuntimeError, zipfile others
             raise self._mismatch(where, f"not a saved tensor ({reason(exc).splitlines()[0]})"
                                  ) from None
-        dtype = self._infos[name].dtype
+        dtype = self._dtypes[name]
         if not torch.is_tensor(meta) or tuple(meta.shape) != chunk.sizes or meta.dtype != dtype:
             held = (f"{list(meta.shape)} {meta.dtype}" if torch.is_tensor(meta)
                     else type(meta).__name__)
@@ -454,7 +434,7 @@ class DcpCheckpoint(TensorSource):
 
         info = self._infos[name]
         fqn = self._stored[name]
-        target = {fqn: torch.empty(info.shape, dtype=info.dtype)}
+        target = {fqn: torch.empty(info.shape, dtype=self._dtypes[name])}
         try:
             dcp.load(target, storage_reader=_safe_reader(self.path), no_dist=True)
         except Exception as exc:  # extension or I/O failures surface as several types

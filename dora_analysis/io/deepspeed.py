@@ -40,14 +40,13 @@ import torch
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError
 from .base import TensorInfo, TensorSource
+from .detect import LATEST_FILE, MODEL_STATES_12, find_zero, is_zero_folder  # noqa: F401
+from .dtypes import name_of
 from .guard import confined
 from .torch_bin import TorchFile, _torch_load
 
 log = logging.getLogger("dora_analysis")
 
-LATEST_FILE = "latest"
-MODEL_STATES_12 = "mp_rank_00_model_states.pt"
-_GLOBAL_STEP = re.compile(r"^global_step\d+$")
 _MODEL_STATES_3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
 _OPTIM_STATES = re.compile(r"^(?P<prefix>(?:bf16_)?zero_pp_rank_)(?P<rank>\d+)"
                            r"(?P<suffix>_mp_rank_00_optim_states\.pt)$")
@@ -81,37 +80,6 @@ def _load(path: Path) -> dict:
         raise CheckpointFormatError(f"{path}: not a DeepSpeed checkpoint file (holds a "
                                     f"{type(obj).__name__}); copy the checkpoint again")
     return obj
-
-
-def is_zero_folder(path: Path) -> bool:
-    """A ``global_stepN``-style folder: DeepSpeed model states of ZeRO-1/2 or ZeRO-3."""
-    return (path / MODEL_STATES_12).is_file() or (
-        path / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
-
-
-def find_zero(path: Path) -> Path | None:
-    """The ZeRO folder a reference names: the folder itself; the tag in its ``latest`` file
-    (``checkpoint-N/`` of HF Trainer, a DeepSpeed save folder); or its one ``global_step*``.
-
-    Example:
-        >>> find_zero(Path("run/checkpoint-10"))  # doctest: +SKIP
-        PosixPath('run/checkpoint-10/global_step10')
-    """
-    if not path.is_dir():
-        return None
-    if is_zero_folder(path):
-        return path
-    latest = path / LATEST_FILE
-    if latest.is_file():
-        confined(path, LATEST_FILE, named_by=path)  # never the text of a file elsewhere
-        try:
-            tag = latest.read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            tag = ""
-        if tag:  # a tag that leads out of the folder is refused here; a missing one when opened
-            return confined(path, tag, named_by=latest)
-    steps = [c for c in path.iterdir() if _GLOBAL_STEP.match(c.name) and is_zero_folder(c)]
-    return confined(path, steps[0].name, named_by=path) if len(steps) == 1 else None
 
 
 def open_zero(path: Path, precision: str = "auto") -> TensorSource:
@@ -302,8 +270,8 @@ class ZeroMasters(TensorSource):
         name = self._aliases.get(name, name)
         if name in self._tensors:
             t = self._tensors[name]
-            return TensorInfo(tuple(t.shape), t.dtype)
-        return TensorInfo(self._flat[name].shape, self._groups[0][0].dtype)
+            return TensorInfo(tuple(t.shape), name_of(t.dtype))
+        return TensorInfo(self._flat[name].shape, name_of(self._groups[0][0].dtype))
 
     def get_tensor(self, name: str) -> torch.Tensor:
         name = self._aliases.get(name, name)

@@ -50,6 +50,10 @@ try:
 except ImportError:  # Windows: no leases, identity checks only
     fcntl = None
 
+#: How checkpoint files are read: memory-mapped under a read lease (the pages read show in RSS as
+#: shared page cache, never as private memory; files that cannot be leased are read with
+#: ``pread``) or always ``pread`` into reused buffers.
+IO_BACKENDS: tuple[str, ...] = ("mmap", "pread")
 #: The signal the kernel sends when a lease is broken. Its default disposition is "ignore": we
 #: poll ``F_GETLEASE`` instead of handling it (the default, SIGIO, would end the process).
 LEASE_SIGNAL = signal.SIGURG

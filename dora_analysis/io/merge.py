@@ -20,10 +20,11 @@ from collections.abc import Callable
 
 import torch
 
-from ..decompose import VectorSums, as_matrix, rows_per_block
 from ..errors import CheckpointFormatError, TensorMismatchError, listing
+from ..hardware import DEFAULT_BLOCK_ELEMENTS
 from .adapters import Adapter, LowRankUpdate, config_heads, kohya_flat, strip_kohya_prefix
-from .base import TensorInfo, TensorSource
+from .base import ChannelSums, TensorInfo, TensorSource
+from .dtypes import name_of
 from .keys import align_names, module_path, stored_in_out, strip_wrappers
 from .tied import OUTPUT_HEAD
 
@@ -31,7 +32,12 @@ F64 = torch.float64
 
 
 def _stored_rows(base: TensorSource, name: str, start: int, stop: int) -> torch.Tensor:
-    return as_matrix(base.get_rows(name, start, stop)).to(F64)
+    rows = base.get_rows(name, start, stop)
+    return rows.reshape(rows.shape[0], -1).to(F64)  # (out, in * prod(k)), as Eqs. 2-4 see it
+
+
+def _rows_per_block(cols: int, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
+    return max(1, block_elements // max(1, cols))
 
 
 def merged_rows(
@@ -105,15 +111,16 @@ def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 def closed_form_sums(
     update: LowRankUpdate, base: TensorSource, name: str, info: TensorInfo, transposed: bool,
     block_elements: int,
-) -> VectorSums:
-    """Per-output-channel ``|w0|², |wt|², |wt − w0|²`` of the merged weight, without B @ A."""
+) -> ChannelSums:
+    """Per-output-channel ``|w0|², |wt|², |wt − w0|²`` of the merged weight, without B @ A
+    (float64 numpy arrays)."""
     rows, cols = info.matrix_shape
     out = cols if transposed else rows
     r, s = update.rank, update.scale
     a, b = update.factors() if r else (None, None)
     sq0 = torch.zeros(out, dtype=F64)
     w0_at = torch.zeros(out, r, dtype=F64)  # W0 @ Aᵀ in PEFT orientation, (out, r)
-    step = rows_per_block(cols, block_elements)
+    step = _rows_per_block(cols, block_elements)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         x = _stored_rows(base, name, start, stop)  # (stop - start, cols)
@@ -131,11 +138,11 @@ def closed_form_sums(
     else:
         ud = dd = torch.zeros(out, dtype=F64)
     if update.magnitude is None:
-        return VectorSums(sq0, sq0 + 2 * ud + dd, dd)
+        return sq0.numpy(), (sq0 + 2 * ud + dd).numpy(), dd.numpy()
     m = update.magnitude
     norm_merged = (sq0 + 2 * ud + dd).clamp(min=0).sqrt()  # |u + d|
     sqd = m.square() - 2 * m * _safe_ratio(sq0 + ud, norm_merged) + sq0
-    return VectorSums(sq0, m.square(), sqd.clamp(min=0))
+    return sq0.numpy(), m.square().numpy(), sqd.clamp(min=0).numpy()
 
 
 class AdapterSource(TensorSource):
@@ -171,7 +178,8 @@ class AdapterSource(TensorSource):
             return update, transposed
         with self._lock:
             if name not in self._resolved:
-                w0 = as_matrix(self.base.get_tensor(name)).to(F64)
+                w0 = self.base.get_tensor(name)
+                w0 = w0.reshape(w0.shape[0], -1).to(F64)
                 self._resolved[name] = kasa_update(update, w0)
             return self._resolved[name], transposed
 
@@ -180,9 +188,9 @@ class AdapterSource(TensorSource):
 
     def info(self, name: str) -> TensorInfo:
         if name in self.targets:
-            return TensorInfo(self._base_infos[name].shape, self.targets[name][0].dtype)
+            return TensorInfo(self._base_infos[name].shape, name_of(self.targets[name][0].dtype))
         t = self._full[name]
-        return TensorInfo(tuple(t.shape), t.dtype)
+        return TensorInfo(tuple(t.shape), name_of(t.dtype))
 
     def get_tensor(self, name: str) -> torch.Tensor:
         if name in self.targets:
@@ -249,7 +257,7 @@ class AdapterSource(TensorSource):
             update, transposed = self._target(name)
             rows, cols = self._base_infos[name].matrix_shape
             sums = None
-            step = rows_per_block(cols)
+            step = _rows_per_block(cols)
             plain = LowRankUpdate(update.lora_a, update.lora_b, update.scale)
             for start in range(0, rows, step):
                 stop = min(rows, start + step)
@@ -260,7 +268,7 @@ class AdapterSource(TensorSource):
             cached = self._factor_cache = (name, _safe_ratio(update.magnitude, sums.sqrt()))
         return cached[1]
 
-    def closed_form(self, name: str, block_elements: int) -> VectorSums | None:
+    def closed_form(self, name: str, block_elements: int) -> ChannelSums | None:
         """Axis-``out`` sums in closed form, or None where it does not apply (full weights,
         magnitude per input feature)."""
         if name not in self.targets or self._own_base:

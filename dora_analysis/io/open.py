@@ -6,6 +6,9 @@ format whose test passes wins. Adding a format means one new module under ``io/`
 source of full weights is wrapped by :func:`~dora_analysis.io.quant.dequantized`, so quantized
 weights read as floats or are refused by name.
 
+Readers that need torch (pickles, DCP, DeepSpeed, adapters) are imported when a path of
+their format is opened: a safetensors checkpoint, local or remote, is opened without torch.
+
 Example:
     >>> with open_checkpoint("model.safetensors") as src:  # doctest: +SKIP
     ...     w = src.get_tensor(src.keys()[0])
@@ -19,37 +22,33 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..config import IO_BACKENDS
 from ..errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
     ConfigError,
     DoraAnalysisError,
 )
-from .adapters import (
+from .base import TensorSource
+from .detect import (
     ADAPTER_WEIGHT_FILES,
     adapter_format,
+    find_dcp,
+    find_zero,
     has_adapter_weights,
     is_adapter_folder,
-    load_tensors,
-    peft_adapter,
-    read_adapter_file,
-    read_config,
-    read_peft,
 )
-from .base import TensorSource
-from .dcp import DcpCheckpoint, find_dcp
-from .deepspeed import find_zero, open_zero
-from .guard import confined, not_found, not_regular, path_kind, shown
-from .merge import AdapterSource
+from .guard import IO_BACKENDS, confined, not_found, not_regular, path_kind, shown
 from .quant import dequantized
 from .refs import TRAINER_DCP_FOLDERS, CheckpointRef, series_steps, step_of
 from .remote import DEFAULT_TIMEOUT, Url, open_remote
 from .safetensors import SafetensorsFile
 from .sharded import ShardedCheckpoint
 from .tied import with_tied_heads
-from .torch_bin import TorchFile
+
+if TYPE_CHECKING:
+    from .dcp import DcpCheckpoint
 
 log = logging.getLogger("dora_analysis")
 
@@ -79,12 +78,18 @@ class ReadOptions:
 
 Opener = Callable[[Path, ReadOptions], TensorSource]
 
+def _torch_file(path: Path, options: ReadOptions) -> TensorSource:
+    from .torch_bin import TorchFile  # torch only for pickles
+
+    return TorchFile(path)
+
+
 #: Checkpoint files by suffix.
 FILE_SUFFIXES: dict[str, Opener] = {
     ".safetensors": lambda p, o: SafetensorsFile(p, o.backend),
-    ".bin": lambda p, o: TorchFile(p),
-    ".pt": lambda p, o: TorchFile(p),
-    ".pth": lambda p, o: TorchFile(p),
+    ".bin": _torch_file,
+    ".pt": _torch_file,
+    ".pth": _torch_file,
 }
 
 #: Files that make a folder a model checkpoint, in order of preference. transformers' weight
@@ -169,6 +174,9 @@ def _confine_adapter_files(folder: Path) -> None:
 
 
 def _open_adapter_folder(path: Path, options: ReadOptions, base: TensorSource) -> TensorSource:
+    from .adapters import read_peft
+    from .merge import AdapterSource
+
     _confine_adapter_files(path)
     adapter = read_peft(path, adapter_base_given=options.adapter_base is not None)
     return AdapterSource(adapter, base, trained_on=trained_on(options))
@@ -181,6 +189,9 @@ def _open_file(path: Path, options: ReadOptions, base: TensorSource | None) -> T
     src.close()
     if base is None:
         raise _adapter_as_base(path)
+    from .adapters import load_tensors, read_adapter_file
+    from .merge import AdapterSource
+
     adapter = read_adapter_file(path, load_tensors(path), lora_alpha=options.lora_alpha)
     return AdapterSource(adapter, base, trained_on=trained_on(options))
 
@@ -203,10 +214,14 @@ def _open_model_folder(path: Path, options: ReadOptions, base: TensorSource | No
 def _open_zero(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
     if options.precision == "auto" and path.is_dir() and _model_folder_file(path) is not None:
         return _open_model_folder(path, options, base)  # the 16-bit weights Trainer saved beside
+    from .deepspeed import open_zero
+
     return dequantized(open_zero(path, options.precision))
 
 
 def _open_dcp(path: Path, options: ReadOptions, base: TensorSource | None) -> TensorSource:
+    from .dcp import DcpCheckpoint
+
     folder = find_dcp(path)
     if folder is None:
         raise _gone_meanwhile(path)
@@ -232,6 +247,9 @@ def _open_dcp_adapter(src: DcpCheckpoint, options: ReadOptions, base: TensorSour
             "(model.peft_config['default'].save_pretrained(folder) writes it)")
     if base is None:
         raise _adapter_as_base(src.path)
+    from .adapters import peft_adapter, read_config
+    from .merge import AdapterSource
+
     _confine_adapter_files(folder)
     # accelerate saves {"model": get_peft_model_state_dict(model)}: PEFT's names behind "model."
     tensors = {k.removeprefix("model.") if k.startswith("model.base_model.") else k:

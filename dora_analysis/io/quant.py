@@ -15,13 +15,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointFormatError
 from .base import TensorInfo, TensorSource
 
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+FP8 = ("float8_e4m3fn", "float8_e5m2")
 
 #: (key suffix, format name): checkpoints that only their own library can dequantize.
 REFUSED: tuple[tuple[str, str], ...] = (
@@ -58,7 +61,7 @@ class DequantizedSource(TensorSource):
 
     def info(self, name: str) -> TensorInfo:
         info = self._inner.info(name)
-        return TensorInfo(info.shape, torch.float32) if name in self._schemes else info
+        return TensorInfo(info.shape, "float32") if name in self._schemes else info
 
     def get_tensor(self, name: str) -> torch.Tensor:
         return self.get_rows(name, 0, self._inner.info(name).shape[0])
@@ -67,6 +70,8 @@ class DequantizedSource(TensorSource):
         scheme = self._schemes[name]
         scale = self._scales.get(name)
         if scale is None:  # scales are small: (out,), (out, 1) or (out/128, in/128)
+            import torch
+
             scale = self._inner.get_tensor(scheme.scale_name).to(torch.float32)
             self._scales = {name: scale}  # one kept; worker threads may replace it meanwhile
         return scale
@@ -77,16 +82,21 @@ class DequantizedSource(TensorSource):
                                         "tensor; dequantize the checkpoint first")
         return self._inner.get_expert_rows(name, expert, start, stop)
 
-    def get_rows_into(self, name: str, start: int, stop: int, buffer: torch.Tensor,
-                      expert: int | None = None) -> torch.Tensor:
-        if name in self._schemes:  # dequantized into a fresh float32 block anyway
-            return super().get_rows_into(name, start, stop, buffer, expert)
-        return self._inner.get_rows_into(name, start, stop, buffer, expert)
+    def read_rows(self, name: str, start: int, stop: int, *, expert: int | None = None,
+                  buffer: np.ndarray | None = None) -> np.ndarray | torch.Tensor:
+        if name in self._schemes:  # dequantized by torch into a fresh float32 block anyway
+            return super().read_rows(name, start, stop, expert=expert, buffer=buffer)
+        return self._inner.read_rows(name, start, stop, expert=expert, buffer=buffer)
+
+    def mapped(self, name: str) -> bool:
+        return name not in self._schemes and self._inner.mapped(name)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         rows = self._inner.get_rows(name, start, stop)
         if name not in self._schemes:
             return rows
+        import torch
+
         scheme, scale = self._schemes[name], self._scale(name)
         rows = rows.to(torch.float32)
         if scheme.kind == "int8_rows":

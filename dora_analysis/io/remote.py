@@ -41,9 +41,10 @@ import socket
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-import torch
+import numpy as np
 
 from ..errors import (
     CheckpointFormatError,
@@ -52,19 +53,16 @@ from ..errors import (
     DoraAnalysisError,
     SkippedFoldersWarning,
 )
-from .adapters import (
-    ADAPTER_WEIGHT_FILES,
-    adapter_format,
-    parse_config,
-    peft_adapter,
-    read_adapter_file,
-)
-from .base import SAFETENSORS_DTYPES, TensorInfo, TensorSource
-from .merge import AdapterSource
+from .base import TensorInfo, TensorSource
+from .detect import ADAPTER_WEIGHT_FILES, adapter_format
+from .dtypes import DTYPES, DType, from_safetensors
 from .quant import dequantized
 from .refs import redact_url, remote_scheme, steps_among, unnumbered
 from .safetensors_header import Entry, decode_header, header_length, parse_header
 from .sharded import ShardedCheckpoint
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("dora_analysis")
 #: Opens the base an adapter was trained against, when the user gave one (else None).
@@ -448,10 +446,10 @@ class RemoteSafetensors(TensorSource):
 
     def info(self, name: str) -> TensorInfo:
         e = self._entries[name]
-        return TensorInfo(e.shape, SAFETENSORS_DTYPES.get(e.dtype, e.dtype))
+        return TensorInfo(e.shape, from_safetensors(e.dtype))
 
-    def _dtype(self, name: str) -> torch.dtype:
-        dtype = SAFETENSORS_DTYPES.get(self._entries[name].dtype)
+    def _dtype(self, name: str) -> DType:
+        dtype = DTYPES.get(from_safetensors(self._entries[name].dtype))
         if dtype is None:
             raise CheckpointFormatError(f"{self.path}: tensor '{name}' is stored as "
                                         f"{self._entries[name].dtype}, which torch cannot read")
@@ -492,38 +490,52 @@ class RemoteSafetensors(TensorSource):
             self._buffer = at, buf = start, buf
         return memoryview(buf)[begin - at:end - at]
 
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def _rows(self, name: str, start: int, stop: int, expert: int | None
+              ) -> tuple[memoryview, tuple[int, ...]]:
+        """The bytes of rows ``start:stop`` (of expert ``expert``) and the shape of one row."""
         e = self._entries[name]
-        if not e.shape:
-            return self.get_tensor(name)
-        start, stop = max(0, start), max(start, min(stop, e.shape[0]))
+        shape, first, row = e.shape, e.begin, e.row_bytes
+        if expert is not None:  # (E, out, in): expert e's rows follow each other
+            shape, first, row = shape[1:], e.begin + expert * e.row_bytes, e.row_bytes // shape[1]
+        start, stop = max(0, start), max(start, min(stop, shape[0]))
         self._current = name
-        dtype = self._dtype(name)
-        data = self._fetch(e.begin + start * e.row_bytes, e.begin + stop * e.row_bytes)
+        return self._fetch(first + start * row, first + stop * row), shape[1:]
+
+    def _tensor(self, name: str, data: memoryview, shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
+        dtype = self._dtype(name).torch()
         if not len(data):
-            return torch.empty((0, *e.shape[1:]), dtype=dtype)
-        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(-1, *e.shape[1:])
+            return torch.empty((0, *shape), dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(-1, *shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if not self._entries[name].shape:
+            return self.get_tensor(name)
+        return self._tensor(name, *self._rows(name, start, stop, None))
 
     def get_expert_rows(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
-        e = self._entries[name]
-        out = e.shape[1]
-        start, stop = max(0, start), max(start, min(stop, out))
-        row = e.row_bytes // out  # bytes of one row of one expert
-        first = e.begin + expert * e.row_bytes
-        self._current = name
+        return self._tensor(name, *self._rows(name, start, stop, expert))
+
+    def read_rows(self, name: str, start: int, stop: int, *, expert: int | None = None,
+                  buffer: np.ndarray | None = None) -> np.ndarray | torch.Tensor:
         dtype = self._dtype(name)
-        data = self._fetch(first + start * row, first + stop * row)
-        if not len(data):
-            return torch.empty((0, *e.shape[2:]), dtype=dtype)
-        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(-1, *e.shape[2:])
+        if dtype.numpy is None or not self._entries[name].shape:
+            return super().read_rows(name, start, stop, expert=expert, buffer=buffer)
+        data, shape = self._rows(name, start, stop, expert)
+        if buffer is not None and buffer.size >= len(data):  # a reused buffer: no allocation
+            raw = buffer[:len(data)]
+            raw[:] = np.frombuffer(data, dtype=np.uint8)
+        else:
+            raw = np.frombuffer(bytearray(data), dtype=np.uint8)
+        return raw.view(dtype.numpy).reshape(-1, *shape)
 
     def get_tensor(self, name: str) -> torch.Tensor:
         e = self._entries[name]
         if e.shape:
             return self.get_rows(name, 0, e.shape[0]).reshape(e.shape)
         self._current = name
-        dtype = self._dtype(name)
-        return torch.frombuffer(bytearray(self._fetch(e.begin, e.end)), dtype=dtype).reshape(())
+        return self._tensor(name, self._fetch(e.begin, e.end), ()).reshape(())
 
     def close(self) -> None:
         if self._file.requests > self._header_requests:  # not for a look at the header only
@@ -551,6 +563,8 @@ def _read_json(url: Url, token: str | None, timeout: float) -> bytes:
 
 def _load_tensors(url: Url, token: str | None, timeout: float) -> dict[str, torch.Tensor]:
     """All tensors of a small remote file (an adapter), read whole."""
+    import torch
+
     if url.suffix == ".safetensors":
         with RemoteSafetensors(url, token, timeout) as src:
             src.will_read(src.keys())
@@ -579,6 +593,9 @@ def _open_peft(folder: Url, options, base: TensorSource | None, adapter_base: Op
                ) -> TensorSource:
     if base is None:
         raise _adapter_as_base(folder)
+    from .adapters import parse_config, peft_adapter
+    from .merge import AdapterSource
+
     config = parse_config(_read_json(folder / "adapter_config.json", options.token,
                                      options.timeout), folder / "adapter_config.json")
     for name in ADAPTER_WEIGHT_FILES:
@@ -615,6 +632,9 @@ def _open_file(url: Url, options, base: TensorSource | None, adapter_base: Opene
                 "file, or convert it to safetensors")
     if base is None:
         raise _adapter_as_base(url)
+    from .adapters import read_adapter_file
+    from .merge import AdapterSource
+
     adapter = read_adapter_file(url, tensors, lora_alpha=options.lora_alpha)
     return AdapterSource(adapter, base, trained_on=adapter_base())
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import (
     CheckpointFormatError,
@@ -24,6 +23,10 @@ from ..errors import (
 from .base import TensorInfo, TensorSource
 from .guard import confined, confined_name, path_kind, shown
 from .jsonfile import parse_json_object, read_json_object
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 _FIX = "it needs a 'weight_map' object from tensor name to shard file; re-save the checkpoint"
 
@@ -119,9 +122,12 @@ class ShardedCheckpoint(TensorSource):
         counts = [s.bytes_read for s in self._shards.values() if s.bytes_read is not None]
         return sum(counts) if counts else None
 
-    def get_rows_into(self, name: str, start: int, stop: int, buffer: torch.Tensor,
-                      expert: int | None = None) -> torch.Tensor:
-        return self._shard(name).get_rows_into(name, start, stop, buffer, expert)
+    def read_rows(self, name: str, start: int, stop: int, *, expert: int | None = None,
+                  buffer: np.ndarray | None = None) -> np.ndarray | torch.Tensor:
+        return self._shard(name).read_rows(name, start, stop, expert=expert, buffer=buffer)
+
+    def mapped(self, name: str) -> bool:
+        return self._shard(name).mapped(name)
 
     def close(self) -> None:
         for shard in self._shards.values():

@@ -8,7 +8,7 @@ the shared tensor), a ``modules_to_save`` copy, a tuned checkpoint saving the he
 compared with the weights the head started from.
 
 Example:
-    >>> tied_head_aliases({"model.embed_tokens.weight": TensorInfo((64, 32), torch.float32)},
+    >>> tied_head_aliases({"model.embed_tokens.weight": TensorInfo((64, 32), "float32")},
     ...                   {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True})
     {'lm_head.weight': 'model.embed_tokens.weight'}
 """
@@ -20,10 +20,13 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .base import TensorInfo, TensorSource
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 #: The output head transformers' causal LMs tie to their input embedding.
 OUTPUT_HEAD = "lm_head.weight"
@@ -91,9 +94,13 @@ class TiedHeads(TensorSource):
     def get_expert_rows(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
         return self._inner.get_expert_rows(self._target(name), expert, start, stop)
 
-    def get_rows_into(self, name: str, start: int, stop: int, buffer: torch.Tensor,
-                      expert: int | None = None) -> torch.Tensor:
-        return self._inner.get_rows_into(self._target(name), start, stop, buffer, expert)
+    def read_rows(self, name: str, start: int, stop: int, *, expert: int | None = None,
+                  buffer: np.ndarray | None = None) -> np.ndarray | torch.Tensor:
+        return self._inner.read_rows(self._target(name), start, stop, expert=expert,
+                                     buffer=buffer)
+
+    def mapped(self, name: str) -> bool:
+        return self._inner.mapped(self._target(name))
 
     def will_read(self, names: Sequence[str]) -> None:
         self._inner.will_read(list(dict.fromkeys(self._target(n) for n in names)))

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import CheckpointChangedError, CheckpointFormatError, UnsafeCheckpointError
 from .base import TensorInfo, TensorSource, reason
+from .dtypes import name_of
 from .guard import GuardedFile, shown
 
 
@@ -62,7 +63,7 @@ class TorchFile(TensorSource):
 
     def info(self, name: str) -> TensorInfo:
         t = self._tensors[name]
-        return TensorInfo(tuple(t.shape), t.dtype)
+        return TensorInfo(tuple(t.shape), name_of(t.dtype))
 
     def close(self) -> None:
         self._tensors = {}

@@ -25,9 +25,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from ..io.dtypes import unit_roundoff
 from .base import Column, Metric
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from ..pairs import PairView
@@ -49,16 +51,6 @@ CHECKS: dict[str, str] = {
 SEPARATOR = ","
 
 
-def unit_roundoff(dtype: torch.dtype | str) -> float:
-    """Half the gap between 1 and the next number of a float dtype (bf16: 2⁻⁸); 0 if unknown."""
-    import torch
-
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    return torch.finfo(dtype).eps / 2 if isinstance(dtype, torch.dtype) and \
-        dtype.is_floating_point else 0.0
-
-
 def rounding_error_sq(u: float) -> float:
     """Mean squared relative error ``‖δ‖²/‖w‖²`` that rounding a vector once to unit roundoff
     ``u`` leaves: ``u²/(8 ln 2)`` (uniform error in ±ulp/2 over log-uniform mantissas; nearly
@@ -66,7 +58,7 @@ def rounding_error_sq(u: float) -> float:
     return u * u / (8 * math.log(2))
 
 
-def below_precision_floor(sq0: torch.Tensor, sqd: torch.Tensor, u: float) -> bool:
+def below_precision_floor(sq0: np.ndarray, sqd: np.ndarray, u: float) -> bool:
     """Whether mean(‖Δw‖²/‖w0‖²) over vectors with a base norm is within twice the expected
     relative rounding error of one rounding (:func:`rounding_error_sq`)."""
     valid = sq0 > 0
@@ -77,21 +69,23 @@ def below_precision_floor(sq0: torch.Tensor, sqd: torch.Tensor, u: float) -> boo
 
 def magnitude_frozen(view: PairView, magnitude: torch.Tensor, axis: str, u: float) -> bool:
     """Whether DoRA's magnitude equals the base's norms along ``axis`` within rounding."""
-    import torch
+    import numpy as np
+    import torch  # the magnitude is an adapter's tensor: torch is loaded
 
     if axis in view.sums_by_axis:
-        norms = view.sums_by_axis[axis].sq0.sqrt()
+        norms = np.sqrt(view.sums_by_axis[axis].sq0)
     else:  # the magnitude runs along the other axis than the one analysed
         norms = torch.linalg.vector_norm(view.base_weight(), dim=1 if axis == "out" else 0)
-    m = magnitude.to(torch.float64)
+        norms = norms.numpy()
+    m = magnitude.detach().cpu().to(torch.float64).numpy()
     # The adapter's stored rounding, the base's, and a float32 norm computed at initialisation.
-    tol = u + 16 * unit_roundoff(torch.float32)
-    return bool(((m - norms).abs() <= tol * norms).all())
+    tol = u + 16 * unit_roundoff("float32")
+    return bool((np.abs(m - norms) <= tol * norms).all())
 
 
 def health(view: PairView) -> dict[str, str]:
     """The ``warnings`` of one matrix pair along the view's axis (see the module docstring)."""
-    import torch
+    from ..decompose import finite
 
     sums = view.sums()
     tags = []
@@ -102,10 +96,9 @@ def health(view: PairView) -> dict[str, str]:
     if update is not None and update.lora_b is not None and update.rank \
             and not bool(update.lora_b.any()) and (update.magnitude is None or frozen):
         tags.append(LORA_B_ZERO)  # with a trained magnitude: magnitude-only, not untrained
-    finite = torch.isfinite(sums.sq0) & torch.isfinite(sums.sqt) & torch.isfinite(sums.sqd)
-    if not bool(finite.all()):
+    if not finite(sums).all():
         tags.append(NONFINITE)
-    elif not bool(sums.sqd.any()):
+    elif not sums.sqd.any():
         tags.append(UNCHANGED)
     elif below_precision_floor(sums.sq0, sums.sqd, u):
         tags.append(BELOW_PRECISION_FLOOR)

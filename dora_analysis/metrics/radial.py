@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from .base import Column, Metric
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
     from ..decompose import VectorSums
     from ..pairs import PairView
@@ -30,35 +30,38 @@ DELTA_M_RADIAL = "delta_m_radial"
 DELTA_M_SIDEWAYS = "delta_m_sideways"
 
 
-def radial_sideways(sums: VectorSums) -> tuple[torch.Tensor, torch.Tensor]:
+def radial_sideways(sums: VectorSums) -> tuple[np.ndarray, np.ndarray]:
     """Per vector, ``(a, √(ρ² + ‖t‖²) − ρ)`` in float64; NaN for the vectors Eq. 3 leaves out
     (zero base or tuned norm, NaN/Inf).
 
     Example:
-        >>> import torch
+        >>> import numpy as np
         >>> from dora_analysis.decompose import PairAccumulator
         >>> acc = PairAccumulator(1, 2)
-        >>> acc.add(torch.tensor([[3.0, 0.0]]), torch.tensor([[4.0, 1.0]]))  # a = 1, t = 1
+        >>> acc.add(np.array([[3.0, 0.0]]), np.array([[4.0, 1.0]]))  # a = 1, t = 1
         >>> [round(float(x[0]), 6) for x in radial_sideways(acc.sums()["out"])]
         [1.0, 0.162278]
     """
-    import torch
+    import numpy as np
 
-    rho = sums.sq0.sqrt()
-    radial = (sums.sqt - sums.sq0 - sums.sqd) / (2.0 * rho)
-    t2 = (sums.sqd - radial.square()).clamp(min=0.0)
-    sideways = t2 / ((sums.sq0 + t2).sqrt() + rho)  # √(ρ² + t²) − ρ without cancellation
-    valid = (sums.sq0 > 0) & (sums.sqt > 0) & torch.isfinite(radial) & torch.isfinite(sideways)
-    return (torch.where(valid, radial, torch.nan), torch.where(valid, sideways, torch.nan))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.sqrt(sums.sq0)
+        radial = (sums.sqt - sums.sq0 - sums.sqd) / (2.0 * rho)
+        t2 = np.maximum(sums.sqd - np.square(radial), 0.0)
+        sideways = t2 / (np.sqrt(sums.sq0 + t2) + rho)  # √(ρ² + t²) − ρ without cancellation
+    valid = (sums.sq0 > 0) & (sums.sqt > 0) & np.isfinite(radial) & np.isfinite(sideways)
+    return np.where(valid, radial, np.nan), np.where(valid, sideways, np.nan)
 
 
 def delta_m_split(view: PairView) -> dict[str, float]:
     """``delta_m_radial`` and ``delta_m_sideways`` of one matrix along the view's axis."""
+    import numpy as np
+
     radial, sideways = radial_sideways(view.sums())
-    valid = ~radial.isnan()
-    if not bool(valid.any()):
+    valid = ~np.isnan(radial)
+    if not valid.any():
         return {DELTA_M_RADIAL: float("nan"), DELTA_M_SIDEWAYS: float("nan")}
-    return {DELTA_M_RADIAL: float(radial[valid].abs().mean()),
+    return {DELTA_M_RADIAL: float(np.abs(radial[valid]).mean()),
             DELTA_M_SIDEWAYS: float(sideways[valid].mean())}
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .base import Column, Metric
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
     from ..decompose import VectorSums
     from ..pairs import PairView
@@ -22,21 +22,24 @@ if TYPE_CHECKING:
 TANGENTIAL_FRACTION = "tangential_fraction"
 
 
-def tangential_share(sums: VectorSums) -> torch.Tensor:
+def tangential_share(sums: VectorSums) -> np.ndarray:
     """``t² / ‖Δw‖²`` per vector, in ``[0, 1]``; NaN where the vector did not change or has no
     direction (zero base norm) or holds NaN/Inf."""
-    import torch
+    import numpy as np
 
-    radial = (sums.sqt - sums.sq0 - sums.sqd) / (2.0 * sums.sq0.sqrt())
-    share = (1.0 - radial.square() / sums.sqd).clamp(0.0, 1.0)
-    valid = (sums.sq0 > 0) & (sums.sqd > 0) & torch.isfinite(share)
-    return torch.where(valid, share, torch.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        radial = (sums.sqt - sums.sq0 - sums.sqd) / (2.0 * np.sqrt(sums.sq0))
+        share = np.clip(1.0 - np.square(radial) / sums.sqd, 0.0, 1.0)
+    valid = (sums.sq0 > 0) & (sums.sqd > 0) & np.isfinite(share)
+    return np.where(valid, share, np.nan)
 
 
 def tangential_fraction(view: PairView) -> dict[str, float]:
     """Mean over vectors of the share of ``‖Δw‖²`` orthogonal to ``w0`` (NaN if none changed)."""
+    import numpy as np
+
     share = tangential_share(view.sums())
-    valid = ~share.isnan()
+    valid = ~np.isnan(share)
     return {TANGENTIAL_FRACTION: float(share[valid].mean()) if valid.any() else float("nan")}
 
 

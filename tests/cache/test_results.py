@@ -131,7 +131,7 @@ def test_a_changed_file_is_never_served_from_the_cache(pair, tmp_path, change, m
 @pytest.mark.parametrize("settings", [{"axis": "in"}, {"spectrum": True},
                                       {"block_elements": 1 << 14}, {"intruder_k": 3,
                                                                    "intruders": True},
-                                      {"io": "mmap"}])
+                                      {"io": "pread"}])
 def test_every_setting_that_changes_a_number_is_in_the_key(pair, tmp_path, settings, computed):
     da.analyze(*pair, cache=tmp_path / "c", intruders="intruders" in settings)
     computed()

@@ -76,7 +76,7 @@ def test_auto_reads_the_16bit_module(zero, stage):
 def test_zero3_auto_reads_fp32_masters_with_a_note(zero, caplog):
     with caplog.at_level(logging.INFO, logger="dora_analysis"):
         src = open_checkpoint(zero / "zero3", ReadOptions())
-    assert isinstance(src, ZeroMasters) and src.info("q_proj.weight").dtype == torch.float32
+    assert isinstance(src, ZeroMasters) and src.info("q_proj.weight").dtype == "float32"
     assert "ZeRO-3 keeps no 16-bit weights" in caplog.text
 
 

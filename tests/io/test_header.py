@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from dora_analysis.errors import CheckpointFormatError
-from dora_analysis.io.base import SAFETENSORS_DTYPES
+from dora_analysis.io.dtypes import DTYPES
 from dora_analysis.io.remote import RemoteSafetensors, Url
 from dora_analysis.io.safetensors import SafetensorsFile
 from dora_analysis.io.safetensors_header import DTYPE_BITS, parse_header
@@ -44,7 +44,7 @@ def library(path) -> dict | None:
         return None
 
 
-NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+NAMES = {d.name: d.safetensors for d in DTYPES.values()}
 
 
 def ours(source) -> dict:

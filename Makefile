@@ -31,10 +31,12 @@ install-demo: $(VENV)/.installed-demo
 demo: install-demo
 	$(BIN)/python examples/reproduce_figure2.py --quick --out demo-output
 
-# The full experiment of docs/reproduction.md (5 seeds, ~35 minutes on 2 cores) and its figures.
+# The full experiment of docs/reproduction.md (5 seeds, ~35 minutes on 2 cores) and its figures,
+# then the update-sparsity (fp32 vs bf16) and cross-run study of the same runs.
 reproduce: install
 	$(BIN)/pip install -e ".[test,figures]"
 	$(BIN)/python examples/reproduce_figure2.py --out reproduction --docs docs/reproduction
+	$(BIN)/python examples/update_study.py --out reproduction --docs docs/reproduction
 
 # The dashboard (dora-dashboard), on the demo's results by default (or TABLE=path/to/table.csv).
 # It listens on 127.0.0.1 only; DATA_ROOT=/data confines what it reads.

@@ -21,7 +21,14 @@ and a rank-16 LoRA adapter of the same base (PEFT's file layout), then times, be
 * ``intruders, cold``   — ``analyze(..., intruders=True)`` with an empty SVD cache (target ≤ 0.3×
                            of "before");
 * ``intruders, warm``   — the same with W0's basis cached (every later checkpoint of a series);
-* ``plain``, ``LoRA plain``, ``LoRA spectrum`` — for scale.
+* ``plain``, ``LoRA plain``, ``LoRA spectrum`` — for scale;
+* the options of issue 23, against ``plain`` (``LoRA …``: against ``LoRA plain``):
+  ``sparsity`` (dense, O(N)), ``drift`` (values-only SVDs of W0 and Wt, their top-16 subspaces
+  by Lanczos), ``weightwatcher`` (the library on W0 and Wt; left out when it is not installed),
+  ``cross-run, 2 runs`` (``compare_runs`` of two FT-like runs: both updates read, the four
+  measures of their one pair), ``LoRA sparsity`` (the merge rounded to the base's dtype),
+  ``LoRA cross-run`` (two adapters: cosine and subspaces from the factors, ΔW materialised for
+  the sign conflict). ``--only-new`` times ``plain``, ``LoRA plain`` and these only.
 
 Then the spectrum columns are compared with the notebook's (relative differences; the energy
 rank must be equal) and the intruder counts with the previous method's. The machine's noise
@@ -57,16 +64,51 @@ def write_pair(folder: Path, size: int, rank: int) -> tuple[Path, Path, Path]:
         torch.randn(size, 8, generator=g) @ torch.randn(8, size, generator=g)) / size
     save_file({NAME: w0}, str(folder / "base.safetensors"))
     save_file({NAME: (w0 + update).contiguous()}, str(folder / "tuned.safetensors"))
-    adapter = folder / "adapter"
-    adapter.mkdir()
+    adapter = write_adapter(folder / "adapter", size, rank, g)
+    return folder / "base.safetensors", folder / "tuned.safetensors", adapter
+
+
+def write_adapter(folder: Path, size: int, rank: int, g: torch.Generator) -> Path:
+    """A rank-``rank`` PEFT LoRA adapter of the benchmark's matrix."""
+    folder.mkdir()
     module = NAME.removesuffix(".weight")
     save_file({f"base_model.model.{module}.lora_A.weight": torch.randn(rank, size, generator=g),
                f"base_model.model.{module}.lora_B.weight": 1e-3 * torch.randn(size, rank,
                                                                                generator=g)},
-              str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps({
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj"]}))
-    return folder / "base.safetensors", folder / "tuned.safetensors", adapter
+    return folder
+
+
+def write_second_run(folder: Path, size: int, rank: int) -> tuple[Path, Path]:
+    """Another FT-like run and another adapter of the same base (for the cross-run rows)."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(1)
+    w0 = load_file(str(folder / "base.safetensors"))[NAME]
+    update = 1e-3 * torch.randn(size, size, generator=g) / size**0.5
+    save_file({NAME: (w0 + update).contiguous()}, str(folder / "tuned2.safetensors"))
+    return folder / "tuned2.safetensors", write_adapter(folder / "adapter2", size, rank, g)
+
+
+def new_options(base: Path, tuned: Path, adapter: Path, root: Path, size: int, rank: int,
+                repeat: int) -> dict[str, float]:
+    """Seconds of the options of issue 23, timed like the others."""
+    import importlib.util
+
+    tuned2, adapter2 = write_second_run(root, size, rank)
+    runs = {
+        "sparsity": lambda: da.analyze(base, tuned, sparsity=True),
+        "drift": lambda: da.analyze(base, tuned, drift=True),
+        "weightwatcher": lambda: da.analyze(base, tuned, weightwatcher=True),
+        "cross-run, 2 runs": lambda: da.compare_runs(base, [tuned, tuned2], labels=["a", "b"]),
+        "LoRA sparsity": lambda: da.analyze(base, adapter, sparsity=True),
+        "LoRA cross-run": lambda: da.compare_runs(base, [adapter, adapter2], labels=["a", "b"]),
+    }
+    if importlib.util.find_spec("weightwatcher") is None:
+        del runs["weightwatcher"]
+    return {label: best_of(repeat, run)[0] for label, run in runs.items()}
 
 
 def best_of(repeat: int, fn) -> tuple[float, object]:
@@ -146,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--baseline-tree", type=Path,
                         help="time this source tree's --intruders as 'before' (a child process)")
+    parser.add_argument("--only-new", action="store_true",
+                        help="time plain, LoRA plain and the options of issue 23 only")
     args = parser.parse_args(argv)
+    if args.only_new:
+        return only_new(args)
     with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
         root = Path(tmp)
         base, tuned, adapter = write_pair(root, args.size, args.rank)
@@ -178,16 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         rows["LoRA plain"], _ = best_of(args.repeat, lambda: da.analyze(base, adapter))
         rows["LoRA spectrum"], _ = best_of(args.repeat, lambda: da.analyze(
             base, adapter, spectrum=True))
+        rows |= new_options(base, tuned, adapter, root, args.size, args.rank, args.repeat)
     refs = {"spectrum": "notebook SVD", "notebook, 1 thread": "notebook SVD",
             "intruders, cold": "intruders, before",
-            "intruders, warm": "intruders, before", "LoRA spectrum": "LoRA plain"}
-    print(f"one {args.size} × {args.size} fp32 pair (FT-shaped), torch {torch.get_num_threads()} "
-          f"threads, best of {args.repeat}, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'analysis':<20}{'seconds':>10}{'ratio':>8}  to")
-    for label, seconds in rows.items():
-        ref = refs.get(label)
-        ratio = f"{seconds / rows[ref]:>8.3f}  {ref}" if ref else ""
-        print(f"{label:<20}{seconds:>10.2f}{ratio}")
+            "intruders, warm": "intruders, before", "LoRA spectrum": "LoRA plain"} | NEW_REFS
+    print_rows(rows, refs, args, digits=3)
     print(f"spectrum / notebook on one thread: "
           f"{rows['spectrum'] / rows['notebook, 1 thread']:.3f}")
     row = ours.iloc[0]
@@ -201,6 +242,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"intruders: ours {count}, before {before_count}"
           + ("" if count == before_count else "  DIFFERENT"))
     return 0
+
+
+#: The baseline of each row of :func:`new_options`.
+NEW_REFS = {"sparsity": "plain", "drift": "plain", "weightwatcher": "plain",
+            "cross-run, 2 runs": "plain", "LoRA sparsity": "LoRA plain",
+            "LoRA cross-run": "LoRA plain"}
+
+
+def only_new(args: argparse.Namespace) -> int:
+    """``--only-new``: the plain analyses and the options of issue 23."""
+    with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
+        root = Path(tmp)
+        base, tuned, adapter = write_pair(root, args.size, args.rank)
+        da.analyze(base, tuned)  # warm-up: imports and the page cache, not timed
+        rows = {"plain": best_of(args.repeat, lambda: da.analyze(base, tuned))[0],
+                "LoRA plain": best_of(args.repeat, lambda: da.analyze(base, adapter))[0]}
+        rows |= new_options(base, tuned, adapter, root, args.size, args.rank, args.repeat)
+    print_rows(rows, NEW_REFS, args, digits=1)
+    return 0
+
+
+def print_rows(rows: dict[str, float], refs: dict[str, str], args: argparse.Namespace,
+               digits: int) -> None:
+    """The timing table: seconds, and the ratio to the row named in ``refs`` (same run)."""
+    print(f"one {args.size} × {args.size} fp32 pair (FT-shaped), torch {torch.get_num_threads()} "
+          f"threads, best of {args.repeat}, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'analysis':<20}{'seconds':>10}{'ratio':>8}  to")
+    for label, seconds in rows.items():
+        ref = refs.get(label)
+        ratio = f"{seconds / rows[ref]:>8.{digits}f}  {ref}" if ref else ""
+        print(f"{label:<20}{seconds:>10.2f}{ratio}")
 
 
 if __name__ == "__main__":

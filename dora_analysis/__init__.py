@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "analyze": "analysis",
     "analyze_model": "live",
     "compare": "decompose",
+    "compare_runs": "crossrun",
     "correlate": "stats",
     "delta_direction": "decompose",
     "delta_magnitude": "decompose",
@@ -48,6 +49,7 @@ __all__ = [
     "analyze",
     "analyze_model",
     "compare",
+    "compare_runs",
     "correlate",
     "delta_direction",
     "delta_magnitude",
@@ -77,6 +79,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first use
     from .analysis import analyze
     from .config import AnalysisConfig
+    from .crossrun import compare_runs
     from .decompose import compare, delta_direction, delta_magnitude, direction, magnitude
     from .drilldown import matrix_detail
     from .errors import DoraAnalysisError

@@ -84,6 +84,9 @@ class Job:
     files: tuple[tuple[str, FileIdentity], ...] = ()
     """The files planning opened for this checkpoint, with their identity then (see
     :mod:`dora_analysis.io.identity`): whoever reads them later checks they did not change."""
+    base: str = ""
+    """The base reference as given (the table's ``base`` column); empty when there is none to
+    name (an in-memory model)."""
 
     @property
     def numel(self) -> int:
@@ -310,7 +313,8 @@ def _row(job: Job, pair: MatrixPair, axis: str, values: dict[str, object]) -> di
         C.COLS: cols, C.AXIS: axis, C.EXPERT: pair.expert if pair.expert is not None
         else expert_index(pair.name),
         C.DTYPE: pair.tuned_dtype, C.TUNED_NAME: pair.tuned_name,
-        C.REF: shown(ck.ref), **values,  # names that are not UTF-8, escaped: a table holds text
+        # names that are not UTF-8, escaped: a table holds text
+        C.REF: shown(ck.ref), C.BASE: shown(job.base), **values,
     }
 
 
@@ -386,7 +390,8 @@ def plan(base: Ref, tuned: Ref | Sequence[Ref], *, labels: Sequence[str] | None 
             problems += [f"{ck.ref}: {m}" for m in mismatches]
             if not pairs and not mismatches:
                 raise TensorMismatchError(_nothing_selected(config, ck, base_infos))
-            jobs.append(Job(ck, method, tuple(pairs), adapter, tuple(files.items())))
+            jobs.append(Job(ck, method, tuple(pairs), adapter, tuple(files.items()),
+                            base_shown))
     if checkpoints and not jobs:
         raise VanishedCheckpointError("every tuned checkpoint vanished while being read; "
                                       "nothing is left to analyse")

@@ -32,6 +32,7 @@ from .errors import (
 )
 from .hardware import usable_cpus
 from .io.guard import IO_BACKENDS, path_kind
+from .metrics.base import CROSS_RUN_K, CROSS_RUN_TRIM
 
 # Only light modules above: --help and argument errors answer without importing torch, pandas,
 # scipy or plotly; run() imports the analysis when there is work to do.
@@ -118,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default %(default)s; 0: none)")
     p.add_argument("--html", metavar="FILE",
                    help="write a self-contained HTML report (Figures 2 and 3, tables)")
+    group = p.add_argument_group("cross-run similarity (two TUNED runs or more)")
+    group.add_argument("--cross-run", metavar="FILE",
+                       help="also compare the TUNED runs with each other (a series: its last "
+                       "step): one row per pair of runs and matrix with update_cosine, "
+                       "subspace_similarity, sign_conflict, mask_jaccard, written to FILE (.csv, "
+                       ".json or .parquet); --html then draws their heatmaps")
+    group.add_argument("--cross-run-k", type=_positive_int, default=CROSS_RUN_K, metavar="K",
+                       help="subspace_similarity over the top K left singular vectors of ΔW "
+                       "(default %(default)s; clamped to the rank, with a note)")
+    group.add_argument("--cross-run-trim", type=float, default=CROSS_RUN_TRIM, metavar="T",
+                       help="sign_conflict keeps each ΔW's top T share by magnitude, as TIES "
+                       "(default %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file messages")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -210,7 +223,12 @@ def run(args: argparse.Namespace) -> int:
 
     given = (args.base, *args.tuned, args.adapter_base)
     inputs = [Path(a) for a in given if a is not None and path_kind(a) is not None]
-    outputs = {"output": args.output, "summary": args.summary, "html": args.html}
+    outputs = {"output": args.output, "summary": args.summary, "html": args.html,
+               "cross_run": args.cross_run}
+    if args.cross_run:
+        from .crossrun import check_settings
+
+        check_settings(args.tuned, args.cross_run_k, args.cross_run_trim)
     check_outputs(**outputs, inputs=inputs)  # before any work
     if args.clear_cache:
         clear_cache(args.cache, args.quiet)
@@ -246,10 +264,18 @@ def run(args: argparse.Namespace) -> int:
     from .stats import correlate
 
     correlations = correlate(table, n_boot=args.n_boot)
-    write_outputs(table, correlations, **outputs, inputs=inputs)  # all of them, or none
+    cross = None
+    if args.cross_run:
+        from .crossrun import compare_runs
+
+        cross = compare_runs(args.base, args.tuned, labels=args.label, k=args.cross_run_k,
+                             trim=args.cross_run_trim, config=config)
+    write_outputs(table, correlations, **outputs, inputs=inputs,  # all of them, or none
+                  cross_run_table=cross)
     if not args.quiet:
         for path, what in ((args.output, f"{len(table)} rows"),
-                           (args.summary, f"{len(correlations)} rows"), (args.html, "report")):
+                           (args.summary, f"{len(correlations)} rows"), (args.html, "report"),
+                           (args.cross_run, f"{0 if cross is None else len(cross)} rows")):
             if path:
                 say(f"wrote {path} ({what})")
     sys.stdout.write(printable(format_summary(table, correlations)))

@@ -126,6 +126,9 @@ class AnalysisConfig:
             raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; available: "
                               f"{', '.join(switches) or 'none'}")
         set_(self, "metric_settings", checked_settings(self.metric_settings))
+        for metric in registry.enabled(self):
+            if metric.requires is not None:
+                metric.requires()  # a missing optional dependency, before any file is read
 
     def unmatched_modules(self, names: Iterable[str]) -> list[str]:
         """The ``modules`` entries that select none of these parameter names (none when

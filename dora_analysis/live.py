@@ -185,6 +185,8 @@ def analyze_model(
             open_module(model, base_src, label) as model_src:
         pairs = model_pairs(model_src, base_src, config, label)
         resolved = model_src.method if method == "auto" else method
-        job = Job(TunedCheckpoint(label, method, step, Path(label), label), resolved, tuple(pairs))
+        named = "" if isinstance(base, nn.Module | Mapping) else str(base)  # a module: no name
+        job = Job(TunedCheckpoint(label, method, step, Path(label), label), resolved, tuple(pairs),
+                  base=named)
         records = run_job(job, base_src, model_src, config, workspace=Workspace())
     return to_frame(records, config)

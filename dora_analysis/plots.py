@@ -143,7 +143,7 @@ def figure2(table: pd.DataFrame, *, module: str = "q", axis: str = "out",
     rows = _select(table, module, axis)
     labels = list(dict.fromkeys(rows[C.CHECKPOINT]))
     if not labels:
-        return _empty(f"no {module!r} matrices (axis {axis}) to plot")
+        return empty_figure(f"no {module!r} matrices (axis {axis}) to plot")
     fits = {label: correlation(g[C.DELTA_D].to_numpy(), g[C.DELTA_M].to_numpy())
             for label, g in rows.groupby(C.CHECKPOINT, sort=False)}
     n_cols = min(columns, len(labels))
@@ -214,7 +214,7 @@ def figure3(table: pd.DataFrame, *, modules: tuple[str, ...] = ("q",),
     rows = _select(table, None, axis)
     rows = rows[rows[C.MODULE].isin(modules) & rows[C.LAYER].notna()]
     if rows.empty:
-        return _empty(f"no layered {', '.join(modules)} matrices (axis {axis}) to plot")
+        return empty_figure(f"no layered {', '.join(modules)} matrices (axis {axis}) to plot")
     last = rows[C.STEP].astype("float64").fillna(-1)
     rows = rows[last == last.groupby(rows[C.CHECKPOINT]).transform("max")]
     fig = make_subplots(rows=2, cols=len(modules), shared_xaxes=True, vertical_spacing=0.08,
@@ -309,7 +309,7 @@ def metric_figure(table: pd.DataFrame, metric: Metric, *, modules: tuple[str, ..
         modules = tuple(modules or list(dict.fromkeys(rows[C.MODULE]))[:3])
         rows = rows[rows[C.MODULE].isin(modules)]
     if not cols or rows.empty:
-        return _empty(f"no {metric.name} columns for layered matrices (axis {axis}) to plot")
+        return empty_figure(f"no {metric.name} columns for layered matrices (axis {axis}) to plot")
     rows = _last_steps(rows)
     fig = make_subplots(rows=len(cols), cols=len(modules), shared_xaxes=True,
                         vertical_spacing=min(0.1, 0.6 / len(cols)), horizontal_spacing=0.06,
@@ -357,7 +357,7 @@ def step_trend(table: pd.DataFrame, *, axis: str = "out") -> go.Figure:
     rows = _select(table, None, axis)
     rows = rows[rows[C.STEP].notna()]
     if rows.empty:
-        return _empty(f"no rows with a training step (axis {axis}) to plot")
+        return empty_figure(f"no rows with a training step (axis {axis}) to plot")
     means = rows.groupby([C.MODULE, C.STEP], sort=True)[[C.DELTA_M, C.DELTA_D]].mean()
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
                         subplot_titles=["mean ΔM per step", "mean ΔD per step"])
@@ -418,7 +418,8 @@ def drilldown_figure(detail: MatrixDetail) -> go.Figure:
     return fig
 
 
-def _empty(message: str) -> go.Figure:
+def empty_figure(message: str) -> go.Figure:
+    """A blank figure that says why there is nothing to draw."""
     fig = go.Figure()
     fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
     fig.update_layout(template="plotly_white", height=300, xaxis_visible=False,

@@ -107,9 +107,10 @@ def _table_writer(frame: pd.DataFrame, path: Path) -> Writer:
     return lambda tmp: writer(frame, tmp)
 
 
-def _html_writer(table: pd.DataFrame, correlations: pd.DataFrame, title: str) -> Writer:
-    return lambda tmp: tmp.write_text(html_report(table, correlations, title=title),
-                                      encoding="utf-8")
+def _html_writer(table: pd.DataFrame, correlations: pd.DataFrame, title: str,
+                 cross_run: pd.DataFrame | None = None) -> Writer:
+    return lambda tmp: tmp.write_text(html_report(table, correlations, title=title,
+                                                  cross_run=cross_run), encoding="utf-8")
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -125,35 +126,41 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
 def write_outputs(
     table: pd.DataFrame, correlations: pd.DataFrame, *, output: str | Path | None = None,
     summary: str | Path | None = None, html: str | Path | None = None, title: str = "",
-    inputs: Iterable[str | Path] = (),
+    inputs: Iterable[str | Path] = (), cross_run: str | Path | None = None,
+    cross_run_table: pd.DataFrame | None = None,
 ) -> list[Path]:
-    """Write the table (``output``), the correlations (``summary``) and the HTML report
-    (``html``) — those given — all or none of them (see :mod:`dora_analysis.atomic`).
+    """Write the table (``output``), the correlations (``summary``), the HTML report (``html``)
+    and the cross-run table (``cross_run``, from ``cross_run_table``, whose heatmaps the report
+    then shows) — those given — all or none of them (see :mod:`dora_analysis.atomic`).
 
     Example:
         >>> write_outputs(table, correlate(table), output="t.csv", html="r.html")  # doctest: +SKIP
     """
-    check_outputs(output=output, summary=summary, html=html, inputs=inputs)
+    check_outputs(output=output, summary=summary, html=html, cross_run=cross_run, inputs=inputs)
+    if cross_run and cross_run_table is None:
+        raise ValueError("cross_run names a file but no cross_run_table was given")
     jobs: list[tuple[Path, Writer]] = []
-    for path, frame in ((output, table), (summary, correlations)):
+    for path, frame in ((output, table), (summary, correlations), (cross_run, cross_run_table)):
         if path:
             jobs.append((Path(path), _table_writer(frame, Path(path))))
     if html:
-        jobs.append((Path(html), _html_writer(table, correlations, title)))
+        jobs.append((Path(html), _html_writer(table, correlations, title, cross_run_table)))
     return write_all(jobs)
 
 
-def check_outputs(*, output=None, summary=None, html=None, inputs: Iterable = ()) -> None:
+def check_outputs(*, output=None, summary=None, html=None, cross_run=None,
+                  inputs: Iterable = ()) -> None:
     """Validate the output paths of one run before any work (see :func:`check_output_path`)."""
     inputs = list(inputs)
-    for path in (output, summary):
+    for path in (output, summary, cross_run):
         if path:
             check_output_path(path, inputs=inputs)
     if html:
         check_output_path(html, inputs=inputs, suffixes=HTML_SUFFIXES)
-    given = [Path(p) for p in (output, summary, html) if p]
+    given = [Path(p) for p in (output, summary, html, cross_run) if p]
     if len({p.resolve() for p in given}) < len(given):
-        raise OutputError("-o, --summary and --html name the same file; give different files")
+        raise OutputError("-o, --summary, --html and --cross-run name the same file; give "
+                          "different files")
 
 
 REPORT_MODULE_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "down")
@@ -193,10 +200,13 @@ def warning_lines(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def html_report(table: pd.DataFrame, correlations: pd.DataFrame, *, title: str = "") -> str:
+def html_report(table: pd.DataFrame, correlations: pd.DataFrame, *, title: str = "",
+                cross_run: pd.DataFrame | None = None) -> str:
     """A self-contained HTML page: health warnings, correlations with their diagnostics, Figure 2
-    per module kind, Figure 3, a figure per registry metric the table holds, the table."""
-    from . import plots  # plotly is only needed for the report
+    per module kind, Figure 3, a figure per registry metric the table holds, the table; with a
+    cross-run table (:func:`dora_analysis.compare_runs`), its overview and per-pair heatmaps
+    of each of the four measures."""
+    from . import heatmaps, plots  # plotly is only needed for the report
 
     axes = list(dict.fromkeys(table[C.AXIS])) or ["out"]
     modules = report_modules(table)
@@ -205,6 +215,10 @@ def html_report(table: pd.DataFrame, correlations: pd.DataFrame, *, title: str =
         figures += [plots.figure2(table, module=m, axis=axis) for m in modules]
         figures.append(plots.figure3(table, modules=tuple(modules[:3]) or ("q",), axis=axis))
         figures += plots.metric_figures(table, modules=tuple(modules[:3]) or None, axis=axis)
+    if cross_run is not None:
+        for measure in C.CROSS_RUN_MEASURES:
+            figures += [heatmaps.cross_run_overview(cross_run, measure),
+                        heatmaps.cross_run_heatmaps(cross_run, measure)]
     parts = [fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
              for i, fig in enumerate(figures)]
     checkpoints = ", ".join(dict.fromkeys(table[C.CHECKPOINT])) if len(table) else "none"
@@ -233,14 +247,14 @@ def html_report(table: pd.DataFrame, correlations: pd.DataFrame, *, title: str =
 
 
 def write_html(table: pd.DataFrame, correlations: pd.DataFrame, path: str | Path,
-               *, title: str = "") -> Path:
-    """Write :func:`html_report` atomically.
+               *, title: str = "", cross_run: pd.DataFrame | None = None) -> Path:
+    """Write :func:`html_report` atomically (with ``cross_run``: the cross-run heatmaps too).
 
     Example:
         >>> write_html(table, da.correlate(table), "report.html")  # doctest: +SKIP
     """
     path = check_output_path(path, suffixes=HTML_SUFFIXES)
-    return atomic_write(path, _html_writer(table, correlations, title))
+    return atomic_write(path, _html_writer(table, correlations, title, cross_run))
 
 
 def _fmt(value: float, spec: str) -> str:

@@ -30,26 +30,31 @@ from .io.guard import shown
 JSON_INFINITIES = {"Infinity": math.inf, "-Infinity": -math.inf}
 
 
-def table_dtypes() -> dict[str, str]:
-    """Column → pandas dtype, for every column a table can have (contract and metrics).
+def table_dtypes(kind: str = "analysis") -> dict[str, str]:
+    """Column → pandas dtype, for every column a table of ``kind`` can have: ``analysis``
+    (contract and metrics) or ``cross_run`` (:func:`dora_analysis.compare_runs`).
 
     Example:
         >>> table_dtypes()["energy_rank_90"], table_dtypes()["checkpoint"]
         ('Int64', 'str')
+        >>> table_dtypes("cross_run")["subspace_k"]
+        'int64'
     """
+    if kind == "cross_run":
+        return dict(C.CROSS_RUN_DTYPES)
     from .metrics import metric_columns
 
     return C.TABLE_DTYPES | {c.name: c.dtype for c in metric_columns()}
 
 
-def _read_csv(source) -> pd.DataFrame:
+def _read_csv(source, dtypes: dict[str, str]) -> pd.DataFrame:
     # every field as the text it is ("NA" too); the schema then says what each column holds
     text = pd.read_csv(source, dtype=str, keep_default_na=False, na_filter=False)
-    return pd.DataFrame({col: _typed(text[col].tolist(), col, _csv_value)
+    return pd.DataFrame({col: _typed(text[col].tolist(), dtypes.get(col), col, _csv_value)
                          for col in text.columns}, index=text.index)
 
 
-def _read_json(source) -> pd.DataFrame:
+def _read_json(source, dtypes: dict[str, str]) -> pd.DataFrame:
     if isinstance(source, (str, Path)):
         with open(source, "rb") as f:
             records = json.load(f)
@@ -58,7 +63,8 @@ def _read_json(source) -> pd.DataFrame:
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ValueError("not a list of records")
     columns = list(dict.fromkeys(k for r in records for k in r))
-    return pd.DataFrame({col: _typed([r.get(col) for r in records], col, _json_value)
+    return pd.DataFrame({col: _typed([r.get(col) for r in records], dtypes.get(col), col,
+                                     _json_value)
                          for col in columns}, index=pd.RangeIndex(len(records)))
 
 
@@ -74,10 +80,11 @@ def _json_value(value: object, dtype: str) -> object:
     return value
 
 
-def _typed(values: list, column: str, decode: Callable[[object, str], object]) -> pd.Series:
-    """A column's values (text from CSV, JSON values) as its schema's dtype, exactly; a column
-    the schema does not know is read as numbers where every value is one, else as text."""
-    dtype = table_dtypes().get(column)
+def _typed(values: list, dtype: str | None, column: str,
+           decode: Callable[[object, str], object]) -> pd.Series:
+    """A column's values (text from CSV, JSON values) as its schema's ``dtype``, exactly; a
+    column the schema does not know (``dtype`` None) is read as numbers where every value is
+    one, else as text."""
     if dtype is None:
         return _inferred(values, decode)
     values = [decode(v, dtype) for v in values]
@@ -122,35 +129,48 @@ def _inferred(values: list, decode: Callable[[object, str], object]) -> pd.Serie
 TABLE_READERS: dict[str, Callable] = {
     ".csv": _read_csv,
     ".json": _read_json,
-    ".parquet": pd.read_parquet,
+    ".parquet": lambda source, dtypes: pd.read_parquet(source),
 }
 #: Columns without which a file is not an analysis table.
 REQUIRED_COLUMNS = (C.CHECKPOINT, C.MODULE, C.DELTA_M, C.DELTA_D)
+#: Columns without which a file is not a cross-run table (:func:`dora_analysis.compare_runs`).
+CROSS_RUN_REQUIRED = (C.RUN_A, C.RUN_B, C.NAME, C.MODULE)
 
 
-def read_table(source: str | Path | IO[bytes], *, name: str | None = None) -> pd.DataFrame:
+def read_table(source: str | Path | IO[bytes], *, name: str | None = None,
+               kind: str = "analysis") -> pd.DataFrame:
     """Read a table written by :func:`~dora_analysis.report.write_table` back, exactly.
 
     ``source`` is a path or an open binary file; ``name`` gives the file name (and so the
-    format) of the latter. Unreadable files (truncated, half-written, not a table) raise
-    :class:`~dora_analysis.errors.TableFormatError` naming the file.
+    format) of the latter. ``kind`` is ``analysis`` (the per-matrix table) or ``cross_run``
+    (:func:`~dora_analysis.compare_runs`'s). Unreadable files (truncated, half-written, not a
+    table of that kind) raise :class:`~dora_analysis.errors.TableFormatError` naming the file.
 
     Example:
         >>> table = read_table("deltas.parquet")  # doctest: +SKIP
     """
+    if kind not in TABLE_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TABLE_KINDS)}, got {kind!r}")
+    required, what = TABLE_KINDS[kind]
     name = shown(name or str(source))
     suffix = Path(name).suffix.lower()
     if suffix not in TABLE_READERS:
         raise TableFormatError(f"{name}: not a table (use {', '.join(TABLE_READERS)})")
     try:
-        frame = TABLE_READERS[suffix](source)
+        frame = TABLE_READERS[suffix](source, table_dtypes(kind))
     except TableFormatError as exc:
         raise TableFormatError(f"{name}: {exc}") from None
     except (OSError, ValueError, RecursionError) as exc:  # pyarrow's and pandas' errors included
         raise TableFormatError(f"{name}: cannot read the table ({reason(exc).splitlines()[0]})"
                                ) from None
-    missing = sorted(set(REQUIRED_COLUMNS) - set(frame.columns))
+    missing = sorted(set(required) - set(frame.columns))
     if missing:
-        raise TableFormatError(f"{name}: not a dora-analysis table (no column "
-                               f"{', '.join(missing)})")
+        raise TableFormatError(f"{name}: not a {what} (no column {', '.join(missing)})")
     return frame
+
+
+#: What :func:`read_table` can read: kind → (required columns, what the error calls it).
+TABLE_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "analysis": (REQUIRED_COLUMNS, "dora-analysis table"),
+    "cross_run": (CROSS_RUN_REQUIRED, "cross-run table (dora-analyze --cross-run)"),
+}

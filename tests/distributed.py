@@ -3,7 +3,8 @@
 Starting two Python processes that import torch (and DeepSpeed) takes 10-30 s on this machine,
 too long to repeat in every test session. :func:`built_once` keeps what a worker wrote in pytest's
 cache folder, keyed by the worker's source and the library versions, so it is rebuilt whenever
-either changes (and on every fresh checkout, as in CI).
+either changes (and on every fresh checkout, as in CI; in every session without the cache
+plugin, ``-p no:cacheprovider``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,7 +50,9 @@ def built_once(config: pytest.Config, worker: Path, packages: Sequence[str],
     key = hashlib.sha256(worker.read_bytes())
     for package in packages:
         key.update(f"{package}=={importlib.metadata.version(package)}".encode())
-    folder = Path(config.cache.mkdir(f"{worker.stem}-{key.hexdigest()[:16]}"))
+    name = f"{worker.stem}-{key.hexdigest()[:16]}"
+    cache = getattr(config, "cache", None)  # None under -p no:cacheprovider: build it afresh
+    folder = Path(cache.mkdir(name) if cache is not None else tempfile.mkdtemp(prefix=name))
     done = folder / "DONE"
     if not done.exists():
         out = folder / "out"

@@ -331,6 +331,8 @@ BAD_SETTINGS = {
     "intruder_eps": [0, 0.0, 1.5, float("nan"), True, "0.5"],
     "device": ["tpu", "cuda:x", "cpu:0", 0],
     "svd_cache": [3, ["folder"]],
+    "sparsity_tol": [-1e-5, float("nan"), float("inf"), True, "1e-5"],
+    "drift_k": [0, -3, 2.0, "16"],
 }
 
 

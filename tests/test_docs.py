@@ -30,3 +30,15 @@ def test_every_page_is_on_the_navigation():
              if not p.relative_to(ROOT / "docs").as_posix().startswith("reproduction/")}
     assert pages - nav == set(), "add these pages to mkdocs.yml's nav"
     assert nav - pages == set(), "mkdocs.yml names pages that do not exist"
+
+
+def test_the_api_pages_show_every_public_name():
+    import dora_analysis
+    import dora_analysis.metrics as metrics
+
+    pages = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "docs" / "api").glob("*.md"))
+    shown = {m.rsplit(".", 1)[-1] for m in re.findall(r"^::: ([\w.]+)", pages, re.M)}
+    listed = set(re.findall(r"members: \[([^\]]*)\]", pages))
+    shown |= {n.strip() for group in listed for n in group.split(",")}
+    names = (set(dora_analysis.__all__) - {"__version__"}) | set(metrics.FUNCTIONS)
+    assert names - shown == set(), "add these names to docs/api/"

@@ -18,7 +18,7 @@ from dora_analysis.training.loop import prepare, save_checkpoint
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 #: Columns that name where the rows came from rather than what they measure.
-PROVENANCE = ["checkpoint", "ref", "step"]
+PROVENANCE = ["checkpoint", "ref", "base", "step"]  # where the rows came from
 
 
 def same_rows(live, saved) -> None:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import dora_analysis as da
 from dora_analysis import columns as C
+from dora_analysis import metrics
 from dora_analysis.errors import TableFormatError
 from dora_analysis.tables import table_dtypes
 
@@ -71,7 +72,7 @@ def test_every_table_reads_back_exactly(tmp_path, suffix, data):
 
 def test_the_registry_covers_the_analysis_table(ckpts):
     """Every column an analysis writes is in the schema with the dtype it is written with."""
-    options = {m.option: True for m in da.metrics.METRICS if m.option}
+    options = {m.option: True for m in metrics.METRICS if m.option}
     table = da.analyze(ckpts["base"], ckpts["tuned"], labels=["NA"], **options)
     assert {c: str(t) for c, t in table.dtypes.items()} == {
         c: t for c, t in table_dtypes().items() if c in table}

@@ -146,6 +146,36 @@ def matrix_detail(base: Readable, tuned: Readable, name: str, *, axis: str,
     return _matrix_detail(name, axis, expert, k, eps, key, base, tuned)
 
 
+@st.cache_data(show_spinner="Comparing the runs matrix by matrix…", max_entries=8,
+               ttl=CACHE_TTL_S)
+def _compare_runs(labels: tuple[str, ...], modules: tuple[str, ...] | None, k: int, trim: float,
+                  identity: tuple, _base: Readable, _runs: tuple[Readable, ...]) -> pd.DataFrame:
+    with _analysis_slots, ExitStack() as stack:
+        base = stack.enter_context(_base.opened())
+        runs = [stack.enter_context(r.opened()) for r in _runs]
+        return da.compare_runs(base, runs, labels=list(labels), modules=modules, k=k,
+                               trim=trim)
+
+
+def compare_runs(base: Readable, runs: Sequence[Readable], labels: Sequence[str],
+                 modules: tuple[str, ...] | None, k: int, trim: float) -> pd.DataFrame:
+    """:func:`dora_analysis.compare_runs`, cached by the identity of every file it reads."""
+    key = (identity(require(base)), *(identity(require(r)) for r in runs))
+    return _compare_runs(tuple(labels), modules, k, trim, key, base, tuple(runs))
+
+
+def last_step_refs(table: pd.DataFrame) -> dict[str, str]:
+    """Checkpoint label → the ``ref`` of its last step (a single checkpoint: its own)."""
+    steps = table[C.STEP].astype("float64").fillna(-1)
+    last = table[steps == steps.groupby(table[C.CHECKPOINT]).transform("max")]
+    return dict(zip(last[C.CHECKPOINT], last[C.REF].astype(str), strict=False))
+
+
+def read_uploaded_cross_run(name: str, data: bytes) -> pd.DataFrame:
+    """A cross-run table uploaded as CSV, JSON or Parquet."""
+    return da.read_table(io.BytesIO(data), name=name, kind="cross_run")
+
+
 @st.cache_data(show_spinner=False, max_entries=16, ttl=CACHE_TTL_S)
 def _read_table(path: str, identity: tuple) -> pd.DataFrame:
     del identity  # part of the cache key only

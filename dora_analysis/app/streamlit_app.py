@@ -16,4 +16,5 @@ st.navigation([
     st.Page("views/tables.py", title="Tables", icon=":material/table:"),
     st.Page("views/live.py", title="Follow a run", icon=":material/autorenew:", url_path="live"),
     st.Page("views/drilldown.py", title="Drill-down", icon=":material/zoom_in:"),
+    st.Page("views/crossrun.py", title="Cross-run", icon=":material/compare_arrows:"),
 ]).run()

@@ -40,6 +40,12 @@ class Column:
     """Values span orders of magnitude: figures plot them on a log axis."""
 
 
+#: Defaults of the cross-run table (:func:`dora_analysis.compare_runs`, ``--cross-run-k``,
+#: ``--cross-run-trim``): subspaces of the top 16 singular vectors; TIES' kept share, 20 %.
+CROSS_RUN_K = 16
+CROSS_RUN_TRIM = 0.2
+
+
 def positive_int(value: Any) -> int:
     """Check of a count (``--intruder-k``, ``--amplification-rank``): a whole number ≥ 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -122,6 +128,9 @@ class Metric:
     """One value per axis row (like ΔM, ΔD); False: one per matrix, repeated on each axis row."""
     cost: str = "stream"
     settings: tuple[Setting, ...] = ()
+    requires: Callable[[], None] | None = None
+    """Checks, before any work, that what the metric needs is installed: raises
+    :class:`ConfigError` naming the extra to install (``--weightwatcher``: ``[ww]``)."""
 
     def __post_init__(self) -> None:
         if self.cost not in COSTS:

@@ -62,11 +62,12 @@ def reads(monkeypatch, root):
 
     streamlit.cache_data.clear()
     seen: list[str] = []
-    for name in ("analyze", "matrix_detail", "read_table"):
+    for name in ("analyze", "matrix_detail", "read_table", "compare_runs"):
         real = getattr(da, name)
 
         def spy(*args, _real=real, **kwargs):
-            seen.extend(str(a) for a in args[:2])
+            for arg in args[:2]:  # compare_runs takes a list of runs
+                seen.extend(map(str, arg) if isinstance(arg, list) else [str(arg)])
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(da, name, spy)
@@ -143,6 +144,29 @@ def try_drilldown(root, ckpts, typed: str, message: str) -> None:
     assert refused(at, message) and not at.get("plotly_chart")
 
 
+def two_runs(ckpts, root: Path, ref: str):
+    """A table of two runs, the second's rows naming ``ref``."""
+    import pandas as pd
+
+    first = inside_table(ckpts, root, str(root / "run" / "checkpoint-10")).assign(checkpoint="a")
+    return pd.concat([first, inside_table(ckpts, root, ref).assign(checkpoint="b")],
+                     ignore_index=True)
+
+
+def crossrun_page(table, base: str) -> testing.AppTest:
+    at = page("crossrun.py", table=table, source="test")
+    at.text_input[0].input(base)
+    next(b for b in at.button if b.label == "Compare runs").click()
+    return at.run()
+
+
+def try_crossrun(root, ckpts, typed: str, message: str) -> None:
+    at = crossrun_page(two_runs(ckpts, root, "run/checkpoint-10"), typed)  # the base outside
+    assert refused(at, message) and "cross_run" not in at.session_state
+    at = crossrun_page(two_runs(ckpts, root, typed), "base.safetensors")  # a row's ref
+    assert refused(at, message) and "cross_run" not in at.session_state
+
+
 def shows_only(name: str):
     """Pages that read no path: given a table whose rows name paths outside, they show it and
     read nothing."""
@@ -159,6 +183,7 @@ DRIVERS = {
     "data.py": try_data,
     "live.py": try_follow,
     "drilldown.py": try_drilldown,
+    "crossrun.py": try_crossrun,
     "figures.py": shows_only("figures.py"),
     "tables.py": shows_only("tables.py"),
 }
@@ -185,12 +210,16 @@ def test_pages_still_read_inside_the_root(root, ckpts, reads):
     table = inside_table(ckpts, root, "run/checkpoint-10")
     at = drilldown_page(table, "base.safetensors")
     assert not at.exception and not at.error and len(at.get("plotly_chart")) == 1
+    at = crossrun_page(two_runs(ckpts, root, "run/checkpoint-10"), "base.safetensors")
+    cross = at.session_state["cross_run"]  # the run against itself: the same update
+    assert not at.exception and not at.error and (cross["update_cosine"] == 1.0).all()
     assert reads and read_outside(reads, root) == []
 
 
 #: Library functions that read files: pages reach them only through cache (which takes
 #: references that passed the access check), never directly.
-READERS = {"analyze", "analyze_model", "matrix_detail", "read_table", "plan", "expand_tuned",
+READERS = {"analyze", "analyze_model", "matrix_detail", "read_table", "compare_runs", "plan",
+           "expand_tuned",
            "open_checkpoint", "open_source", "resolve", "CheckpointRef", "series_steps",
            "load_file", "safe_open"}
 #: Ways to reach the disk, or to vouch for a path, without the access check.

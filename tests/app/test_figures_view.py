@@ -72,13 +72,47 @@ def test_drilldown_page_reads_one_matrix(ckpts):
     at = testing.AppTest.from_file(str(PAGE.with_name("drilldown.py")), default_timeout=120)
     at.session_state["table"] = table
     at.session_state["source"] = "test"
-    at.run()
-    assert not at.exception and "Name the base" in at.info[0].value
-    at.text_input(key="drilldown_base").input(str(ckpts["base"])).run()
+    at.run()  # the table names its base: nothing to type
     assert not at.exception and not at.error
+    assert at.text_input(key="drilldown_base").value == str(ckpts["base"])
     (chart,) = at.get("plotly_chart")
     title = json.loads(chart.proto.spec)["layout"]["title"]["text"]
     assert title.startswith(table["name"].iloc[0]) and "checkpoint-30" in title
     assert len(at.dataframe[0].value) == table["rows"].iloc[0]  # one row per vector (axis out)
     at.text_input(key="drilldown_base").input(str(ckpts["root"] / "missing")).run()
     assert not at.exception and "missing: no such file or folder" in at.error[0].value
+
+
+def test_drilldown_asks_for_the_base_of_a_table_that_does_not_name_it(ckpts):
+    table = da.analyze(ckpts["base"], ckpts["tuned"], modules="q").drop(columns="base")
+    at = testing.AppTest.from_file(str(PAGE.with_name("drilldown.py")), default_timeout=120)
+    at.session_state["table"] = table
+    at.session_state["source"] = "an older table"
+    at.run()
+    assert not at.exception and "Name the base" in at.info[0].value
+    at.text_input(key="drilldown_base").input(str(ckpts["base"])).run()
+    assert not at.exception and not at.error and at.get("plotly_chart")
+
+
+def test_crossrun_page_compares_the_loaded_runs_against_the_recorded_base(ckpts):
+    table = da.analyze(ckpts["base"], [ckpts["series"], ckpts["tuned"]], labels=["FT", "other"],
+                       modules=("q", "v"))
+    at = testing.AppTest.from_file(str(PAGE.with_name("crossrun.py")), default_timeout=120)
+    at.session_state["table"] = table
+    at.session_state["source"] = "test"
+    at.run()
+    assert not at.exception and at.text_input[0].value == str(ckpts["base"])
+    next(b for b in at.button if b.label == "Compare runs").click()
+    at.run()
+    assert not at.exception and not at.error
+    cross = at.session_state["cross_run"]
+    expected = da.compare_runs(ckpts["base"], [ckpts["series"] / "checkpoint-30", ckpts["tuned"]],
+                               labels=["FT", "other"], modules=("q", "v"))
+    assert cross.drop(columns="base").equals(expected.drop(columns="base"))
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2  # the runs × runs overview, the per-pair heatmap
+    heatmap = json.loads(charts[1].proto.spec)
+    assert heatmap["data"][0]["type"] == "heatmap" and "FT vs other" in json.dumps(heatmap)
+    at.radio[0].set_value("sign_conflict").run()
+    assert not at.exception and "sign conflict" in json.dumps(
+        json.loads(at.get("plotly_chart")[0].proto.spec)["layout"])

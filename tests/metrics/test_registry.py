@@ -73,3 +73,19 @@ def test_the_command_line_offers_each_metric_switch_and_setting(monkeypatch, ckp
     import pandas as pd
 
     assert set(pd.read_csv(out)["aspect"]) == {3.0}
+
+
+def test_every_array_function_is_exported_from_the_package():
+    """``from dora_analysis.metrics import X`` gives the function itself (never a submodule of
+    the same name), for every name of ``__all__``."""
+    import importlib.util
+    import types
+
+    for name in metrics.FUNCTIONS:
+        assert name in metrics.__all__
+        value = getattr(metrics, name)
+        assert not isinstance(value, types.ModuleType) and callable(value), name
+        module = metrics.FUNCTIONS[name]
+        where = importlib.util.resolve_name(module if module.startswith("..") else f".{module}",
+                                            metrics.__name__)
+        assert value.__module__ == where

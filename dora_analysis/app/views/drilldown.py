@@ -1,8 +1,8 @@
 """Drill-down: one weight matrix of one checkpoint in detail (dora_analysis.matrix_detail).
 
-The base a visitor types and the ``ref`` of the chosen row (a loaded table may name any path) are
-both read through the access check, as on every page; an adapter uploaded in this session is
-read from the session.
+The base — the table's ``base`` column for the chosen row, or what a visitor types — and the
+``ref`` of the chosen row (a loaded table may name any path) are both read through the access
+check, as on every page; an adapter uploaded in this session is read from the session.
 """
 
 
@@ -30,8 +30,6 @@ if "ref" not in table or "name" not in table:
     st.info("This table does not record which files it came from (no ref/name columns).")
     st.stop()
 
-base = st.text_input("Base checkpoint (the BASE of the analysis)", key="drilldown_base",
-                     placeholder="path/to/base/ or org/model")
 cols = st.columns(4)
 label = cols[0].selectbox("Checkpoint", list(dict.fromkeys(table["checkpoint"])))
 rows = table[table["checkpoint"] == label]
@@ -42,6 +40,13 @@ if steps:
 name = cols[2].selectbox("Matrix", list(dict.fromkeys(rows["name"])))
 axis = cols[3].radio("Axis", sorted(set(rows["axis"])), horizontal=True)
 row = rows[(rows["name"] == name) & (rows["axis"] == axis)].iloc[0]
+# A table names the base it was measured against (its base column): offered, still editable.
+recorded = str(row["base"]) if "base" in row and isinstance(row["base"], str) else ""
+if recorded and not st.session_state.get("drilldown_base"):
+    st.session_state["drilldown_base"] = recorded
+base = st.text_input("Base checkpoint (the BASE of the analysis)", key="drilldown_base",
+                     placeholder="path/to/base/ or org/model",
+                     help="filled in from the table's base column when it has one")
 expert = None
 if "expert" in rows and rows["expert"].notna().any():
     expert = int(st.selectbox("Expert", sorted(int(e) for e in rows["expert"].dropna().unique())))

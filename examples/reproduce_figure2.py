@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         print("One seed and a few steps: a demonstration, not a finding. The full experiment "
               "(5 seeds) and its results: docs/reproduction.md, or `make reproduce`.")
     print(f"open the dashboard on these results:\n  make dashboard TABLE={out / 'table.csv'}\n"
-          f"  (or: DORA_DASHBOARD_TABLE={out / 'table.csv'} streamlit run app/streamlit_app.py)")
+          f"  (or: dora-dashboard --table {out / 'table.csv'})")
     return 0
 
 

@@ -3,19 +3,16 @@ links included) when one is named; no typed path when served without one."""
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-testing = pytest.importorskip("streamlit.testing.v1")
-APP = Path(__file__).resolve().parents[2] / "app"
-sys.path.insert(0, str(APP))  # the pages import the app's helpers by their own names
+from dora_analysis.app import access as policy
+from dora_analysis.app.access import Access, AccessError
 
-_access = importlib.import_module("_access")
-Access, AccessError = _access.Access, _access.AccessError
+testing = pytest.importorskip("streamlit.testing.v1")
+APP = Path(policy.__file__).parent
 
 
 @pytest.fixture
@@ -37,7 +34,7 @@ def root(tmp_path, ckpts):
     ("127.0.0.1", True), ("localhost", True), ("::1", True), ("127.0.0.2", True),
     ("", False), (None, False), ("0.0.0.0", False), ("192.0.2.2", False), ("::", False)])
 def test_loopback_addresses(address, loopback):
-    assert _access.is_loopback(address) is loopback
+    assert policy.is_loopback(address) is loopback
 
 
 def test_local_use_reads_what_the_cli_reads(ckpts):
@@ -126,7 +123,7 @@ def test_a_served_dashboard_without_a_root_reads_no_typed_path(ckpts, monkeypatc
     monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
     monkeypatch.delenv("DORA_DASHBOARD_ROOT", raising=False)
     previous = config.get_option("server.address")
-    config.set_option("server.address", "0.0.0.0")  # as `--server.address 0.0.0.0` does
+    config.set_option("server.address", "0.0.0.0")  # as `dora-dashboard --host 0.0.0.0` does
     try:
         at = run_data_page(monkeypatch, str(ckpts["base"]), str(ckpts["tuned"]))
     finally:

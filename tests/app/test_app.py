@@ -10,7 +10,8 @@ import pytest
 import dora_analysis as da
 
 testing = pytest.importorskip("streamlit.testing.v1")
-APP = Path(__file__).resolve().parents[2] / "app"
+APP = Path(importlib.util.find_spec("dora_analysis.app").origin).parent
+CACHE = "dora_analysis.app.cache"  # the module the pages import
 
 
 def run(page: str, table=None, **state):
@@ -45,7 +46,7 @@ def test_data_page_runs_an_analysis(ckpts, monkeypatch):
     at.text_input[1].input("q,v")
     next(b for b in at.button if b.label == "Run analysis").click()
     at.run()
-    assert not at.exception and not at.error
+    assert not at.exception and not at.error, [e.value for e in at.error]
     result = at.session_state["table"]
     assert set(result["checkpoint"]) == {"FT", "tuned"} and set(result["module"]) == {"q", "v"}
 
@@ -113,10 +114,9 @@ def test_tables_page_offers_downloads(table):
 
 @pytest.fixture(scope="module")
 def cache_module():
-    spec = importlib.util.spec_from_file_location("_cache", APP / "_cache.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from dora_analysis.app import cache
+
+    return cache
 
 
 def test_uploaded_tables(cache_module, table):
@@ -197,7 +197,7 @@ def test_an_uploaded_adapter_is_analysed_and_not_kept(ckpts, monkeypatch):
     assert not at.exception and not at.error
     table = at.session_state["table"]
     assert set(table["checkpoint"]) == {"uploaded adapter"} and set(table["method"]) == {"lora"}
-    folder = sys.modules["_cache"].upload_root()
+    folder = sys.modules[CACHE].upload_root()
     assert oct(folder.stat().st_mode & 0o777) == "0o700"  # private
     assert list(folder.iterdir()) == []  # the adapter's files are gone once analysed
 
@@ -218,8 +218,8 @@ def test_uploads_above_the_cap_are_refused(ckpts, monkeypatch):
     import sys
 
     monkeypatch.delenv("DORA_DASHBOARD_TABLE", raising=False)
-    run("views/data.py")  # the page has imported the app's _cache
-    monkeypatch.setattr(sys.modules["_cache"], "upload_limit", lambda: 100)  # bytes
+    run("views/data.py")  # the page has imported the app's cache
+    monkeypatch.setattr(sys.modules[CACHE], "upload_limit", lambda: 100)  # bytes
     at = upload_and_run(ckpts, adapter_files())
     assert "more than this dashboard takes" in at.error[0].value
     assert "table" not in at.session_state
@@ -229,9 +229,8 @@ def test_the_upload_folder_is_removed_when_the_server_exits(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import _cache\n"
-            "print(_cache.upload_root())")
-    proc = subprocess.run([sys.executable, "-c", code, str(APP)], capture_output=True, text=True,
+    code = "from dora_analysis.app import cache\nprint(cache.upload_root())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**__import__("os").environ, "TMPDIR": str(tmp_path)}, timeout=120)
     folder = Path(proc.stdout.strip().splitlines()[-1])
     assert folder.parent == tmp_path and folder.name.startswith("dora-dashboard-")
@@ -315,7 +314,7 @@ def test_an_uploaded_adapter_can_be_drilled_into(ckpts, monkeypatch):
     row = table[table["name"] == drill.selectbox[1].value].iloc[0]
     vectors = drill.dataframe[0].value
     assert abs(vectors["delta_m"]).mean() == pytest.approx(row["delta_m"], rel=1e-9)
-    assert list(sys.modules["_cache"].upload_root().iterdir()) == []  # on disk only while read
+    assert list(sys.modules[CACHE].upload_root().iterdir()) == []  # on disk only while read
 
 
 def test_a_drilled_upload_no_longer_held_says_so(ckpts, monkeypatch):
@@ -360,12 +359,11 @@ def test_an_upload_whose_analysis_fails_is_not_held(ckpts, tmp_path, monkeypatch
 def test_analyses_across_sessions_take_turns(ckpts, monkeypatch):
     """Under load at most ANALYSES_AT_ONCE analyses run at once (each on every core); the others
     wait for a slot, and all finish."""
-    import importlib
     import threading
     import time
 
-    monkeypatch.syspath_prepend(str(APP))
-    cache_module, access = importlib.import_module("_cache"), importlib.import_module("_access")
+    from dora_analysis.app import access
+    from dora_analysis.app import cache as cache_module
 
     running, peak, lock, real = [0], [0], threading.Lock(), da.analyze
 

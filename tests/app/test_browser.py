@@ -1,6 +1,6 @@
-"""A real browser: the dashboard started as `make dashboard` starts it (no address given: the
-project's config binds 127.0.0.1), loaded in headless Chromium — unreachable at this machine's
-network address —, the Plotly chart rendered with its points drawn, a screenshot saved
+"""A real browser: the dashboard started as `make dashboard` starts it (`dora-dashboard`, no
+address given: the command binds 127.0.0.1), loaded in headless Chromium — unreachable at this
+machine's network address —, the Plotly chart rendered with its points drawn, a screenshot saved
 (docs/dashboard.png when asked), a run followed while it grows, and an adapter uploaded with
 nothing of it left on the server after the analysis and after the server exits."""
 

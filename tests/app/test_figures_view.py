@@ -1,4 +1,5 @@
-"""The Figures page (app/views/figures.py): Figure 3's log toggle, the diagnostics beside r."""
+"""The Figures page (dora_analysis/app/views/figures.py): Figure 3's log toggle, the diagnostics
+beside r."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import dora_analysis as da
 
 testing = pytest.importorskip("streamlit.testing.v1")
-PAGE = Path(__file__).resolve().parents[2] / "app" / "views" / "figures.py"
+PAGE = Path(da.__file__).parent / "app" / "views" / "figures.py"
 
 
 @pytest.fixture(scope="module")

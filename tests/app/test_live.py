@@ -15,7 +15,7 @@ from tests.common import llama_state, perturb
 
 testing = pytest.importorskip("streamlit.testing.v1")
 st = pytest.importorskip("streamlit")
-PAGE = Path(__file__).resolve().parents[2] / "app" / "views" / "live.py"
+PAGE = Path(da.__file__).parent / "app" / "views" / "live.py"
 
 
 @pytest.fixture
@@ -222,21 +222,18 @@ def test_a_trainer_checkpoint_without_its_state_file_is_still_being_written(ckpt
 
 
 def test_being_written_needs_a_recent_change(tmp_path):
-    import sys
-
-    sys.path.insert(0, str(PAGE.parents[1]))
-    import _live
+    from dora_analysis.app import follow
 
     folder = add_checkpoint(tmp_path / "run", 10, half=True)
     from dora_analysis.errors import CheckpointFormatError, TensorMismatchError
 
     now = time.time()
-    assert _live.being_written(folder, CheckpointFormatError("x"), trainer_run=False, now=now)
-    assert not _live.being_written(folder, TensorMismatchError("x"), trainer_run=False, now=now)
-    assert not _live.being_written(folder, CheckpointFormatError("x"), trainer_run=False,
-                                   now=now + _live.STILL_WRITING_S + 1)
+    assert follow.being_written(folder, CheckpointFormatError("x"), trainer_run=False, now=now)
+    assert not follow.being_written(folder, TensorMismatchError("x"), trainer_run=False, now=now)
+    assert not follow.being_written(folder, CheckpointFormatError("x"), trainer_run=False,
+                                   now=now + follow.STILL_WRITING_S + 1)
     mark_saved(folder)
-    assert not _live.being_written(folder, CheckpointFormatError("x"), trainer_run=True, now=now)
+    assert not follow.being_written(folder, CheckpointFormatError("x"), trainer_run=True, now=now)
 
 
 def test_a_checkpoint_deleted_while_it_is_read_is_gone_not_an_error(ckpts, tmp_path, calls,

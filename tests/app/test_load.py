@@ -58,7 +58,7 @@ def adapter(folder: Path, targets: tuple[str, ...], seed: int) -> list[Path]:
 
 
 def upload_ref(files: list[Path]) -> str:
-    """The reference the dashboard gives an upload (``_cache.uploaded_adapter``)."""
+    """The reference the dashboard gives an upload (``cache.uploaded_adapter``)."""
     digest = hashlib.sha256()
     for path in sorted(files, key=lambda p: p.name):
         data = path.read_bytes()

@@ -1,5 +1,5 @@
-"""The dashboard as `make dashboard` starts it (from the repository root, no address given):
-bound to 127.0.0.1 by the project's .streamlit/config.toml, reachable from this machine only."""
+"""The dashboard as `dora-dashboard` starts it (no address given): bound to 127.0.0.1 by the
+command's default, reachable from this machine only — wherever it is started from."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -14,8 +15,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("streamlit")
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -48,16 +47,17 @@ def reachable(host: str, port: int) -> bool:
         return False
 
 
-def start(port: int, *extra: str, **env: str):
-    """``streamlit run app/streamlit_app.py`` from the repository root, with no dashboard or
-    Streamlit settings from the environment but ``env``; returns the process and the lines it
-    printed, filled in by a reader thread."""
+def start(port: int, *extra: str, cwd: Path | None = None, **env: str):
+    """``dora-dashboard --headless --port PORT`` (from ``cwd``, default a folder of its own), with
+    no dashboard or Streamlit settings from the environment but ``env``; returns the process and
+    the lines it printed, filled in by a reader thread."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("DORA_DASHBOARD", "STREAMLIT_"))} | env
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.headless",
-         "true", "--server.port", str(port), *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, "-m", "dora_analysis.app.serve", "--headless", "--port", str(port),
+         *extra],
+        cwd=cwd or tempfile.mkdtemp(prefix="dora-dashboard-cwd-"), env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     deadline = time.time() + 90
@@ -71,13 +71,6 @@ def start(port: int, *extra: str, **env: str):
 def stop(proc) -> None:
     proc.terminate()
     proc.wait(timeout=30)
-
-
-def test_the_project_config_binds_to_loopback():
-    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
-    assert config["server"]["address"] == "127.0.0.1"
-    assert 0 < config["server"]["maxUploadSize"] <= 200
-    assert config["browser"]["gatherUsageStats"] is False
 
 
 def test_the_default_server_is_local_only():

@@ -1,17 +1,13 @@
 """Tables: correlations and the per-matrix table, with downloads (CSV, HTML report)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app folder, for _cache
 
 import streamlit as st
 
-import _cache
 import dora_analysis as da
+from dora_analysis.app import cache
 from dora_analysis.report import html_report, warning_lines
 
-table = _cache.current_table()
+table = cache.current_table()
 if table is None:
     st.info("No data yet: open the **Data** page first.")
     st.stop()
@@ -21,10 +17,10 @@ for line in warning_lines(table):
     st.warning(line)
 st.header("Correlation of ΔD and ΔM per checkpoint series and module kind")
 st.dataframe(correlations, hide_index=True, use_container_width=True,
-             column_config=_cache.number_formats())
+             column_config=cache.number_formats())
 st.header("Per-matrix table")
 st.dataframe(table, hide_index=True, use_container_width=True,
-             column_config=_cache.number_formats())
+             column_config=cache.number_formats())
 
 cols = st.columns(3)
 cols[0].download_button("Download the table (CSV)", table.to_csv(index=False),

@@ -1,25 +1,26 @@
 """What a dashboard visitor may read (SPEC §9: safe by default).
 
-* **Local** (the default: the server listens on 127.0.0.1, see ``.streamlit/config.toml``): the
+* **Local** (the default: ``dora-dashboard`` listens on 127.0.0.1 unless ``--host`` says): the
   visitor is the person at this machine; a typed reference means what it means to
   ``dora-analyze`` (any path, any Hub id).
 * **Confined**: when a data root is named (``DORA_DASHBOARD_ROOT=/data`` or
-  ``streamlit run app/streamlit_app.py -- --root /data``), every typed path is read relative to
+  ``dora-dashboard --root /data``), every typed path is read relative to
   it and must stay inside it once ``..`` and symbolic links are resolved — also every link inside
   a folder that is read; a path outside is refused with the same message as a missing one (a
   visitor learns nothing about the rest of the disk). Hub ids are refused there unless the owner
   allows them (``DORA_DASHBOARD_HUB=1`` or ``--allow-hub``): they would make the server download
   anything, with the owner's token.
-* **Served without a root** (bound to another address, e.g. ``--server.address 0.0.0.0``): no
+* **Served without a root** (bound to another address, e.g. ``--host 0.0.0.0``): no
   typed path is read at all until a root is named; the demo data and uploads still work.
 
 Checked once, before reading: someone who can change the data root's own files meanwhile (a link
 swapped between the check and the read) is trusted, as the owner of the root.
 
 :meth:`Access.resolve` is the only way from a string a visitor typed (or a ``ref`` read from a
-loaded table) to a :class:`Readable`, and the app's readers (``_cache``, ``_live``) take nothing
-else: a page cannot hand the library an unchecked path (``tests/app/test_confinement.py`` tries
-every page with paths outside the root and scans ``views/`` for direct reads).
+loaded table) to a :class:`Readable`, and the app's readers (:mod:`~dora_analysis.app.cache`,
+:mod:`~dora_analysis.app.follow`) take nothing else: a page cannot hand the library an unchecked
+path (``tests/app/test_confinement.py`` tries every page with paths outside the root and scans
+``views/`` for direct reads).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """dora-analysis dashboard: wires the pages; every page calls the library.
 
-Start:  streamlit run app/streamlit_app.py      (or `make dashboard`, which opens the demo data)
-from the repository root, so that .streamlit/config.toml applies (127.0.0.1 only, upload cap).
+Start it with ``dora-dashboard`` (:mod:`dora_analysis.app.serve`; ``make dashboard`` in a clone),
+which passes the server settings: 127.0.0.1 only, the upload cap, the data root.
 
 The pages live in ``views/``, not ``pages/``: Streamlit would also list a ``pages/`` folder as
 pages of its own, beside the ones wired here.

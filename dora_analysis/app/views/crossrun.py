@@ -5,16 +5,11 @@ the table names (its ``base`` column; editable), or a cross-run table saved by
 ``dora-analyze --cross-run``. Every path is read through the access check, as on every page.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app folder, for _cache
-
 import streamlit as st
 
-import _cache
 from dora_analysis import columns as C
 from dora_analysis import heatmaps
+from dora_analysis.app import cache
 from dora_analysis.metrics.base import CROSS_RUN_K, CROSS_RUN_TRIM
 
 CROSS_KEY = "cross_run"
@@ -24,13 +19,13 @@ st.caption("Per weight matrix and pair of runs: the cosine of the two updates Δ
            "their top-k left singular subspaces (LoRA §7.2), TIES' sign conflict among their "
            "largest entries, and the Jaccard index of the weights each changed.")
 
-table = _cache.current_table()
+table = cache.current_table()
 tab_compute, tab_open = st.tabs(["Compare the loaded runs", "Open a saved cross-run table"])
 with tab_compute:
     if table is None or C.REF not in table:
         st.info("Load or analyse two runs or more on the **Data** page first.")
     else:
-        refs = _cache.last_step_refs(table)
+        refs = cache.last_step_refs(table)
         recorded = sorted({b for b in table.get(C.BASE, []) if isinstance(b, str) and b})
         with st.form("compare_runs"):
             base = st.text_input("Base checkpoint", value=recorded[0] if len(recorded) == 1
@@ -47,23 +42,23 @@ with tab_compute:
             submitted = st.form_submit_button("Compare runs", type="primary")
         if submitted:
             try:
-                access = _cache.access()
+                access = cache.access()
                 modules = tuple(m.strip() for m in modules_text.split(",") if m.strip())
-                cross = _cache.compare_runs(
-                    access.resolve(base), [_cache.table_source(access, refs[r]) for r in runs],
+                cross = cache.compare_runs(
+                    access.resolve(base), [cache.table_source(access, refs[r]) for r in runs],
                     runs, modules or None, int(k), float(trim))
                 st.session_state[CROSS_KEY] = cross
             except Exception as exc:  # shown in the page, never as a traceback
-                _cache.show_error(exc)
+                cache.show_error(exc)
 with tab_open:
     upload = st.file_uploader("A table written by dora-analyze --cross-run (CSV, JSON or "
                               "Parquet)", type=["csv", "json", "parquet"], key="cross_upload")
     if upload is not None:
         try:
-            st.session_state[CROSS_KEY] = _cache.read_uploaded_cross_run(upload.name,
+            st.session_state[CROSS_KEY] = cache.read_uploaded_cross_run(upload.name,
                                                                          upload.getvalue())
         except Exception as exc:  # shown in the page, never as a traceback
-            _cache.show_error(exc)
+            cache.show_error(exc)
 
 cross = st.session_state.get(CROSS_KEY)
 if cross is None:

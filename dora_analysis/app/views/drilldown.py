@@ -5,25 +5,21 @@ The base — the table's ``base`` column for the chosen row, or what a visitor t
 check, as on every page; an adapter uploaded in this session is read from the session.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app folder, for _cache
 
 import streamlit as st
 
-import _cache
 import dora_analysis as da
 from dora_analysis import plots
+from dora_analysis.app import cache
 
-table = _cache.current_table()
+table = cache.current_table()
 if table is None:
     st.info("No data yet: open the **Data** page to load or analyse checkpoints first.")
     st.stop()
 try:
-    access = _cache.access()
+    access = cache.access()
 except da.DoraAnalysisError as exc:  # a data root that is not a folder: nothing is read
-    _cache.show_error(exc)
+    cache.show_error(exc)
     st.stop()
 
 st.header("Drill-down: one matrix")
@@ -63,15 +59,15 @@ if not base.strip():
     st.info("Name the base checkpoint to read this matrix.")
     st.stop()
 try:
-    tuned = _cache.table_source(access, str(row["ref"]))
-    result = _cache.matrix_detail(access.resolve(base), tuned, name, axis=axis, expert=expert,
+    tuned = cache.table_source(access, str(row["ref"]))
+    result = cache.matrix_detail(access.resolve(base), tuned, name, axis=axis, expert=expert,
                                   k=k, eps=eps)
 except Exception as exc:  # shown in the page, never as a traceback
-    _cache.show_error(exc)
+    cache.show_error(exc)
     st.stop()
 st.plotly_chart(plots.drilldown_figure(result), width="stretch")
 vectors = result.vectors()
 st.dataframe(vectors, hide_index=True, width="stretch",
-             column_config=_cache.number_formats())
+             column_config=cache.number_formats())
 st.download_button("Download the per-vector table (CSV)", vectors.to_csv(index=False),
                    file_name=f"{name}-{label}-vectors.csv", mime="text/csv")

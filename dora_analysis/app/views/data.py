@@ -1,29 +1,26 @@
 """Data: load the demo, analyse checkpoints (paths, Hub ids, uploaded adapters), open a table.
 
-Typed references go through :mod:`_access` (a data root confines them when one is named) and
-are read as ``dora-analyze`` reads its TUNED arguments, with its ``--label`` rules; uploaded
-adapters stay in the session's memory while their table is loaded, on disk only while read.
+Typed references go through :mod:`dora_analysis.app.access` (a data root confines them when
+one is named) and are read as ``dora-analyze`` reads its TUNED arguments, with its ``--label``
+rules; uploaded adapters stay in the session's memory while their table is loaded, on disk only
+while read.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app folder, for _cache
 
 import pandas as pd
 import streamlit as st
 
-import _cache
 import dora_analysis as da
+from dora_analysis.app import cache
 from dora_analysis.plan import per_reference
 
 st.title("dora-analysis")
 st.caption("How fine-tuning moved your weights, in magnitude (ΔM) and direction (ΔD) — "
            "DoRA paper, Eqs. 2–4 and Figures 2–3.")
 
-table = _cache.current_table()
+table = cache.current_table()
 if table is not None:
-    st.success(f"Loaded: {st.session_state.get(_cache.SOURCE_KEY)} — {len(table)} rows, "
+    st.success(f"Loaded: {st.session_state.get(cache.SOURCE_KEY)} — {len(table)} rows, "
                f"checkpoints {', '.join(map(str, dict.fromkeys(table['checkpoint'])))}. "
                "Open **Figures** or **Tables**.")
 
@@ -32,16 +29,16 @@ if st.button("Load the demo data", help="all-MiniLM-L6-v2 fine-tuned with FT, Lo
              "the output of `make demo` if you ran it, else the full experiment of "
              "docs/reproduction.md"):
     try:
-        _cache.set_table(*_cache.demo_table())
+        cache.set_table(*cache.demo_table())
         st.rerun()
     except Exception as exc:  # shown in the page, never as a traceback
-        _cache.show_error(exc)
+        cache.show_error(exc)
 
 st.subheader("Analyse checkpoints")
 try:
-    access = _cache.access()
+    access = cache.access()
 except da.DoraAnalysisError as exc:  # a data root that is not a folder: nothing is read
-    _cache.show_error(exc)
+    cache.show_error(exc)
     st.stop()
 if access.describe():
     st.info(access.describe())
@@ -73,30 +70,30 @@ if submitted:
         base_ref = access.resolve(base)
         labels = per_reference([line.strip() for line in labels_text.splitlines()
                                 if line.strip()], len(tuned), "--label", None)
-        adapters = [_cache.uploaded_adapter(uploads)] if uploads else []
+        adapters = [cache.uploaded_adapter(uploads)] if uploads else []
         tuned += adapters
-        labels += [_cache.UPLOAD_LABEL] * len(adapters)
-        _cache.check_tuned(tuned, labels, method)  # the CLI's checks: one label per series …
+        labels += [cache.UPLOAD_LABEL] * len(adapters)
+        cache.check_tuned(tuned, labels, method)  # the CLI's checks: one label per series …
         modules = tuple(m.strip() for m in modules_text.split(",") if m.strip()) or None
         progress = st.progress(0.0, text="starting…")
         frames = []
         for i, (source, label) in enumerate(zip(tuned, labels, strict=True)):
             progress.progress(i / len(tuned),
                               text=f"analysing {label or source.ref} ({i + 1}/{len(tuned)})")
-            frames.append(_cache.analyze(base_ref, source, label or "", method, axis, modules))
+            frames.append(cache.analyze(base_ref, source, label or "", method, axis, modules))
         progress.progress(1.0, text="done")
-        _cache.set_table(pd.concat(frames, ignore_index=True), f"analysis of {base.strip()}",
+        cache.set_table(pd.concat(frames, ignore_index=True), f"analysis of {base.strip()}",
                          uploads=adapters)
         st.rerun()
     except Exception as exc:  # shown in the page, never as a traceback
-        _cache.show_error(exc)
+        cache.show_error(exc)
 
 st.subheader("Open a saved table")
 upload = st.file_uploader("A table written by dora-analyze -o (CSV, JSON or Parquet)",
                           type=["csv", "json", "parquet"], key="table_upload")
 if upload is not None:
     try:
-        _cache.set_table(_cache.read_uploaded_table(upload.name, upload.getvalue()), upload.name)
+        cache.set_table(cache.read_uploaded_table(upload.name, upload.getvalue()), upload.name)
         st.success(f"Loaded {upload.name}. Open **Figures** or **Tables**.")
     except Exception as exc:  # shown in the page, never as a traceback
-        _cache.show_error(exc)
+        cache.show_error(exc)

@@ -1,18 +1,14 @@
 """Figures: the paper's Figure 2 (ΔD vs ΔM) and Figure 3 (per layer), with filters."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app folder, for _cache
 
 import streamlit as st
 
-import _cache
 import dora_analysis as da
 from dora_analysis import plots
+from dora_analysis.app import cache
 from dora_analysis.plots import report_modules
 
-table = _cache.current_table()
+table = cache.current_table()
 if table is None:
     st.info("No data yet: open the **Data** page to load the demo, analyse checkpoints or open "
             "a table.")
@@ -67,4 +63,4 @@ st.caption("Beside the pooled Pearson r: its 95 % bootstrap interval over layers
            "r_ci_high), the mean r across layers at one step (within_step_r), across steps of "
            "one layer (within_layer_r), and r with each step's mean removed (partial_r).")
 st.dataframe(da.correlate(view), hide_index=True, use_container_width=True,
-             column_config=_cache.number_formats())
+             column_config=cache.number_formats())

@@ -13,9 +13,9 @@ a fixed number of entries, each for at most :data:`CACHE_TTL_S`; at most
 :data:`ANALYSES_AT_ONCE` analyses run at once (the others wait their turn, shown as running);
 a session holds at most the one upload its table was analysed from (at most the upload cap).
 
-Every function here that reads takes :class:`_access.Readable` references only (what passed the
-access check), never a string. Uploads live in this session's memory while the table
-that uses them is loaded (the Drill-down page reads them again) and on disk, in a private
+Every function here that reads takes :class:`~dora_analysis.app.access.Readable` references only
+(what passed the access check), never a string. Uploads live in this session's memory while the
+table that uses them is loaded (the Drill-down page reads them again) and on disk, in a private
 temporary folder (mode 0700), only while they are read; that folder is removed when the server
 exits.
 """
@@ -38,14 +38,14 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-import _access
 import dora_analysis as da
-from _access import Readable, require
 from dora_analysis import columns as C
+from dora_analysis.app.access import Access, Readable, current, require
 from dora_analysis.hardware import usable_cpus
 from dora_analysis.io import formats
 
-ROOT = Path(__file__).resolve().parents[1]
+#: The repository checkout this package runs from (an editable install); the demo data lives there.
+ROOT = Path(__file__).resolve().parents[2]
 DEMO_DIR = ROOT / "demo-output"
 REPRODUCTION_TABLE = ROOT / "docs" / "reproduction" / "table.csv"
 CHECKPOINT_SUFFIXES = formats.CHECKPOINT_SUFFIXES  # the format table's, .gguf included
@@ -247,7 +247,7 @@ def uploaded_adapter(files) -> UploadedAdapter:
     return UploadedAdapter(f"{UPLOAD_PREFIX}{digest.hexdigest()[:16]}", contents)
 
 
-def table_source(access: _access.Access, ref: str) -> Readable:
+def table_source(access: Access, ref: str) -> Readable:
     """What a table's ``ref`` names, for reading it again: an adapter uploaded in this session,
     else the path or Hub id through the access check."""
     if ref.startswith(UPLOAD_PREFIX):
@@ -265,12 +265,15 @@ def demo_table() -> tuple[pd.DataFrame, str]:
     with a label saying which."""
     if (DEMO_DIR / "table.csv").is_file():
         return da.read_table(DEMO_DIR / "table.csv"), "demo data (make demo)"
+    if not REPRODUCTION_TABLE.is_file():  # an installed wheel: the demo data is the repository's
+        raise da.DoraAnalysisError("the demo data comes with a clone of the repository (make demo);"
+                                   " here, analyse your checkpoints or open a saved table")
     return da.read_table(REPRODUCTION_TABLE), "docs/reproduction.md: 5 seeds × FT/LoRA/DoRA"
 
 
-def access() -> _access.Access:
+def access() -> Access:
     """What visitors may read, from the server's address and the data root it was given."""
-    return _access.current(st.get_option("server.address"))
+    return current(st.get_option("server.address"))
 
 
 def set_table(table: pd.DataFrame, source: str,

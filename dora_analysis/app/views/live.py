@@ -2,19 +2,14 @@
 appear (only the new checkpoints are analysed; those the trainer deletes keep their rows). The
 run folder and the base go through the access check at every refresh."""
 
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app folder, for _cache
 
 import streamlit as st
 
-import _cache
-import _live
 import dora_analysis as da
 from dora_analysis import columns as C
 from dora_analysis import plots
+from dora_analysis.app import cache, follow
 
 FOLLOW_KEY = "follow"
 ROWS_KEY = "follow_rows"
@@ -30,9 +25,9 @@ st.caption("Open a training run while it is written: a folder of `checkpoint-N/`
            "`DoraAnalysisCallback` keeps up to date. The Figures and Tables pages show it too.")
 
 try:
-    access = _cache.access()
+    access = cache.access()
 except da.DoraAnalysisError as exc:
-    _cache.show_error(exc)
+    cache.show_error(exc)
     st.stop()
 if access.describe():
     st.info(access.describe())
@@ -60,15 +55,15 @@ if started:
         }
     except da.DoraAnalysisError as exc:
         st.session_state.pop(FOLLOW_KEY, None)
-        _cache.show_error(exc)
+        cache.show_error(exc)
 
 
-def memory(key: tuple) -> _live.RunRows:
+def memory(key: tuple) -> follow.RunRows:
     """The rows already read of this run with these settings (kept across refreshes, so that
     checkpoints the trainer deletes keep their rows)."""
     kept = st.session_state.get(ROWS_KEY)
     if kept is None or kept.key != key:
-        kept = st.session_state[ROWS_KEY] = _live.RunRows(key)
+        kept = st.session_state[ROWS_KEY] = follow.RunRows(key)
     return kept
 
 
@@ -84,10 +79,10 @@ if settings:
             base = access.resolve(settings["base"]) if settings["base"].strip() else None
             key = (run.ref, base and base.ref, settings["method"], settings["axis"],
                    settings["modules"])
-            snap = _live.follow(run, base, method=settings["method"], axis=settings["axis"],
+            snap = follow.follow(run, base, method=settings["method"], axis=settings["axis"],
                                 modules=settings["modules"], memory=memory(key))
         except Exception as exc:  # shown in the page, never as a traceback
-            _cache.show_error(exc)
+            cache.show_error(exc)
             return
         for note in snap.waiting:
             st.info(note)
@@ -95,12 +90,12 @@ if settings:
             st.error(error)
         if snap.table is None:
             return
-        _cache.set_table(snap.table, f"{snap.source} (followed)")
+        cache.set_table(snap.table, f"{snap.source} (followed)")
         steps = snap.steps
         st.success(f"{snap.source}: {len(snap.table)} rows, "
                    + (f"{plural(len(steps), 'step')} (last {steps[-1]}), " if steps else "")
                    + f"read at {time.strftime('%H:%M:%S')}.")
-        for note in (_live.rotated_note(snap.rotated), _live.vanished_note(snap.vanished)):
+        for note in (follow.rotated_note(snap.rotated), follow.vanished_note(snap.vanished)):
             if note:
                 st.caption(note)
         axes = set(snap.table[C.AXIS])

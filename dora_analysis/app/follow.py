@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pandas as pd
 
-import _cache
 import dora_analysis as da
-from _access import Readable, require
 from dora_analysis import columns as C
+from dora_analysis.app import cache
+from dora_analysis.app.access import Readable, require
 from dora_analysis.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -142,12 +142,12 @@ def follow(run: Readable, base: Readable | None, *, method: str = "auto", axis: 
     trainer_run = any((folder / TRAINER_DONE).is_file() for folder in present.values())
     for step, folder in steps:
         source = Readable(str(folder))  # inside the run folder just checked, links included
-        identity = _cache.identity(source)
+        identity = cache.identity(source)
         seen = memory.steps.get(step)
         if seen is not None and seen.identity == identity:
             continue
         try:
-            rows = _cache.analyze(require(base), source, "", method, axis, modules)
+            rows = cache.analyze(require(base), source, "", method, axis, modules)
         except da.DoraAnalysisError as exc:
             if not folder.exists():  # rotated away while it was read
                 snapshot.vanished.append(step)
@@ -167,7 +167,7 @@ def follow(run: Readable, base: Readable | None, *, method: str = "auto", axis: 
 
 def _follow_table(path: Path, memory: RunRows) -> Snapshot:
     try:  # the callback's own table: its path is inside the run folder just checked
-        memory.table = _cache.read_table_file(Readable(str(path)))
+        memory.table = cache.read_table_file(Readable(str(path)))
         return Snapshot(memory.table, str(path))
     except da.DoraAnalysisError as exc:
         if fresh(path):

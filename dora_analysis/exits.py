@@ -62,8 +62,29 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated(signum)
+#: The signals our handlers received in this run, oldest first (see :func:`raise_if_signalled`).
+RECEIVED: list[int] = []
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    RECEIVED.append(signum)
+    raise _interrupt(signum)
+
+
+def raise_if_signalled() -> None:
+    """Raise the interrupt of a signal received earlier, once more.
+
+    Python swallows an exception raised by a signal handler while a finalizer (``__del__``, a
+    weakref callback) runs — it prints "Exception ignored" and goes on — so a Ctrl-C could be
+    lost in a long loop. The loops that run for hours (training steps) call this between units
+    of work. Outside the console scripts nothing is recorded, and this does nothing.
+    """
+    if RECEIVED:
+        raise _interrupt(RECEIVED[-1])
 
 
 def interrupted(exc: KeyboardInterrupt, hint: str = "") -> int:
@@ -90,9 +111,11 @@ def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
 
 def run(load_main: Callable[[], Callable[[], int]]) -> int:
     """Import a command's ``main`` (``load_main()``) and run it, interrupts reported on one line."""
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _raise_terminated)
+    RECEIVED.clear()
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        # an ignored signal stays ignored: `nohup` ignores SIGHUP, and a shell's `cmd &` SIGINT
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) != signal.SIG_IGN:
+            signal.signal(getattr(signal, name), _on_signal)
     try:
         code = load_main()()
         sys.stdout.flush()  # here, not at exit, where a closed pipe would print a traceback

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from dora_analysis.cli import main as analyze_main
-from dora_analysis.exits import Terminated, printable, run
+from dora_analysis.exits import printable
 from tests.test_cli import digest
 
 # The console script pip writes, plus one byte on a pipe just before it imports anything of
@@ -107,23 +107,74 @@ def run_entry(argv, marker, **kwargs):
                           capture_output=True, timeout=120, **kwargs)
 
 
-def test_a_signal_wrapped_by_python_in_another_error_is_still_an_interrupt(capsys):
+WRAPPED = """
+import signal, sys
+from dora_analysis.exits import Terminated, run
+
+def main():
+    try:
+        raise Terminated(signal.SIGTERM)
+    except Terminated as exc:
+        raise RuntimeError("Error calling __set_name__") from exc
+
+def broken():
+    raise RuntimeError("a real error")
+
+sys.exit(run(lambda: {main}))
+"""
+
+
+def test_a_signal_wrapped_by_python_in_another_error_is_still_an_interrupt():
     # CI saw it: SIGTERM landed in a class body during plotly's import, and Python re-raised it
-    # as "RuntimeError: Error calling __set_name__" — a traceback instead of one line
-    def main():
-        try:
-            raise Terminated(signal.SIGTERM)
-        except Terminated as exc:
-            raise RuntimeError("Error calling __set_name__") from exc
+    # as "RuntimeError: Error calling __set_name__" — a traceback instead of one line.
+    # (In a subprocess: run() leaves the signals ignored, which children would inherit.)
+    done = subprocess.run([sys.executable, "-c", WRAPPED.replace("{main}", "main")],
+                          text=True, capture_output=True, timeout=60)
+    assert (done.returncode, done.stderr) == (143, "error: terminated (SIGTERM)\n")
+    broken = subprocess.run([sys.executable, "-c", WRAPPED.replace("{main}", "broken")],
+                            text=True, capture_output=True, timeout=60)
+    assert broken.returncode == 1 and "RuntimeError: a real error" in broken.stderr
 
-    assert run(lambda: main) == 128 + signal.SIGTERM
-    assert capsys.readouterr().err == "error: terminated (SIGTERM)\n"
 
-    def broken():
-        raise RuntimeError("a real error")
+def test_an_ignored_signal_stays_ignored():
+    """``nohup`` ignores SIGHUP: the run must not turn it back into an interrupt."""
+    script = ("import os, signal, sys\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+              "from dora_analysis.exits import run\n"
+              "def main():\n    os.kill(os.getpid(), signal.SIGHUP)\n    return 0\n"
+              "sys.exit(run(lambda: main))")
+    done = subprocess.run([sys.executable, "-c", script], text=True, capture_output=True,
+                          timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
 
-    with pytest.raises(RuntimeError, match="a real error"):
-        run(lambda: broken)
+
+SWALLOWED = """
+import os, signal, sys
+from dora_analysis.exits import raise_if_signalled, run
+
+def main():
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIG{name})
+            for _ in range(100000):  # the handler runs in here: Python prints and ignores it
+                pass
+    Finalized()
+    for _ in range(100000):
+        raise_if_signalled()  # as the training loop does at every step
+    return 0
+
+sys.exit(run(lambda: main))
+"""
+
+
+@pytest.mark.parametrize("name, code, line", [("INT", 130, "error: interrupted"),
+                                              ("TERM", 143, "error: terminated (SIGTERM)")])
+def test_a_signal_swallowed_by_a_finalizer_still_stops_the_loop(name, code, line):
+    # a dora-train run in CI went on training after SIGINT: the interrupt, raised while a
+    # finalizer ran, was printed as "Exception ignored" and lost
+    done = subprocess.run([sys.executable, "-c", SWALLOWED.replace("{name}", name)],
+                          text=True, capture_output=True, timeout=60)
+    assert done.returncode == code, done.stderr
+    assert "Exception ignored" in done.stderr and done.stderr.splitlines()[-1] == line
 
 
 def test_the_quick_exit_keeps_outputs_output_and_exit_handlers(ckpts, tmp_path):

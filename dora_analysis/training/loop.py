@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointFormatError, ConfigError, listing
+from ..exits import raise_if_signalled
 from .accumulation import LossUnits, accumulate, label_units
 from .config import TrainConfig
 from .distributed import (
@@ -289,6 +290,7 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], config: TrainConfi
         scaler.scale(loss).backward()
 
     for step in bar:
+        raise_if_signalled()  # a Ctrl-C whose exception a finalizer swallowed stops here
         # counted where batch_at made them (the CPU, for dora-train): no device sync
         batches = [batch_at(step * config.grad_accum + micro) for micro in range(config.grad_accum)]
         total = accumulate(batches, forward, units, backward, device, step)

@@ -48,7 +48,7 @@ from .metrics.similarity import (
     trim_mask,
 )
 from .metrics.sparsity import stored_pair, unchanged_mask
-from .pairs import MatrixPair, PairView
+from .pairs import MatrixPair, PairView, open_tuned
 from .plan import plan
 
 if TYPE_CHECKING:
@@ -183,8 +183,8 @@ def compare_runs(base: Ref, runs: Sequence[Ref], labels: Sequence[str] | None = 
     options = config.read_options
     with contextlib.ExitStack() as stack:
         base_src: TensorSource = stack.enter_context(open_checkpoint(work.base, options))
-        sources = [stack.enter_context(open_checkpoint(job.checkpoint.path, options,
-                                                       base=base_src)) for job in jobs]
+        sources = [stack.enter_context(open_tuned(job.checkpoint.path, options, base_src))
+                   for job in jobs]
         for pair in tqdm(pairs, disable=not config.progress, desc="comparing runs",
                          leave=False):
             updates = []

@@ -64,8 +64,8 @@ def vanish_when(module, name: str, folder, *, after: int = 0):
 def test_a_checkpoint_gone_before_it_is_opened(run, monkeypatch):
     base, folder = run
     gone = folder / "checkpoint-20"
-    monkeypatch.setattr(planning, "open_checkpoint",
-                        vanish_when(planning, "open_checkpoint", str(gone)))
+    monkeypatch.setattr(planning, "open_tuned",
+                        vanish_when(planning, "open_tuned", str(gone)))
     with pytest.raises(VanishedCheckpointError, match=r"checkpoint-20: checkpoint vanished while "
                        r"being read \(deleted; a trainer's save_total_limit rotates old "
                        r"checkpoints away\); --skip-vanished"):
@@ -76,8 +76,8 @@ def test_skip_vanished_analyses_the_others_with_a_warning(run, monkeypatch):
     base, folder = run
     expected = alone(base, folder, (10, 30, 40))
     gone = folder / "checkpoint-20"
-    monkeypatch.setattr(planning, "open_checkpoint",
-                        vanish_when(planning, "open_checkpoint", str(gone)))
+    monkeypatch.setattr(planning, "open_tuned",
+                        vanish_when(planning, "open_tuned", str(gone)))
     with pytest.warns(VanishedCheckpointWarning, match=r"checkpoint-20: checkpoint vanished "
                       r"while being read .*left out, the others analysed"):
         table = da.analyze(base, folder, skip_vanished=True)
@@ -158,14 +158,14 @@ def test_the_command_line_names_it_and_skips_it_on_request(run, monkeypatch, cap
     gone = folder / "checkpoint-20"
     copy = folder.parent / "copy-20"
     shutil.copytree(gone, copy)
-    monkeypatch.setattr(planning, "open_checkpoint",
-                        vanish_when(planning, "open_checkpoint", str(gone)))
+    monkeypatch.setattr(planning, "open_tuned",
+                        vanish_when(planning, "open_tuned", str(gone)))
     assert main([str(base), str(folder), "--no-cache"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {gone}: checkpoint vanished"), err
     shutil.copytree(copy, gone)
-    monkeypatch.setattr(planning, "open_checkpoint",
-                        vanish_when(planning, "open_checkpoint", str(gone)))
+    monkeypatch.setattr(planning, "open_tuned",
+                        vanish_when(planning, "open_tuned", str(gone)))
     assert main([str(base), str(folder), "--no-cache", "--skip-vanished", "-q"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err == [f"warning: {gone}: checkpoint vanished while being read (deleted; rotated "

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from dora_analysis.app.access import HUB_ENV, ROOT_ENV, Access
 from dora_analysis.errors import DoraAnalysisError
+from dora_analysis.exits import parser as one_line_errors
+from dora_analysis.exits import run
 
 APP = Path(__file__).with_name("streamlit_app.py")
 TABLE_ENV = "DORA_DASHBOARD_TABLE"
@@ -30,7 +32,7 @@ MAX_UPLOAD_MB = 64
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = one_line_errors(
         prog="dora-dashboard",
         description="Serve the dora-analysis dashboard (Streamlit). It listens on 127.0.0.1: "
                     "only this machine can connect, and a typed path means what it means to "
@@ -87,6 +89,11 @@ def check(args: argparse.Namespace, env: dict[str, str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dora-dashboard``: a bad option or a Ctrl-C is one line, as elsewhere."""
+    return run(lambda: lambda: serve(argv))
+
+
+def serve(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     env = dict(os.environ)
     try:

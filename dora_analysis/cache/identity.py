@@ -34,8 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..io.detect import ADAPTER_WEIGHT_FILES
+from ..io.formats import CHECKPOINT_SUFFIXES, REMOTE_FILE_NAME, REMOTE_FOLDER_FILES
+
 #: Files of a checkpoint folder that a reader may open, by suffix and by name.
-READ_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".distcp", ".gguf")
+READ_SUFFIXES = CHECKPOINT_SUFFIXES  # the format table's
 READ_NAMES = (".metadata", "latest")
 #: What a trainer saves beside the weights; the analysis never reads it.
 TRAINER_FILES = frozenset({"optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin",
@@ -160,9 +163,11 @@ def checkpoint_identity(path: Any, token: str | None = None) -> Identity | None:
 # The identity of a remote checkpoint (``hf://``, ``s3://``, ``gs://``, ``https://``): each
 # file's content id as the storage reports it (ETag, hash, the Hub's blob id) and its size.
 #: Files read from a remote folder by name, where it cannot be listed (HTTP).
-NAMED_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
-               "model.safetensors", "model.safetensors.index.json", "config.json")
-_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+NAMED_FILES = tuple(dict.fromkeys((*REMOTE_FOLDER_FILES, *ADAPTER_WEIGHT_FILES, "config.json")))
+
+
+def _remote_file(name: str) -> bool:
+    return REMOTE_FILE_NAME.search(name) is not None
 
 
 def remote_identity(url, token: str | None = None) -> Identity | None:
@@ -190,7 +195,7 @@ def remote_identity(url, token: str | None = None) -> Identity | None:
 
 def _file_infos(fs, path: str, url, listable: bool) -> dict[str, dict]:
     """Relative name → fsspec info of every file the checkpoint may be read from."""
-    is_file = url.name.endswith(_SUFFIXES)
+    is_file = _remote_file(url.name)
     if is_file and not url.name.endswith(".index.json"):
         infos = {"": fs.info(path)}
         folder, prefix = path.rsplit("/", 1)[0], "../"
@@ -203,7 +208,7 @@ def _file_infos(fs, path: str, url, listable: bool) -> dict[str, dict]:
     found = fs.find(folder, detail=True)
     return {str(PurePosixPath(name).relative_to(PurePosixPath(_bare(folder)))): info
             for name, info in found.items()
-            if info.get("type") == "file" and name.endswith(_SUFFIXES)}
+            if info.get("type") == "file" and _remote_file(name)}
 
 
 def _bare(path: str) -> str:

@@ -118,7 +118,7 @@ class GgufFile(TensorSource):
         return kinds
 
     def _unpermute(self, name: str, heads) -> np.ndarray:
-        rows = int(self._tensors[name].data.shape[0])
+        rows = int(self._tensors[name].shape[-1])  # ne order: the outermost is the rows
         try:
             return unpermute_rows(rows, int(heads))
         except (TypeError, ValueError) as exc:
@@ -158,12 +158,16 @@ class GgufFile(TensorSource):
         data = t.data
         if expert is not None:
             data = data[expert]
-        if data.ndim == 0 or (data.ndim == 1 and t.tensor_type.name in PLAIN):
-            rows = data[start:stop] if data.ndim else data
-        else:
-            order = self._rows.get(t.name)
-            rows = data[order[start:stop]] if order is not None else data[start:stop]
         plain = PLAIN.get(t.tensor_type.name)
+        order = self._rows.get(t.name)
+        wanted = order[start:stop] if order is not None else np.arange(start, stop)
+        if data.ndim == 0:
+            rows = data
+        elif data.ndim == 1 and plain is not None:  # a bias: q/k ones are permuted too
+            per_value = plain[1].itemsize // data.dtype.itemsize  # BF16 is held as 2 bytes
+            rows = data[(wanted[:, None] * per_value + np.arange(per_value)).ravel()]
+        else:
+            rows = data[wanted]
         if plain is not None:
             return np.ascontiguousarray(rows).view(plain[1])
         return _gguf().quants.dequantize(np.ascontiguousarray(rows), t.tensor_type)

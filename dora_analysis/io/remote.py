@@ -10,9 +10,10 @@ rows ``a:b`` of a row-major tensor are one contiguous range, so the reader fetch
    blob id);
 2. only the tensors the analysis selects (``--modules``/``--include``; announced through
    :meth:`~dora_analysis.io.base.TensorSource.will_read`), neighbours coalesced into one request
-   of at most :data:`MAX_REQUEST_BYTES` (a gap of unselected bytes is merged only when it is
-   small: at most :data:`MAX_GAP_BYTES` and a tenth of the request), larger tensors in windows of
-   that size, so memory stays bounded whatever the file size.
+   of at most :data:`~dora_analysis.io.remote_file.MAX_REQUEST_BYTES` (a gap of unselected bytes
+   is merged only when it is small: at most
+   :data:`~dora_analysis.io.remote_safetensors.MAX_GAP_BYTES` and a tenth of the request),
+   larger tensors in windows of that size, so memory stays bounded whatever the file size.
 
 A folder URL resolves like a local folder: ``adapter_config.json`` (a PEFT adapter, its small
 weight file read whole), ``model.safetensors``, ``model.safetensors.index.json`` (shards opened
@@ -44,12 +45,10 @@ from .formats import FILE_FORMATS, INDEX, REMOTE_FILE_NAME, REMOTE_FOLDER_FILES,
 from .options import DEFAULT_TIMEOUT
 from .quant import dequantized
 from .refs import steps_among, unnumbered
-from .remote_file import (  # noqa: F401 - Url, filesystem, identity, remote_error: used from here
-    MAX_REQUEST_BYTES,
+from .remote_file import (
     RemoteFile,
     Url,
     filesystem,
-    identity,
     remote_error,
     retry_policy,
     unreachable,
@@ -117,7 +116,6 @@ def exists(url: Url, token: str | None, timeout: float = DEFAULT_TIMEOUT,
 
 def _absent(url: Url, exc: BaseException) -> bool:
     """A genuine "no such file" (HTTP 404), not a server that could not be reached."""
-    status = status_of(exc)
     exc = exc.last if isinstance(exc, Exhausted) else exc
     status = status_of(exc)
     return status == 404 or (status is None and isinstance(exc, FileNotFoundError)

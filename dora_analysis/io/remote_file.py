@@ -155,9 +155,11 @@ def filesystem(url: Url, token: str | None = None, timeout: float = DEFAULT_TIME
     """The fsspec filesystem for ``url``'s scheme and the path it takes.
 
     One filesystem per scheme and settings is kept for the process (creating an S3 client costs
-    about a second); a change of the variables in :data:`SCHEME_ENV` makes a new one. The
-    backends' own retries are off: :class:`~dora_analysis.io.retry.RetryPolicy` retries every
-    scheme alike.
+    about a second); a change of the variables in :data:`SCHEME_ENV` makes a new one.
+    :class:`~dora_analysis.io.retry.RetryPolicy` retries every scheme alike; the backends' own
+    retries are off for https:// and s3://. huggingface_hub (hf://) and gcsfs (gs://) retry
+    inside each of our attempts and offer no switch for it (``http_backoff``: up to 5 retries,
+    waits of at most 8 s), so a fault that persists there takes longer to give up on.
     """
     scheme = url.scheme
     env = tuple(os.environ.get(k) for k in SCHEME_ENV.get(scheme, ()))

@@ -14,6 +14,7 @@ more often than a passing fault, and it is reported at once.
 from __future__ import annotations
 
 import email.utils
+import errno
 import os
 import random
 import time
@@ -83,6 +84,11 @@ class RetryPolicy:
     """Upper bound of any one wait (seconds)."""
     total: float = 60.0
     """No retry starts later than this many seconds after the first fault."""
+
+    def __post_init__(self) -> None:
+        for name in ("retries", "backoff", "max_backoff", "total"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"retry setting {name} must be ≥ 0, got {getattr(self, name)!r}")
 
     @classmethod
     def resolve(cls, retries: int | None = None) -> RetryPolicy:
@@ -168,6 +174,10 @@ def is_transient(exc: BaseException) -> bool:
         if isinstance(e, ShortBody | ConnectionResetError | ConnectionAbortedError
                       | BrokenPipeError):
             return True
+        # aiohttp's ClientOSError is an OSError carrying the reset's errno, not its subclass
+        if isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.ECONNABORTED,
+                                                  errno.EPIPE):
+            return True
         if any(part in type(e).__name__ for part in TRANSIENT_NAMES):
             return True
     return False
@@ -180,6 +190,8 @@ def retry_after(exc: BaseException) -> float | None:
         response = getattr(e, "response", None)
         if headers is None and isinstance(response, dict):  # botocore ClientError
             headers = response.get("ResponseMetadata", {}).get("HTTPHeaders")
+        elif headers is None:  # requests/httpx responses (huggingface_hub's HfHubHTTPError)
+            headers = getattr(response, "headers", None)
         value = None
         if headers is not None:
             try:

@@ -45,6 +45,8 @@ def run_command(*argv: str, env: dict | None = None) -> subprocess.CompletedProc
     (["--root", "/no/such/folder"], "error: data root /no/such/folder is not a folder"),
     (["--table", "/no/such/table.csv"], "error: --table /no/such/table.csv: no such file"),
     (["--port", "0"], "error: --port 0: give a port from 1 to 65535"),
+    (["--nope"], "error: unrecognized arguments: --nope (see dora-dashboard --help)"),
+    (["--port", "x"], "error: argument --port: invalid int value: 'x'"),
 ])
 def test_bad_settings_are_one_error_line_before_any_server(argv, message):
     proc = run_command(*argv)

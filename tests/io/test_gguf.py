@@ -253,3 +253,39 @@ def test_a_k_quant_is_dequantized_by_gguf_row_by_row(tmp_path):
     got = table(tmp_path / "base.safetensors", tmp_path / "k.gguf")
     expected = table(tmp_path / "base.safetensors", tmp_path / "ref.safetensors")
     pd.testing.assert_frame_equal(got, expected, check_exact=True)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "BF16"])
+def test_q_and_k_biases_are_put_back_in_hugging_faces_row_order(tmp_path, qtype):
+    """Qwen2-style attention biases: the converter permutes q/k biases as it permutes the
+    weights, and a 1-D BF16 tensor is held by gguf as two bytes per value."""
+    g = torch.Generator().manual_seed(3)
+    q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    state = {"model.layers.0.self_attn.q_proj.weight": torch.randn(q, HIDDEN, generator=g),
+             "model.layers.0.self_attn.q_proj.bias": torch.randn(q, generator=g),
+             "model.layers.0.self_attn.k_proj.weight": torch.randn(kv, HIDDEN, generator=g),
+             "model.layers.0.self_attn.k_proj.bias": torch.randn(kv, generator=g)}
+    if qtype == "BF16":  # values a bf16 file holds exactly
+        state = {k: v.bfloat16().float() for k, v in state.items()}
+    save_file(state, str(tmp_path / "base.safetensors"))
+    Q = gguf.GGMLQuantizationType
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1)
+    for name, tensor in state.items():
+        data = permute(tensor.numpy(), HEADS, HEADS if ".q_proj." in name else KV_HEADS)
+        new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if qtype == "BF16":
+            writer.add_tensor(new_name, gguf.quants.quantize(data, Q.BF16), raw_dtype=Q.BF16)
+        else:
+            writer.add_tensor(new_name, data.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with open_checkpoint(tmp_path / "base.safetensors") as base, \
+            open_checkpoint(tmp_path / "t.gguf", base=base) as src:
+        for name, tensor in state.items():
+            assert torch.equal(src.get_tensor(name).float(), tensor), name

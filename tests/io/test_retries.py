@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import dora_analysis as da
 from dora_analysis.cli import main
 from dora_analysis.errors import CheckpointChangedError, CheckpointNotFoundError, ConfigError
-from dora_analysis.io import remote as remote_module
+from dora_analysis.io import remote_file
 from dora_analysis.io.open import ReadOptions, open_checkpoint
 from dora_analysis.io.remote import RemoteSafetensors, Url
 from dora_analysis.io.retry import Exhausted, RetryPolicy, ShortBody, is_transient, retry_after
@@ -108,7 +108,8 @@ def test_a_file_changed_between_attempts_stops_the_read(files, tmp_path):
 
 
 def test_a_retry_checks_the_modification_time_when_there_is_no_etag(files):
-    f = remote_module.identity
+    from dora_analysis.io.remote_file import identity as f
+
     assert f({"size": 3, "Last-Modified": "a"}) != f({"size": 3, "Last-Modified": "b"})
     assert f({"size": 3, "ETag": "x"}) != f({"size": 4, "ETag": "x"})
 
@@ -202,7 +203,7 @@ def test_bad_retry_settings_are_refused(monkeypatch, capsys):
 
 def test_s3_backend_retries_are_ours_alone():
     pytest.importorskip("s3fs")
-    fs, _ = remote_module.filesystem(Url("s3://bucket/m.safetensors"))
+    fs, _ = remote_file.filesystem(Url("s3://bucket/m.safetensors"))
     assert fs.retries == 1
     assert fs.config_kwargs["retries"] == {"total_max_attempts": 1}
 
@@ -211,3 +212,31 @@ def test_analyze_takes_retries_through_its_settings(files):
     with FileServer(files, faults=[Fault("status", 503, path="tuned")]) as srv:
         with pytest.raises(CheckpointNotFoundError, match=r"HTTP 503 .*\(1 attempt in"):
             da.analyze(files / "base.safetensors", f"{srv.url}/tuned.safetensors", retries=0)
+
+
+def test_the_policy_refuses_negative_settings():
+    with pytest.raises(ConfigError, match="retries must be ≥ 0, got -1"):
+        RetryPolicy(retries=-1)
+    with pytest.raises(ConfigError, match="total must be ≥ 0"):
+        RetryPolicy(total=-5.0)
+
+
+def test_retry_after_of_a_response_object_and_an_aiohttp_style_reset():
+    """huggingface_hub raises HfHubHTTPError with a requests/httpx response (headers an
+    object); aiohttp reports a reset as ClientOSError, an OSError carrying ECONNRESET."""
+    import errno
+
+    class Response:
+        status_code = 429
+        headers = {"Retry-After": "7"}
+
+    class HubError(Exception):
+        response = Response()
+
+    assert retry_after(HubError()) == 7.0 and is_transient(HubError())
+
+    class ClientOSError(OSError):
+        pass
+
+    assert is_transient(ClientOSError(errno.ECONNRESET, "Connection reset by peer"))
+    assert not is_transient(ClientOSError(errno.EACCES, "Permission denied"))

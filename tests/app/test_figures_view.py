@@ -116,3 +116,12 @@ def test_crossrun_page_compares_the_loaded_runs_against_the_recorded_base(ckpts)
     at.radio[0].set_value("sign_conflict").run()
     assert not at.exception and "sign conflict" in json.dumps(
         json.loads(at.get("plotly_chart")[0].proto.spec)["layout"])
+
+
+def test_a_table_of_both_axes_opens_on_the_output_channels(ckpts):
+    """The CLI's default axis ('out': one norm per output channel) comes first, not 'in' by
+    alphabetical order."""
+    table = da.analyze(ckpts["base"], ckpts["tuned"], labels=["FT"], axis="both")
+    at = run(table)
+    assert not at.exception
+    assert at.radio[0].options == ["out", "in"] and at.radio[0].value == "out"

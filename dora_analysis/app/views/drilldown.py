@@ -11,6 +11,7 @@ import streamlit as st
 import dora_analysis as da
 from dora_analysis import plots
 from dora_analysis.app import cache
+from dora_analysis.columns import AXES
 
 table = cache.current_table()
 if table is None:
@@ -38,7 +39,7 @@ if steps:
     step = cols[1].selectbox("Step", steps, index=len(steps) - 1)
     rows = rows[rows["step"] == step]
 name = cols[2].selectbox("Matrix", list(dict.fromkeys(rows["name"])))
-axis = cols[3].radio("Axis", sorted(set(rows["axis"])), horizontal=True)
+axis = cols[3].radio("Axis", [a for a in AXES if a in set(rows["axis"])], horizontal=True)
 row = rows[(rows["name"] == name) & (rows["axis"] == axis)].iloc[0]
 # A table names the base it was measured against (its base column): offered, still editable.
 recorded = str(row["base"]) if "base" in row and isinstance(row["base"], str) else ""

@@ -6,6 +6,7 @@ import streamlit as st
 import dora_analysis as da
 from dora_analysis import plots
 from dora_analysis.app import cache
+from dora_analysis.columns import AXES
 from dora_analysis.plots import report_modules
 
 table = cache.current_table()
@@ -18,7 +19,7 @@ with st.sidebar:
     st.header("Filters")
     modules = report_modules(table)
     module = st.selectbox("Module kind (Figure 2)", modules)
-    axis = st.radio("Axis", sorted(set(table["axis"])), horizontal=True)
+    axis = st.radio("Axis", [a for a in AXES if a in set(table["axis"])], horizontal=True)
     checkpoints = st.multiselect("Checkpoints", list(dict.fromkeys(table["checkpoint"])),
                                  default=list(dict.fromkeys(table["checkpoint"])))
     layers = sorted(int(x) for x in table["layer"].dropna().unique())

@@ -54,7 +54,7 @@ def in_thread(action) -> threading.Thread:
 @leases
 def test_mmap_reads_are_leased_and_a_writer_waits_for_the_reader(weights):
     with SafetensorsFile(weights) as src:
-        assert src._guard.leased and src._map is not None
+        assert src._source._guard.leased and src._source._map is not None
         expected = src.get_rows(NAME, 0, 64)
         writer = in_thread(lambda: open(weights, "r+b").truncate(100))
         time.sleep(0.3)
@@ -82,11 +82,11 @@ def test_opened_for_writing_but_unchanged_goes_on_with_pread(weights):
         expected = src.get_rows(NAME, 0, 64)
         writer = in_thread(lambda: open(weights, "r+b").close())
         deadline = time.time() + 10
-        while src._map is not None and time.time() < deadline:
+        while src._source._map is not None and time.time() < deadline:
             assert torch.equal(src.get_rows(NAME, 0, 64), expected)
             time.sleep(0.01)
         writer.join(10)
-        assert src._map is None and not src._guard.leased  # mapping dropped, lease released
+        assert src._source._map is None and not src._source._guard.leased  # mapping dropped, lease released
         assert torch.equal(src.get_rows(NAME, 0, 64), expected)
         assert torch.equal(src.get_tensor(NAME), expected)
 
@@ -119,7 +119,7 @@ def test_rewritten_in_place_with_the_same_size(weights):
 def test_without_a_lease_nothing_is_mapped(weights, monkeypatch):
     monkeypatch.setattr(guard, "_take_lease", lambda fd: False)
     with SafetensorsFile(weights) as src:
-        assert src._map is None  # read with pread, where truncation is a short read
+        assert src._source._map is None  # read with pread, where truncation is a short read
         assert torch.equal(src.get_rows(NAME, 2, 4), src.get_tensor(NAME)[2:4])
 
 

@@ -86,7 +86,8 @@ def test_opened_for_writing_but_unchanged_goes_on_with_pread(weights):
             assert torch.equal(src.get_rows(NAME, 0, 64), expected)
             time.sleep(0.01)
         writer.join(10)
-        assert src._source._map is None and not src._source._guard.leased  # mapping dropped, lease released
+        # the mapping dropped, the lease released
+        assert src._source._map is None and not src._source._guard.leased
         assert torch.equal(src.get_rows(NAME, 0, 64), expected)
         assert torch.equal(src.get_tensor(NAME), expected)
 

@@ -83,7 +83,6 @@ class SafetensorsFile(TensorSource):
         source = LocalBytes(path, backend) if isinstance(path, str | Path) else path
         self._source = source
         self.path = Path(path) if isinstance(path, str | Path) else getattr(path, "url", path)
-        self.thread_safe = source.thread_safe
         try:
             self._data_start, self._entries = source.guarded(self._read_header, "")
         except DoraAnalysisError:
@@ -111,6 +110,10 @@ class SafetensorsFile(TensorSource):
                     > HEADER_CACHE_ENTRIES):  # oldest first; the newest is always kept
                 _HEADERS.pop(next(iter(_HEADERS)), None)
         return parsed
+
+    @property
+    def thread_safe(self) -> bool:  # type: ignore[override]
+        return self._source.thread_safe
 
     def keys(self) -> list[str]:
         return list(self._keys)

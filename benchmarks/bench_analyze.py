@@ -18,8 +18,9 @@ measured warm; a shared, noisy machine drifts less between neighbours). Medians 
   (``mmap`` maps only files a read lease protects, see ``dora_analysis/io/guard.py``);
   ``unguarded`` without the guard's checks around every read (lease, size, mtime, inode), to
   measure what they cost;
-* ``cli``   — ``dora-analyze BASE TUNED -q`` as a user runs it (its console entry, which ends
-  the process as soon as the outputs are written).
+* ``cli``   — ``dora-analyze BASE TUNED -q --no-cache`` as a user runs it (its console entry,
+  which ends the process as soon as the outputs are written); ``--no-cache`` because the
+  results cache, on by default, would answer every round after the first without reading.
 
 Columns: ``wall s`` is the whole child process (interpreter start-up to exit, as a user waits
 for it); ``work s`` is the analysis alone (after ``import torch, pandas``), beside ``start s``,
@@ -155,11 +156,11 @@ def ours_mode(mode: str):
 
 
 def run_cli(base: Path, tuned: Path) -> dict:
-    """``dora-analyze BASE TUNED -q`` through its console entry; the process ends there (the
-    result is printed by an exit handler, which the quick exit runs)."""
+    """``dora-analyze BASE TUNED -q --no-cache`` through its console entry; the process ends
+    there (the result is printed by an exit handler, which the quick exit runs)."""
     from dora_analysis import console
 
-    sys.argv = ["dora-analyze", str(base), str(tuned), "-q"]
+    sys.argv = ["dora-analyze", str(base), str(tuned), "-q", "--no-cache"]
     console.analyze()  # never returns
 
 

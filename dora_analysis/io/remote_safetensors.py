@@ -15,7 +15,7 @@ import numpy as np
 from .options import DEFAULT_TIMEOUT
 from .remote_file import MAX_REQUEST_BYTES, RemoteFile, Url
 from .retry import RetryPolicy
-from .safetensors import SafetensorsFile, forget_headers  # noqa: F401 - forget_headers: tests
+from .safetensors import SafetensorsFile
 from .safetensors_header import Entry
 
 log = logging.getLogger("dora_analysis")

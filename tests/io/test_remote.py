@@ -25,7 +25,7 @@ from dora_analysis.errors import (
 from dora_analysis.io.open import ReadOptions, open_checkpoint, resolve
 from dora_analysis.io.refs import CheckpointRef
 from dora_analysis.io.remote import RemoteSafetensors, Url
-from dora_analysis.io.remote_safetensors import forget_headers
+from dora_analysis.io.safetensors import forget_headers
 from tests.common import perturb, write_sharded
 from tests.servers import FakeHub, FileServer
 

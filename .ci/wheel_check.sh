@@ -9,6 +9,9 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
+case "$PYTHON" in  # a relative path (make's .venv/bin/python) must survive the cd below
+    */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;;
+esac
 TORCH="${TORCH:-torch==2.13.0}"
 started=$(date +%s)
 work="$(mktemp -d "${TMPDIR:-/tmp}/dora-wheel-check.XXXXXX")"

@@ -112,8 +112,12 @@ def cross_run_table(runs: dict[str, Path]) -> pd.DataFrame:
 
 
 def pair_kind(a: str, b: str) -> str:
-    ma, mb = RUN.match(a).group(1), RUN.match(b).group(1)
-    return f"{LABELS[ma]} vs {LABELS[ma]} (seeds)" if ma == mb else f"{LABELS[ma]} vs {LABELS[mb]}"
+    """Same method, other seed; or two methods, of one seed (the same batches and adapter
+    initialisation) or of two — the seed, not only the method, decides how alike they are."""
+    (ma, sa), (mb, sb) = RUN.match(a).groups(), RUN.match(b).groups()
+    if ma == mb:
+        return f"{LABELS[ma]} vs {LABELS[ma]} (seeds)"
+    return f"{LABELS[ma]} vs {LABELS[mb]} ({'same seed' if sa == sb else 'other seeds'})"
 
 
 def cross_run_summary(cross: pd.DataFrame) -> pd.DataFrame:

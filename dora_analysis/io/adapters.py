@@ -192,13 +192,15 @@ def _as_2d_factors(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str], mod
 
 #: ``init_lora_weights`` values (prefixes) whose adapters were trained against a changed base:
 #: prefix → (method, the base they were trained on). PEFT's ``pissa_init``/``olora_init``/
-#: ``corda_init``/``lora_ga_init`` subtract ``s·B0·A0`` from the base weight; LoftQ replaces it
-#: with its quantized form. ``eva`` (lora_B zeroed), ``orthogonal`` (B0·A0 = 0), ``mica``
-#: (lora_A zeroed), ``gaussian`` and ``true`` leave the base as it was: ΔW = s·B·A exactly.
+#: ``corda_init``/``astra_init``/``lora_ga_init`` subtract ``s·B0·A0`` from the base weight;
+#: LoftQ replaces it with its quantized form. ``eva`` (lora_B zeroed), ``orthogonal``
+#: (B0·A0 = 0), ``mica`` (lora_A zeroed), ``nora`` (lora_B zeroed), ``gaussian`` and ``true``
+#: leave the base as it was: ΔW = s·B·A exactly.
 BASE_CHANGING_INITS: dict[str, tuple[str, str]] = {
     "pissa": ("PiSSA", "the residual base W0 - s·B0·A0"),
     "olora": ("OLoRA", "the residual base W0 - s·B0·A0"),
     "corda": ("CorDA", "the residual base W0 - s·B0·A0"),
+    "astra": ("Astra", "the residual base W0 - s·B0·A0"),
     "lora_ga": ("LoRA-GA", "the residual base W0 - s·B0·A0"),
     "loftq": ("LoftQ", "LoftQ's quantized base"),
 }

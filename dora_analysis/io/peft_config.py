@@ -1,6 +1,6 @@
 """What the reader does with every field of PEFT's ``adapter_config.json``: one table, checked.
 
-PEFT 0.21's ``LoraConfig`` has 42 fields. Each is in :data:`LORA_FIELDS` with what the reader
+PEFT 0.22's ``LoraConfig`` has 43 fields. Each is in :data:`LORA_FIELDS` with what the reader
 does with it:
 
 * ``honoured`` — the merge uses it exactly as PEFT's ``merge_and_unload`` does (tested against it
@@ -104,9 +104,9 @@ def _token_indices(value: object) -> bool:
                                            for k, v in value.items())
 
 
-#: ``init_lora_weights`` strings PEFT 0.21 knows (prefixes: ``pissa_niter_16``, ``corda_…``).
-KNOWN_INITS = ("gaussian", "eva", "orthogonal", "mica", "olora", "pissa", "corda", "loftq",
-               "lora_ga")
+#: ``init_lora_weights`` strings PEFT 0.22 knows (prefixes: ``pissa_niter_16``, ``corda_…``).
+KNOWN_INITS = ("gaussian", "eva", "orthogonal", "mica", "nora", "olora", "pissa", "corda",
+               "astra", "loftq", "lora_ga")
 
 
 def _init(value: object) -> bool:
@@ -143,7 +143,7 @@ class FieldRule:
 
 _BOOL = dict(valid=_boolean, expected="true or false")
 
-#: Every field of PEFT 0.21's ``LoraConfig`` (a test checks this against ``peft.LoraConfig``).
+#: Every field of PEFT 0.22's ``LoraConfig`` (a test checks this against ``peft.LoraConfig``).
 LORA_FIELDS: dict[str, FieldRule] = {
     # metadata
     "task_type": FieldRule(IGNORED, "metadata (the model's head); the saved tensors say what "
@@ -174,11 +174,11 @@ LORA_FIELDS: dict[str, FieldRule] = {
     "use_dora": FieldRule(HONOURED, "DoRA: `lora_magnitude_vector` rescales each merged "
                                     "vector (Eq. 5); a warning when the weights hold none",
                           **_BOOL),
-    "init_lora_weights": FieldRule(HONOURED, "PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ trained "
-                                             "against a changed base: refused unless that base "
-                                             "is given (`--adapter-base`); the others keep the "
-                                             "base", _init, "true, false or one of PEFT's "
-                                                               "init names"),
+    "init_lora_weights": FieldRule(HONOURED, "PiSSA, OLoRA, CorDA, Astra, LoRA-GA, LoftQ "
+                                             "trained against a changed base: refused unless "
+                                             "that base is given (`--adapter-base`); the "
+                                             "others keep the base", _init,
+                                   "true, false or one of PEFT's init names"),
     "target_parameters": FieldRule(HONOURED, "LoRA on parameters (3-D MoE expert tensors), "
                                              "per expert", _name_list,
                                    "a list of parameter names"),
@@ -222,6 +222,8 @@ LORA_FIELDS: dict[str, FieldRule] = {
                                        "`init_lora_weights`"),
     "eva_config": FieldRule(IGNORED, "initialisation only (EVA keeps the base)"),
     "corda_config": FieldRule(IGNORED, "initialisation only (CorDA is caught by "
+                                       "`init_lora_weights`)"),
+    "astra_config": FieldRule(IGNORED, "initialisation only (Astra is caught by "
                                        "`init_lora_weights`)"),
     "lora_ga_config": FieldRule(IGNORED, "initialisation only (LoRA-GA is caught by "
                                          "`init_lora_weights`)"),
@@ -366,7 +368,7 @@ def _check_fields(config: dict, where: str) -> None:
         if rule is None:
             if not _empty(value):
                 raise UnsupportedAdapterError(
-                    f"{where}: field '{key:.80}' = {value!r:.80} is not one of PEFT 0.21's "
+                    f"{where}: field '{key:.80}' = {value!r:.80} is not one of PEFT 0.22's "
                     "LoraConfig fields that this reader knows (a newer PEFT?), and it may change "
                     f"the merged weights; {_ADVICE}")
             continue

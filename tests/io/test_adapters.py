@@ -209,8 +209,13 @@ def _peft_base_changing_case(root, init):
     save_file(pm._state(model), str(root / "base.safetensors"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        extra = {"astra_config": peft.tuners.lora.config.AstraConfig()} if init == "astra" else {}
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=pm.LLAMA_TARGETS,
-                                 init_lora_weights=init)
+                                 init_lora_weights=init, **extra)
+        if init == "astra":  # its calibration: output activations on a few random sequences
+            tokens = torch.randint(0, model.config.vocab_size, (16, 24),
+                                   generator=torch.Generator().manual_seed(7))
+            peft.tuners.lora.preprocess_astra(model, config, run_model=lambda: model(tokens))
         peft_model = peft.get_peft_model(model, config)
         residual = {k.replace(".base_layer", ""): v.detach().clone().contiguous()
                     for k, v in peft_model.get_base_model().state_dict().items()
@@ -231,7 +236,7 @@ def _peft_base_changing_case(root, init):
     return root
 
 
-@pytest.fixture(scope="module", params=["pissa", "olora"])
+@pytest.fixture(scope="module", params=["pissa", "olora", "astra"])
 def base_changing(request, tmp_path_factory):
     return request.param, _peft_base_changing_case(tmp_path_factory.mktemp(request.param),
                                                    request.param)
@@ -287,9 +292,9 @@ def test_converted_adapter_reads_as_plain_lora(base_changing, closed_form):
 def test_inits_that_keep_the_base_are_read(ckpts, tmp_path):
     from dora_analysis.io.adapters import base_changing_init
 
-    for init in (True, False, "gaussian", "eva", "orthogonal", "mica"):
+    for init in (True, False, "gaussian", "eva", "orthogonal", "mica", "nora"):
         assert base_changing_init({"init_lora_weights": init}) is None
-    for init in ("pissa", "pissa_niter_16", "olora", "corda", "loftq", "lora_ga"):
+    for init in ("pissa", "pissa_niter_16", "olora", "corda", "astra", "loftq", "lora_ga"):
         assert base_changing_init({"init_lora_weights": init}) is not None
 
 

@@ -199,7 +199,7 @@ LORA_FIELDS: dict[str, FieldRule] = {
                              _object, "null or an object"),
     "ensure_weight_tying": FieldRule(HONOURED, "tied copies are read as saved; a LoRA on both "
                                                "halves of a tied embedding is refused (PEFT "
-                                               "0.21 merges it twice)", **_BOOL),
+                                               "0.21–0.22 merge it twice)", **_BOOL),
     # what the saved tensors already say, or what only training uses (any value: none of them
     # can change the merged weight matrices)
     "target_modules": FieldRule(IGNORED, "which modules were adapted: the saved tensors say it"),

@@ -128,7 +128,7 @@ def _share_tied(targets: dict[str, tuple[LowRankUpdate, bool]], base_infos: dict
             if partner in targets and name < partner:
                 problems.append(
                     f"'{name}' and '{partner}' share one tensor and both carry an update (PEFT "
-                    "0.21's merge adds both, with ensure_weight_tying the same one twice): no "
+                    "0.21–0.22 merge adds both, with ensure_weight_tying the same one twice): no "
                     "single weight stands for the trained model; adapt one of the two only")
             elif partner not in targets:
                 if update.truncate_base:

@@ -173,7 +173,7 @@ def test_tied_head_partners_read_from_one_tensor(variants):
 
 
 def test_tied_head_with_a_lora_on_both_halves_is_refused(tmp_path, capsys):
-    """ensure_weight_tying gives the embedding the head's LoRA too; PEFT 0.21's merge adds it
+    """ensure_weight_tying gives the embedding the head's LoRA too; PEFT 0.21–0.22's merge adds it
     twice (its merged model's outputs differ from the trained model's), so no single tuned
     weight stands for it: refused, naming both weights."""
     from dora_analysis.cli import main

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -36,12 +37,21 @@ def torchrun(worker: Path, *args: str, nproc: int = 2, env: dict | None = None,
     """Run ``worker`` under ``torch.distributed.run`` on the loopback interface; fail loudly."""
     env = os.environ | {"PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo",
                         "OMP_NUM_THREADS": "1"} | (env or {})
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run",
-                           f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                           f"--master_port={free_port()}", str(worker), *args],
-                          capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    for _attempt in range(3):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                               f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                               f"--master_port={free_port()}", str(worker), *args],
+                              capture_output=True, text=True, env=env, timeout=timeout,
+                              check=False)
+        # the port is free when chosen and may be taken before torchrun binds it (another
+        # process on the machine): only that is tried again, with a new port
+        if proc.returncode == 0 or not PORT_TAKEN.search(proc.stderr):
+            break
     if proc.returncode != 0:
         raise RuntimeError(f"{worker.name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+PORT_TAKEN = re.compile(r"address already in use|EADDRINUSE|errno: 98", re.IGNORECASE)
 
 
 def built_once(config: pytest.Config, worker: Path, packages: Sequence[str],

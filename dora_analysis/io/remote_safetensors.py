@@ -16,7 +16,6 @@ from .options import DEFAULT_TIMEOUT
 from .remote_file import MAX_REQUEST_BYTES, RemoteFile, Url
 from .retry import RetryPolicy
 from .safetensors import SafetensorsFile
-from .safetensors_header import Entry
 
 log = logging.getLogger("dora_analysis")
 T = TypeVar("T")
@@ -78,7 +77,7 @@ class RemoteBytes:
         return None
 
     def read(self, at: int, size: int, buffer: np.ndarray | None = None,
-             within: Entry | None = None, data_start: int = 0) -> np.ndarray:
+             ahead: tuple[int, int] | None = None) -> np.ndarray:
         end = at + size
         start_of, buf = self._buffer
         if not (start_of <= at and end <= start_of + len(buf)):
@@ -86,9 +85,10 @@ class RemoteBytes:
             group = self._group_of(at, end)
             if group and group[1] - group[0] <= self._max_request:
                 start, stop = group
-            elif within is not None and within.row_bytes:  # whole rows of this tensor ahead
-                ahead = (self._max_request // within.row_bytes) * within.row_bytes
-                stop = max(end, min(data_start + within.end, at + ahead))
+            elif ahead is not None and ahead[0]:  # whole rows of this tensor ahead
+                row_bytes, tensor_end = ahead
+                most = (self._max_request // row_bytes) * row_bytes
+                stop = max(end, min(tensor_end, at + most))
             self._buffer = (start, b"")  # drop the old buffer before the new one arrives
             buf = self._file.read(start, stop)
             self._buffer = start_of, buf = start, buf

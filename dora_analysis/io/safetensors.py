@@ -57,10 +57,10 @@ class Bytes(Protocol):
         """Bytes of the header, read once and not kept."""
 
     def read(self, at: int, size: int, buffer: np.ndarray | None = None,
-             within: Entry | None = None, data_start: int = 0) -> np.ndarray:
+             ahead: tuple[int, int] | None = None) -> np.ndarray:
         """``size`` bytes at ``at`` as a writable uint8 array: a view of a mapping, ``buffer``
-        (when it is large enough) or a new array. ``within``: the tensor they belong to (where
-        reading ahead may go; its offsets are from ``data_start``)."""
+        (when it is large enough) or a new array. ``ahead``: ``(row bytes, end)`` of the tensor
+        they belong to (reading ahead may go by whole rows up to ``end``)."""
 
     def guarded(self, read: Callable[[], T], what: str) -> T:
         """``read()``, with the source's checks around it; ``what`` names it in errors."""
@@ -150,8 +150,9 @@ class SafetensorsFile(TensorSource):
         """``size`` bytes at ``offset`` of ``entry``'s data."""
         if not size:
             return np.empty(0, dtype=np.uint8)
-        return self._source.read(self._data_start + entry.begin + offset, size, buffer,
-                                 within=entry, data_start=self._data_start)
+        start = self._data_start
+        return self._source.read(start + entry.begin + offset, size, buffer,
+                                 ahead=(entry.row_bytes, start + entry.end))
 
     def _span(self, entry: Entry, dtype: DType, start: int, stop: int, expert: int | None
               ) -> tuple[int, int, tuple[int, ...]]:
@@ -243,7 +244,7 @@ class LocalBytes:
         return pread_exact(self._guard.fd, size, at)
 
     def read(self, at: int, size: int, buffer: np.ndarray | None = None,
-             within: Entry | None = None, data_start: int = 0) -> np.ndarray:
+             ahead: tuple[int, int] | None = None) -> np.ndarray:
         mapping = self._map
         if mapping is not None:  # a view: no copy (it keeps the mapping alive)
             return np.ndarray((size,), dtype=np.uint8, buffer=mapping, offset=at)
@@ -263,8 +264,7 @@ class LocalBytes:
             raise
         except (OSError, ValueError, TypeError, RuntimeError) as exc:
             self._guard.check()  # a short read because the file shrank: say that
-            if not what:
-                self.close()
+            if not what:  # the header (the reader closes this source)
                 raise CheckpointFormatError(f"{self.where}: not a readable safetensors file "
                                             f"({reason(exc)}); re-download or re-save it"
                                             ) from None

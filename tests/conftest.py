@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,11 @@ from safetensors.torch import save_file
 
 from tests.common import llama_state, perturb, write_sharded
 
+# The signal tests send SIGINT. A suite started in the background by a shell without job control
+# (`make test &` in a script) inherits SIGINT ignored, and an ignored signal stays ignored in every
+# child, as our programs keep it on purpose (nohup): the suite runs as if in the foreground.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # Tests never reach the Hugging Face Hub: offline, with an empty cache of their own.
 os.environ["HF_HUB_OFFLINE"] = "1"
 # The compiled kernel is kept between test runs (compiled again when kernel.py changes), beside
